@@ -1,0 +1,76 @@
+#!/bin/bash
+# Make this Debian 12 machine a libvirt/QEMU host for virtbackup and build the virtualenv.
+# Idempotent: safe to run again; installs only what is missing, starts daemons only if not running.
+# Facts behind the settings: libvirtd here runs as root with no security driver, cgroups or
+# namespaces (the sandbox has none of them); see README "Host setup".
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VIRTBACKUP_VENV:-$ROOT/.venv}"
+PACKAGES=(libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients qemu-system-x86 qemu-utils
+          libvirt-dev pkg-config python3-venv)
+
+log() { echo "setup-host: $*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup-host: must run as root (installs packages, starts libvirtd)" >&2
+    exit 2
+fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+
+getent group kvm >/dev/null || groupadd -r kvm
+getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+id libvirt-qemu >/dev/null 2>&1 || useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+mkdir -p /var/log/libvirt/qemu /var/run/libvirt /var/lib/libvirt/qemu /var/cache/libvirt/qemu /etc/libvirt
+
+QEMU_CONF=/etc/libvirt/qemu.conf
+want='# virtbackup-setup: sandbox settings
+user = "root"
+group = "root"
+security_driver = "none"
+cgroup_controllers = [ ]
+namespaces = [ ]
+remember_owner = 0'
+if ! grep -q '^# virtbackup-setup' "$QEMU_CONF" 2>/dev/null; then
+    log "writing $QEMU_CONF"
+    [ -f "$QEMU_CONF" ] && cp "$QEMU_CONF" "$QEMU_CONF.orig-virtbackup"
+    printf '%s\n' "$want" > "$QEMU_CONF"
+    if pgrep -x libvirtd >/dev/null; then
+        log "restarting libvirtd for the new qemu.conf"
+        pkill -x libvirtd || true
+        for _ in $(seq 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+    fi
+fi
+
+pgrep -x virtlogd >/dev/null || virtlogd -d
+if ! pgrep -x libvirtd >/dev/null; then
+    log "starting libvirtd"
+    libvirtd -d
+fi
+for _ in $(seq 100); do
+    virsh -c qemu:///system version >/dev/null 2>&1 && break
+    sleep 0.1
+done
+virsh -c qemu:///system version >/dev/null
+
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtualenv $VENV"
+    python3 -m venv "$VENV"
+fi
+stamp="$VENV/.virtbackup-installed"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+    log "installing virtbackup into $VENV"
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    "$VENV/bin/pip" install -q -e "$ROOT[test]"
+    touch "$stamp"
+fi
+log "ready (libvirtd running, venv $VENV)"

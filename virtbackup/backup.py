@@ -1,0 +1,405 @@
+"""Plan and run one backup of a running domain (push mode, one job for all disks)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import libvirt
+
+from . import checkpoints, host, monitor, qemuimg, xmlbuild
+from .chain import (POINTS_DIR, PARTIAL_SUFFIX, BackupDir, Chain, DiskImage, Point, dir_lock, domain_lock,
+                    file_sha256, now_iso)
+from .errors import (BackupDirError, BackupFailed, DiskNotFound, DomainInactive, Interrupted, LevelNotPossible,
+                     OperationFailed, UsageError, VirtBackupError)
+
+Notify = Callable[[str], None]
+
+
+@dataclass
+class DiskPlan:
+    disk: host.Disk
+    virtual_size: int
+    backing: Optional[DiskImage]        # image to layer on; None = full copy of this disk
+    why_full: Optional[str] = None      # reason a disk is copied whole inside an inc/diff
+
+
+@dataclass
+class Plan:
+    level: str                          # full | inc | diff
+    base: Optional[Point]               # point whose checkpoint the changes are counted from
+    disks: List[DiskPlan]
+    skipped: Dict[str, str]             # disk target -> reason it takes no part
+    reason: Optional[str] = None        # why auto chose a full
+
+
+@dataclass
+class BackupResult:
+    domain: str
+    point: Point
+    skipped: Dict[str, str]
+    removed_checkpoints: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+
+
+def _bitmap_problem(dom: libvirt.virDomain, disks: Sequence[host.Disk], checkpoint: str) -> Optional[str]:
+    """Why the checkpoint's bitmaps can't be trusted on these disks (None = they can)."""
+    try:
+        by_disk = monitor.disk_bitmaps(dom, list(disks))
+    except VirtBackupError as e:
+        return f"cannot inspect bitmaps: {e}"
+    for d in disks:
+        bm = next((b for b in by_disk.get(d.target, []) if b.name == checkpoint), None)
+        if bm is None:
+            return f"bitmap {checkpoint} is missing on disk {d.target}"
+        if bm.inconsistent:
+            return f"bitmap {checkpoint} on disk {d.target} is inconsistent (QEMU stopped uncleanly)"
+        if not bm.recording:
+            return f"bitmap {checkpoint} on disk {d.target} is not recording"
+        if bm.busy:
+            return f"bitmap {checkpoint} on disk {d.target} is busy (another job uses it)"
+    return None
+
+
+def plan_backup(dom: libvirt.virDomain, chain: Optional[Chain], level: str,
+                only: Sequence[str] = ()) -> Plan:
+    """Decide level, base and per-disk targets. Never plans an incremental from a doubtful bitmap."""
+    all_disks = host.domain_disks(dom.XMLDesc(0))
+    known = {d.target for d in all_disks}
+    for name in only:
+        if name not in known:
+            raise DiskNotFound(f"domain has no disk '{name}' (disks: {', '.join(sorted(known)) or 'none'})")
+    skipped: Dict[str, str] = {}
+    chosen: List[host.Disk] = []
+    for d in all_disks:
+        if only and d.target not in only:
+            continue
+        why = d.skip_reason()
+        if why:
+            if d.target in only:
+                raise UsageError(f"disk {d.target} cannot be backed up: {why}")
+            skipped[d.target] = why
+        else:
+            chosen.append(d)
+    if not chosen:
+        raise UsageError("no disk of the domain can be backed up (only qcow2 disks can)")
+    sizes = {d.target: host.call(dom.blockInfo, d.target)[0] for d in chosen}
+
+    def full(reason: Optional[str]) -> Plan:
+        return Plan("full", None, [DiskPlan(d, sizes[d.target], None) for d in chosen], skipped, reason)
+
+    if level == "full":
+        return full(None)
+
+    last = chain.latest if chain else None
+    problem: Optional[str] = None
+    base: Optional[Point] = None
+    if chain is None or last is None:
+        problem = "there is no previous backup in this directory"
+    else:
+        base = last if level in ("inc", "auto") else chain.chain_full(last)
+        if checkpoints.lookup(dom, base.checkpoint) is None:
+            problem = f"checkpoint {base.checkpoint} of point {base.id} is not known to libvirt"
+        else:
+            continuing = [d for d in chosen if d.target in base.disks]
+            problem = _bitmap_problem(dom, continuing, base.checkpoint) if continuing else \
+                "no disk of the previous point takes part in this backup"
+    if problem:
+        if level == "auto":
+            return full(f"new chain: {problem}")
+        raise LevelNotPossible(f"cannot take a{'n incremental' if level == 'inc' else ' differential'} "
+                               f"backup: {problem}; take a full backup (--level full or auto)")
+    assert base is not None and chain is not None
+    plans = []
+    for d in chosen:
+        prev = base.disks.get(d.target)
+        if prev is None:
+            plans.append(DiskPlan(d, sizes[d.target], None, "disk is new since the base point"))
+        elif prev.virtual_size != sizes[d.target]:
+            plans.append(DiskPlan(d, sizes[d.target], None,
+                                  f"disk was resized ({prev.virtual_size} -> {sizes[d.target]} bytes)"))
+        else:
+            plans.append(DiskPlan(d, sizes[d.target], prev))
+    return Plan("inc" if level == "auto" else level, base, plans, skipped)
+
+
+@contextmanager
+def _signals_interrupt(watch: host.JobWatch) -> Iterator[None]:
+    """SIGINT/SIGTERM during the job: wake the waiter so the job is aborted and rolled back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {}
+
+    def handler(signum: int, _frame: object) -> None:
+        watch.interrupt(signal.Signals(signum).name)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        old[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _job_gone(dom: libvirt.virDomain) -> bool:
+    try:
+        if not dom.isActive():
+            return True
+        return dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+    except libvirt.libvirtError:
+        return False   # daemon unreachable for now; keep waiting for its answer
+
+
+def _completed_stats(dom: libvirt.virDomain, watch: host.JobWatch) -> Dict:
+    try:
+        stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    except libvirt.libvirtError:
+        stats = {}
+    if not stats or stats.get("type") in (None, libvirt.VIR_DOMAIN_JOB_NONE):
+        stats = dict(watch.params)
+    return stats
+
+
+class Backup:
+    """One run: plan, pre-create targets, start the job, wait, commit or roll back."""
+
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, bdir: BackupDir,
+                 notify: Optional[Notify] = None):
+        self.conn = conn
+        self.dom = dom
+        self.bdir = bdir
+        self.notify = notify or (lambda _m: None)
+        self.warnings: List[str] = []
+
+    def _warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        self.notify(f"warning: {msg}")
+
+    def cleanup_leftovers(self, chain: Chain) -> List[str]:
+        """Remove what a crashed or killed earlier run left: our unneeded checkpoints, partial dirs."""
+        removed = []
+        recorded = {p.checkpoint for p in chain.points}
+        needed = set(chain.needed_checkpoints())
+        for name in checkpoints.ours(self.dom, chain.checkpoint_prefix()):
+            if name in needed:
+                continue
+            warn = checkpoints.delete(self.dom, name)
+            if warn:
+                self._warn(warn)
+            else:
+                removed.append(name)
+                if name not in recorded:
+                    self.notify(f"removed checkpoint {name} left by an interrupted run")
+        points_dir = self.bdir.path / POINTS_DIR
+        if points_dir.is_dir():
+            for entry in points_dir.iterdir():
+                if entry.name.endswith(PARTIAL_SUFFIX) and entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+        return removed
+
+    def run(self, chain: Chain, level: str, only: Sequence[str]) -> BackupResult:
+        plan = plan_backup(self.dom, chain if chain.points else None, level, only)
+        if plan.reason:
+            self.notify(f"full backup: {plan.reason}")
+        for disk, why in plan.skipped.items():
+            self.notify(f"skipping disk {disk}: {why}")
+        for dp in plan.disks:
+            if dp.why_full and plan.level != "full":
+                self.notify(f"disk {dp.disk.target} copied in full: {dp.why_full}")
+
+        point_id = chain.new_point_id()
+        cp_name = chain.checkpoint_name(point_id)
+        if checkpoints.lookup(self.dom, cp_name) is not None:
+            # Left by a run that died between creating the job and committing: never recorded.
+            warn = checkpoints.delete(self.dom, cp_name)
+            if warn:
+                raise OperationFailed(warn)
+        final_dir = self.bdir.point_dir(point_id)
+        work_dir = self.bdir.point_dir(point_id, partial=True)
+        if final_dir.exists():
+            raise BackupDirError(f"{final_dir} exists but is not recorded in the metadata; move it away")
+        shutil.rmtree(work_dir, ignore_errors=True)
+        try:
+            work_dir.mkdir(parents=True, mode=0o700)
+            os.chmod(work_dir.parent, 0o700)
+        except OSError as e:
+            raise OperationFailed(f"cannot create {work_dir}: {e.strerror}") from None
+
+        created = now_iso()
+        started = time.monotonic()
+        images: Dict[str, DiskImage] = {}
+        try:
+            bdisks = []
+            for dp in plan.disks:
+                t = dp.disk.target
+                target = work_dir / f"{t}.qcow2"
+                backing_rel = None
+                if dp.backing is not None:
+                    backing_rel = os.path.relpath(self.bdir.path / dp.backing.image, final_dir)
+                qemuimg.create(target, dp.virtual_size, backing_rel)
+                os.chmod(target, 0o600)
+                images[t] = DiskImage(
+                    image=f"{POINTS_DIR}/{point_id}/{t}.qcow2",
+                    backing=dp.backing.image if dp.backing else None,
+                    virtual_size=dp.virtual_size, size=0, sha256="", source=dp.disk.source or "",
+                    copied_full=dp.backing is None)
+                bdisks.append(xmlbuild.BackupDisk(t, target, full=dp.backing is None))
+            bxml = xmlbuild.backup_xml(bdisks, plan.base.checkpoint if plan.base else None)
+            cxml = xmlbuild.checkpoint_xml(
+                cp_name, f"virtbackup {plan.level} backup {point_id} into {self.bdir.path}",
+                {dp.disk.target: True for dp in plan.disks})
+            self._run_job(bxml, cxml, cp_name)
+
+            cp = checkpoints.lookup(self.dom, cp_name)
+            if cp is None:
+                raise BackupFailed(f"checkpoint {cp_name} vanished after the backup job")
+            _write_private(work_dir / "checkpoint.xml", checkpoints.saved_xml(cp))
+            _write_private(work_dir / "domain.xml", self.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            for t, img in images.items():
+                path = work_dir / f"{t}.qcow2"
+                _fsync(path)
+                img.size = path.stat().st_size
+                img.sha256 = file_sha256(path)
+            os.rename(work_dir, final_dir)
+            _fsync(final_dir.parent)
+        except BaseException as exc:
+            self._rollback(cp_name, work_dir, final_dir, plan)
+            if isinstance(exc, OSError):
+                raise OperationFailed(f"backup failed: {exc}") from None
+            raise
+
+        base = plan.base
+        point = Point(
+            id=point_id, level=plan.level, created=created, checkpoint=cp_name,
+            base_checkpoint=base.checkpoint if base else None,
+            parent=base.id if base else None,
+            chain=point_id if plan.level == "full" else chain.chain_full(base).id,  # type: ignore[arg-type]
+            disks=images, domain_xml=f"{POINTS_DIR}/{point_id}/domain.xml",
+            checkpoint_xml=f"{POINTS_DIR}/{point_id}/checkpoint.xml", reason=plan.reason,
+            duration=round(time.monotonic() - started, 3))
+        chain.points.append(point)
+        chain.next_seq += 1
+        try:
+            self.bdir.save(chain)   # the commit
+        except BaseException:
+            chain.points.pop()
+            chain.next_seq -= 1
+            self._rollback(cp_name, work_dir, final_dir, plan)
+            raise
+
+        removed = []
+        needed = set(chain.needed_checkpoints())
+        for name in checkpoints.ours(self.dom, chain.checkpoint_prefix()):
+            if name not in needed:
+                warn = checkpoints.delete(self.dom, name)
+                if warn:
+                    self._warn(warn)
+                else:
+                    removed.append(name)
+        return BackupResult(self.dom.name(), point, plan.skipped, removed, self.warnings)
+
+    def _run_job(self, bxml: str, cxml: str, cp_name: str) -> None:
+        watch = host.JobWatch(self.conn, self.dom)
+        try:
+            with _signals_interrupt(watch):
+                try:
+                    host.call(self.dom.backupBegin, bxml, cxml, libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
+                except libvirt.libvirtError as e:
+                    raise BackupFailed(f"backup could not start: {host.libvirt_message(e)}") from None
+                watch.wait(lambda: _job_gone(self.dom))
+                if watch.interrupted:
+                    self.notify(f"{watch.interrupted} received: aborting the backup job")
+                    try:
+                        self.dom.abortJob()
+                    except libvirt.libvirtError:
+                        pass
+                    watch.done.clear()
+                    if not _job_gone(self.dom):
+                        watch.done.wait(60)
+                    raise Interrupted(f"backup interrupted by {watch.interrupted}; nothing was recorded")
+            stats = _completed_stats(self.dom, watch)
+        finally:
+            watch.close()
+        jtype = stats.get("type")
+        if jtype == libvirt.VIR_DOMAIN_JOB_COMPLETED and stats.get("success", True):
+            return
+        errmsg = stats.get("errmsg")
+        if not errmsg:
+            errmsg = watch.reason or {libvirt.VIR_DOMAIN_JOB_CANCELLED: "the job was cancelled"}.get(
+                jtype, "libvirt reported no outcome for the job")  # type: ignore[arg-type]
+        raise BackupFailed(f"backup job failed: {errmsg}")
+
+    def _rollback(self, cp_name: str, work_dir: Path, final_dir: Path, plan: Plan) -> None:
+        """Undo one failed run: its checkpoint (and bitmaps), its images. Older points stay intact."""
+        try:
+            if self.dom.isActive() and _job_gone(self.dom) is False:
+                try:
+                    self.dom.abortJob()
+                except libvirt.libvirtError:
+                    pass
+        except libvirt.libvirtError:
+            pass
+        sources = [dp.disk.source for dp in plan.disks if dp.disk.source]
+        try:
+            warn = checkpoints.delete(self.dom, cp_name, sources)
+        except libvirt.libvirtError as e:
+            warn = f"could not delete checkpoint {cp_name}: {host.libvirt_message(e)}"
+        if warn:
+            self._warn(warn + " (the next run removes it)")
+        for d in (work_dir, final_dir):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto",
+           disks: Sequence[str] = (), notify: Optional[Notify] = None) -> BackupResult:
+    if level not in ("auto", "full", "inc", "diff"):
+        raise UsageError(f"unknown level '{level}' (auto, full, inc, diff)")
+    bdir = BackupDir(backup_dir)
+    bdir.check_usable(create=True)
+    existing = bdir.load_or_none()          # corrupt metadata -> exit 2 before libvirt is touched
+    conn = host.connect(uri)
+    try:
+        dom = host.lookup_domain(conn, domain)
+        uuid = dom.UUIDString()
+        if existing is not None and existing.domain_uuid != uuid:
+            raise BackupDirError(f"{backup_dir} holds backups of domain '{existing.domain_name}' "
+                                 f"({existing.domain_uuid}), not of '{dom.name()}' ({uuid})")
+        if not dom.isActive():
+            raise DomainInactive(f"domain '{dom.name()}' is not running; offline backups are not supported yet")
+        with dir_lock(bdir), domain_lock(uuid):
+            chain = bdir.load_or_none() or Chain(domain_name=dom.name(), domain_uuid=uuid)
+            chain.domain_name = dom.name()
+            job = Backup(conn, dom, bdir, notify)
+            job.cleanup_leftovers(chain)
+            return job.run(chain, level, disks)
+    finally:
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass

@@ -1,0 +1,305 @@
+"""The chain model (restore points, their images and checkpoints) and its JSON file.
+
+The metadata file is the commit record: a restore point exists only once it is written here
+(temp file, fsync, rename, fsync dir). Every path in it is relative to BACKUP_DIR and must stay
+inside it, so the directory can be moved to another host and restored with qemu-img alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Dict, List, Optional
+
+from .errors import BackupDirError, ChainCorrupt, LockBusy, OperationFailed, PointNotFound
+
+SCHEMA_VERSION = 1
+METADATA = "virtbackup.json"
+LOCKFILE = ".virtbackup.lock"
+POINTS_DIR = "points"
+PARTIAL_SUFFIX = ".partial"
+LEVELS = ("full", "inc", "diff")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(4 << 20)
+            if not buf:
+                break
+            h.update(buf)
+    return h.hexdigest()
+
+
+@dataclass
+class DiskImage:
+    image: str                      # path relative to BACKUP_DIR
+    backing: Optional[str]          # image this one is layered on (relative to BACKUP_DIR), None = standalone
+    virtual_size: int
+    size: int                       # bytes of the image file at backup time
+    sha256: str
+    source: str = ""                # the domain's disk source when it was backed up
+    copied_full: bool = True        # this image holds the whole disk (no backing)
+
+
+@dataclass
+class Point:
+    id: str
+    level: str                      # full | inc | diff
+    created: str                    # ISO 8601, when the backup started (its point in time)
+    checkpoint: str                 # libvirt checkpoint created with this point
+    base_checkpoint: Optional[str]  # checkpoint the incremental/diff copied changes since
+    parent: Optional[str]           # point id the images are layered on (None for a full)
+    chain: str                      # id of the full point this point depends on
+    disks: Dict[str, DiskImage]
+    domain_xml: str                 # saved inactive domain XML (relative path)
+    checkpoint_xml: str             # saved checkpoint XML, no <domain>, for redefine
+    reason: Optional[str] = None    # why this level was chosen (e.g. auto fell back to a full)
+    duration: float = 0.0
+
+
+@dataclass
+class Chain:
+    domain_name: str
+    domain_uuid: str
+    dir_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    points: List[Point] = field(default_factory=list)
+    next_seq: int = 1
+    schema: int = SCHEMA_VERSION
+
+    # -- queries -------------------------------------------------------------------------------
+    def point(self, point_id: Optional[str]) -> Point:
+        if not self.points:
+            raise PointNotFound("the backup directory has no restore points")
+        if point_id in (None, "latest"):
+            return self.points[-1]
+        for p in self.points:
+            if p.id == point_id:
+                return p
+        raise PointNotFound(f"no restore point '{point_id}' (see 'virtbackup list')")
+
+    @property
+    def latest(self) -> Optional[Point]:
+        return self.points[-1] if self.points else None
+
+    def chain_full(self, point: Point) -> Point:
+        return self.point(point.chain)
+
+    def checkpoint_prefix(self) -> str:
+        return f"virtbackup-{self.dir_id}-"
+
+    def new_point_id(self) -> str:
+        return f"{self.next_seq:04d}"
+
+    def checkpoint_name(self, point_id: str) -> str:
+        return f"{self.checkpoint_prefix()}{point_id}"
+
+    def needed_checkpoints(self) -> List[str]:
+        """Checkpoints a future backup can start from: the latest point's and its chain's full."""
+        last = self.latest
+        if last is None:
+            return []
+        names = [self.chain_full(last).checkpoint, last.checkpoint]
+        return list(dict.fromkeys(names))
+
+    def image_chain(self, point: Point, disk: str) -> List[str]:
+        """Relative image paths from the point's image down to its standalone base."""
+        by_image = {d.image: d for p in self.points for d in p.disks.values()}
+        img = point.disks[disk]
+        out = [img.image]
+        while img.backing is not None:
+            img = by_image[img.backing]
+            out.append(img.image)
+        return out
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Chain":
+        if not isinstance(data, dict):
+            raise ValueError("top level is not an object")
+        if data.get("schema") != SCHEMA_VERSION:
+            raise ValueError(f"unsupported schema version {data.get('schema')!r}")
+        points = []
+        for p in data["points"]:
+            p = dict(p)
+            p["disks"] = {k: DiskImage(**v) for k, v in p["disks"].items()}
+            points.append(Point(**p))
+        chain = cls(domain_name=str(data["domain_name"]), domain_uuid=str(data["domain_uuid"]),
+                    dir_id=str(data["dir_id"]), points=points, next_seq=int(data["next_seq"]),
+                    schema=int(data["schema"]))
+        chain.validate()
+        return chain
+
+    def validate(self) -> None:
+        """Structural checks; raises ValueError naming the first problem."""
+        seen: Dict[str, Point] = {}
+        images: Dict[str, str] = {}
+        for p in self.points:
+            if p.id in seen:
+                raise ValueError(f"duplicate point id {p.id}")
+            if p.level not in LEVELS:
+                raise ValueError(f"point {p.id}: unknown level {p.level!r}")
+            if not p.disks:
+                raise ValueError(f"point {p.id}: no disks")
+            if p.chain not in seen and p.chain != p.id:
+                raise ValueError(f"point {p.id}: chain {p.chain} is not an earlier point")
+            if p.parent is not None and p.parent not in seen:
+                raise ValueError(f"point {p.id}: parent {p.parent} is not an earlier point")
+            for rel in (p.domain_xml, p.checkpoint_xml):
+                check_relative(rel)
+            for name, d in p.disks.items():
+                check_relative(d.image)
+                if d.image in images:
+                    raise ValueError(f"point {p.id}: image {d.image} listed twice")
+                if d.backing is not None:
+                    check_relative(d.backing)
+                    if d.backing not in images:
+                        raise ValueError(f"point {p.id} disk {name}: backing {d.backing} is not an earlier image")
+                images[d.image] = p.id
+            seen[p.id] = p
+
+
+def check_relative(rel: str) -> None:
+    """A metadata path must be relative and stay inside BACKUP_DIR."""
+    pp = PurePosixPath(rel)
+    if not rel or pp.is_absolute() or ".." in pp.parts or "\\" in rel:
+        raise ValueError(f"path {rel!r} points outside the backup directory")
+
+
+class BackupDir:
+    """A BACKUP_DIR: one domain's restore points, their metadata and its lock."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def metadata(self) -> Path:
+        return self.path / METADATA
+
+    def exists(self) -> bool:
+        return self.metadata.exists()
+
+    def check_usable(self, create: bool) -> None:
+        """Fail with exit 2 before anything starts when the directory is not usable."""
+        p = self.path
+        if not p.exists():
+            if not create:
+                raise BackupDirError(f"backup directory {p} does not exist")
+            if not p.parent.is_dir():
+                raise BackupDirError(f"cannot create backup directory {p}: {p.parent} does not exist")
+            try:
+                p.mkdir(mode=0o700)
+            except OSError as e:
+                raise BackupDirError(f"cannot create backup directory {p}: {e.strerror}") from None
+        if not p.is_dir():
+            raise BackupDirError(f"{p} is not a directory")
+        if create and not os.access(p, os.W_OK | os.X_OK):
+            raise BackupDirError(f"backup directory {p} is not writable")
+
+    def load(self) -> Chain:
+        if not self.path.is_dir():
+            raise BackupDirError(f"backup directory {self.path} does not exist" if not self.path.exists()
+                                 else f"{self.path} is not a directory")
+        if not self.metadata.exists():
+            raise BackupDirError(f"{self.path} holds no virtbackup metadata ({METADATA} missing)")
+        try:
+            data = json.loads(self.metadata.read_text())
+            return Chain.from_json(data)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ChainCorrupt(f"chain metadata {self.metadata} is corrupt: {e}") from None
+        except OSError as e:
+            raise ChainCorrupt(f"cannot read {self.metadata}: {e.strerror}") from None
+
+    def load_or_none(self) -> Optional[Chain]:
+        return self.load() if self.exists() else None
+
+    def save(self, chain: Chain) -> None:
+        """Atomic commit: temp file, fsync, rename over the old file, fsync the directory."""
+        chain.validate()
+        tmp = self.path / f".{METADATA}.tmp"
+        data = json.dumps(chain.to_json(), indent=2, sort_keys=True) + "\n"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.metadata)
+            dfd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise OperationFailed(f"cannot write chain metadata {self.metadata}: {e.strerror}") from None
+
+    def resolve(self, rel: str) -> Path:
+        check_relative(rel)
+        return self.path / rel
+
+    def point_dir(self, point_id: str, partial: bool = False) -> Path:
+        return self.path / POINTS_DIR / (point_id + (PARTIAL_SUFFIX if partial else ""))
+
+
+class FileLock:
+    """An flock(2) lock: released by the kernel when the holder dies, so it can't go stale."""
+
+    def __init__(self, path: Path, what: str):
+        self.path = path
+        self.what = what
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "FileLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = ""
+            try:
+                holder = os.read(fd, 64).decode().strip()
+            except OSError:
+                pass
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                who = f" (pid {holder})" if holder else ""
+                raise LockBusy(f"another virtbackup run{who} is using {self.what}") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def domain_lock(uuid: str) -> FileLock:
+    run_dir = Path(os.environ.get("VIRTBACKUP_RUN_DIR", "/run/virtbackup"))
+    return FileLock(run_dir / f"domain-{uuid}.lock", f"domain {uuid}")
+
+
+def dir_lock(backup_dir: BackupDir) -> FileLock:
+    return FileLock(backup_dir.path / LOCKFILE, f"backup directory {backup_dir.path}")

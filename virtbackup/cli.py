@@ -1,0 +1,139 @@
+"""virsh-style command line. Parses, calls virtbackup.api, renders text or JSON. No libvirt here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from . import api
+from .errors import EXIT_FAILED, VirtBackupError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Full, incremental and differential backups of libvirt/QEMU domains.")
+_state = {"uri": None}
+
+
+def _err(msg: str) -> None:
+    print(f"virtbackup: {msg}", file=sys.stderr, flush=True)
+
+
+def _run(as_json: bool, fn: Callable[[], Any], render: Callable[[Any], None]) -> None:
+    try:
+        result = fn()
+    except VirtBackupError as e:
+        _err(f"error: {e}")
+        if as_json:
+            print(json.dumps({"error": {"kind": e.kind, "message": str(e), "exit_code": e.exit_code}}))
+        raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:
+        _err("error: interrupted")
+        raise typer.Exit(EXIT_FAILED)
+    render(result)
+
+
+def _human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.callback()
+def main_opts(connect: Optional[str] = typer.Option(
+        None, "--connect", "-c", help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)")) -> None:
+    _state["uri"] = connect
+
+
+@app.command()
+def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
+           backup_dir: Path = typer.Argument(..., help="directory holding this domain's backups"),
+           level: str = typer.Option("auto", "--level", "-l", help="auto | full | inc | diff"),
+           disk: List[str] = typer.Option([], "--disk", help="only these disks (target names, e.g. vda)"),
+           as_json: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
+    """Back up a running domain: full, incremental (since the last point) or differential (since the full)."""
+    def notify(msg: str) -> None:
+        _err(msg)
+
+    def render(r: Any) -> None:
+        if as_json:
+            print(json.dumps({"domain": r.domain, "point": api.point_json(r.point), "skipped": r.skipped,
+                              "removed_checkpoints": r.removed_checkpoints, "warnings": r.warnings}))
+            return
+        p = r.point
+        size = _human_size(sum(i.size for i in p.disks.values()))
+        print(f"point {p.id}: {p.level} backup of {r.domain} ({', '.join(sorted(p.disks))}), "
+              f"{size} written in {p.duration:.2f}s, checkpoint {p.checkpoint}")
+
+    _run(as_json, lambda: api.backup(domain, backup_dir, level, disk, _state["uri"], notify), render)
+
+
+@app.command("list")
+def list_cmd(backup_dir: Path = typer.Argument(...),
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the restore points of a backup directory, oldest first."""
+    def render(chain: Any) -> None:
+        if as_json:
+            print(json.dumps(api.chain_json(chain)))
+            return
+        print(f"domain {chain.domain_name} ({chain.domain_uuid})")
+        print(f"{'ID':<6} {'LEVEL':<5} {'CREATED':<26} {'PARENT':<6} {'DISKS':<16} {'SIZE':>10}  NOTE")
+        for p in chain.points:
+            size = _human_size(sum(i.size for i in p.disks.values()))
+            print(f"{p.id:<6} {p.level:<5} {p.created:<26} {p.parent or '-':<6} "
+                  f"{','.join(sorted(p.disks)):<16} {size:>10}  {p.reason or ''}".rstrip())
+
+    _run(as_json, lambda: api.list_points(backup_dir), render)
+
+
+@app.command()
+def restore(backup_dir: Path = typer.Argument(...), output_dir: Path = typer.Argument(...),
+            point: Optional[str] = typer.Option(None, "--point", help="point id (default: newest)"),
+            disk: List[str] = typer.Option([], "--disk", help="only these disks"),
+            as_json: bool = typer.Option(False, "--json")) -> None:
+    """Restore a point as one standalone qcow2 per disk: OUTPUT_DIR/<disk>.qcow2."""
+    def render(r: Any) -> None:
+        if as_json:
+            print(json.dumps({"point": r.point.id, "images": {k: str(v) for k, v in r.images.items()}}))
+            return
+        for name, path in sorted(r.images.items()):
+            print(f"restored {name} of point {r.point.id} to {path}")
+
+    _run(as_json, lambda: api.restore(backup_dir, output_dir, point, disk), render)
+
+
+@app.command()
+def verify(backup_dir: Path = typer.Argument(...),
+           point: Optional[str] = typer.Option(None, "--point", help="only this point's chain"),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Check every image: qemu-img check, backing links, content hashes recorded at backup time."""
+    def render(r: Any) -> None:
+        if as_json:
+            print(json.dumps({"ok": r.ok, "points": r.points, "images_checked": r.images_checked,
+                              "damaged_points": r.damaged_points, "damage": [asdict(d) for d in r.damage]}))
+        else:
+            for d in r.damage:
+                _err(f"damaged: point {d.point} disk {d.disk} image {d.image}: {d.problem}")
+            if r.ok:
+                print(f"ok: {len(r.points)} point(s), {r.images_checked} image(s) verified")
+        if not r.ok:
+            first = r.damage[0]
+            _err(f"error: verify failed: {first.image} (point {first.point}, disk {first.disk}): {first.problem}"
+                 + (f"; {len(r.damage) - 1} more damaged image(s)" if len(r.damage) > 1 else "")
+                 + f"; affected points: {', '.join(r.damaged_points)}")
+            raise typer.Exit(EXIT_FAILED)
+
+    _run(as_json, lambda: api.verify(backup_dir, point), render)
+
+
+def main() -> None:
+    app(prog_name="virtbackup")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""One exception hierarchy. Each class carries the process exit code the CLI uses.
+
+Exit codes (documented in README.md):
+  0  success
+  1  the operation failed (backup job failed or was interrupted, verify found damage, lock held)
+  2  bad usage or bad input (unknown domain/point/disk, missing or corrupt BACKUP_DIR, wrong domain)
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class VirtBackupError(Exception):
+    """Base of every error virtbackup reports; `str()` is the one-line message."""
+
+    exit_code = EXIT_FAILED
+    kind = "error"
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.split()))  # always one line
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+# --- exit 2: bad usage / bad input -------------------------------------------------------------
+class UsageError(VirtBackupError):
+    exit_code = EXIT_USAGE
+    kind = "usage"
+
+
+class DomainNotFound(UsageError):
+    kind = "domain-not-found"
+
+
+class DomainInactive(UsageError):
+    kind = "domain-inactive"
+
+
+class BackupDirError(UsageError):
+    """BACKUP_DIR missing, not a directory, unwritable, or holding another domain's backups."""
+
+    kind = "backup-dir"
+
+
+class ChainCorrupt(UsageError):
+    """The chain metadata cannot be read or does not make sense; nothing is changed."""
+
+    kind = "chain-corrupt"
+
+
+class PointNotFound(UsageError):
+    kind = "point-not-found"
+
+
+class DiskNotFound(UsageError):
+    kind = "disk-not-found"
+
+
+class LevelNotPossible(UsageError):
+    """`--level inc/diff` asked for but the chain cannot be continued safely."""
+
+    kind = "level-not-possible"
+
+
+class OutputExists(UsageError):
+    kind = "output-exists"
+
+
+# --- exit 1: the operation failed ---------------------------------------------------------------
+class OperationFailed(VirtBackupError):
+    kind = "failed"
+
+
+class BackupFailed(OperationFailed):
+    kind = "backup-failed"
+
+
+class Interrupted(OperationFailed):
+    kind = "interrupted"
+
+
+class LockBusy(OperationFailed):
+    kind = "locked"
+
+
+class VerifyFailed(OperationFailed):
+    kind = "verify-failed"
+
+
+class RestoreFailed(OperationFailed):
+    kind = "restore-failed"
+
+
+class HostError(OperationFailed):
+    """libvirt or a QEMU tool failed in a way the user cannot fix by changing input."""
+
+    kind = "host"

@@ -1,0 +1,244 @@
+"""libvirt connection, event loop, domain and disk inspection, job start/wait.
+
+Everything that talks to libvirtd (except QMP passthrough, see monitor.py) lives here, so the
+rest of the package deals in plain data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, TypeVar
+
+import libvirt
+from lxml import etree
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+from .errors import DomainNotFound, HostError
+
+T = TypeVar("T")
+DEFAULT_URI = "qemu:///system"
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def _silence(_ctx: Any, _err: Any) -> None:
+    """libvirt prints every error to stderr by default; we report them ourselves, once."""
+
+
+def ensure_event_loop() -> None:
+    """Register libvirt's default event loop and run it in a daemon thread (once per process).
+
+    Must happen before a connection is opened, or that connection delivers no events.
+    """
+    global _loop_started
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.registerErrorHandler(_silence, None)
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+# Errors that go away by themselves: a daemon restarting, another job holding the state lock.
+_TRANSIENT_CODES = {
+    getattr(libvirt, "VIR_ERR_OPERATION_TIMEOUT", -1),
+    getattr(libvirt, "VIR_ERR_SYSTEM_ERROR", -1),
+    getattr(libvirt, "VIR_ERR_RPC", -1),
+    getattr(libvirt, "VIR_ERR_NO_CONNECT", -1),
+    getattr(libvirt, "VIR_ERR_INTERNAL_ERROR", -1),
+    getattr(libvirt, "VIR_ERR_AGENT_UNRESPONSIVE", -1),
+}
+_TRANSIENT_MSGS = ("cannot acquire state change lock", "connection reset", "end of file while reading data",
+                   "failed to connect socket", "timeout", "client socket is closed")
+
+
+def is_transient(exc: BaseException) -> bool:
+    if not isinstance(exc, libvirt.libvirtError):
+        return False
+    msg = (exc.get_error_message() or str(exc)).lower()
+    return any(m in msg for m in _TRANSIENT_MSGS) or (
+        exc.get_error_code() in _TRANSIENT_CODES and "state change lock" in msg)
+
+
+RETRY_ATTEMPTS = int(os.environ.get("VIRTBACKUP_RETRY_ATTEMPTS", "5"))
+
+transient_retry = retry(
+    retry=retry_if_exception(is_transient),
+    stop=stop_after_attempt(RETRY_ATTEMPTS),
+    wait=wait_exponential(multiplier=0.2, max=3),
+    reraise=True,
+)
+
+
+def libvirt_message(exc: BaseException) -> str:
+    if isinstance(exc, libvirt.libvirtError):
+        return exc.get_error_message() or str(exc)
+    return str(exc)
+
+
+@transient_retry
+def _open(uri: str) -> libvirt.virConnect:
+    return libvirt.open(uri)
+
+
+def connect(uri: Optional[str] = None) -> libvirt.virConnect:
+    uri = uri or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+    ensure_event_loop()
+    try:
+        conn = _open(uri)
+    except libvirt.libvirtError as e:
+        raise HostError(f"cannot connect to libvirt at {uri}: {libvirt_message(e)}") from None
+    return conn
+
+
+def lookup_domain(conn: libvirt.virConnect, name_or_uuid: str) -> libvirt.virDomain:
+    """Find a domain by name or UUID, as virsh does."""
+    try:
+        if _UUID_RE.match(name_or_uuid):
+            try:
+                return conn.lookupByUUIDString(name_or_uuid)
+            except libvirt.libvirtError:
+                pass
+        return conn.lookupByName(name_or_uuid)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            raise DomainNotFound(f"domain '{name_or_uuid}' not found") from None
+        raise HostError(f"cannot look up domain '{name_or_uuid}': {libvirt_message(e)}") from None
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A disk as the running domain has it (live XML)."""
+
+    target: str                 # "vda"
+    device: str                 # disk | cdrom | floppy | lun
+    type: str                   # file | block | network | volume
+    format: Optional[str]       # driver type: qcow2 | raw | ...
+    source: Optional[str]       # file or dev path
+    alias: Optional[str]        # qdev id, e.g. "virtio-disk0"
+    index: Optional[int]        # <source index='N'>: libvirt's node name is libvirt-N-format
+
+    @property
+    def node_name(self) -> Optional[str]:
+        return f"libvirt-{self.index}-format" if self.index is not None else None
+
+    def skip_reason(self) -> Optional[str]:
+        """Why this disk can't take part in a checkpoint-based backup (None = it can)."""
+        if self.device != "disk":
+            return f"device type '{self.device}'"
+        if self.type not in ("file", "block"):
+            return f"disk type '{self.type}'"
+        if self.format != "qcow2":
+            return f"format '{self.format or 'unknown'}' (checkpoints need qcow2)"
+        if not self.source:
+            return "no source"
+        return None
+
+
+def domain_disks(xml: str) -> List[Disk]:
+    root = etree.fromstring(xml.encode())
+    disks = []
+    for d in root.findall("./devices/disk"):
+        target = d.find("target")
+        if target is None or not target.get("dev"):
+            continue
+        src = d.find("source")
+        driver = d.find("driver")
+        alias = d.find("alias")
+        source = None
+        index = None
+        if src is not None:
+            source = src.get("file") or src.get("dev") or src.get("name")
+            if src.get("index") is not None:
+                index = int(src.get("index"))
+        disks.append(Disk(
+            target=target.get("dev"),
+            device=d.get("device", "disk"),
+            type=d.get("type", "file"),
+            format=driver.get("type") if driver is not None else None,
+            source=source,
+            alias=alias.get("name") if alias is not None else None,
+            index=index,
+        ))
+    return disks
+
+
+@transient_retry
+def call(fn: Callable[..., T], *args: Any) -> T:
+    """Call a libvirt method, retrying transient errors (bounded)."""
+    return fn(*args)
+
+
+class JobWatch:
+    """Waits for the end of a domain job through libvirt events (no sleep-polling).
+
+    Wakes on JOB_COMPLETED, on the domain stopping or crashing, on the connection closing, and
+    on `interrupt()` (signal handlers). A slow safety check runs every `check_every` seconds in
+    case an event was lost (e.g. libvirtd restarted).
+    """
+
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain):
+        self.conn = conn
+        self.dom = dom
+        self.done = threading.Event()
+        self.params: Dict[str, Any] = {}
+        self.reason: Optional[str] = None   # why we woke, if not JOB_COMPLETED
+        self.interrupted: Optional[str] = None
+        self._ids: List[int] = []
+        uuid = dom.UUIDString()
+
+        def on_job(_c: Any, d: libvirt.virDomain, params: Dict[str, Any], _o: Any) -> None:
+            if d.UUIDString() == uuid:
+                self.params = dict(params)
+                self.done.set()
+
+        def on_life(_c: Any, d: libvirt.virDomain, event: int, _detail: int, _o: Any) -> None:
+            if d.UUIDString() == uuid and event in (libvirt.VIR_DOMAIN_EVENT_STOPPED,
+                                                     libvirt.VIR_DOMAIN_EVENT_CRASHED):
+                self.reason = "the domain stopped during the backup"
+                self.done.set()
+
+        def on_close(_c: Any, _reason: int, _o: Any) -> None:
+            self.reason = "the connection to libvirtd was closed during the backup"
+            self.done.set()
+
+        self._ids.append(conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, on_job, None))
+        self._ids.append(conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_life, None))
+        try:
+            conn.registerCloseCallback(on_close, None)
+            self._close_cb = True
+        except libvirt.libvirtError:
+            self._close_cb = False
+
+    def interrupt(self, why: str) -> None:
+        self.interrupted = why
+        self.done.set()
+
+    def wait(self, check: Callable[[], bool], check_every: float = 5.0) -> None:
+        """Block until woken; `check()` returning True also ends the wait (safety net)."""
+        while not self.done.wait(check_every):
+            if check():
+                return
+
+    def close(self) -> None:
+        for cb in self._ids:
+            try:
+                self.conn.domainEventDeregisterAny(cb)
+            except libvirt.libvirtError:
+                pass
+        if self._close_cb:
+            try:
+                self.conn.unregisterCloseCallback()
+            except libvirt.libvirtError:
+                pass

@@ -1,0 +1,79 @@
+"""Small wrappers around the `qemu-img` binary. Argument lists only, never a shell string."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .errors import HostError
+
+QEMU_IMG = os.environ.get("VIRTBACKUP_QEMU_IMG", "qemu-img")
+
+
+def run(args: Sequence[str], what: str) -> subprocess.CompletedProcess:
+    """Run qemu-img; on failure raise HostError with its last stderr line."""
+    cmd = [QEMU_IMG, *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise HostError(f"{QEMU_IMG} not found; install qemu-utils") from None
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        reason = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise HostError(f"{what}: {reason}")
+    return proc
+
+
+def create(path: Path, size: int, backing: Optional[str] = None, cluster_size: Optional[int] = None) -> None:
+    """Create a qcow2 v3 image; `backing` is stored exactly as given (we pass relative paths)."""
+    opts = ["compat=1.1"]
+    if cluster_size:
+        opts.append(f"cluster_size={cluster_size}")
+    args = ["create", "-q", "-f", "qcow2", "-o", ",".join(opts)]
+    if backing is not None:
+        # -u: the backing may be resolved relative to the new image; don't open it here (cheap).
+        args += ["-u", "-b", backing, "-F", "qcow2"]
+    args += [str(path), str(size)]
+    run(args, f"cannot create {path}")
+
+
+def info(path: Path, backing_chain: bool = False, force_share: bool = False) -> Any:
+    args = ["info", "--output=json"]
+    if backing_chain:
+        args.append("--backing-chain")
+    if force_share:
+        args.append("-U")
+    args.append(str(path))
+    return json.loads(run(args, f"cannot inspect {path}").stdout)
+
+
+def check(path: Path) -> dict:
+    """`qemu-img check`; returns its JSON report; raises HostError when the image is damaged."""
+    cmd = [QEMU_IMG, "check", "--output=json", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # exit 0 clean, 2 corruptions, 3 leaks only (harmless), 1 could not check
+    if proc.returncode in (0, 3):
+        try:
+            return json.loads(proc.stdout)
+        except ValueError:
+            return {}
+    lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+    reason = lines[-1] if lines else f"exit status {proc.returncode}"
+    if proc.returncode == 2:
+        reason = "qcow2 corruption found"
+    raise HostError(f"{path}: {reason}")
+
+
+def convert(src: Path, dst: Path, out_format: str = "qcow2") -> None:
+    """Copy `src` (read through its backing chain) into a standalone image `dst`."""
+    run(["convert", "-q", "-W", "-O", out_format, str(src), str(dst)], f"cannot convert {src}")
+
+
+def compare(a: Path, b: Path) -> bool:
+    proc = subprocess.run([QEMU_IMG, "compare", "-q", str(a), str(b)], capture_output=True, check=False)
+    if proc.returncode in (0, 1):
+        return proc.returncode == 0
+    raise HostError(f"cannot compare {a} and {b}: {proc.stderr.decode(errors='replace').strip()}")

@@ -1,0 +1,91 @@
+"""Backup and checkpoint XML, built with lxml from the templates in xml-templates/."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+from lxml import etree
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "xml-templates"
+
+
+@lru_cache(maxsize=None)
+def _template(name: str) -> etree._Element:
+    parser = etree.XMLParser(remove_comments=True, remove_blank_text=True)
+    return etree.parse(str(TEMPLATE_DIR / name), parser).getroot()
+
+
+def _fresh(name: str) -> etree._Element:
+    return copy.deepcopy(_template(name))
+
+
+def to_string(elem: etree._Element) -> str:
+    return etree.tostring(elem, pretty_print=True, encoding="unicode")
+
+
+@dataclass(frozen=True)
+class BackupDisk:
+    """One disk's part in a push backup."""
+
+    name: str                  # target dev, e.g. "vda"
+    target: Optional[Path]     # pre-created qcow2; None = disk does not take part
+    full: bool = False         # force a full copy of this disk inside an incremental backup
+
+
+def backup_xml(disks: Iterable[BackupDisk], incremental: Optional[str]) -> str:
+    """Push-mode <domainbackup>; `incremental` names the base checkpoint (None = full)."""
+    root = _fresh("domainbackup.xml")
+    if incremental is not None:
+        inc = etree.Element("incremental")
+        inc.text = incremental
+        root.insert(0, inc)
+    disks_el = root.find("disks")
+    assert disks_el is not None
+    for d in disks:
+        if d.target is None:
+            etree.SubElement(disks_el, "disk", name=d.name, backup="no")
+            continue
+        el = _fresh("domainbackup-disk.xml")
+        el.set("name", d.name)
+        if incremental is not None and d.full:
+            el.set("backupmode", "full")
+        target = el.find("target")
+        assert target is not None
+        target.set("file", str(d.target))
+        disks_el.append(el)
+    return to_string(root)
+
+
+def checkpoint_xml(name: str, description: str, disks: Mapping[str, bool]) -> str:
+    """<domaincheckpoint> with a bitmap on each disk mapped to True and checkpoint='no' elsewhere."""
+    root = _fresh("domaincheckpoint.xml")
+    name_el = root.find("name")
+    desc_el = root.find("description")
+    disks_el = root.find("disks")
+    assert name_el is not None and desc_el is not None and disks_el is not None
+    name_el.text = name
+    desc_el.text = description
+    for disk, take_part in disks.items():
+        if take_part:
+            etree.SubElement(disks_el, "disk", name=disk, checkpoint="bitmap", bitmap=name)
+        else:
+            etree.SubElement(disks_el, "disk", name=disk, checkpoint="no")
+    return to_string(root)
+
+
+def redefine_xml(saved_xml: str, parent: Optional[str]) -> str:
+    """Saved checkpoint XML with its <parent> replaced, ready for CREATE_REDEFINE."""
+    root = etree.fromstring(saved_xml.encode())
+    for old in root.findall("parent"):
+        root.remove(old)
+    if parent is not None:
+        p = etree.Element("parent")
+        etree.SubElement(p, "name").text = parent
+        name_el = root.find("name")
+        idx = list(root).index(name_el) + 1 if name_el is not None else 0
+        root.insert(idx, p)
+    return to_string(root)
