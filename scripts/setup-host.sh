@@ -69,8 +69,12 @@ fi
 stamp="$VENV/.virtbackup-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
     log "installing virtbackup into $VENV"
-    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-    "$VENV/bin/pip" install -q -e "$ROOT[test]"
+    pip_log="$VENV/pip-install.log"
+    if ! { "$VENV/bin/pip" install --upgrade pip && "$VENV/bin/pip" install -e "$ROOT[test]"; } >"$pip_log" 2>&1; then
+        tail -20 "$pip_log" >&2
+        echo "setup-host: pip install failed (full log: $pip_log)" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 log "ready (libvirtd running, venv $VENV)"

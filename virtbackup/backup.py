@@ -381,7 +381,7 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
     if level not in ("auto", "full", "inc", "diff"):
         raise UsageError(f"unknown level '{level}' (auto, full, inc, diff)")
     bdir = BackupDir(backup_dir)
-    bdir.check_usable(create=True)
+    must_create = bdir.check_usable()
     existing = bdir.load_or_none()          # corrupt metadata -> exit 2 before libvirt is touched
     conn = host.connect(uri)
     try:
@@ -392,6 +392,8 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                                  f"({existing.domain_uuid}), not of '{dom.name()}' ({uuid})")
         if not dom.isActive():
             raise DomainInactive(f"domain '{dom.name()}' is not running; offline backups are not supported yet")
+        if must_create:
+            bdir.create()
         with dir_lock(bdir), domain_lock(uuid):
             chain = bdir.load_or_none() or Chain(domain_name=dom.name(), domain_uuid=uuid)
             chain.domain_name = dom.name()

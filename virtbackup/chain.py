@@ -194,22 +194,29 @@ class BackupDir:
     def exists(self) -> bool:
         return self.metadata.exists()
 
-    def check_usable(self, create: bool) -> None:
-        """Fail with exit 2 before anything starts when the directory is not usable."""
+    def check_usable(self) -> bool:
+        """Fail (exit 2) before anything starts when the directory can't be used for a backup.
+
+        Returns True when the directory still has to be created (its parent exists).
+        """
         p = self.path
         if not p.exists():
-            if not create:
-                raise BackupDirError(f"backup directory {p} does not exist")
             if not p.parent.is_dir():
                 raise BackupDirError(f"cannot create backup directory {p}: {p.parent} does not exist")
-            try:
-                p.mkdir(mode=0o700)
-            except OSError as e:
-                raise BackupDirError(f"cannot create backup directory {p}: {e.strerror}") from None
+            if not os.access(p.parent, os.W_OK | os.X_OK):
+                raise BackupDirError(f"cannot create backup directory {p}: {p.parent} is not writable")
+            return True
         if not p.is_dir():
             raise BackupDirError(f"{p} is not a directory")
-        if create and not os.access(p, os.W_OK | os.X_OK):
+        if not os.access(p, os.W_OK | os.X_OK):
             raise BackupDirError(f"backup directory {p} is not writable")
+        return False
+
+    def create(self) -> None:
+        try:
+            self.path.mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise BackupDirError(f"cannot create backup directory {self.path}: {e.strerror}") from None
 
     def load(self) -> Chain:
         if not self.path.is_dir():

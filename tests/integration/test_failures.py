@@ -1,0 +1,214 @@
+"""Failures leave the chain intact; bad input exits 2 and changes nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import assert_point_restores, checkpoint_names, cli, our_bitmaps, snapshot_dir
+
+MiB = 1 << 20
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, *opts: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *opts]), "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def one_error_line(r) -> str:
+    lines = r.err.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("virtbackup: error:")]
+    assert len(errors) == 1, r
+    return errors[0]
+
+
+def test_enospc_during_incremental_keeps_chain_and_retry_has_every_write(make_domain, tmp_path):
+    d = make_domain({"vda": 64 * MiB})
+    with tmpfs(tmp_path / "tiny", "6M") as mnt:
+        bdir = mnt / "bk"
+        d.write("vda", 0x11, 0, 1 * MiB)
+        r = cli("backup", d.name, bdir, "--json")
+        assert r.rc == 0, r
+        e1 = d.expected()
+        before_files = snapshot_dir(bdir)
+        before_cps = checkpoint_names(d.dom)
+        prefix = r.json()["point"]["checkpoint"][:-4]
+        before_bitmaps = our_bitmaps(d.dom, prefix)
+
+        d.write("vda", 0x22, 8 * MiB, 12 * MiB)        # more than the space left
+        r = cli("backup", d.name, bdir, "--level", "inc")
+        assert r.rc == 1, r
+        assert "No space left on device" in one_error_line(r)
+        assert snapshot_dir(bdir) == before_files       # metadata and images exactly as before
+        assert checkpoint_names(d.dom) == before_cps    # the failed run's checkpoint is gone
+        assert our_bitmaps(d.dom, prefix) == before_bitmaps
+        assert not list((bdir / "points").glob("*.partial"))
+
+        d.write("vda", 0x33, 30 * MiB, 1 * MiB)        # written after the failure
+        subprocess.run(["mount", "-o", "remount,size=64M", str(mnt)], check=True)
+        r = cli("backup", d.name, bdir, "--level", "inc", "--json")
+        assert r.rc == 0, r
+        assert r.json()["point"]["parent"] == "0001"
+        assert_point_restores(bdir, r.json()["point"]["id"], d.expected(), tmp_path / "r2")
+        assert_point_restores(bdir, "0001", e1, tmp_path / "r1")
+
+
+def test_unknown_domain_exit_2_and_nothing_created(tmp_path):
+    bdir = tmp_path / "bk"
+    r = cli("backup", "no-such-domain-xyz", bdir)
+    assert r.rc == 2, r
+    assert "domain 'no-such-domain-xyz' not found" in one_error_line(r)
+    assert not bdir.exists()
+    r = cli("backup", "no-such-domain-xyz", bdir, "--json")
+    assert r.rc == 2 and r.json()["error"]["exit_code"] == 2
+
+
+def test_inactive_domain_exit_2(make_domain, tmp_path):
+    d = make_domain({"vda": 16 * MiB}, start=False)
+    r = cli("backup", d.name, tmp_path / "bk")
+    assert r.rc == 2, r
+    assert "not running" in one_error_line(r)
+    assert checkpoint_names(d.dom) == []
+
+
+def test_bad_backup_dirs_exit_2_before_libvirt(make_domain, tmp_path):
+    d = make_domain({"vda": 16 * MiB})
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    for target, msg in ((tmp_path / "missing" / "bk", "does not exist"), (afile, "not a directory")):
+        r = cli("backup", d.name, target)
+        assert r.rc == 2, r
+        assert msg in one_error_line(r)
+    with tmpfs(tmp_path / "ro", "1M", "ro") as ro:
+        r = cli("backup", d.name, ro)
+        assert r.rc == 2 and "not writable" in one_error_line(r), r
+    for cmd in (("list", tmp_path / "nope"), ("verify", tmp_path / "nope"),
+                ("restore", tmp_path / "nope", tmp_path / "out")):
+        r = cli(*cmd)
+        assert r.rc == 2 and "does not exist" in one_error_line(r), r
+    assert checkpoint_names(d.dom) == []
+
+
+def test_corrupt_metadata_and_unknown_point(make_domain, tmp_path):
+    d = make_domain({"vda": 16 * MiB})
+    bdir = tmp_path / "bk"
+    assert cli("backup", d.name, bdir).rc == 0
+    meta = bdir / "virtbackup.json"
+    good = meta.read_text()
+
+    r = cli("restore", bdir, tmp_path / "out", "--point", "0042")
+    assert r.rc == 2 and "no restore point '0042'" in one_error_line(r), r
+    r = cli("restore", bdir, tmp_path / "out", "--disk", "vdz")
+    assert r.rc == 2 and "vdz" in one_error_line(r), r
+
+    cps = checkpoint_names(d.dom)
+    data = json.loads(good)
+    data["points"][0]["disks"]["vda"]["image"] = "../../etc/passwd"
+    for bad in (good[: len(good) // 2], "[]", json.dumps(data)):
+        meta.write_text(bad)
+        files = snapshot_dir(bdir)
+        for cmd in (("list", bdir), ("backup", d.name, bdir), ("verify", bdir),
+                    ("restore", bdir, tmp_path / "out")):
+            r = cli(*cmd)
+            assert r.rc == 2, (cmd, r)
+            assert "corrupt" in one_error_line(r), r
+        assert snapshot_dir(bdir) == files
+        assert checkpoint_names(d.dom) == cps
+    r = cli("list", bdir)
+    assert "outside the backup directory" in r.err
+    meta.write_text(good)
+    assert cli("verify", bdir).rc == 0
+
+
+def test_backup_dir_of_another_domain_exit_2(make_domain, tmp_path):
+    a = make_domain({"vda": 16 * MiB})
+    b = make_domain({"vda": 16 * MiB})
+    bdir = tmp_path / "bk"
+    assert cli("backup", a.name, bdir).rc == 0
+    files = snapshot_dir(bdir)
+    r = cli("backup", b.name, bdir)
+    assert r.rc == 2, r
+    assert a.name in one_error_line(r) and a.dom.UUIDString() in r.err
+    assert snapshot_dir(bdir) == files and checkpoint_names(b.dom) == []
+
+
+def test_second_backup_while_locked_fails_at_once(make_domain, tmp_path):
+    d = make_domain({"vda": 16 * MiB})
+    bdir = tmp_path / "bk"
+    assert cli("backup", d.name, bdir).rc == 0
+    files = snapshot_dir(bdir)
+    with open(bdir / ".virtbackup.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        r = cli("backup", d.name, bdir, timeout=30)
+        assert r.rc == 1 and "another virtbackup run" in one_error_line(r), r
+    assert snapshot_dir(bdir) == files
+    # the lock of a run that died is gone with it: the next run proceeds
+    assert cli("backup", d.name, bdir).rc == 0
+
+
+def test_verify_names_damaged_image_and_restore_refuses_missing(make_domain, tmp_path):
+    from virtbackup import qemuimg
+    d = make_domain({"vda": 16 * MiB, "vdb": 16 * MiB})
+    bdir = tmp_path / "bk"
+    d.write("vda", 0x11, 0, 1 * MiB)
+    assert cli("backup", d.name, bdir).rc == 0
+    d.write("vdb", 0x22, 0, 1 * MiB)
+    assert cli("backup", d.name, bdir).rc == 0
+    assert cli("verify", bdir).rc == 0
+
+    # flip one byte of guest data inside the full's vda image
+    img = bdir / "points/0001/vda.qcow2"
+    extents = json.loads(subprocess.run([qemuimg.QEMU_IMG, "map", "--output=json", str(img)],
+                                        capture_output=True, text=True, check=True).stdout)
+    off = next(e["offset"] for e in extents if e.get("data") and "offset" in e)
+    with open(img, "r+b") as f:
+        f.seek(off + 100)
+        b = f.read(1)
+        f.seek(off + 100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = cli("verify", bdir, "--json")
+    assert r.rc == 1, r
+    line = one_error_line(r)
+    assert "points/0001/vda.qcow2" in line and "point 0001" in line and "hash" in line
+    assert r.json()["damaged_points"] == ["0001", "0002"]
+    r = cli("verify", bdir, "--point", "0002")
+    assert r.rc == 1
+    # the other disk's chain is fine; verify still names only the damaged image
+    assert "vdb" not in one_error_line(r)
+
+    # a missing image: restore says which, exit 1, and writes nothing
+    (bdir / "points/0001/vdb.qcow2").rename(tmp_path / "moved.qcow2")
+    r = cli("restore", bdir, tmp_path / "out")
+    assert r.rc == 1 and "points/0001/vdb.qcow2 is missing" in one_error_line(r), r
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_restore_never_overwrites(make_domain, tmp_path):
+    d = make_domain({"vda": 16 * MiB})
+    bdir = tmp_path / "bk"
+    assert cli("backup", d.name, bdir).rc == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "vda.qcow2").write_text("precious")
+    r = cli("restore", bdir, out)
+    assert r.rc == 2 and "exists" in one_error_line(r), r
+    assert (out / "vda.qcow2").read_text() == "precious"
+
+
+def test_readme_exit_codes_documented():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for code in ("0", "1", "2"):
+        assert f"| {code} " in readme
