@@ -258,6 +258,7 @@ class Backup:
                 cp_name, f"virtbackup {plan.level} backup {point_id} into {self.bdir.path}",
                 {dp.disk.target: True for dp in plan.disks})
             self._run_job(bxml, cxml, cp_name)
+            host.wait_released([str(work_dir / f"{t}.qcow2") for t in images])
 
             cp = checkpoints.lookup(self.dom, cp_name)
             if cp is None:
