@@ -78,3 +78,28 @@ def saved_xml(cp: libvirt.virDomainCheckpoint) -> str:
 
 
 __all__ = ["lookup", "names", "ours", "delete", "saved_xml"]
+
+
+def redefine(dom: libvirt.virDomain, xml: str) -> None:
+    """Reinstate checkpoint metadata from saved XML; validated against the bitmaps when running."""
+    flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+    if dom.isActive():
+        flags |= libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
+    try:
+        transient_retry(dom.checkpointCreateXML)(xml, flags)
+    except libvirt.libvirtError as e:
+        if flags & libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE:
+            # validation failed after the metadata went in: take it out again
+            name = xmlbuild_name(xml)
+            cp = lookup(dom, name) if name else None
+            if cp is not None:
+                try:
+                    cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+                except libvirt.libvirtError:
+                    pass
+        raise e
+
+
+def xmlbuild_name(xml: str) -> Optional[str]:
+    from lxml import etree
+    return etree.fromstring(xml.encode()).findtext("name")

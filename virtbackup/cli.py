@@ -51,6 +51,62 @@ def main_opts(connect: Optional[str] = typer.Option(
 
 
 @app.command()
+def status(domain: str = typer.Argument(..., help="domain name or UUID"),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show each disk's bitmaps (recording/busy/inconsistent, dirty bytes) and whose they are."""
+    from . import health
+
+    def render(st: Any) -> None:
+        if as_json:
+            print(json.dumps(st))
+            return
+        print(f"domain {st['domain']} ({st['uuid']}), {'running' if st['active'] else 'shut off'}")
+        for disk, info in st["disks"].items():
+            print(f"disk {disk}: {info['source']}")
+            if not info["bitmaps"]:
+                print("  (no bitmaps)")
+            for b in info["bitmaps"]:
+                flags = [f for f in ("recording", "busy", "inconsistent") if b[f]]
+                owner = (f"virtbackup dir {b['backup_dir'] or b['dir_id']}" if b["owner"] == "virtbackup"
+                         else "foreign")
+                dirty = _human_size(b["count"]) if b["count"] >= 0 else "?"
+                cp = "" if b["checkpoint"] else "  NO CHECKPOINT"
+                print(f"  {b['name']:<32} {','.join(flags) or '-':<24} dirty {dirty:>10}  {owner}{cp}")
+        for cp in st["checkpoints"]:
+            where = cp["backup_dir"] or cp["dir_id"] or ""
+            print(f"checkpoint {cp['name']} parent={cp['parent'] or '-'} {cp['owner']} {where}".rstrip())
+
+    _run(as_json, lambda: health.domain_status(_state["uri"], domain), render)
+
+
+@app.command()
+def repair(domain: str = typer.Argument(..., help="domain name or UUID"),
+           backup_dir: Path = typer.Argument(...),
+           dry_run: bool = typer.Option(False, "--dry-run", help="only show what would be done"),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Clean up this backup dir's orphaned/broken bitmaps and checkpoints; redefine lost ones."""
+    from . import health
+
+    def render(r: Any) -> None:
+        if as_json:
+            print(json.dumps({"domain": r.domain, "dry_run": r.dry_run, "ok": r.ok,
+                              "actions": [asdict(a) for a in r.actions]}))
+        else:
+            if not r.actions:
+                print("nothing to repair")
+            for a in r.actions:
+                what = f"{a.kind} {a.name}" + (f" on {a.disk}" if a.disk else "")
+                state = "would" if r.dry_run else ("done" if a.done else f"FAILED: {a.error}")
+                print(f"{state}: {what}: {a.reason}")
+        if not r.ok:
+            bad = next(a for a in r.actions if a.error)
+            _err(f"error: repair failed: {bad.kind} {bad.name}: {bad.error}")
+            raise typer.Exit(EXIT_FAILED)
+
+    _run(as_json, lambda: health.repair(_state["uri"], domain, backup_dir, dry_run), render)
+
+
+@app.command()
 def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
            backup_dir: Path = typer.Argument(..., help="directory holding this domain's backups"),
            level: str = typer.Option("auto", "--level", "-l", help="auto | full | inc | diff"),

@@ -89,3 +89,7 @@ def redefine_xml(saved_xml: str, parent: Optional[str]) -> str:
         idx = list(root).index(name_el) + 1 if name_el is not None else 0
         root.insert(idx, p)
     return to_string(root)
+
+
+def parse(xml: str) -> etree._Element:
+    return etree.fromstring(xml.encode())
