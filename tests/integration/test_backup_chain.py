@@ -157,3 +157,69 @@ def test_only_selected_disk_and_json_output(make_domain, tmp_path):
     assert p["level"] == "inc" and p["disks"]["vda"]["copied_full"] and not p["disks"]["vdb"]["copied_full"]
     assert_point_restores(bdir, "0002", d.expected(), tmp_path / "r2")
     json.dumps(p)
+
+
+def test_non_qcow2_disk_is_skipped_with_a_notice(make_domain, tmp_path):
+    import libvirt
+    d = make_domain({"vda": 16 * MiB})
+    raw = tmp_path / "disks" / "extra.raw"
+    with open(raw, "wb") as f:
+        f.truncate(8 * MiB)
+    d.dom.attachDeviceFlags(
+        f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{raw}'/>"
+        "<target dev='vdc' bus='virtio'/></disk>", libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    d.write("vda", 0x11, 0, 1 * MiB)
+    r = cli("backup", d.name, tmp_path / "bk", "--json")
+    assert r.rc == 0, r
+    assert "skipping disk vdc: format 'raw'" in r.err
+    assert set(r.json()["point"]["disks"]) == {"vda"} and "vdc" in r.json()["skipped"]
+    r = cli("backup", d.name, tmp_path / "bk", "--disk", "vdc")
+    assert r.rc == 2 and "cannot be backed up" in r.err, r
+    assert_point_restores(tmp_path / "bk", "0001", {"vda": d.expected()["vda"]}, tmp_path / "r1")
+
+
+def test_writes_during_the_job_land_in_the_next_point_not_this_one(make_domain, tmp_path):
+    """The point in time is the job's start: later writes go to the next incremental."""
+    import subprocess
+    import sys
+    import time
+
+    import libvirt
+
+    from virtbackup import monitor
+    # QEMU's block-copy keeps up to 64 MiB of reads in flight; with 192 MiB of data a job that
+    # is slowed as soon as it appears still has most of the disk to copy when the guest writes.
+    d = make_domain({"vda": 256 * MiB})
+    bdir = tmp_path / "bk"
+    d.write("vda", 0x11, 0, 192 * MiB)
+    before = d.expected()
+    proc = subprocess.Popen([sys.executable, "-m", "virtbackup.cli", "backup", d.name, bdir, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        jobs = []
+        for _ in range(2000):
+            jobs = monitor.qmp(d.dom, "query-block-jobs")
+            if jobs:
+                break
+        assert jobs, "the backup job never showed up"
+        for j in jobs:
+            monitor.qmp(d.dom, "block-job-set-speed", {"device": j["device"], "speed": 1 * MiB})
+        assert d.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
+        job = monitor.qmp(d.dom, "query-block-jobs")[0]
+        assert job["offset"] < 150 * MiB, f"job too far already ({job['offset']}); cannot test"
+        d.write("vda", 0x22, 150 * MiB, 4 * MiB)     # over data not copied yet
+        d.write("vda", 0x33, 250 * MiB, 1 * MiB)     # into a hole
+        job = monitor.qmp(d.dom, "query-block-jobs")[0]
+        assert job["offset"] < job["len"], "the job ended before the writes; cannot test"
+        for j in monitor.qmp(d.dom, "query-block-jobs"):
+            monitor.qmp(d.dom, "block-job-set-speed", {"device": j["device"], "speed": 0})
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert_point_restores(bdir, "0001", before, tmp_path / "r1")
+    r = cli("backup", d.name, bdir, "--level", "inc", "--json")
+    assert r.rc == 0, r
+    assert_point_restores(bdir, "0002", d.expected(), tmp_path / "r2")
