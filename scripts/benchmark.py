@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Side-by-side speed measurements of virtbackup on this machine (ratios, not absolute times).
+
+Targets from DESIGN.md: full backup <= 1.0x `qemu-img convert -O qcow2` of the same disk;
+incremental with nothing dirty <= 0.3 s for the whole command; incremental cost grows with
+dirty bytes, not disk size or chain length; restore of a 50-link chain <= 1.3x converting the
+flattened image; full + 3 inc + restore >= 5x faster than virtnbdbackup (if installed:
+`apt-get install virtnbdbackup`, then pass --virtnbdbackup).
+
+Run as root after scripts/setup-host.sh:  .venv/bin/python scripts/benchmark.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+from virtbackup import host, scratch
+
+MiB = 1 << 20
+CLI = [sys.executable, "-m", "virtbackup.cli"]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run(*cmd: object) -> None:
+    subprocess.run([str(c) for c in cmd], check=True, capture_output=True)
+
+
+def median(xs: List[float]) -> float:
+    return statistics.median(xs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller disk and fewer repeats")
+    ap.add_argument("--virtnbdbackup", action="store_true", help="also time virtnbdbackup on a twin domain")
+    args = ap.parse_args()
+    disk = (256 if args.quick else 1024) * MiB
+    data = (64 if args.quick else 512) * MiB
+    reps = 2 if args.quick else 3
+    conn = host.connect()
+    work = Path(tempfile.mkdtemp(prefix="virtbackup-bench-"))
+    results: Dict[str, object] = {"disk_bytes": disk, "data_bytes": data}
+    d = scratch.ScratchDomain(conn, f"vbbench-{secrets.token_hex(3)}", work / "disks", {"vda": disk})
+    try:
+        d.create()
+        for off in range(0, data, 64 * MiB):
+            d.write("vda", 0x40 + off // (64 * MiB), off, min(64 * MiB, data - off))
+
+        # 1. full backup vs qemu-img convert of the same disk, alternating, median of reps
+        t_full, t_conv = [], []
+        for i in range(reps):
+            out = work / f"conv{i}.qcow2"
+            t_conv.append(timed(lambda: run("qemu-img", "convert", "-U", "-O", "qcow2", d.disk_path("vda"), out)))
+            out.unlink()
+            b = work / f"full{i}"
+            t_full.append(timed(lambda: run(*CLI, "backup", d.name, b, "--level", "full")))
+            if i < reps - 1:
+                shutil.rmtree(b)
+        results["full_s"] = median(t_full)
+        results["convert_s"] = median(t_conv)
+        results["full_vs_convert"] = median(t_full) / median(t_conv)
+        bdir = work / f"full{reps - 1}"
+
+        # 2. incremental with nothing dirty: the whole command
+        t_empty = [timed(lambda: run(*CLI, "backup", d.name, bdir, "--level", "inc")) for _ in range(5)]
+        results["inc_nothing_dirty_s"] = median(t_empty)
+
+        # 3. incremental cost vs dirty bytes
+        per_dirty = {}
+        for mib in (4, 32, 128):
+            d.write("vda", 0x90, 0, mib * MiB)
+            per_dirty[mib] = timed(lambda: run(*CLI, "backup", d.name, bdir, "--level", "inc"))
+        results["inc_s_by_dirty_mib"] = per_dirty
+
+        # 4. restore of a 50-link chain vs converting the flattened image
+        chain_dir = work / "chain50"
+        run(*CLI, "backup", d.name, chain_dir, "--level", "full")
+        for i in range(49):
+            d.write("vda", 0x10 + i % 64, (i * 7 % (disk // MiB - 1)) * MiB, 1 * MiB)
+            run(*CLI, "backup", d.name, chain_dir, "--level", "inc")
+        r1 = work / "restore50"
+        t_restore = timed(lambda: run(*CLI, "restore", chain_dir, r1))
+        flat = r1 / "vda.qcow2"
+        t_flat = timed(lambda: run("qemu-img", "convert", "-O", "qcow2", flat, work / "flat-again.qcow2"))
+        results["restore50_s"] = t_restore
+        results["convert_flat_s"] = t_flat
+        results["restore50_vs_convert"] = t_restore / t_flat
+        # chain length must not make incrementals slower
+        d.write("vda", 0x77, 0, 4 * MiB)
+        results["inc_4mib_after_50_links_s"] = timed(lambda: run(*CLI, "backup", d.name, chain_dir, "--level", "inc"))
+
+        if args.virtnbdbackup and shutil.which("virtnbdbackup"):
+            results.update(compare_virtnbdbackup(conn, work))
+    finally:
+        d.remove()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(json.dumps(results, indent=2))
+    print(f"full backup / qemu-img convert: {results['full_vs_convert']:.2f}x (target <= 1.0)")
+    print(f"incremental, nothing dirty:    {results['inc_nothing_dirty_s']:.3f} s (target <= 0.3)")
+    print(f"restore 50 links / convert:    {results['restore50_vs_convert']:.2f}x (target <= 1.3)")
+    return 0
+
+
+def compare_virtnbdbackup(conn: object, work: Path) -> Dict[str, float]:
+    """full + 3 inc + restore on twin domains (1 GiB disk, 100 MiB data, 20 MiB per inc)."""
+    out: Dict[str, float] = {}
+    for tool in ("virtbackup", "virtnbdbackup"):
+        d = scratch.ScratchDomain(conn, f"vbtwin-{secrets.token_hex(3)}", work / "twin", {"vda": 1024 * MiB})
+        try:
+            d.create()
+            d.write("vda", 0x21, 0, 100 * MiB)
+            bdir = work / f"twin-{tool}"
+            t0 = time.perf_counter()
+            for i in range(4):
+                if i:
+                    d.write("vda", 0x30 + i, (200 + 20 * i) * MiB, 20 * MiB)
+                if tool == "virtbackup":
+                    run(*CLI, "backup", d.name, bdir, "--level", "full" if i == 0 else "inc")
+                else:
+                    run("virtnbdbackup", "-d", d.name, "-l", "full" if i == 0 else "inc", "-o", bdir)
+            if tool == "virtbackup":
+                run(*CLI, "restore", bdir, work / f"twin-restore-{tool}")
+            else:
+                run("virtnbdrestore", "-i", bdir, "-o", work / f"twin-restore-{tool}")
+            out[f"cycle_{tool}_s"] = time.perf_counter() - t0
+        finally:
+            d.remove()
+    out["virtnbdbackup_vs_virtbackup"] = out["cycle_virtnbdbackup_s"] / out["cycle_virtbackup_s"]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
