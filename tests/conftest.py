@@ -35,10 +35,16 @@ def cli(*args: object, timeout: float = 300) -> CLIResult:
     return CLIResult(subprocess.run(cmd, capture_output=True, text=True, timeout=timeout))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def conn():
+    """A connection per test: one test restarting libvirtd must not break the next."""
     from virtbackup import host
-    return host.connect()
+    c = host.connect()
+    yield c
+    try:
+        c.close()
+    except Exception:
+        pass
 
 
 @pytest.fixture
@@ -54,8 +60,15 @@ def make_domain(conn, tmp_path) -> Iterator[Callable[..., "object"]]:
         return d.create(start=start)
 
     yield make
-    for d in made:
-        d.remove()
+    # a fresh connection: a test may have restarted libvirtd, which kills the session's one
+    from virtbackup import host
+    fresh = host.connect()
+    try:
+        for d in made:
+            d.conn = fresh
+            d.remove()
+    finally:
+        fresh.close()
 
 
 def assert_point_restores(bdir: Path, point: str, expected: Dict[str, bytes], out: Path) -> None:

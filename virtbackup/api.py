@@ -49,3 +49,37 @@ def point_json(p: Point) -> Dict[str, Any]:
 def chain_json(chain: Chain) -> Dict[str, Any]:
     return {"domain": chain.domain_name, "uuid": chain.domain_uuid,
             "points": [point_json(p) for p in chain.points]}
+
+
+# --- restore as a domain, instant restore, deep verify, retention ------------------------------
+from .restore import flatten as _flatten  # noqa: E402
+from .retention import Policy, PruneResult  # noqa: E402
+from .retention import prune as _prune  # noqa: E402
+
+
+def restore_point(backup_dir: Path, output_dir: Path, point: Optional[str] = None, disks: Sequence[str] = (),
+                  instant: bool = False, define: Optional[str] = None, start: bool = False,
+                  uri: Optional[str] = None) -> RestoreResult:
+    """`restore` plus: `instant` (overlays on the backup images, no copy) and `define` NAME
+    (a new domain on the restored disks: new UUID and MACs), `start` it.
+
+    `point` is an id, `latest`, or an ISO 8601 time (the newest point at or before it).
+    """
+    return _restore(Path(backup_dir), Path(output_dir), point, disks, instant=instant, define=define,
+                    start=start, uri=uri)
+
+
+def verify_backup(backup_dir: Path, point: Optional[str] = None, deep: bool = False) -> VerifyResult:
+    """`verify`; `deep` also reads every point's whole chain through qemu."""
+    return _verify(Path(backup_dir), point, deep=deep)
+
+
+def prune(backup_dir: Path, keep: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
+          dry_run: bool = False) -> PruneResult:
+    """Drop the points the policy does not keep, merging them into kept points that depend on them."""
+    return _prune(Path(backup_dir), Policy(keep, keep_daily, keep_weekly), dry_run)
+
+
+def flatten(image: Path) -> Path:
+    """Copy an overlay's backing data into it and drop the backing link (e.g. after --instant)."""
+    return _flatten(Path(image))

@@ -51,21 +51,12 @@ class BackupResult:
 
 def _bitmap_problem(dom: libvirt.virDomain, disks: Sequence[host.Disk], checkpoint: str) -> Optional[str]:
     """Why the checkpoint's bitmaps can't be trusted on these disks (None = they can)."""
+    from . import health
     try:
-        by_disk = monitor.disk_bitmaps(dom, list(disks))
+        by_disk = health.disk_bitmaps(dom, list(disks))
     except VirtBackupError as e:
         return f"cannot inspect bitmaps: {e}"
-    for d in disks:
-        bm = next((b for b in by_disk.get(d.target, []) if b.name == checkpoint), None)
-        if bm is None:
-            return f"bitmap {checkpoint} is missing on disk {d.target}"
-        if bm.inconsistent:
-            return f"bitmap {checkpoint} on disk {d.target} is inconsistent (QEMU stopped uncleanly)"
-        if not bm.recording:
-            return f"bitmap {checkpoint} on disk {d.target} is not recording"
-        if bm.busy:
-            return f"bitmap {checkpoint} on disk {d.target} is busy (another job uses it)"
-    return None
+    return health.bitmap_problem(by_disk, [d.target for d in disks], checkpoint)
 
 
 def plan_backup(dom: libvirt.virDomain, chain: Optional[Chain], level: str,
@@ -159,6 +150,32 @@ def _job_gone(dom: libvirt.virDomain) -> bool:
         return False   # daemon unreachable for now; keep waiting for its answer
 
 
+def _job_writes_into(dom: libvirt.virDomain, points_dir: Path) -> bool:
+    """True when the domain's running backup job writes into points_dir/*.partial: a job of ours."""
+    from lxml import etree
+    try:
+        if _job_gone(dom):
+            return False
+        xml = dom.backupGetXMLDesc(0)
+    except libvirt.libvirtError:
+        return False
+    return any(Path(f).parent.parent == points_dir and Path(f).parent.name.endswith(PARTIAL_SUFFIX)
+               for f in etree.fromstring(xml.encode()).xpath("//disk/target/@file"))
+
+
+def _abort_job(conn: libvirt.virConnect, dom: libvirt.virDomain, timeout: float = 60.0) -> bool:
+    """Abort the domain's job and wait (bounded) until libvirt has ended it; False on timeout."""
+    watch = host.JobWatch(conn, dom)
+    try:
+        try:
+            dom.abortJob()
+        except libvirt.libvirtError:
+            pass
+        return watch.wait(lambda: _job_gone(dom), check_every=0.5, timeout=timeout)
+    finally:
+        watch.close()
+
+
 def _completed_stats(dom: libvirt.virDomain, watch: host.JobWatch) -> Dict:
     try:
         stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
@@ -185,20 +202,24 @@ class Backup:
         self.notify(f"warning: {msg}")
 
     def cleanup_leftovers(self, chain: Chain) -> List[str]:
-        """Remove what a crashed or killed earlier run left: our unneeded checkpoints, partial dirs."""
+        """Bring the chain's libvirt state in line before planning (see health.plan_repair).
+
+        Removes what a crashed or killed earlier run left (our unneeded checkpoints, orphaned
+        bitmaps, partial dirs) and redefines needed checkpoints that libvirt lost while their
+        bitmaps are intact. Broken needed checkpoints stay so that planning reports them.
+        """
+        from . import health
         removed = []
-        recorded = {p.checkpoint for p in chain.points}
-        needed = set(chain.needed_checkpoints())
-        for name in checkpoints.ours(self.dom, chain.checkpoint_prefix()):
-            if name in needed:
-                continue
-            warn = checkpoints.delete(self.dom, name)
-            if warn:
-                self._warn(warn)
-            else:
-                removed.append(name)
-                if name not in recorded:
-                    self.notify(f"removed checkpoint {name} left by an interrupted run")
+        if chain.points:
+            actions = health.plan_repair(self.dom, chain, fix_broken=False)
+            health.apply_repair(self.dom, self.bdir, chain, actions)
+            for a in actions:
+                if a.error:
+                    self._warn(f"{a.kind} {a.name}: {a.error}")
+                else:
+                    self.notify(f"{a.kind} {a.name}: {a.reason}")
+                    if a.kind == "delete-checkpoint":
+                        removed.append(a.name)
         points_dir = self.bdir.path / POINTS_DIR
         if points_dir.is_dir():
             for entry in points_dir.iterdir():
@@ -309,6 +330,22 @@ class Backup:
         return BackupResult(self.dom.name(), point, plan.skipped, removed, self.warnings)
 
     def _run_job(self, bxml: str, cxml: str, cp_name: str) -> None:
+        if not _job_gone(self.dom):
+            if _job_writes_into(self.dom, self.bdir.path / POINTS_DIR):
+                # Left by a run of this directory that was killed mid-job (we hold its locks now):
+                # nobody will read what it writes, and it blocks ours.
+                self.notify("aborting the backup job left by an interrupted run")
+                if not _abort_job(self.conn, self.dom):
+                    raise BackupFailed("the backup job left by an interrupted run did not end within 60 s")
+            else:
+                try:
+                    op = self.dom.jobStats().get("operation")
+                except libvirt.libvirtError:
+                    op = None
+                names = {getattr(libvirt, n): n[25:].lower().replace("_", " ")
+                         for n in dir(libvirt) if n.startswith("VIR_DOMAIN_JOB_OPERATION_")}
+                raise BackupFailed(f"another job ({names.get(op, 'unknown')}) is running on domain "
+                                   f"'{self.dom.name()}'; try again when it has ended")
         watch = host.JobWatch(self.conn, self.dom)
         try:
             with _signals_interrupt(watch):
@@ -333,31 +370,56 @@ class Backup:
         jtype = stats.get("type")
         if jtype == libvirt.VIR_DOMAIN_JOB_COMPLETED and stats.get("success", True):
             return
-        errmsg = stats.get("errmsg")
-        if not errmsg:
-            errmsg = watch.reason or {libvirt.VIR_DOMAIN_JOB_CANCELLED: "the job was cancelled"}.get(
-                jtype, "libvirt reported no outcome for the job")  # type: ignore[arg-type]
+        try:
+            stopped = not self.dom.isActive()
+        except libvirt.libvirtError:
+            stopped = False
+        cause = "the domain stopped during the backup" if stopped else watch.reason
+        errmsg = "; ".join(m for m in (cause, stats.get("errmsg")) if m) or {
+            libvirt.VIR_DOMAIN_JOB_CANCELLED: "the job was cancelled"}.get(
+            jtype, "libvirt reported no outcome for the job")  # type: ignore[arg-type]
         raise BackupFailed(f"backup job failed: {errmsg}")
 
     def _rollback(self, cp_name: str, work_dir: Path, final_dir: Path, plan: Plan) -> None:
-        """Undo one failed run: its checkpoint (and bitmaps), its images. Older points stay intact."""
+        """Undo one failed run: its checkpoint (and bitmaps), its images. Older points stay intact.
+
+        After a libvirtd restart the connection is dead but the domain and our job live on in the
+        new daemon: reconnect. Only a job writing into our directory is aborted, and it has ended
+        before its checkpoint is deleted.
+        """
+        conn, dom, fresh = self.conn, self.dom, None
         try:
-            if self.dom.isActive() and _job_gone(self.dom) is False:
+            alive = conn.isAlive() == 1
+        except libvirt.libvirtError:
+            alive = False
+        try:
+            if not alive:
                 try:
-                    self.dom.abortJob()
+                    conn = fresh = host.connect(conn.getURI())
+                    dom = conn.lookupByUUIDString(dom.UUIDString())
+                except (VirtBackupError, libvirt.libvirtError) as e:
+                    self._warn(f"could not delete checkpoint {cp_name}: libvirtd unreachable "
+                               f"({host.libvirt_message(e)}) (the next run removes it)")
+                    return
+            if _job_writes_into(dom, self.bdir.path / POINTS_DIR) and not _abort_job(conn, dom):
+                self._warn(f"the backup job still runs after it was aborted; not deleting checkpoint {cp_name} "
+                           "(the next run removes it)")
+                return
+            sources = [dp.disk.source for dp in plan.disks if dp.disk.source]
+            try:
+                warn = checkpoints.delete(dom, cp_name, sources)
+            except libvirt.libvirtError as e:
+                warn = f"could not delete checkpoint {cp_name}: {host.libvirt_message(e)}"
+            if warn:
+                self._warn(warn + " (the next run removes it)")
+        finally:
+            for d in (work_dir, final_dir):
+                shutil.rmtree(d, ignore_errors=True)
+            if fresh is not None:
+                try:
+                    fresh.close()
                 except libvirt.libvirtError:
                     pass
-        except libvirt.libvirtError:
-            pass
-        sources = [dp.disk.source for dp in plan.disks if dp.disk.source]
-        try:
-            warn = checkpoints.delete(self.dom, cp_name, sources)
-        except libvirt.libvirtError as e:
-            warn = f"could not delete checkpoint {cp_name}: {host.libvirt_message(e)}"
-        if warn:
-            self._warn(warn + " (the next run removes it)")
-        for d in (work_dir, final_dir):
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -391,14 +453,16 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
         if existing is not None and existing.domain_uuid != uuid:
             raise BackupDirError(f"{backup_dir} holds backups of domain '{existing.domain_name}' "
                                  f"({existing.domain_uuid}), not of '{dom.name()}' ({uuid})")
-        if not dom.isActive():
-            raise DomainInactive(f"domain '{dom.name()}' is not running; offline backups are not supported yet")
         if must_create:
             bdir.create()
         with dir_lock(bdir), domain_lock(uuid):
             chain = bdir.load_or_none() or Chain(domain_name=dom.name(), domain_uuid=uuid)
             chain.domain_name = dom.name()
-            job = Backup(conn, dom, bdir, notify)
+            if dom.isActive():
+                job = Backup(conn, dom, bdir, notify)
+            else:   # shut off: same plan and metadata, the job runs in a private QEMU (offline.py)
+                from .offline import OfflineBackup
+                job = OfflineBackup(conn, dom, bdir, notify)
             job.cleanup_leftovers(chain)
             return job.run(chain, level, disks)
     finally:

@@ -81,6 +81,7 @@ class Chain:
 
     # -- queries -------------------------------------------------------------------------------
     def point(self, point_id: Optional[str]) -> Point:
+        """A point by id, `latest` (or None), or a time: the newest point at or before it."""
         if not self.points:
             raise PointNotFound("the backup directory has no restore points")
         if point_id in (None, "latest"):
@@ -88,7 +89,21 @@ class Chain:
         for p in self.points:
             if p.id == point_id:
                 return p
+        when = parse_point_time(point_id)  # type: ignore[arg-type]
+        if when is not None:
+            return self.point_at(when)
         raise PointNotFound(f"no restore point '{point_id}' (see 'virtbackup list')")
+
+    def point_at(self, when: datetime) -> Point:
+        """The newest point created at or before `when` (aware datetime)."""
+        best: Optional[Point] = None
+        for p in self.points:
+            if point_time(p) <= when and (best is None or point_time(p) >= point_time(best)):
+                best = p
+        if best is None:
+            raise PointNotFound(f"no restore point at or before {when.isoformat()} "
+                                f"(the oldest is {self.points[0].id}, {self.points[0].created})")
+        return best
 
     @property
     def latest(self) -> Optional[Point]:
@@ -172,6 +187,31 @@ class Chain:
                         raise ValueError(f"point {p.id} disk {name}: backing {d.backing} is not an earlier image")
                 images[d.image] = p.id
             seen[p.id] = p
+
+
+def parse_point_time(spec: str) -> Optional[datetime]:
+    """An ISO 8601 time (`Z` or an offset; naive means UTC), or None when `spec` is not a time.
+
+    A bare date means that day's 00:00 UTC. Point ids (digits only) are never taken for times.
+    """
+    if not spec or spec.isdigit() or not spec[:1].isdigit():
+        return None
+    text = spec.strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when
+
+
+def point_time(p: Point) -> datetime:
+    """When the point's backup started, as an aware datetime (naive metadata is taken as UTC)."""
+    when = datetime.fromisoformat(p.created.replace("Z", "+00:00"))
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
 def check_relative(rel: str) -> None:

@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import typer
 
@@ -15,7 +15,7 @@ from .errors import EXIT_FAILED, VirtBackupError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Full, incremental and differential backups of libvirt/QEMU domains.")
-_state = {"uri": None}
+_state: Dict[str, Optional[str]] = {"uri": None}
 
 
 def _err(msg: str) -> None:
@@ -149,34 +149,56 @@ def list_cmd(backup_dir: Path = typer.Argument(...),
 
 @app.command()
 def restore(backup_dir: Path = typer.Argument(...), output_dir: Path = typer.Argument(...),
-            point: Optional[str] = typer.Option(None, "--point", help="point id (default: newest)"),
+            point: Optional[str] = typer.Option(
+                None, "--point", help="point id, 'latest' (default), or an ISO 8601 time: "
+                "the newest point at or before it (no offset = UTC)"),
             disk: List[str] = typer.Option([], "--disk", help="only these disks"),
+            instant: bool = typer.Option(False, "--instant", help="no copy: qcow2 overlays on the backup "
+                                         "images (see 'flatten')"),
+            define: Optional[str] = typer.Option(None, "--define", metavar="NAME",
+                                                 help="define a new domain NAME on the restored disks"),
+            start: bool = typer.Option(False, "--start", help="start the domain defined with --define"),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Restore a point as one standalone qcow2 per disk: OUTPUT_DIR/<disk>.qcow2."""
     def render(r: Any) -> None:
         if as_json:
-            print(json.dumps({"point": r.point.id, "images": {k: str(v) for k, v in r.images.items()}}))
+            print(json.dumps({"point": r.point.id, "images": {k: str(v) for k, v in r.images.items()},
+                              "instant": r.instant,
+                              "domain": ({"name": r.domain, "uuid": r.domain_uuid, "started": r.started}
+                                         if r.domain else None), "notes": r.notes}))
             return
         for name, path in sorted(r.images.items()):
-            print(f"restored {name} of point {r.point.id} to {path}")
+            if r.instant:
+                print(f"{name}: overlay {path} on point {r.point.id} (the backup images stay read-only)")
+            else:
+                print(f"restored {name} of point {r.point.id} to {path}")
+        for note in r.notes:
+            _err(f"note: {note}")
+        if r.domain:
+            print(f"defined domain {r.domain} ({r.domain_uuid}){', started' if r.started else ''}")
 
-    _run(as_json, lambda: api.restore(backup_dir, output_dir, point, disk), render)
+    _run(as_json, lambda: api.restore_point(backup_dir, output_dir, point, disk, instant, define, start,
+                                            _state["uri"]), render)
 
 
 @app.command()
 def verify(backup_dir: Path = typer.Argument(...),
-           point: Optional[str] = typer.Option(None, "--point", help="only this point's chain"),
+           point: Optional[str] = typer.Option(None, "--point", help="only this point's chain (id, 'latest' "
+                                               "or an ISO 8601 time)"),
+           deep: bool = typer.Option(False, "--deep", help="also read every point's whole chain"),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Check every image: qemu-img check, backing links, content hashes recorded at backup time."""
     def render(r: Any) -> None:
         if as_json:
             print(json.dumps({"ok": r.ok, "points": r.points, "images_checked": r.images_checked,
+                              "deep": r.deep, "chains_read": r.chains_read,
                               "damaged_points": r.damaged_points, "damage": [asdict(d) for d in r.damage]}))
         else:
             for d in r.damage:
                 _err(f"damaged: point {d.point} disk {d.disk} image {d.image}: {d.problem}")
             if r.ok:
-                print(f"ok: {len(r.points)} point(s), {r.images_checked} image(s) verified")
+                print(f"ok: {len(r.points)} point(s), {r.images_checked} image(s) verified"
+                      + (f", {r.chains_read} chain(s) read end to end" if r.deep else ""))
         if not r.ok:
             first = r.damage[0]
             _err(f"error: verify failed: {first.image} (point {first.point}, disk {first.disk}): {first.problem}"
@@ -184,7 +206,49 @@ def verify(backup_dir: Path = typer.Argument(...),
                  + f"; affected points: {', '.join(r.damaged_points)}")
             raise typer.Exit(EXIT_FAILED)
 
-    _run(as_json, lambda: api.verify(backup_dir, point), render)
+    _run(as_json, lambda: api.verify_backup(backup_dir, point, deep), render)
+
+
+@app.command()
+def prune(backup_dir: Path = typer.Argument(...),
+          keep: int = typer.Option(0, "--keep", metavar="N", help="keep the newest N points"),
+          keep_daily: int = typer.Option(0, "--keep-daily", metavar="N",
+                                         help="keep the newest point of each of the last N days with points (UTC)"),
+          keep_weekly: int = typer.Option(0, "--keep-weekly", metavar="N",
+                                          help="keep the newest point of each of the last N ISO weeks with points"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be kept, dropped and merged"),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Drop old points; kept points that depend on dropped ones are merged so they restore unchanged."""
+    def render(r: Any) -> None:
+        plan = r.plan
+        if as_json:
+            print(json.dumps({"dry_run": r.dry_run, "points": [asdict(d) for d in plan.decisions],
+                              "kept": plan.keep, "dropped": plan.drop, "changes": plan.notes,
+                              "removed": r.removed, "leftovers": r.leftovers}))
+            return
+        for d in plan.decisions:
+            print(f"{'keep' if d.keep else 'drop'} {d.point}: {'; '.join(d.reasons)}")
+        verb = "would" if r.dry_run else "done"
+        for note in plan.notes:
+            print(f"{verb}: {note}")
+        for rel in r.leftovers:
+            print(f"{'would remove' if r.dry_run else 'removed'} {rel} (left by an interrupted prune)")
+        print(f"{'dry run: ' if r.dry_run else ''}{len(plan.keep)} point(s) kept, {len(plan.drop)} dropped")
+
+    _run(as_json, lambda: api.prune(backup_dir, keep, keep_daily, keep_weekly, dry_run), render)
+
+
+@app.command()
+def flatten(image: Path = typer.Argument(..., help="a qcow2 overlay, e.g. from restore --instant"),
+            as_json: bool = typer.Option(False, "--json")) -> None:
+    """Copy an image's backing data into it and drop the backing link (it must not be in use)."""
+    def render(path: Any) -> None:
+        if as_json:
+            print(json.dumps({"image": str(path), "standalone": True}))
+        else:
+            print(f"{path} is standalone")
+
+    _run(as_json, lambda: api.flatten(image), render)
 
 
 def main() -> None:

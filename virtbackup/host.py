@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 import libvirt
 from lxml import etree
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import retry, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
 from .errors import DomainNotFound, HostError
 
@@ -60,22 +60,29 @@ _TRANSIENT_CODES = {
     getattr(libvirt, "VIR_ERR_AGENT_UNRESPONSIVE", -1),
 }
 _TRANSIENT_MSGS = ("cannot acquire state change lock", "connection reset", "end of file while reading data",
-                   "failed to connect socket", "timeout", "client socket is closed")
+                   "failed to connect socket", "timeout")
+# A connection whose socket is closed stays closed: retrying a call on it cannot succeed (the
+# daemon restarted; the caller has to open a new connection).
+_DEAD_CONNECTION_MSGS = ("client socket is closed",)
 
 
 def is_transient(exc: BaseException) -> bool:
     if not isinstance(exc, libvirt.libvirtError):
         return False
     msg = (exc.get_error_message() or str(exc)).lower()
+    if any(m in msg for m in _DEAD_CONNECTION_MSGS):
+        return False
     return any(m in msg for m in _TRANSIENT_MSGS) or (
         exc.get_error_code() in _TRANSIENT_CODES and "state change lock" in msg)
 
 
 RETRY_ATTEMPTS = int(os.environ.get("VIRTBACKUP_RETRY_ATTEMPTS", "5"))
+# Also bounded in time: one "cannot acquire state change lock" already took libvirt's 30 s wait.
+RETRY_SECONDS = float(os.environ.get("VIRTBACKUP_RETRY_SECONDS", "45"))
 
 transient_retry = retry(
     retry=retry_if_exception(is_transient),
-    stop=stop_after_attempt(RETRY_ATTEMPTS),
+    stop=stop_after_attempt(RETRY_ATTEMPTS) | stop_after_delay(RETRY_SECONDS),
     wait=wait_exponential(multiplier=0.2, max=3),
     reraise=True,
 )
@@ -151,7 +158,8 @@ def domain_disks(xml: str) -> List[Disk]:
     disks = []
     for d in root.findall("./devices/disk"):
         target = d.find("target")
-        if target is None or not target.get("dev"):
+        dev = target.get("dev") if target is not None else None
+        if not dev:
             continue
         src = d.find("source")
         driver = d.find("driver")
@@ -160,10 +168,11 @@ def domain_disks(xml: str) -> List[Disk]:
         index = None
         if src is not None:
             source = src.get("file") or src.get("dev") or src.get("name")
-            if src.get("index") is not None:
-                index = int(src.get("index"))
+            idx = src.get("index")
+            if idx is not None:
+                index = int(idx)
         disks.append(Disk(
-            target=target.get("dev"),
+            target=dev,
             device=d.get("device", "disk"),
             type=d.get("type", "file"),
             format=driver.get("type") if driver is not None else None,
@@ -225,11 +234,21 @@ class JobWatch:
         self.interrupted = why
         self.done.set()
 
-    def wait(self, check: Callable[[], bool], check_every: float = 5.0) -> None:
-        """Block until woken; `check()` returning True also ends the wait (safety net)."""
-        while not self.done.wait(check_every):
+    def wait(self, check: Callable[[], bool], check_every: float = 5.0, timeout: Optional[float] = None) -> bool:
+        """Block until woken; `check()` returning True also ends the wait (safety net).
+
+        Returns False only when `timeout` seconds passed first.
+        """
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done.wait(check_every if deadline is None
+                                 else max(0.0, min(check_every, deadline - time.monotonic()))):
             if check():
-                return
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return True
 
     def close(self) -> None:
         for cb in self._ids:
@@ -283,3 +302,8 @@ def wait_released(paths: List[str], timeout: float = 60.0) -> None:
                 raise HostError(f"QEMU still holds {p} open {timeout:.0f}s after the job ended")
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+
+def image_in_use(path: str) -> bool:
+    """True when a QEMU process (a running domain, qemu-io, qemu-nbd...) has the image open."""
+    return _held_by_qemu(path)

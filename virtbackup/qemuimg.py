@@ -77,3 +77,32 @@ def compare(a: Path, b: Path) -> bool:
     if proc.returncode in (0, 1):
         return proc.returncode == 0
     raise HostError(f"cannot compare {a} and {b}: {proc.stderr.decode(errors='replace').strip()}")
+
+
+def rebase(path: Path, backing: Optional[str], safe: bool = True) -> None:
+    """Point `path` at `backing` (stored exactly as given; None = standalone).
+
+    Safe mode (the default) copies into `path` every cluster where the old and the new backing
+    chain differ, so the guest-visible content stays the same; it writes the header last, so an
+    interrupted run leaves the old backing link and unchanged content. `safe=False` rewrites only
+    the header, for when the new backing reads exactly like the old one.
+    """
+    args = ["rebase", "-q", "-f", "qcow2"]
+    if not safe:
+        args.append("-u")
+    if backing:
+        args += ["-F", "qcow2", "-b", backing]
+    else:
+        args += ["-b", ""]
+    args.append(str(path))
+    run(args, f"cannot rebase {path}")
+
+
+def read_all(path: Path, virtual_size: int) -> None:
+    """Read every guest-visible byte of `path` through its backing chain (output discarded).
+
+    Finds what `check` and a file hash can't: data that qemu can't read back (a broken
+    compressed cluster, an I/O error under the file). Copies into QEMU's null driver.
+    """
+    run(["convert", "-q", "-n", "--target-image-opts", str(path), f"driver=null-co,size={virtual_size}"],
+        f"cannot read {path}")

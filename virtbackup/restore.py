@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from . import qemuimg
 from .chain import BackupDir, Chain, Point
@@ -15,7 +15,12 @@ from .errors import DiskNotFound, OutputExists, RestoreFailed, UsageError, VirtB
 @dataclass
 class RestoreResult:
     point: Point
-    images: Dict[str, Path]     # disk target -> restored image
+    images: Dict[str, Path]     # disk target -> restored image (or instant-restore overlay)
+    instant: bool = False
+    domain: Optional[str] = None        # name of the domain defined from the point (--define)
+    domain_uuid: Optional[str] = None
+    started: bool = False
+    notes: List[str] = field(default_factory=list)
 
 
 def check_links(bdir: BackupDir, chain: Chain, point: Point, disk: str) -> None:
@@ -38,10 +43,20 @@ def check_links(bdir: BackupDir, chain: Chain, point: Point, disk: str) -> None:
 
 
 def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
-            disks: Sequence[str] = ()) -> RestoreResult:
+            disks: Sequence[str] = (), instant: bool = False, define: Optional[str] = None,
+            start: bool = False, uri: Optional[str] = None) -> RestoreResult:
+    """Restore a point into OUTPUT_DIR; optionally define (and start) a new domain on the result.
+
+    `instant`: no copy; each disk gets a qcow2 overlay whose backing is the point's image in the
+    backup dir (absolute path: the overlay lives outside the backup dir and must keep working
+    from any cwd; QEMU opens the backup images read-only). `virtbackup flatten` makes it standalone.
+    Everything is checked before anything is written; a failed define removes the images again.
+    """
     bdir = BackupDir(backup_dir)
     chain = bdir.load()
     point = chain.point(point_id)
+    if start and not define:
+        raise UsageError("--start needs --define NAME")
     names = list(disks) or sorted(point.disks)
     for n in names:
         if n not in point.disks:
@@ -53,6 +68,15 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
     for out in outs.values():
         if out.exists():
             raise OutputExists(f"{out} exists; remove it or restore into another directory")
+    saved_xml = ""
+    if define:
+        from . import restoredom
+        try:
+            saved_xml = bdir.resolve(point.domain_xml).read_text()
+        except OSError as e:
+            raise RestoreFailed(f"point {point.id}: cannot read its domain XML {point.domain_xml}: "
+                                f"{e.strerror}") from None
+        restoredom.check_name_free(uri, define)
     for n in names:
         check_links(bdir, chain, point, n)
     try:
@@ -63,8 +87,12 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
     try:
         for n, out in outs.items():
             tmp = output_dir / f".{n}.qcow2.partial"
+            src = bdir.resolve(point.disks[n].image)
             try:
-                qemuimg.convert(bdir.resolve(point.disks[n].image), tmp)
+                if instant:
+                    qemuimg.create(tmp, point.disks[n].virtual_size, backing=str(src.resolve()))
+                else:
+                    qemuimg.convert(src, tmp)
             except VirtBackupError as e:
                 raise RestoreFailed(f"restore of disk {n} from point {point.id} failed: {e}") from None
             os.chmod(tmp, 0o600)
@@ -77,4 +105,48 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
             tmp = output_dir / f".{n}.qcow2.partial"
             if tmp.exists():
                 tmp.unlink()
-    return RestoreResult(point, done)
+    result = RestoreResult(point, done, instant=instant)
+    if define:
+        from . import restoredom
+        xml, result.notes = restoredom.restored_domain_xml(
+            saved_xml, define, {n: p.resolve() for n, p in done.items()})
+        try:
+            d = restoredom.define(uri, xml)
+        except VirtBackupError:
+            for p in done.values():              # nothing was defined: take back what we wrote
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            raise
+        result.domain, result.domain_uuid = d.name, d.uuid
+        if start:
+            restoredom.start(uri, d.name)
+            result.started = True
+    return result
+
+
+def flatten(image: Path) -> Path:
+    """Make an image (e.g. an instant-restore overlay) standalone, in place.
+
+    `qemu-img rebase -b ''` copies every cluster the image reads from its backing chain into the
+    image and drops the link last, so an interrupted flatten leaves a valid overlay that reads the
+    same, and running it again finishes. The image must not be in use (for a running domain use
+    `virsh blockpull DOMAIN DISK --wait`).
+    """
+    image = Path(image)
+    if not image.is_file():
+        raise UsageError(f"{image} does not exist")
+    try:
+        info = qemuimg.info(image)
+    except VirtBackupError as e:
+        raise UsageError(f"{image} is not an image qemu-img can read: {e}") from None
+    if info.get("format") != "qcow2":
+        raise UsageError(f"{image} is {info.get('format')}, not qcow2")
+    if info.get("backing-filename") is None:
+        return image
+    try:
+        qemuimg.rebase(image, None)
+    except VirtBackupError as e:
+        raise RestoreFailed(f"cannot flatten {image}: {e}") from None
+    return image

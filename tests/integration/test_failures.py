@@ -76,12 +76,14 @@ def test_unknown_domain_exit_2_and_nothing_created(tmp_path):
     assert r.rc == 2 and r.json()["error"]["exit_code"] == 2
 
 
-def test_inactive_domain_exit_2(make_domain, tmp_path):
+def test_inactive_domain_is_backed_up_without_starting_it(make_domain, tmp_path):
+    """A shut-off domain is backed up offline (tests/integration/test_offline.py); libvirt never starts it."""
     d = make_domain({"vda": 16 * MiB}, start=False)
-    r = cli("backup", d.name, tmp_path / "bk")
-    assert r.rc == 2, r
-    assert "not running" in one_error_line(r)
-    assert checkpoint_names(d.dom) == []
+    log = Path(f"/var/log/libvirt/qemu/{d.name}.log")
+    r = cli("backup", d.name, tmp_path / "bk", "--json")
+    assert r.rc == 0, r
+    assert not d.dom.isActive() and not log.exists()
+    assert checkpoint_names(d.dom) == [r.json()["point"]["checkpoint"]]
 
 
 def test_bad_backup_dirs_exit_2_before_libvirt(make_domain, tmp_path):

@@ -1,0 +1,142 @@
+"""Define a restored point as a new domain: the point's saved XML with a new identity and its disks
+pointing at the restored images (or instant-restore overlays).
+
+The new domain must never share anything writable with the original: it gets a new name and
+UUID, libvirt generates new MAC addresses and a fresh NVRAM, and every disk that was not restored
+is removed (removable media are kept, ejected), so it can't write into the original's storage.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from lxml import etree
+
+from .errors import OperationFailed, OutputExists
+
+REMOVABLE = ("cdrom", "floppy")
+
+
+def restored_domain_xml(saved_xml: str, name: str, images: Dict[str, Path],
+                        uuid: Optional[str] = None) -> "tuple[str, List[str]]":
+    """The XML to define, and notes on what was left out (one line each)."""
+    root = etree.fromstring(saved_xml.encode())
+    notes: List[str] = []
+    _set_child(root, "name", name, after=None)
+    _set_child(root, "uuid", uuid or str(uuidlib.uuid4()), after="name")
+    genid = root.find("genid")
+    if genid is not None:
+        genid.text = None                    # empty <genid/>: libvirt makes a new VM generation id
+    os_el = root.find("os")
+    if os_el is not None:
+        for nv in os_el.findall("nvram"):    # the original's EFI variable store; libvirt makes a new one
+            os_el.remove(nv)
+            notes.append("NVRAM not restored (not in the backup): a fresh one is created from the template")
+    devices = root.find("devices")
+    if devices is None:
+        raise OperationFailed("the saved domain XML has no <devices>")
+    for iface in devices.findall("interface"):
+        for mac in iface.findall("mac"):
+            iface.remove(mac)                # libvirt generates a new MAC address
+    for ch in devices.findall("channel"):
+        src = ch.find("source")
+        if ch.get("type") == "unix" and src is not None and "path" in src.attrib:
+            del src.attrib["path"]           # libvirt generates a per-domain socket path
+    for disk in devices.findall("disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        for bs in disk.findall("backingStore"):
+            disk.remove(bs)
+        if dev is not None and dev in images:
+            disk.set("type", "file")
+            for src in disk.findall("source"):
+                disk.remove(src)
+            src = etree.Element("source", file=str(images[dev]))
+            driver = disk.find("driver")
+            if driver is None:
+                driver = etree.Element("driver", name="qemu")
+                disk.insert(0, driver)
+            driver.set("type", "qcow2")
+            driver.addnext(src)
+        elif disk.get("device", "disk") in REMOVABLE:
+            for src in disk.findall("source"):
+                disk.remove(src)
+            notes.append(f"{disk.get('device')} {dev}: kept without media")
+        else:
+            devices.remove(disk)
+            notes.append(f"disk {dev} removed: not restored (not in the point, or not selected)")
+    return etree.tostring(root, encoding="unicode"), notes
+
+
+def _set_child(root: etree._Element, tag: str, text: str, after: Optional[str]) -> None:
+    el = root.find(tag)
+    if el is None:
+        el = etree.Element(tag)
+        prev = root.find(after) if after else None
+        if prev is not None:
+            prev.addnext(el)
+        else:
+            root.insert(0, el)
+    el.text = text
+
+
+@dataclass
+class Defined:
+    name: str
+    uuid: str
+    started: bool
+
+
+def check_name_free(uri: Optional[str], name: str) -> None:
+    """Refuse (exit 2) before anything is written when a domain of that name exists."""
+    import libvirt
+
+    from . import host
+    conn = host.connect(uri)
+    try:
+        try:
+            conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return
+            raise OperationFailed(f"cannot look up domain '{name}': {host.libvirt_message(e)}") from None
+        raise OutputExists(f"domain '{name}' exists; choose another name for the restored domain")
+    finally:
+        conn.close()
+
+
+def define(uri: Optional[str], xml: str) -> Defined:
+    """Define the domain; exit 1 naming libvirt's reason when it refuses."""
+    import libvirt
+
+    from . import host
+    conn = host.connect(uri)
+    try:
+        try:
+            dom = conn.defineXML(xml)
+        except libvirt.libvirtError as e:
+            raise OperationFailed(f"cannot define the restored domain: {host.libvirt_message(e)}") from None
+        return Defined(dom.name(), dom.UUIDString(), False)
+    finally:
+        conn.close()
+
+
+def start(uri: Optional[str], name: str) -> None:
+    import libvirt
+
+    from . import host
+    conn = host.connect(uri)
+    try:
+        try:
+            conn.lookupByName(name).create()
+        except libvirt.libvirtError as e:
+            raise OperationFailed(f"domain '{name}' was defined but did not start: "
+                                  f"{host.libvirt_message(e)}") from None
+    finally:
+        conn.close()
+
+
+__all__ = ["restored_domain_xml", "check_name_free", "define", "start", "Defined"]

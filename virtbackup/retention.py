@@ -1,0 +1,406 @@
+"""Retention: which points to keep (pure policy), how to drop the others (pure plan), and doing it.
+
+Dropping a point whose images later kept points are layered on means merging: every kept image
+whose backing chain runs through a dropped image is rewritten so it reads exactly as before
+without it. The oldest kept point of a chain whose full is dropped becomes that chain's new base
+(standalone, level `full`) and takes over the dropped full's checkpoint; the other kept points of
+the chain are layered on it.
+
+Crash safety comes from never changing a recorded file: every rewritten image is written under a
+new name beside the old one, the metadata commit (one atomic rename) switches from the old files
+to the new ones, and only then are the files nobody records any more deleted. Killed before the
+commit, the directory is exactly the old chain plus unrecorded new files; killed after it, the new
+chain plus unrecorded old files. Both pass `verify`; the next prune deletes the unrecorded files
+first and then plans again from what is recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+from . import qemuimg
+from .chain import POINTS_DIR, BackupDir, Chain, Point, dir_lock, file_sha256, point_time
+from .errors import OperationFailed, UsageError, VirtBackupError
+
+# Test-only: SIGKILL ourselves at a named step ("image:N" after N new images, "commit" just
+# before the metadata commit, "cleanup:N" after N removals that follow it).
+KILL_ENV = "VIRTBACKUP_TEST_PRUNE_KILL"
+
+
+# --- policy (pure) -----------------------------------------------------------------------------
+@dataclass
+class Decision:
+    point: str
+    keep: bool
+    reasons: List[str]
+
+
+@dataclass(frozen=True)
+class Policy:
+    keep_last: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+
+    def check(self) -> None:
+        if min(self.keep_last, self.keep_daily, self.keep_weekly) < 0:
+            raise UsageError("keep counts must not be negative")
+        if not (self.keep_last or self.keep_daily or self.keep_weekly):
+            raise UsageError("say what to keep: --keep N, --keep-daily N and/or --keep-weekly N")
+
+
+def decide(points: Sequence[Point], policy: Policy) -> List[Decision]:
+    """Keep/drop with the reasons, oldest first. Every rule looks at all points on its own.
+
+    --keep N: the newest N points. --keep-daily N / --keep-weekly N: the newest point of each of
+    the N newest days / ISO weeks (UTC) that have points. The newest point is always kept: the
+    next backup continues from it.
+    """
+    policy.check()
+    reasons: Dict[str, List[str]] = {p.id: [] for p in points}
+    newest_first = list(reversed(points))
+    for p in newest_first[:policy.keep_last]:
+        reasons[p.id].append(f"one of the newest {policy.keep_last} (--keep {policy.keep_last})")
+
+    def periodic(count: int, key_of: Callable[[datetime], str], what: str, opt: str) -> None:
+        seen: Set[str] = set()
+        for p in newest_first:
+            key = key_of(point_time(p).astimezone(timezone.utc))
+            if key in seen:
+                continue
+            if len(seen) >= count:
+                break
+            seen.add(key)
+            reasons[p.id].append(f"newest of {what} {key} ({opt} {count})")
+
+    if policy.keep_daily:
+        periodic(policy.keep_daily, lambda t: t.strftime("%Y-%m-%d"), "day", "--keep-daily")
+    if policy.keep_weekly:
+        periodic(policy.keep_weekly, lambda t: "%d-W%02d" % t.isocalendar()[:2], "week", "--keep-weekly")
+    if newest_first and not reasons[newest_first[0].id]:
+        reasons[newest_first[0].id].append("the newest point (always kept: the next backup continues from it)")
+    out = []
+    for p in points:
+        r = reasons[p.id]
+        out.append(Decision(p.id, bool(r), r or ["not selected by any --keep rule"]))
+    return out
+
+
+# --- plan (pure) -------------------------------------------------------------------------------
+@dataclass
+class ImageOp:
+    """Write a new image for a kept point's disk, reading exactly like the old one."""
+
+    point: str
+    disk: str
+    old: str                    # recorded image (relative to BACKUP_DIR), left untouched
+    new: str                    # the new file, recorded by the commit
+    action: str                 # standalone | rebase | relink
+    backing: Optional[str]      # the new image's backing (relative to BACKUP_DIR)
+
+    def describe(self) -> str:
+        if self.action == "standalone":
+            return f"point {self.point} disk {self.disk}: made standalone ({self.new})"
+        how = "merged onto" if self.action == "rebase" else "relinked to"
+        return f"point {self.point} disk {self.disk}: {how} {self.backing} ({self.new})"
+
+
+@dataclass
+class PrunePlan:
+    decisions: List[Decision]
+    drop: List[str]                                   # point ids
+    ops: List[ImageOp]
+    xml_copies: List[Tuple[str, str]]                 # (from, to) relative paths
+    notes: List[str]                                  # what happens to kept points, for the report
+    new_chain: Chain                                  # the chain after the prune (sizes/hashes of new images filled in later)
+
+    @property
+    def keep(self) -> List[str]:
+        return [d.point for d in self.decisions if d.keep]
+
+
+_GEN = re.compile(r"^(?P<stem>.+?)(?:\.(?P<gen>\d+))?\.qcow2$")
+
+
+def _next_name(rel: str, taken: Set[str]) -> str:
+    """points/0008/vda.qcow2 -> points/0008/vda.1.qcow2 -> points/0008/vda.2.qcow2 ..."""
+    pp = PurePosixPath(rel)
+    m = _GEN.match(pp.name)
+    stem, gen = (m["stem"], int(m["gen"] or 0)) if m else (pp.stem, 0)
+    while True:
+        gen += 1
+        cand = str(pp.parent / f"{stem}.{gen}.qcow2")
+        if cand not in taken:
+            taken.add(cand)
+            return cand
+
+
+def plan_prune(chain: Chain, decisions: List[Decision]) -> PrunePlan:
+    """What to write and record so every kept point reads exactly as before without the dropped ones."""
+    keep = {d.point for d in decisions if d.keep}
+    if chain.points and chain.points[-1].id not in keep:
+        raise UsageError("the newest point must be kept")
+    kept = [p for p in chain.points if p.id in keep]
+    drop = [p.id for p in chain.points if p.id not in keep]
+    dropped_images = {d.image for p in chain.points if p.id not in keep for d in p.disks.values()}
+    owner = {d.image: p.id for p in chain.points for d in p.disks.values()}
+    taken = {d.image for p in chain.points for d in p.disks.values()}
+    taken |= {x for p in chain.points for x in (p.domain_xml, p.checkpoint_xml)}
+
+    # A chain whose full is dropped gets its oldest kept point as the new base.
+    new_base: Dict[str, Point] = {}
+    for p in kept:
+        if p.chain not in keep and p.chain not in new_base:
+            new_base[p.chain] = p
+
+    ops: List[ImageOp] = []
+    renamed: Dict[str, str] = {}
+    for p in kept:
+        for disk, img in sorted(p.disks.items()):
+            if img.backing is None:
+                continue
+            target: Optional[str]
+            if img.backing in dropped_images:
+                below = chain.image_chain(p, disk)[1:]
+                target = next((rel for rel in below if rel not in dropped_images), None)
+                base = new_base.get(p.chain)
+                if target is None and base is not None and base.id != p.id:
+                    bimg = base.disks.get(disk)
+                    if bimg is not None and bimg.virtual_size == img.virtual_size:
+                        target = bimg.image
+                action = "rebase" if target else "standalone"
+            elif img.backing in renamed:
+                target, action = img.backing, "relink"
+            else:
+                continue
+            final = renamed.get(target, target) if target else None
+            new_name = _next_name(img.image, taken)
+            ops.append(ImageOp(p.id, disk, img.image, new_name, action, final))
+            renamed[img.image] = new_name
+
+    after = copy.deepcopy(chain)
+    after.points = [p for p in after.points if p.id in keep]
+    op_for = {(o.point, o.disk): o for o in ops}
+    notes: List[str] = []
+    xml_copies: List[Tuple[str, str]] = []
+    for p in after.points:
+        for disk, img in p.disks.items():
+            o = op_for.get((p.id, disk))
+            if o is not None:
+                img.image, img.backing = o.new, o.backing
+                img.copied_full = o.backing is None
+                img.size, img.sha256 = 0, ""      # filled in once the file is written
+        base = new_base.get(p.chain)
+        if base is not None:
+            old_full = chain.point(p.chain)
+            p.chain = base.id
+            if base.id == p.id:
+                # Its images now hold the whole disk. Differentials layer on it and copy what
+                # changed since the dropped full's checkpoint: older than this point, so a
+                # superset of what changed since it, and that checkpoint's bitmaps still exist.
+                was = f"{p.level} on {p.parent}" if p.parent else p.level
+                p.level, p.parent, p.base_checkpoint = "full", None, None
+                p.checkpoint = old_full.checkpoint
+                xml_to = _next_xml_name(p.id, old_full.id, taken)
+                xml_copies.append((old_full.checkpoint_xml, xml_to))
+                p.checkpoint_xml = xml_to
+                p.reason = (f"new base of the chain after prune (was {was}; merged full {old_full.id}; "
+                            f"takes over checkpoint {old_full.checkpoint})")
+                notes.append(f"point {p.id} becomes the chain's full (was {was}) and takes over "
+                             f"checkpoint {old_full.checkpoint} of point {old_full.id}")
+        if p.parent is not None and p.parent not in keep:
+            owners = sorted({owner_new for d in p.disks.values() if d.backing
+                             for owner_new in [_owner_of(d.backing, renamed, owner)]})
+            old_parent = p.parent
+            p.parent = owners[-1] if owners else None
+            notes.append(f"point {p.id} now layered on {p.parent or 'nothing (standalone)'} "
+                         f"(was {old_parent})")
+    for o in ops:
+        notes.append(o.describe())
+    after.validate()
+    return PrunePlan(decisions, drop, ops, xml_copies, notes, after)
+
+
+def _owner_of(image: str, renamed: Dict[str, str], owner: Dict[str, str]) -> str:
+    back = {v: k for k, v in renamed.items()}
+    return owner[back.get(image, image)]
+
+
+def _next_xml_name(point_id: str, from_id: str, taken: Set[str]) -> str:
+    n = 0
+    while True:
+        cand = f"{POINTS_DIR}/{point_id}/checkpoint-{from_id}{'' if n == 0 else f'.{n}'}.xml"
+        if cand not in taken:
+            taken.add(cand)
+            return cand
+        n += 1
+
+
+# --- unrecorded files ----------------------------------------------------------------------
+_OURS = re.compile(r"^(?:.*\.qcow2|checkpoint.*\.xml|domain.*\.xml)$")
+
+
+def unrecorded(bdir: BackupDir, chain: Chain) -> List[Path]:
+    """Files and point dirs that this chain does not record and that only a prune leaves behind.
+
+    Whole dirs of dropped points (id below next_seq, so never a backup's unfinished point) and,
+    inside recorded point dirs, images and XML files the metadata no longer names.
+    """
+    out: List[Path] = []
+    points_dir = bdir.path / POINTS_DIR
+    if not points_dir.is_dir():
+        return out
+    recorded = {p.id for p in chain.points}
+    files = {bdir.resolve(x) for p in chain.points
+             for x in [p.domain_xml, p.checkpoint_xml, *(d.image for d in p.disks.values())]}
+    for entry in sorted(points_dir.iterdir()):
+        if not entry.name.isdigit():
+            continue                                    # e.g. a backup's NNNN.partial
+        if entry.name not in recorded:
+            if int(entry.name) < chain.next_seq and entry.is_dir():
+                out.append(entry)
+            continue
+        for f in sorted(entry.iterdir()):
+            if f.is_file() and _OURS.match(f.name) and f not in files:
+                out.append(f)
+    return out
+
+
+# --- execution ---------------------------------------------------------------------------------
+@dataclass
+class PruneResult:
+    dry_run: bool
+    plan: PrunePlan
+    removed: List[str] = field(default_factory=list)     # relative paths deleted
+    leftovers: List[str] = field(default_factory=list)   # unrecorded files of an interrupted run, deleted
+                                                         # first (dry run: would be)
+
+
+def _kill_point(step: str) -> None:
+    if os.environ.get(KILL_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(bdir: BackupDir, paths: List[Path]) -> List[str]:
+    done = []
+    for i, p in enumerate(paths, 1):
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        done.append(str(p.relative_to(bdir.path)))
+        _kill_point(f"cleanup:{i}")
+    if paths:
+        _fsync(bdir.path / POINTS_DIR)
+    return done
+
+
+def _in_use(paths: List[Path]) -> List[str]:
+    """Images a running QEMU has open (e.g. as the backing of an instant restore)."""
+    from .host import _held_by_qemu
+    return [str(p) for p in paths if p.is_file() and _held_by_qemu(str(p))]
+
+
+def _write_image(bdir: BackupDir, op: ImageOp) -> None:
+    old, new = bdir.resolve(op.old), bdir.resolve(op.new)
+    if new.exists():
+        raise OperationFailed(f"{new} exists; not overwriting it")
+    try:
+        if op.action == "standalone":
+            qemuimg.convert(old, new)
+        else:
+            # A copy in the same directory: its relative backing link resolves like the original's.
+            proc = subprocess.run(["cp", "--reflink=auto", "--", str(old), str(new)],
+                                  capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise OperationFailed(f"cannot copy {old}: {proc.stderr.strip()}")
+            assert op.backing is not None
+            qemuimg.rebase(new, os.path.relpath(bdir.resolve(op.backing), new.parent),
+                           safe=op.action == "rebase")
+        os.chmod(new, 0o600)
+        _fsync(new)
+    except BaseException:
+        try:
+            new.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def prune(backup_dir: Path, policy: Policy, dry_run: bool = False) -> PruneResult:
+    bdir = BackupDir(Path(backup_dir))
+    policy.check()
+    bdir.load()                                   # exit 2 on a missing/corrupt dir before locking
+    with dir_lock(bdir):
+        chain = bdir.load()
+        if not chain.points:
+            raise UsageError(f"{backup_dir} has no restore points")
+        plan = plan_prune(chain, decide(chain.points, policy))
+        result = PruneResult(dry_run, plan)
+        leftovers = unrecorded(bdir, chain)
+        if dry_run:
+            result.leftovers = [str(p.relative_to(bdir.path)) for p in leftovers]
+            return result
+        busy = _in_use([bdir.resolve(d.image) for p in chain.points for d in p.disks.values()
+                        if p.id in plan.drop or any(o.old == d.image for o in plan.ops)])
+        if busy:
+            raise OperationFailed(f"{busy[0]} is open in a running QEMU (an instant restore?); "
+                                  "flatten or stop it first; nothing was changed")
+        result.leftovers = _remove(bdir, leftovers)
+        if not plan.drop:
+            return result
+        written: List[Path] = []
+        try:
+            for i, op in enumerate(plan.ops, 1):
+                _write_image(bdir, op)
+                written.append(bdir.resolve(op.new))
+                _kill_point(f"image:{i}")
+            for src, dst in plan.xml_copies:
+                target = bdir.resolve(dst)
+                if target.exists():
+                    raise OperationFailed(f"{target} exists; not overwriting it")
+                shutil.copyfile(bdir.resolve(src), target)
+                written.append(target)
+                os.chmod(target, 0o600)
+                _fsync(target)
+            images = {(p.id, n): d for p in plan.new_chain.points for n, d in p.disks.items()}
+            for op in plan.ops:
+                path = bdir.resolve(op.new)
+                img = images[(op.point, op.disk)]
+                img.size, img.sha256 = path.stat().st_size, file_sha256(path)
+            for pid in {o.point for o in plan.ops} | {PurePosixPath(d).parts[1] for _, d in plan.xml_copies}:
+                _fsync(bdir.point_dir(pid))
+        except BaseException as exc:
+            # Nothing recorded was touched: take back what this run wrote and report.
+            for path in written:
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+            if isinstance(exc, (VirtBackupError, OSError)):
+                raise OperationFailed(f"prune failed, nothing was changed: {exc}") from None
+            raise
+        _kill_point("commit")
+        bdir.save(plan.new_chain)                 # the commit: from here on the new chain is the truth
+        try:
+            result.removed = _remove(bdir, unrecorded(bdir, plan.new_chain))
+        except OSError as e:
+            raise OperationFailed(f"pruned, but cannot remove {e.filename}: {e.strerror}; "
+                                  "the next prune removes it") from None
+        return result
