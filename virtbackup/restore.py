@@ -24,17 +24,30 @@ class RestoreResult:
 
 
 def check_links(bdir: BackupDir, chain: Chain, point: Point, disk: str) -> None:
-    """Every image of the disk's chain exists and its qcow2 backing link is the recorded one."""
+    """Every image of the disk's chain exists and its qcow2 backing link is the recorded one.
+
+    One `qemu-img info --backing-chain` for the whole chain (a 50-link chain used to cost 50
+    qemu-img runs); image by image only to name the culprit when that call fails.
+    """
     by_image = {d.image: d for p in chain.points for d in p.disks.values()}
-    for rel in chain.image_chain(point, disk):
+    rels = chain.image_chain(point, disk)
+    for rel in rels:
+        if not bdir.resolve(rel).is_file():
+            raise RestoreFailed(f"point {point.id} disk {disk}: image {rel} is missing")
+    try:
+        infos = qemuimg.info(bdir.resolve(rels[0]), backing_chain=True)
+    except VirtBackupError:
+        infos = None
+    for i, rel in enumerate(rels):
         img = by_image[rel]
         path = bdir.resolve(rel)
-        if not path.is_file():
-            raise RestoreFailed(f"point {point.id} disk {disk}: image {rel} is missing")
-        try:
-            info = qemuimg.info(path)
-        except VirtBackupError as e:
-            raise RestoreFailed(f"point {point.id} disk {disk}: image {rel} is unreadable: {e}") from None
+        if infos is not None and i < len(infos):
+            info = infos[i]
+        else:
+            try:
+                info = qemuimg.info(path)
+            except VirtBackupError as e:
+                raise RestoreFailed(f"point {point.id} disk {disk}: image {rel} is unreadable: {e}") from None
         actual = info.get("backing-filename")
         expected = os.path.relpath(bdir.resolve(img.backing), path.parent) if img.backing else None
         if actual != expected:
