@@ -29,10 +29,11 @@ class CLIResult:
         return f"<rc={self.rc} out={self.out!r} err={self.err!r}>"
 
 
-def cli(*args: object, timeout: float = 300) -> CLIResult:
+def cli(*args: object, timeout: float = 300, cwd: Optional[Path] = None) -> CLIResult:
     """Run the real command line, as a user would."""
     cmd = [sys.executable, "-m", "virtbackup.cli", *map(str, args)]
-    return CLIResult(subprocess.run(cmd, capture_output=True, text=True, timeout=timeout))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return CLIResult(subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env))
 
 
 @pytest.fixture

@@ -159,8 +159,8 @@ def _job_writes_into(dom: libvirt.virDomain, points_dir: Path) -> bool:
         xml = dom.backupGetXMLDesc(0)
     except libvirt.libvirtError:
         return False
-    return any(Path(f).parent.parent == points_dir and Path(f).parent.name.endswith(PARTIAL_SUFFIX)
-               for f in etree.fromstring(xml.encode()).xpath("//disk/target/@file"))
+    dirs = [Path(t.get("file") or "/").parent for t in etree.fromstring(xml.encode()).iterfind("./disks/disk/target")]
+    return any(d.parent == points_dir and d.name.endswith(PARTIAL_SUFFIX) for d in dirs)
 
 
 def _abort_job(conn: libvirt.virConnect, dom: libvirt.virDomain, timeout: float = 60.0) -> bool:
@@ -453,18 +453,19 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
         if existing is not None and existing.domain_uuid != uuid:
             raise BackupDirError(f"{backup_dir} holds backups of domain '{existing.domain_name}' "
                                  f"({existing.domain_uuid}), not of '{dom.name()}' ({uuid})")
-        if must_create:
-            bdir.create()
-        with dir_lock(bdir), domain_lock(uuid):
-            chain = bdir.load_or_none() or Chain(domain_name=dom.name(), domain_uuid=uuid)
-            chain.domain_name = dom.name()
-            if dom.isActive():
-                job = Backup(conn, dom, bdir, notify)
-            else:   # shut off: same plan and metadata, the job runs in a private QEMU (offline.py)
-                from .offline import OfflineBackup
-                job = OfflineBackup(conn, dom, bdir, notify)
-            job.cleanup_leftovers(chain)
-            return job.run(chain, level, disks)
+        with domain_lock(uuid):
+            if must_create:
+                bdir.create()
+            with dir_lock(bdir):
+                chain = bdir.load_or_none() or Chain(domain_name=dom.name(), domain_uuid=uuid)
+                chain.domain_name = dom.name()
+                if dom.isActive():
+                    job = Backup(conn, dom, bdir, notify)
+                else:   # shut off: same plan and metadata, the job runs in a private QEMU (offline.py)
+                    from .offline import OfflineBackup
+                    job = OfflineBackup(conn, dom, bdir, notify)
+                job.cleanup_leftovers(chain)
+                return job.run(chain, level, disks)
     finally:
         try:
             conn.close()

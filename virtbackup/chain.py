@@ -225,7 +225,8 @@ class BackupDir:
     """A BACKUP_DIR: one domain's restore points, their metadata and its lock."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
+        # absolute: libvirt's backup XML needs absolute target paths, and messages name it fully
+        self.path = Path(os.path.abspath(path))
 
     @property
     def metadata(self) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -252,6 +253,7 @@ def flatten(image: Path = typer.Argument(..., help="a qcow2 overlay, e.g. from r
 
 
 def main() -> None:
+    os.umask(0o077)   # images, metadata and restored disks hold guest data: private from birth
     app(prog_name="virtbackup")
 
 

@@ -223,3 +223,16 @@ def test_writes_during_the_job_land_in_the_next_point_not_this_one(make_domain, 
     r = cli("backup", d.name, bdir, "--level", "inc", "--json")
     assert r.rc == 0, r
     assert_point_restores(bdir, "0002", d.expected(), tmp_path / "r2")
+
+
+def test_relative_backup_and_output_dirs(make_domain, tmp_path):
+    d = make_domain({"vda": 16 * MiB})
+    d.write("vda", 0x11, 0, 1 * MiB)
+    r = cli("backup", d.name, "bk", cwd=tmp_path)
+    assert r.rc == 0, r
+    d.write("vda", 0x22, 1 * MiB, 1 * MiB)
+    assert cli("backup", d.name, "./bk/", cwd=tmp_path).rc == 0
+    r = cli("restore", "bk", "out", cwd=tmp_path)
+    assert r.rc == 0, r
+    assert cli("verify", "bk", cwd=tmp_path).rc == 0
+    assert_point_restores(tmp_path / "bk", "0002", d.expected(), tmp_path / "r2")
