@@ -92,14 +92,17 @@ def plan_backup(dom: libvirt.virDomain, chain: Optional[Chain], level: str,
     last = chain.latest if chain else None
     problem: Optional[str] = None
     base: Optional[Point] = None
+    tracked: List[str] = []
     if chain is None or last is None:
         problem = "there is no previous backup in this directory"
     else:
         base = last if level in ("inc", "auto") else chain.chain_full(last)
-        if checkpoints.lookup(dom, base.checkpoint) is None:
+        cp = checkpoints.lookup(dom, base.checkpoint)
+        if cp is None:
             problem = f"checkpoint {base.checkpoint} of point {base.id} is not known to libvirt"
         else:
-            continuing = [d for d in chosen if d.target in base.disks]
+            tracked = checkpoints.tracked_disks(cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
+            continuing = [d for d in chosen if d.target in base.disks and d.target in tracked]
             problem = _bitmap_problem(dom, continuing, base.checkpoint) if continuing else \
                 "no disk of the previous point takes part in this backup"
     if problem:
@@ -113,6 +116,10 @@ def plan_backup(dom: libvirt.virDomain, chain: Optional[Chain], level: str,
         prev = base.disks.get(d.target)
         if prev is None:
             plans.append(DiskPlan(d, sizes[d.target], None, "disk is new since the base point"))
+        elif d.target not in tracked:
+            # e.g. a prune made this point the chain's base with an older checkpoint that
+            # predates the disk: nothing records its changes, so copy it whole
+            plans.append(DiskPlan(d, sizes[d.target], None, f"checkpoint {base.checkpoint} does not track it"))
         elif prev.virtual_size != sizes[d.target]:
             plans.append(DiskPlan(d, sizes[d.target], None,
                                   f"disk was resized ({prev.virtual_size} -> {sizes[d.target]} bytes)"))
@@ -139,6 +146,20 @@ def _signals_interrupt(watch: host.JobWatch) -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the metadata commit runs; they are delivered right after."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _job_gone(dom: libvirt.virDomain) -> bool:
@@ -211,7 +232,7 @@ class Backup:
         from . import health
         removed = []
         if chain.points:
-            actions = health.plan_repair(self.dom, chain, fix_broken=False)
+            actions = health.plan_repair(self.dom, chain, fix_broken=False, bdir=self.bdir)
             health.apply_repair(self.dom, self.bdir, chain, actions)
             for a in actions:
                 if a.error:
@@ -247,7 +268,10 @@ class Backup:
         final_dir = self.bdir.point_dir(point_id)
         work_dir = self.bdir.point_dir(point_id, partial=True)
         if final_dir.exists():
-            raise BackupDirError(f"{final_dir} exists but is not recorded in the metadata; move it away")
+            # Ids >= next_seq are never recorded: this is a run that died between renaming its
+            # images into place and committing. We hold the locks; it is ours to remove.
+            self.notify(f"removing {final_dir}, left unrecorded by an interrupted run")
+            shutil.rmtree(final_dir)
         shutil.rmtree(work_dir, ignore_errors=True)
         try:
             work_dir.mkdir(parents=True, mode=0o700)
@@ -310,23 +334,34 @@ class Backup:
             duration=round(time.monotonic() - started, 3))
         chain.points.append(point)
         chain.next_seq += 1
+        committed = False
         try:
-            self.bdir.save(chain)   # the commit
+            with _signals_deferred():
+                self.bdir.save(chain)   # the commit
+                committed = True
         except BaseException:
-            chain.points.pop()
-            chain.next_seq -= 1
-            self._rollback(cp_name, work_dir, final_dir, plan)
-            raise
+            if not committed:
+                chain.points.pop()
+                chain.next_seq -= 1
+                self._rollback(cp_name, work_dir, final_dir, plan)
+                raise
+            # a signal held during the commit arrived right after it: the point stands
+            self._warn(f"interrupted right after point {point_id} was recorded; it is complete")
 
-        removed = []
-        needed = set(chain.needed_checkpoints())
-        for name in checkpoints.ours(self.dom, chain.checkpoint_prefix()):
-            if name not in needed:
-                warn = checkpoints.delete(self.dom, name)
-                if warn:
-                    self._warn(warn)
-                else:
-                    removed.append(name)
+        # Recorded. Nothing from here on may turn the run into a failure.
+        removed: List[str] = []
+        try:
+            needed = set(chain.needed_checkpoints())
+            for name in checkpoints.ours(self.dom, chain.checkpoint_prefix()):
+                if name not in needed:
+                    warn = checkpoints.delete(self.dom, name)
+                    if warn:
+                        self._warn(warn)
+                    else:
+                        removed.append(name)
+        except (KeyboardInterrupt, libvirt.libvirtError, VirtBackupError) as e:
+            self._warn(f"point {point_id} is recorded, but retiring old checkpoints stopped "
+                       f"({e or 'interrupted'}); the next run finishes it")
         return BackupResult(self.dom.name(), point, plan.skipped, removed, self.warnings)
 
     def _run_job(self, bxml: str, cxml: str, cp_name: str) -> None:
@@ -439,6 +474,20 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _check_not_a_copy(bdir: BackupDir, chain: Chain) -> None:
+    """A copied backup dir carries the original's chain id, hence its checkpoint names: backing
+    up into both would make each delete the other's checkpoints. A moved dir is fine."""
+    if not chain.path or chain.path == str(bdir.path):
+        return
+    try:
+        original = BackupDir(Path(chain.path)).load_or_none()
+    except VirtBackupError:
+        original = None
+    if original is not None and original.dir_id == chain.dir_id:
+        raise BackupDirError(f"{bdir.path} is a copy of {chain.path} (same chain id {chain.dir_id}); "
+                             f"back up into {chain.path}, or into a new directory")
+
+
 def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto",
            disks: Sequence[str] = (), notify: Optional[Notify] = None) -> BackupResult:
     if level not in ("auto", "full", "inc", "diff"):
@@ -459,6 +508,8 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
             with dir_lock(bdir):
                 chain = bdir.load_or_none() or Chain(domain_name=dom.name(), domain_uuid=uuid)
                 chain.domain_name = dom.name()
+                _check_not_a_copy(bdir, chain)
+                chain.path = str(bdir.path)
                 if dom.isActive():
                     job = Backup(conn, dom, bdir, notify)
                 else:   # shut off: same plan and metadata, the job runs in a private QEMU (offline.py)

@@ -78,6 +78,7 @@ class Chain:
     points: List[Point] = field(default_factory=list)
     next_seq: int = 1
     schema: int = SCHEMA_VERSION
+    path: str = ""      # where the dir was at its last backup: a copy elsewhere must not share the chain
 
     # -- queries -------------------------------------------------------------------------------
     def point(self, point_id: Optional[str]) -> Point:
@@ -156,7 +157,7 @@ class Chain:
             points.append(Point(**p))
         chain = cls(domain_name=str(data["domain_name"]), domain_uuid=str(data["domain_uuid"]),
                     dir_id=str(data["dir_id"]), points=points, next_seq=int(data["next_seq"]),
-                    schema=int(data["schema"]))
+                    schema=int(data["schema"]), path=str(data.get("path", "")))
         chain.validate()
         return chain
 
@@ -165,8 +166,14 @@ class Chain:
         seen: Dict[str, Point] = {}
         images: Dict[str, str] = {}
         for p in self.points:
+            if not isinstance(p.id, str) or not isinstance(p.disks, dict):
+                raise ValueError("a point has a wrong type of id or disks")
             if p.id in seen:
                 raise ValueError(f"duplicate point id {p.id}")
+            try:
+                datetime.fromisoformat(p.created)
+            except (TypeError, ValueError):
+                raise ValueError(f"point {p.id}: bad creation time {p.created!r}") from None
             if p.level not in LEVELS:
                 raise ValueError(f"point {p.id}: unknown level {p.level!r}")
             if not p.disks:
@@ -268,7 +275,7 @@ class BackupDir:
         try:
             data = json.loads(self.metadata.read_text())
             return Chain.from_json(data)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ChainCorrupt(f"chain metadata {self.metadata} is corrupt: {e}") from None
         except OSError as e:
             raise ChainCorrupt(f"cannot read {self.metadata}: {e.strerror}") from None
@@ -277,7 +284,12 @@ class BackupDir:
         return self.load() if self.exists() else None
 
     def save(self, chain: Chain) -> None:
-        """Atomic commit: temp file, fsync, rename over the old file, fsync the directory."""
+        """Atomic commit: temp file, fsync, rename over the old file, fsync the directory.
+
+        Raises only when nothing was committed: once the rename is done the new metadata is
+        what a reader sees, so a failing directory fsync afterwards must not make the caller
+        roll back (it would delete a recorded point's images).
+        """
         chain.validate()
         tmp = self.path / f".{METADATA}.tmp"
         data = json.dumps(chain.to_json(), indent=2, sort_keys=True) + "\n"
@@ -289,17 +301,20 @@ class BackupDir:
             finally:
                 os.close(fd)
             os.rename(tmp, self.metadata)
-            dfd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
         except OSError as e:
             try:
                 tmp.unlink()
             except OSError:
                 pass
             raise OperationFailed(f"cannot write chain metadata {self.metadata}: {e.strerror}") from None
+        try:
+            dfd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass   # committed; durability of the rename is best effort from here
 
     def resolve(self, rel: str) -> Path:
         check_relative(rel)

@@ -103,3 +103,10 @@ def redefine(dom: libvirt.virDomain, xml: str) -> None:
 def xmlbuild_name(xml: str) -> Optional[str]:
     from lxml import etree
     return etree.fromstring(xml.encode()).findtext("name")
+
+
+def tracked_disks(xml: str) -> List[str]:
+    """Disks whose writes a checkpoint records (its <disk checkpoint='bitmap'> entries)."""
+    from lxml import etree
+    root = etree.fromstring(xml.encode())
+    return [str(d.get("name")) for d in root.findall("disks/disk") if d.get("checkpoint", "bitmap") == "bitmap"]

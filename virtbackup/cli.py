@@ -34,6 +34,16 @@ def _run(as_json: bool, fn: Callable[[], Any], render: Callable[[Any], None]) ->
     except KeyboardInterrupt:
         _err("error: interrupted")
         raise typer.Exit(EXIT_FAILED)
+    except Exception as e:
+        # Last line of defence: one line, exit 1, never a traceback. (libvirtError is matched by
+        # name: this module does not import libvirt.)
+        if isinstance(e, OSError) or type(e).__name__ == "libvirtError":
+            msg = getattr(e, "get_error_message", lambda: None)() or str(e)
+            _err(f"error: {' '.join(msg.split())}")
+            if as_json:
+                print(json.dumps({"error": {"kind": "host", "message": msg, "exit_code": EXIT_FAILED}}))
+            raise typer.Exit(EXIT_FAILED)
+        raise
     render(result)
 
 
@@ -190,21 +200,27 @@ def verify(backup_dir: Path = typer.Argument(...),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Check every image: qemu-img check, backing links, content hashes recorded at backup time."""
     def render(r: Any) -> None:
+        message = None
+        if not r.ok:
+            first = r.damage[0]
+            message = (f"verify failed: {first.image} (point {first.point}, disk {first.disk}): {first.problem}"
+                       + (f"; {len(r.damage) - 1} more damaged image(s)" if len(r.damage) > 1 else "")
+                       + f"; affected points: {', '.join(r.damaged_points)}")
         if as_json:
-            print(json.dumps({"ok": r.ok, "points": r.points, "images_checked": r.images_checked,
-                              "deep": r.deep, "chains_read": r.chains_read,
-                              "damaged_points": r.damaged_points, "damage": [asdict(d) for d in r.damage]}))
+            out = {"ok": r.ok, "points": r.points, "images_checked": r.images_checked,
+                   "deep": r.deep, "chains_read": r.chains_read,
+                   "damaged_points": r.damaged_points, "damage": [asdict(d) for d in r.damage]}
+            if message:
+                out["error"] = {"kind": "verify-failed", "message": message, "exit_code": EXIT_FAILED}
+            print(json.dumps(out))
         else:
             for d in r.damage:
                 _err(f"damaged: point {d.point} disk {d.disk} image {d.image}: {d.problem}")
             if r.ok:
                 print(f"ok: {len(r.points)} point(s), {r.images_checked} image(s) verified"
                       + (f", {r.chains_read} chain(s) read end to end" if r.deep else ""))
-        if not r.ok:
-            first = r.damage[0]
-            _err(f"error: verify failed: {first.image} (point {first.point}, disk {first.disk}): {first.problem}"
-                 + (f"; {len(r.damage) - 1} more damaged image(s)" if len(r.damage) > 1 else "")
-                 + f"; affected points: {', '.join(r.damaged_points)}")
+        if message:
+            _err(f"error: {message}")
             raise typer.Exit(EXIT_FAILED)
 
     _run(as_json, lambda: api.verify_backup(backup_dir, point, deep), render)
@@ -252,9 +268,33 @@ def flatten(image: Path = typer.Argument(..., help="a qcow2 overlay, e.g. from r
     _run(as_json, lambda: api.flatten(image), render)
 
 
+def _is(exc: BaseException, name: str) -> bool:
+    """Match click's exceptions by class name: typer ships click itself or a vendored copy."""
+    return any(c.__name__ == name for c in type(exc).__mro__)
+
+
 def main() -> None:
     os.umask(0o077)   # images, metadata and restored disks hold guest data: private from birth
-    app(prog_name="virtbackup")
+    try:
+        rc = app(prog_name="virtbackup", standalone_mode=False)
+    except Exception as e:
+        ctx = getattr(e, "ctx", None)
+        if _is(e, "NoArgsIsHelpError"):           # plain `virtbackup`: the help text
+            print(ctx.get_help() if ctx else "")
+            sys.exit(0)
+        if _is(e, "UsageError"):
+            # virsh-style: one line (the full usage is in --help), exit 2
+            msg = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+            hint = f" (see '{ctx.command_path} --help')" if ctx else ""
+            _err(f"error: {msg}{hint}")
+            if "--json" in sys.argv:
+                print(json.dumps({"error": {"kind": "usage", "message": msg, "exit_code": 2}}))
+            sys.exit(2)
+        if _is(e, "Abort"):
+            _err("error: interrupted")
+            sys.exit(EXIT_FAILED)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,21 @@ class RepairReport:
         return all(a.error is None for a in self.actions)
 
 
-def plan_repair(dom: libvirt.virDomain, chain: Chain, fix_broken: bool = True) -> List[Action]:
+def _tracked(dom: libvirt.virDomain, bdir: Optional[BackupDir], point: Any, name: str) -> Optional[List[str]]:
+    """Disks the checkpoint records: from libvirt if it knows it, else from the saved XML."""
+    cp = checkpoints.lookup(dom, name)
+    if cp is not None:
+        return checkpoints.tracked_disks(cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
+    if bdir is not None:
+        try:
+            return checkpoints.tracked_disks(bdir.resolve(point.checkpoint_xml).read_text())
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def plan_repair(dom: libvirt.virDomain, chain: Chain, fix_broken: bool = True,
+                bdir: Optional[BackupDir] = None) -> List[Action]:
     """What to change so this backup dir's chain is clean. Touches only names with our prefix.
 
     fix_broken=False keeps needed checkpoints whose bitmaps are broken (a backup run wants to
@@ -141,7 +155,8 @@ def plan_repair(dom: libvirt.virDomain, chain: Chain, fix_broken: bool = True) -
             actions.append(Action("delete-checkpoint", name, "no future backup of this directory needs it"))
     for name in needed:
         point = by_cp[name]
-        disks = sorted(set(point.disks) & present)
+        tracked = _tracked(dom, bdir, point, name)
+        disks = sorted(set(point.disks) & present & (set(tracked) if tracked is not None else set(point.disks)))
         problem = bitmap_problem(bitmaps, disks, name) if disks else "none of its disks is attached"
         if name in known:
             keep_bitmaps.add(name)
@@ -203,7 +218,9 @@ def repair(uri: Optional[str], domain: str, backup_dir: Any, dry_run: bool = Fal
                                  f"({chain.domain_uuid}), not of '{dom.name()}' ({dom.UUIDString()})")
         report = RepairReport(dom.name(), dry_run=dry_run)
         with dir_lock(bdir), domain_lock(dom.UUIDString()):
-            report.actions = plan_repair(dom, chain)
+            from .backup import _check_not_a_copy
+            _check_not_a_copy(bdir, chain)
+            report.actions = plan_repair(dom, chain, bdir=bdir)
             if not dry_run:
                 apply_repair(dom, bdir, chain, report.actions)
         return report

@@ -97,9 +97,12 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
     except OSError as e:
         raise UsageError(f"cannot create {output_dir}: {e.strerror}") from None
     done: Dict[str, Path] = {}
+    made: List[Path] = []
     try:
         for n, out in outs.items():
-            tmp = output_dir / f".{n}.qcow2.partial"
+            # our own temp name (pid): never touch a file this run did not create
+            tmp = output_dir / f".{n}.qcow2.partial-{os.getpid()}"
+            made.append(tmp)
             src = bdir.resolve(point.disks[n].image)
             try:
                 if instant:
@@ -109,15 +112,24 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
             except VirtBackupError as e:
                 raise RestoreFailed(f"restore of disk {n} from point {point.id} failed: {e}") from None
             os.chmod(tmp, 0o600)
-            if out.exists():
-                raise OutputExists(f"{out} appeared during the restore; not overwriting it")
-            os.rename(tmp, out)
+            try:
+                os.link(tmp, out)          # fails if `out` appeared meanwhile: never overwrites
+            except FileExistsError:
+                raise OutputExists(f"{out} appeared during the restore; not overwriting it") from None
             done[n] = out
+    except BaseException:
+        for p in done.values():            # no half restore: take back the disks already written
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        raise
     finally:
-        for n in outs:
-            tmp = output_dir / f".{n}.qcow2.partial"
-            if tmp.exists():
+        for tmp in made:
+            try:
                 tmp.unlink()
+            except FileNotFoundError:
+                pass
     result = RestoreResult(point, done, instant=instant)
     if define:
         from . import restoredom

@@ -45,6 +45,16 @@ def restored_domain_xml(saved_xml: str, name: str, images: Dict[str, Path],
         src = ch.find("source")
         if ch.get("type") == "unix" and src is not None and "path" in src.attrib:
             del src.attrib["path"]           # libvirt generates a per-domain socket path
+    # host resources the original domain uses: a copy must not write into or take them
+    for tag in ("filesystem", "hostdev", "redirdev", "smartcard"):
+        for el in devices.findall(tag):
+            devices.remove(el)
+            notes.append(f"<{tag}> removed: it is the original domain's host resource")
+    for tag in ("serial", "console", "parallel", "channel"):
+        for el in devices.findall(tag):
+            if el.get("type") in ("file", "dev", "pipe"):
+                devices.remove(el)
+                notes.append(f"<{tag} type='{el.get('type')}'> removed: it writes to the original's host path")
     for disk in devices.findall("disk"):
         target = disk.find("target")
         dev = target.get("dev") if target is not None else None

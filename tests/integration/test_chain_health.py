@@ -245,3 +245,60 @@ def test_status_matches_query_block_and_repair_fixes_orphan(make_domain, tmp_pat
     assert "someone" not in r.out and "foreign-cp" in checkpoint_names(d.dom)
     p3 = backup(d.name, bdir, "inc")
     assert_point_restores(bdir, p3["id"], d.expected(), tmp_path / "r3")
+
+
+def test_copied_backup_dir_refused_moved_dir_continues(make_domain, tmp_path):
+    import shutil
+    d = make_domain({"vda": 16 * MiB})
+    bdir = tmp_path / "bk"
+    d.write("vda", 0x11, 0, 1 * MiB)
+    backup(d.name, bdir)
+    copy = tmp_path / "bk-copy"
+    shutil.copytree(bdir, copy)
+    cps = checkpoint_names(d.dom)
+    files = snapshot_dir(copy)
+    for cmd in (("backup", d.name, copy), ("repair", d.name, copy)):
+        r = cli(*cmd)
+        assert r.rc == 2 and "is a copy of" in r.err, r
+    assert checkpoint_names(d.dom) == cps and snapshot_dir(copy) == files
+    # the original goes on; a moved directory (original gone) goes on too
+    d.write("vda", 0x22, 2 * MiB, 1 * MiB)
+    backup(d.name, bdir, "inc")
+    shutil.rmtree(copy)
+    moved = tmp_path / "moved"
+    bdir.rename(moved)
+    d.write("vda", 0x33, 4 * MiB, 1 * MiB)
+    p = backup(d.name, moved, "inc")
+    assert p["parent"] == "0002"
+    assert_point_restores(moved, p["id"], d.expected(), tmp_path / "r")
+
+
+def test_prune_of_a_full_older_than_a_disk_keeps_inc_and_diff_going(make_domain, tmp_path):
+    """After a prune the new base takes over the old full's checkpoint, which predates vdb:
+    vdb is then copied whole instead of breaking the chain."""
+    from virtbackup import qemuimg, scratch
+    d = make_domain({"vda": 16 * MiB})
+    bdir = tmp_path / "bk"
+    d.write("vda", 0x11, 0, 1 * MiB)
+    backup(d.name, bdir)
+    vdb = tmp_path / "disks" / f"{d.name}-vdb.qcow2"
+    qemuimg.create(vdb, 8 * MiB)
+    d.dom.attachDeviceFlags(
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{vdb}'/>"
+        "<target dev='vdb' bus='virtio'/></disk>", libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    d.disk_sizes["vdb"] = 8 * MiB
+    d.models["vdb"] = scratch.DiskModel(8 * MiB)
+    d.write("vdb", 0x22, 0, 1 * MiB)
+    backup(d.name, bdir, "inc")
+    r = cli("prune", bdir, "--keep", "1")
+    assert r.rc == 0, r
+    for level in ("inc", "diff"):
+        d.write("vda", 0x33, 2 * MiB, 512 * 1024)
+        d.write("vdb", 0x44, 2 * MiB, 512 * 1024)
+        r = cli("backup", d.name, bdir, "--level", level, "--json")
+        assert r.rc == 0, r
+        p = r.json()["point"]
+        assert p["level"] == level and p["disks"]["vdb"]["copied_full"] and not p["disks"]["vda"]["copied_full"]
+        assert_point_restores(bdir, p["id"], d.expected(), tmp_path / f"r-{level}")
+    r = cli("repair", d.name, bdir, "--dry-run")
+    assert r.rc == 0 and "nothing to repair" in r.out, r

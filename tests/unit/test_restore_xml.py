@@ -60,3 +60,20 @@ def test_generated_uuid_differs():
     b, _ = restored_domain_xml(SAVED, "b", {"vda": Path("/r/vda.qcow2")})
     ua = etree.fromstring(a.encode()).findtext("uuid")
     assert ua != etree.fromstring(b.encode()).findtext("uuid") and ua != "11111111-2222-3333-4444-555555555555"
+
+
+def test_host_resources_of_the_original_are_dropped():
+    saved = SAVED.replace("</devices>", """
+    <filesystem type='mount' accessmode='passthrough'><source dir='/srv/share'/><target dir='share'/></filesystem>
+    <serial type='file'><source path='/var/log/orig-serial.log'/><target port='0'/></serial>
+    <console type='pty'><target type='serial' port='0'/></console>
+    <hostdev mode='subsystem' type='usb'><source><vendor id='0x1234'/><product id='0x5678'/></source></hostdev>
+    <redirdev bus='usb' type='spicevmc'/>
+  </devices>""")
+    xml, notes = restored_domain_xml(saved, "copy", {"vda": Path("/r/vda.qcow2")})
+    root = etree.fromstring(xml.encode())
+    for tag in ("filesystem", "serial", "hostdev", "redirdev"):
+        assert root.find(f"devices/{tag}") is None, tag
+    assert root.find("devices/console").get("type") == "pty"       # harmless: kept
+    assert "/srv/share" not in xml and "orig-serial.log" not in xml
+    assert any("filesystem" in n for n in notes)
