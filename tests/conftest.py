@@ -36,6 +36,13 @@ def cli(*args: object, timeout: float = 300, cwd: Optional[Path] = None) -> CLIR
     return CLIResult(subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env))
 
 
+def take_backup(dom_name: str, bdir: Path, level: str = "auto") -> dict:
+    """`virtbackup backup --json` that must succeed; its JSON result."""
+    r = cli("backup", dom_name, bdir, "--level", level, "--json")
+    assert r.rc == 0, r
+    return r.json()
+
+
 @pytest.fixture
 def conn():
     """A connection per test: one test restarting libvirtd must not break the next."""

@@ -123,7 +123,7 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
            level: str = typer.Option("auto", "--level", "-l", help="auto | full | inc | diff"),
            disk: List[str] = typer.Option([], "--disk", help="only these disks (target names, e.g. vda)"),
            as_json: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
-    """Back up a running domain: full, incremental (since the last point) or differential (since the full)."""
+    """Back up a domain, running or shut off: full, inc (since the last point) or diff (since the full)."""
     def notify(msg: str) -> None:
         _err(msg)
 

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import qemuimg
-from .chain import POINTS_DIR, BackupDir, Chain, Point, dir_lock, file_sha256, point_time
+from .chain import POINTS_DIR, BackupDir, Chain, Point, dir_lock, file_sha256, fsync_path, point_time
 from .errors import OperationFailed, UsageError, VirtBackupError
 
 # Test-only: SIGKILL ourselves at a named step ("image:N" after N new images, "commit" just
@@ -289,14 +289,6 @@ def _kill_point(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove(bdir: BackupDir, paths: List[Path]) -> List[str]:
     done = []
     for i, p in enumerate(paths, 1):
@@ -307,7 +299,7 @@ def _remove(bdir: BackupDir, paths: List[Path]) -> List[str]:
         done.append(str(p.relative_to(bdir.path)))
         _kill_point(f"cleanup:{i}")
     if paths:
-        _fsync(bdir.path / POINTS_DIR)
+        fsync_path(bdir.path / POINTS_DIR)
     return done
 
 
@@ -334,7 +326,7 @@ def _write_image(bdir: BackupDir, op: ImageOp) -> None:
             qemuimg.rebase(new, os.path.relpath(bdir.resolve(op.backing), new.parent),
                            safe=op.action == "rebase")
         os.chmod(new, 0o600)
-        _fsync(new)
+        fsync_path(new)
     except BaseException:
         try:
             new.unlink()
@@ -378,14 +370,14 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False) -> PruneResul
                 shutil.copyfile(bdir.resolve(src), target)
                 written.append(target)
                 os.chmod(target, 0o600)
-                _fsync(target)
+                fsync_path(target)
             images = {(p.id, n): d for p in plan.new_chain.points for n, d in p.disks.items()}
             for op in plan.ops:
                 path = bdir.resolve(op.new)
                 img = images[(op.point, op.disk)]
                 img.size, img.sha256 = path.stat().st_size, file_sha256(path)
             for pid in {o.point for o in plan.ops} | {PurePosixPath(d).parts[1] for _, d in plan.xml_copies}:
-                _fsync(bdir.point_dir(pid))
+                fsync_path(bdir.point_dir(pid))
         except BaseException as exc:
             # Nothing recorded was touched: take back what this run wrote and report.
             for path in written:

@@ -108,27 +108,31 @@ class ScratchDomain:
 
     def remove(self) -> None:
         """Destroy, undefine (with checkpoint metadata) and delete the disk files. Never raises."""
-        try:
-            dom = self.conn.lookupByName(self.name)
-        except libvirt.libvirtError:
-            dom = None
-        if dom is not None:
-            try:
-                if dom.isActive():
-                    dom.destroy()
-            except libvirt.libvirtError:
-                pass
-            try:
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-                                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                                  | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-            except libvirt.libvirtError:
-                pass
+        remove_domain(self.conn, self.name)
         for t in self.disk_sizes:
             try:
                 self.disk_path(t).unlink()
             except OSError:
                 pass
+
+
+def remove_domain(conn: libvirt.virConnect, name: str) -> None:
+    """Destroy and undefine a domain with its checkpoint/snapshot/NVRAM metadata. Never raises."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    try:
+        if dom.isActive():
+            dom.destroy()
+    except libvirt.libvirtError:
+        pass
+    try:
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                          | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                          | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    except libvirt.libvirtError:
+        pass
 
 
 def read_raw(image: Path) -> bytes:

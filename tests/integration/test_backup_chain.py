@@ -7,16 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_point_restores, checkpoint_names, cli, our_bitmaps
+from tests.conftest import assert_point_restores, checkpoint_names, cli, our_bitmaps, take_backup
 
 MiB = 1 << 20
 KiB = 1 << 10
 
 
-def backup(dom_name: str, bdir: Path, level: str) -> dict:
-    r = cli("backup", dom_name, bdir, "--level", level, "--json")
-    assert r.rc == 0, r
-    return r.json()
+backup = take_backup
 
 
 def test_full_inc_inc_diff_inc_restore_every_point(make_domain, tmp_path):

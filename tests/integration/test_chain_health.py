@@ -10,29 +10,18 @@ import time
 
 import libvirt
 
-from tests.conftest import assert_point_restores, checkpoint_names, cli, our_bitmaps, snapshot_dir
+from tests.conftest import assert_point_restores, checkpoint_names, cli, our_bitmaps, snapshot_dir, take_backup
 
 MiB = 1 << 20
 
 
-def clean_stop(dom) -> None:
-    """Stop QEMU cleanly without a guest OS: QMP quit (persistent bitmaps are stored)."""
-    from virtbackup import monitor
-    try:
-        monitor.qmp(dom, "quit")
-    except Exception:
-        pass   # the monitor may close before answering
-    for _ in range(200):
-        if not dom.isActive():
-            return
-        time.sleep(0.05)
-    raise AssertionError("domain did not stop after QMP quit")
-
-
 def backup(name, bdir, level="auto"):
-    r = cli("backup", name, bdir, "--level", level, "--json")
-    assert r.rc == 0, r
-    return r.json()["point"]
+    return take_backup(name, bdir, level)["point"]
+
+
+def clean_stop(dom) -> None:
+    """Stop QEMU cleanly (no OS to shut down), so that it stores the persistent bitmaps."""
+    dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
 
 
 def test_checkpoint_metadata_lost_then_redefined_and_chain_continues(make_domain, tmp_path, conn):

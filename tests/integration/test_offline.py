@@ -17,17 +17,14 @@ from typing import Dict, Iterator, List, Optional
 import libvirt
 import pytest
 
-from tests.conftest import assert_point_restores, checkpoint_names, cli, snapshot_dir
+from tests.conftest import assert_point_restores, checkpoint_names, cli, snapshot_dir, take_backup
 from tests.integration.test_failures import one_error_line, tmpfs
 
 MiB = 1 << 20
 KiB = 1 << 10
 
 
-def backup(dom_name: str, bdir: Path, level: str) -> dict:
-    r = cli("backup", dom_name, bdir, "--level", level, "--json")
-    assert r.rc == 0, r
-    return r.json()
+backup = take_backup
 
 
 def image_bitmaps(d, target: str) -> Dict[str, List[str]]:

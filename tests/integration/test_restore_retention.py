@@ -56,22 +56,10 @@ def restored_names() -> Iterator[List[str]]:
     yield names
     if not names:
         return
+    from virtbackup import scratch
     conn = host.connect()
     for n in names:
-        try:
-            dom = conn.lookupByName(n)
-        except libvirt.libvirtError:
-            continue
-        try:
-            if dom.isActive():
-                dom.destroy()
-        except libvirt.libvirtError:
-            pass
-        try:
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-        except libvirt.libvirtError:
-            pass
+        scratch.remove_domain(conn, n)
     conn.close()
 
 
