@@ -62,12 +62,16 @@ for _ in $(seq 100); do
 done
 virsh -c qemu:///system version >/dev/null
 
+stamp="$VENV/.virtbackup-installed"
+if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+    log "dependencies changed: recreating $VENV"
+    rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtualenv $VENV"
     python3 -m venv "$VENV"
 fi
-stamp="$VENV/.virtbackup-installed"
-if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+if [ ! -f "$stamp" ]; then
     log "installing virtbackup into $VENV"
     pip_log="$VENV/pip-install.log"
     if ! { "$VENV/bin/pip" install --upgrade pip && "$VENV/bin/pip" install -e "$ROOT[test]"; } >"$pip_log" 2>&1; then

@@ -11,8 +11,19 @@ from typing import Any, Callable, Dict, List, Optional
 
 import typer
 
-from . import api
 from .errors import EXIT_FAILED, VirtBackupError
+
+
+class _LazyAPI:
+    """virtbackup.api (libvirt, lxml, tenacity) imported on first use: `--help` and usage errors
+    stay fast, and every command saves the imports it does not need."""
+
+    def __getattr__(self, name: str) -> Any:
+        from . import api as real
+        return getattr(real, name)
+
+
+api = _LazyAPI()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Full, incremental and differential backups of libvirt/QEMU domains.")
