@@ -217,7 +217,7 @@ def repair(uri: Optional[str], domain: str, backup_dir: Any, dry_run: bool = Fal
             raise BackupDirError(f"{backup_dir} holds backups of domain '{chain.domain_name}' "
                                  f"({chain.domain_uuid}), not of '{dom.name()}' ({dom.UUIDString()})")
         report = RepairReport(dom.name(), dry_run=dry_run)
-        with dir_lock(bdir), domain_lock(dom.UUIDString()):
+        with domain_lock(dom.UUIDString()), dir_lock(bdir):   # same order as backup
             from .backup import _check_not_a_copy
             _check_not_a_copy(bdir, chain)
             report.actions = plan_repair(dom, chain, bdir=bdir)
