@@ -18,7 +18,7 @@ import libvirt
 from . import checkpoints, host, monitor, qemuimg, xmlbuild
 from .chain import (PARTIAL_SUFFIX, POINTS_DIR, BackupDir, Chain, DiskImage, Point, dir_lock, domain_lock,
                     file_sha256, fsync_path, now_iso)
-from .errors import (BackupDirError, BackupFailed, DiskNotFound, DomainInactive, Interrupted, LevelNotPossible,
+from .errors import (BackupDirError, BackupFailed, DiskNotFound, Interrupted, LevelNotPossible,
                      OperationFailed, UsageError, VirtBackupError)
 
 Notify = Callable[[str], None]
@@ -249,8 +249,9 @@ class Backup:
                     shutil.rmtree(entry, ignore_errors=True)
         return removed
 
-    def run(self, chain: Chain, level: str, only: Sequence[str]) -> BackupResult:
+    def run(self, chain: Chain, level: str, only: Sequence[str], reason: Optional[str] = None) -> BackupResult:
         plan = plan_backup(self.dom, chain if chain.points else None, level, only)
+        plan.reason = plan.reason or reason
         if plan.reason:
             self.notify(f"full backup: {plan.reason}")
         for disk, why in plan.skipped.items():

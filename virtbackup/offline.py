@@ -285,12 +285,19 @@ class OfflineBackup(Backup):
         self._refuse_if_busy()
         return super().cleanup_leftovers(chain)
 
-    def run(self, chain: Chain, level: str, only: Sequence[str]) -> BackupResult:
+    def run(self, chain: Chain, level: str, only: Sequence[str], reason: Optional[str] = None) -> BackupResult:
         self._refuse_if_busy()
         self.notify(f"domain '{self.dom.name()}' is shut off: backing up its images with a private "
                     "QEMU (libvirt does not start the domain)")
         try:
-            result = super().run(chain, level, only)
+            try:
+                result = super().run(chain, level, only, reason)
+            except LevelNotPossible as e:
+                # QEMU found the base bitmap unusable after the header check passed (it changed
+                # in between): the run was rolled back; auto goes on with a new chain, as online
+                if level != "auto":
+                    raise
+                result = super().run(chain, "full", only, reason=f"new chain: {e}")
             # On a shut-off domain libvirt can drop only the metadata of the checkpoints that
             # Backup.run retired; their bitmaps go from the images here (ours by name, not needed).
             if result.removed_checkpoints and not self.dom.isActive():
