@@ -17,7 +17,7 @@ import libvirt
 
 from . import checkpoints, host, monitor, qemuimg, xmlbuild
 from .chain import (PARTIAL_SUFFIX, POINTS_DIR, BackupDir, Chain, DiskImage, Point, dir_lock, domain_lock,
-                    file_sha256, fsync_path, now_iso)
+                    file_sha256, fsync_path, now_iso, write_private)
 from .errors import (BackupDirError, BackupFailed, DiskNotFound, Interrupted, LevelNotPossible,
                      OperationFailed, UsageError, VirtBackupError)
 
@@ -310,8 +310,8 @@ class Backup:
             cp = checkpoints.lookup(self.dom, cp_name)
             if cp is None:
                 raise BackupFailed(f"checkpoint {cp_name} vanished after the backup job")
-            _write_private(work_dir / "checkpoint.xml", checkpoints.saved_xml(cp))
-            _write_private(work_dir / "domain.xml", self.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            write_private(work_dir / "checkpoint.xml", checkpoints.saved_xml(cp))
+            write_private(work_dir / "domain.xml", self.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
             # plain SHA-256 of each image file (checkable with sha256sum); disks hashed in
             # parallel threads (hashlib releases the GIL), one per core at most
             paths = {t: work_dir / f"{t}.qcow2" for t in images}
@@ -461,15 +461,6 @@ class Backup:
                     fresh.close()
                 except libvirt.libvirtError:
                     pass
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_not_a_copy(bdir: BackupDir, chain: Chain) -> None:

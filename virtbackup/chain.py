@@ -32,6 +32,16 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a file readable by root only (it describes guest data), durably."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory (after a rename, to make the new entry durable)."""
     fd = os.open(path, os.O_RDONLY)
@@ -303,12 +313,7 @@ class BackupDir:
         tmp = self.path / f".{METADATA}.tmp"
         data = json.dumps(chain.to_json(), indent=2, sort_keys=True) + "\n"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, data.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_private(tmp, data)
             os.rename(tmp, self.metadata)
         except OSError as e:
             try:
