@@ -18,7 +18,7 @@ import libvirt
 from . import checkpoints, host, monitor, qemuimg, xmlbuild
 from .chain import (PARTIAL_SUFFIX, POINTS_DIR, BackupDir, Chain, DiskImage, Point, dir_lock, domain_lock,
                     file_sha256, fsync_path, now_iso, write_private)
-from .errors import (BackupDirError, BackupFailed, DiskNotFound, Interrupted, LevelNotPossible,
+from .errors import (BackupDirError, BackupFailed, ChainCorrupt, DiskNotFound, Interrupted, LevelNotPossible,
                      OperationFailed, UsageError, VirtBackupError)
 
 Notify = Callable[[str], None]
@@ -150,17 +150,25 @@ def _signals_interrupt(watch: host.JobWatch) -> Iterator[None]:
 
 
 @contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while the metadata commit runs; they are delivered right after."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
+def _signals_deferred(received: List[str]) -> Iterator[None]:
+    """SIGINT/SIGTERM during the metadata commit are only noted (in `received`).
+
+    A signal mask would not do: libvirt's event-loop thread leaves them unblocked and Python
+    then raises KeyboardInterrupt in the main thread anyway. So the handlers are swapped.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+
+    def note(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+
+    old = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _job_gone(dom: libvirt.virDomain) -> bool:
@@ -269,6 +277,9 @@ class Backup:
                 raise OperationFailed(warn)
         final_dir = self.bdir.point_dir(point_id)
         work_dir = self.bdir.point_dir(point_id, partial=True)
+        if point_id in {p.id for p in chain.points} or cp_name in {p.checkpoint for p in chain.points}:
+            raise ChainCorrupt(f"chain metadata {self.bdir.metadata} is corrupt: next point id {point_id} "
+                               "is already recorded")
         if final_dir.exists():
             # Ids >= next_seq are never recorded: this is a run that died between renaming its
             # images into place and committing. We hold the locks; it is ours to remove.
@@ -340,19 +351,17 @@ class Backup:
             duration=round(time.monotonic() - started, 3))
         chain.points.append(point)
         chain.next_seq += 1
-        committed = False
+        held: List[str] = []
         try:
-            with _signals_deferred():
+            with _signals_deferred(held):
                 self.bdir.save(chain)   # the commit
-                committed = True
         except BaseException:
-            if not committed:
-                chain.points.pop()
-                chain.next_seq -= 1
-                self._rollback(cp_name, work_dir, final_dir, plan)
-                raise
-            # a signal held during the commit arrived right after it: the point stands
-            self._warn(f"interrupted right after point {point_id} was recorded; it is complete")
+            chain.points.pop()
+            chain.next_seq -= 1
+            self._rollback(cp_name, work_dir, final_dir, plan)
+            raise
+        if held:
+            self._warn(f"{held[0]} arrived while point {point_id} was being recorded; the point is complete")
 
         # Recorded. Nothing from here on may turn the run into a failure.
         removed: List[str] = []
@@ -468,6 +477,11 @@ def _check_not_a_copy(bdir: BackupDir, chain: Chain) -> None:
     up into both would make each delete the other's checkpoints. A moved dir is fine."""
     if not chain.path or chain.path == str(bdir.path):
         return
+    try:
+        if os.path.samefile(chain.path, bdir.path):   # the same dir through a symlink or bind mount
+            return
+    except OSError:
+        pass
     try:
         original = BackupDir(Path(chain.path)).load_or_none()
     except VirtBackupError:

@@ -184,6 +184,9 @@ class Chain:
         """Structural checks; raises ValueError naming the first problem."""
         seen: Dict[str, Point] = {}
         images: Dict[str, str] = {}
+        ids = [int(p.id) for p in self.points if isinstance(p.id, str) and p.id.isdigit()]
+        if ids and self.next_seq <= max(ids):
+            raise ValueError(f"next_seq {self.next_seq} is not above the newest point id {max(ids)}")
         for p in self.points:
             if not isinstance(p.id, str) or not isinstance(p.disks, dict):
                 raise ValueError("a point has a wrong type of id or disks")

@@ -44,17 +44,23 @@ def _run(as_json: bool, fn: Callable[[], Any], render: Callable[[Any], None]) ->
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         _err("error: interrupted")
+        if as_json:
+            print(json.dumps({"error": {"kind": "interrupted", "message": "interrupted", "exit_code": EXIT_FAILED}}))
         raise typer.Exit(EXIT_FAILED)
     except Exception as e:
         # Last line of defence: one line, exit 1, never a traceback. (libvirtError is matched by
         # name: this module does not import libvirt.)
+        if os.environ.get("VIRTBACKUP_DEBUG"):
+            raise
         if isinstance(e, OSError) or type(e).__name__ == "libvirtError":
-            msg = getattr(e, "get_error_message", lambda: None)() or str(e)
-            _err(f"error: {' '.join(msg.split())}")
-            if as_json:
-                print(json.dumps({"error": {"kind": "host", "message": msg, "exit_code": EXIT_FAILED}}))
-            raise typer.Exit(EXIT_FAILED)
-        raise
+            msg, kind = getattr(e, "get_error_message", lambda: None)() or str(e), "host"
+        else:   # a bug: still one line; VIRTBACKUP_DEBUG=1 shows the traceback
+            msg, kind = f"internal error: {type(e).__name__}: {e} (VIRTBACKUP_DEBUG=1 shows where)", "internal"
+        msg = " ".join(msg.split())
+        _err(f"error: {msg}")
+        if as_json:
+            print(json.dumps({"error": {"kind": kind, "message": msg, "exit_code": EXIT_FAILED}}))
+        raise typer.Exit(EXIT_FAILED)
     render(result)
 
 
@@ -110,9 +116,13 @@ def repair(domain: str = typer.Argument(..., help="domain name or UUID"),
     from . import health
 
     def render(r: Any) -> None:
+        bad = next((a for a in r.actions if a.error), None)
+        message = f"repair failed: {bad.kind} {bad.name}: {bad.error}" if bad else None
         if as_json:
-            print(json.dumps({"domain": r.domain, "dry_run": r.dry_run, "ok": r.ok,
-                              "actions": [asdict(a) for a in r.actions]}))
+            out = {"domain": r.domain, "dry_run": r.dry_run, "ok": r.ok, "actions": [asdict(a) for a in r.actions]}
+            if message:
+                out["error"] = {"kind": "repair-failed", "message": message, "exit_code": EXIT_FAILED}
+            print(json.dumps(out))
         else:
             if not r.actions:
                 print("nothing to repair")
@@ -120,9 +130,8 @@ def repair(domain: str = typer.Argument(..., help="domain name or UUID"),
                 what = f"{a.kind} {a.name}" + (f" on {a.disk}" if a.disk else "")
                 state = "would" if r.dry_run else ("done" if a.done else f"FAILED: {a.error}")
                 print(f"{state}: {what}: {a.reason}")
-        if not r.ok:
-            bad = next(a for a in r.actions if a.error)
-            _err(f"error: repair failed: {bad.kind} {bad.name}: {bad.error}")
+        if message:
+            _err(f"error: {message}")
             raise typer.Exit(EXIT_FAILED)
 
     _run(as_json, lambda: health.repair(_state["uri"], domain, backup_dir, dry_run), render)

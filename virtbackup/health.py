@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 import libvirt
+from lxml import etree
 
 from . import checkpoints, host, monitor, qemuimg, xmlbuild
 from .chain import BackupDir, Chain
@@ -128,7 +129,7 @@ def _tracked(dom: libvirt.virDomain, bdir: Optional[BackupDir], point: Any, name
     if bdir is not None:
         try:
             return checkpoints.tracked_disks(bdir.resolve(point.checkpoint_xml).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, etree.LxmlError):
             return None
     return None
 
@@ -201,7 +202,7 @@ def apply_repair(dom: libvirt.virDomain, bdir: BackupDir, chain: Chain, actions:
                 saved = bdir.resolve(by_cp[a.name].checkpoint_xml).read_text()
                 checkpoints.redefine(dom, xmlbuild.redefine_xml(saved, a.parent))
             a.done = True
-        except (VirtBackupError, libvirt.libvirtError, OSError) as e:
+        except (VirtBackupError, libvirt.libvirtError, OSError, ValueError, etree.LxmlError) as e:
             a.error = host.libvirt_message(e)
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from lxml import etree
+
 from . import qemuimg
 from .chain import BackupDir, Chain, Point
 from .errors import DiskNotFound, OutputExists, RestoreFailed, UsageError, VirtBackupError
@@ -21,6 +23,23 @@ class RestoreResult:
     domain_uuid: Optional[str] = None
     started: bool = False
     notes: List[str] = field(default_factory=list)
+
+
+def _place(tmp: Path, out: Path) -> None:
+    """Give the finished image its name without ever overwriting: a hard link fails if `out`
+    exists. Filesystems without hard links (vfat, exFAT, some CIFS) get check-then-rename."""
+    import errno
+    try:
+        os.link(tmp, out)
+        return
+    except FileExistsError:
+        raise OutputExists(f"{out} appeared during the restore; not overwriting it") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+    if out.exists():
+        raise OutputExists(f"{out} appeared during the restore; not overwriting it")
+    os.rename(tmp, out)
 
 
 def check_links(bdir: BackupDir, chain: Chain, point: Point, disk: str) -> None:
@@ -90,6 +109,12 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
             raise RestoreFailed(f"point {point.id}: cannot read its domain XML {point.domain_xml}: "
                                 f"{e.strerror}") from None
         restoredom.check_name_free(uri, define)
+        # built before anything is written: a damaged saved XML must not leave images behind
+        try:
+            define_xml, define_notes = restoredom.restored_domain_xml(
+                saved_xml, define, {n: Path(os.path.abspath(out)) for n, out in outs.items()})
+        except (ValueError, etree.LxmlError) as e:
+            raise RestoreFailed(f"point {point.id}: its domain XML {point.domain_xml} is unusable: {e}") from None
     for n in names:
         check_links(bdir, chain, point, n)
     try:
@@ -112,10 +137,7 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
             except VirtBackupError as e:
                 raise RestoreFailed(f"restore of disk {n} from point {point.id} failed: {e}") from None
             os.chmod(tmp, 0o600)
-            try:
-                os.link(tmp, out)          # fails if `out` appeared meanwhile: never overwrites
-            except FileExistsError:
-                raise OutputExists(f"{out} appeared during the restore; not overwriting it") from None
+            _place(tmp, out)
             done[n] = out
     except BaseException:
         for p in done.values():            # no half restore: take back the disks already written
@@ -133,10 +155,9 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
     result = RestoreResult(point, done, instant=instant)
     if define:
         from . import restoredom
-        xml, result.notes = restoredom.restored_domain_xml(
-            saved_xml, define, {n: p.resolve() for n, p in done.items()})
+        result.notes = define_notes
         try:
-            d = restoredom.define(uri, xml)
+            d = restoredom.define(uri, define_xml)
         except VirtBackupError:
             for p in done.values():              # nothing was defined: take back what we wrote
                 try:

@@ -250,9 +250,11 @@ def test_copied_backup_dir_refused_moved_dir_continues(make_domain, tmp_path):
         r = cli(*cmd)
         assert r.rc == 2 and "is a copy of" in r.err, r
     assert checkpoint_names(d.dom) == cps and snapshot_dir(copy) == files
-    # the original goes on; a moved directory (original gone) goes on too
+    # the original goes on, also when reached through a symlink; a moved directory goes on too
     d.write("vda", 0x22, 2 * MiB, 1 * MiB)
-    backup(d.name, bdir, "inc")
+    link = tmp_path / "bk-link"
+    link.symlink_to(bdir)
+    backup(d.name, link, "inc")
     shutil.rmtree(copy)
     moved = tmp_path / "moved"
     bdir.rename(moved)

@@ -115,6 +115,8 @@ def test_corrupt_metadata_and_unknown_point(make_domain, tmp_path):
     assert r.rc == 2 and "no restore point '0042'" in one_error_line(r), r
     r = cli("restore", bdir, tmp_path / "out", "--disk", "vdz")
     assert r.rc == 2 and "vdz" in one_error_line(r), r
+    r = cli("backup", d.name, bdir, "--disk", "vdz")
+    assert r.rc == 2 and "domain has no disk 'vdz'" in one_error_line(r), r
 
     cps = checkpoint_names(d.dom)
     data = json.loads(good)
@@ -191,8 +193,10 @@ def test_verify_names_damaged_image_and_restore_refuses_missing(make_domain, tmp
     # the other disk's chain is fine; verify still names only the damaged image
     assert "vdb" not in one_error_line(r)
 
-    # a missing image: restore says which, exit 1, and writes nothing
+    # a missing image: verify and restore say which, exit 1, and restore writes nothing
     (bdir / "points/0001/vdb.qcow2").rename(tmp_path / "moved.qcow2")
+    r = cli("verify", bdir, "--point", "0002")
+    assert r.rc == 1 and "points/0001/vdb.qcow2" in r.err and "image is missing" in r.err, r
     r = cli("restore", bdir, tmp_path / "out")
     assert r.rc == 1 and "points/0001/vdb.qcow2 is missing" in one_error_line(r), r
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
@@ -208,9 +212,3 @@ def test_restore_never_overwrites(make_domain, tmp_path):
     r = cli("restore", bdir, out)
     assert r.rc == 2 and "exists" in one_error_line(r), r
     assert (out / "vda.qcow2").read_text() == "precious"
-
-
-def test_readme_exit_codes_documented():
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for code in ("0", "1", "2"):
-        assert f"| {code} " in readme

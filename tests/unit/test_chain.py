@@ -56,6 +56,9 @@ def test_image_chain_follows_backing():
     (lambda d: d["points"][1]["disks"]["vda"].update(backing="points/0009/vda.qcow2"), "not an earlier image"),
     (lambda d: d.update(schema=99), "schema"),
     (lambda d: d["points"].append(d["points"][0]), "duplicate"),
+    (lambda d: d.update(next_seq=1), "next_seq"),
+    (lambda d: d["points"][1].update(created="yesterday"), "bad creation time"),
+    (lambda d: d["points"][1].update(disks=[]), "is corrupt"),
 ])
 def test_bad_metadata_is_refused(tmp_path, mutate, msg):
     data = sample().to_json()
