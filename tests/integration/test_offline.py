@@ -426,3 +426,37 @@ def test_libvirt_connection_lost_during_offline_copy_reconnects(make_domain, tmp
     assert "reconnecting" in err
     assert prefix + "0002" in checkpoint_names(d.dom)
     assert_point_restores(bdir, "0002", d.expected(), tmp_path / "r2")
+
+
+def test_offline_auto_falls_back_to_full_when_qemu_finds_the_base_bitmap_unusable(make_domain, tmp_path,
+                                                                                  monkeypatch):
+    """The header check passed but QEMU, having opened the images, finds the base bitmap bad
+    (it changed in between; simulated: that race can't be timed). auto rolls back and takes a
+    full with the reason recorded; inc refuses."""
+    from virtbackup import api, offline, qemuimg, scratch
+    from virtbackup.errors import LevelNotPossible
+    d = make_domain({"vda": 16 * MiB}, start=False)
+    bdir = tmp_path / "bk"
+    scratch.write_offline(d, "vda", 0x11, 0, 1 * MiB)
+    first = api.backup(d.name, bdir, "full").point
+    scratch.write_offline(d, "vda", 0x22, 2 * MiB, 1 * MiB)
+
+    seen = []
+
+    def racing(self, qemu, disks, base):
+        seen.append(base)
+        raise LevelNotPossible(f"cannot continue the chain offline: bitmap {base} is missing on disk vda; "
+                               "take a full backup")
+
+    monkeypatch.setattr(offline.OfflineBackup, "_check_base_bitmaps", racing)
+    files = snapshot_dir(bdir)
+    with pytest.raises(LevelNotPossible):
+        api.backup(d.name, bdir, "inc")
+    assert snapshot_dir(bdir) == files
+    p = api.backup(d.name, bdir, "auto").point
+    assert seen == [first.checkpoint, first.checkpoint]
+    assert p.level == "full" and p.id == "0002" and "new chain" in (p.reason or "")
+    assert not d.dom.isActive()
+    bitmaps = qemuimg.info(d.disk_path("vda"))["format-specific"]["data"].get("bitmaps", [])
+    assert [b["name"] for b in bitmaps] == [p.checkpoint]
+    assert_point_restores(bdir, "0002", d.expected(), tmp_path / "r2")

@@ -335,3 +335,33 @@ def test_prune_that_fails_changes_nothing_and_bad_input_exits_2(make_domain, tmp
     r = cli("prune", bdir, "--keep", "1")
     assert r.rc == 1 and "nothing was changed" in r.err, r
     assert snapshot_dir(bdir) == before
+
+
+def test_define_refused_by_libvirt_or_damaged_xml_leaves_nothing(make_domain, tmp_path, restored_names):
+    """restore --define: libvirt refusing the XML takes the written images back (exit 1);
+    a saved domain XML that isn't XML is refused before any image is written."""
+    d = make_domain({"vda": 16 * MiB})
+    bdir = tmp_path / "bk"
+    d.write("vda", 0x11, 0, 1 * MiB)
+    assert cli("backup", d.name, bdir).rc == 0
+    xml_path = bdir / "points/0001/domain.xml"
+    good = xml_path.read_text()
+    name = f"{d.name}-copy"
+    restored_names.append(name)
+
+    xml_path.write_text(good.replace(">1</vcpu>", ">0</vcpu>", 1))   # well-formed; libvirt refuses it
+    assert ">0</vcpu>" in xml_path.read_text()
+    out = tmp_path / "out1"
+    r = cli("restore", bdir, out, "--define", name)
+    assert r.rc == 1, r
+    assert "unusable" not in r.err, r        # refused by libvirt's define, after the images were written
+    assert r.err.count("virtbackup: error:") == 1
+    assert not out.exists() or not [p for p in out.iterdir() if p.suffix == ".qcow2"]
+    assert subprocess.run(["virsh", "dominfo", name], capture_output=True).returncode != 0
+
+    xml_path.write_text("<domain><name>broken")
+    out = tmp_path / "out2"
+    r = cli("restore", bdir, out, "--define", name)
+    assert r.rc == 1 and "domain XML" in r.err and "unusable" in r.err, r
+    assert not out.exists() or not list(out.iterdir())
+    xml_path.write_text(good)
