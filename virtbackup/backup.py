@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import libvirt
 
-from . import checkpoints, host, monitor, qemuimg, xmlbuild
+from . import checkpoints, host, qemuimg, xmlbuild
 from .chain import (PARTIAL_SUFFIX, POINTS_DIR, BackupDir, Chain, DiskImage, Point, dir_lock, domain_lock,
                     file_sha256, fsync_path, now_iso, write_private)
 from .errors import (BackupDirError, BackupFailed, ChainCorrupt, DiskNotFound, Interrupted, LevelNotPossible,
@@ -127,48 +124,6 @@ def plan_backup(dom: libvirt.virDomain, chain: Optional[Chain], level: str,
         else:
             plans.append(DiskPlan(d, sizes[d.target], prev))
     return Plan("inc" if level == "auto" else level, base, plans, skipped)
-
-
-@contextmanager
-def _signals_interrupt(watch: host.JobWatch) -> Iterator[None]:
-    """SIGINT/SIGTERM during the job: wake the waiter so the job is aborted and rolled back."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {}
-
-    def handler(signum: int, _frame: object) -> None:
-        watch.interrupt(signal.Signals(signum).name)
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        old[s] = signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextmanager
-def _signals_deferred(received: List[str]) -> Iterator[None]:
-    """SIGINT/SIGTERM during the metadata commit are only noted (in `received`).
-
-    A signal mask would not do: libvirt's event-loop thread leaves them unblocked and Python
-    then raises KeyboardInterrupt in the main thread anyway. So the handlers are swapped.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def note(signum: int, _frame: object) -> None:
-        received.append(signal.Signals(signum).name)
-
-    old = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def _job_gone(dom: libvirt.virDomain) -> bool:
@@ -353,7 +308,7 @@ class Backup:
         chain.next_seq += 1
         held: List[str] = []
         try:
-            with _signals_deferred(held):
+            with host.signals_noted(held.append):   # a signal can't cut the commit in half
                 self.bdir.save(chain)   # the commit
         except BaseException:
             chain.points.pop()
@@ -398,7 +353,7 @@ class Backup:
                                    f"'{self.dom.name()}'; try again when it has ended")
         watch = host.JobWatch(self.conn, self.dom)
         try:
-            with _signals_interrupt(watch):
+            with host.signals_noted(watch.interrupt):   # wake the wait: abort, roll back
                 try:
                     host.call(self.dom.backupBegin, bxml, cxml, libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
                 except libvirt.libvirtError as e:

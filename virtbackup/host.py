@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
 
 import libvirt
 from lxml import etree
@@ -307,3 +308,29 @@ def wait_released(paths: List[str], timeout: float = 60.0) -> None:
 def image_in_use(path: str) -> bool:
     """True when a QEMU process (a running domain, qemu-io, qemu-nbd...) has the image open."""
     return _held_by_qemu(path)
+
+
+@contextmanager
+def signals_noted(note: Callable[[str], None]) -> Iterator[None]:
+    """While inside, SIGINT/SIGTERM only call `note(name)` instead of stopping the process.
+
+    Used where a signal must not cut a step in half (the metadata commit, a private QEMU that
+    has to quit cleanly) or must wake a waiter that then aborts and rolls back. A signal mask
+    would not do: libvirt's event thread leaves the signals unblocked and Python raises
+    KeyboardInterrupt in the main thread anyway. Outside the main thread this does nothing.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        note(signal.Signals(signum).name)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)

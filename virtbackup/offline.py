@@ -19,7 +19,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -483,17 +482,6 @@ class OfflineBackup(Backup):
     @contextmanager
     def _signals(self) -> Iterator[None]:
         """SIGINT/SIGTERM: note it; the job loop then stops QEMU cleanly and rolls back."""
-        if threading.current_thread() is not threading.main_thread():
+        with host.signals_noted(lambda name: setattr(self, "_interrupted", name)):
             yield
-            return
-
-        def handler(signum: int, _frame: object) -> None:
-            self._interrupted = signal.Signals(signum).name
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
         self._check_interrupt()

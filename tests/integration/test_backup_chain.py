@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 
 from tests.conftest import assert_point_restores, checkpoint_names, cli, our_bitmaps, take_backup
 
@@ -179,7 +177,6 @@ def test_writes_during_the_job_land_in_the_next_point_not_this_one(make_domain, 
     """The point in time is the job's start: later writes go to the next incremental."""
     import subprocess
     import sys
-    import time
 
     import libvirt
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Iterator
 
-import pytest
 
 from tests.conftest import assert_point_restores, checkpoint_names, cli, our_bitmaps, snapshot_dir
 

@@ -51,7 +51,6 @@ def restored_names() -> Iterator[List[str]]:
 
     Cleans up over a fresh connection: the session one is dead if libvirtd restarted meanwhile.
     """
-    import libvirt
     names: List[str] = []
     yield names
     if not names:
