@@ -15,7 +15,7 @@ import libvirt
 from . import checkpoints, host, qemuimg, xmlbuild
 from .chain import (PARTIAL_SUFFIX, POINTS_DIR, BackupDir, Chain, DiskImage, Point, dir_lock, domain_lock,
                     file_sha256, fsync_path, now_iso, write_private)
-from .errors import (BackupDirError, BackupFailed, ChainCorrupt, DiskNotFound, Interrupted, LevelNotPossible,
+from .errors import (BackupFailed, ChainCorrupt, DiskNotFound, Interrupted, LevelNotPossible,
                      OperationFailed, UsageError, VirtBackupError)
 
 Notify = Callable[[str], None]
@@ -148,17 +148,23 @@ def _job_writes_into(dom: libvirt.virDomain, points_dir: Path) -> bool:
     return any(d.parent == points_dir and d.name.endswith(PARTIAL_SUFFIX) for d in dirs)
 
 
-def _abort_job(conn: libvirt.virConnect, dom: libvirt.virDomain, timeout: float = 60.0) -> bool:
-    """Abort the domain's job and wait (bounded) until libvirt has ended it; False on timeout."""
-    watch = host.JobWatch(conn, dom)
+def _abort_job(conn: libvirt.virConnect, dom: libvirt.virDomain, timeout: float = 60.0,
+               watch: Optional[host.JobWatch] = None) -> bool:
+    """Abort the domain's job and wait (bounded) until libvirt has ended it; False on timeout.
+
+    `watch`: the caller's open JobWatch (a connection takes one close callback only)."""
+    own = watch is None
+    w = host.JobWatch(conn, dom) if watch is None else watch
     try:
+        w.done.clear()
         try:
             dom.abortJob()
         except libvirt.libvirtError:
             pass
-        return watch.wait(lambda: _job_gone(dom), check_every=0.5, timeout=timeout)
+        return w.wait(lambda: _job_gone(dom), check_every=0.5, timeout=timeout)
     finally:
-        watch.close()
+        if own:
+            w.close()
 
 
 def _completed_stats(dom: libvirt.virDomain, watch: host.JobWatch) -> Dict:
@@ -255,13 +261,12 @@ class Backup:
             for dp in plan.disks:
                 t = dp.disk.target
                 target = work_dir / f"{t}.qcow2"
-                backing_rel = None
-                if dp.backing is not None:
-                    backing_rel = os.path.relpath(self.bdir.path / dp.backing.image, final_dir)
-                qemuimg.create(target, dp.virtual_size, backing_rel)
+                image = f"{POINTS_DIR}/{point_id}/{t}.qcow2"
+                qemuimg.create(target, dp.virtual_size,
+                               self.bdir.backing_link(image, dp.backing.image if dp.backing else None))
                 os.chmod(target, 0o600)
                 images[t] = DiskImage(
-                    image=f"{POINTS_DIR}/{point_id}/{t}.qcow2",
+                    image=image,
                     backing=dp.backing.image if dp.backing else None,
                     virtual_size=dp.virtual_size, size=0, sha256="", source=dp.disk.source or "",
                     copied_full=dp.backing is None)
@@ -322,9 +327,13 @@ class Backup:
         removed: List[str] = []
         try:
             needed = set(chain.needed_checkpoints())
+            # a shut-off domain: libvirt drops only the metadata; delete() takes the bitmaps
+            # out of every disk's image
+            from .health import eligible_disks
+            sources = [d.source for d in eligible_disks(self.dom) if d.source]
             for name in checkpoints.ours(self.dom, chain.checkpoint_prefix()):
                 if name not in needed:
-                    warn = checkpoints.delete(self.dom, name)
+                    warn = checkpoints.delete(self.dom, name, sources)
                     if warn:
                         self._warn(warn)
                     else:
@@ -361,13 +370,7 @@ class Backup:
                 watch.wait(lambda: _job_gone(self.dom))
                 if watch.interrupted:
                     self.notify(f"{watch.interrupted} received: aborting the backup job")
-                    try:
-                        self.dom.abortJob()
-                    except libvirt.libvirtError:
-                        pass
-                    watch.done.clear()
-                    if not _job_gone(self.dom):
-                        watch.done.wait(60)
+                    _abort_job(self.conn, self.dom, watch=watch)
                     raise Interrupted(f"backup interrupted by {watch.interrupted}; nothing was recorded")
             stats = _completed_stats(self.dom, watch)
         finally:
@@ -410,6 +413,7 @@ class Backup:
                 self._warn(f"the backup job still runs after it was aborted; not deleting checkpoint {cp_name} "
                            "(the next run removes it)")
                 return
+            # the failed run's bitmap exists only on the disks it backed up
             sources = [dp.disk.source for dp in plan.disks if dp.disk.source]
             try:
                 warn = checkpoints.delete(dom, cp_name, sources)
@@ -427,25 +431,6 @@ class Backup:
                     pass
 
 
-def _check_not_a_copy(bdir: BackupDir, chain: Chain) -> None:
-    """A copied backup dir carries the original's chain id, hence its checkpoint names: backing
-    up into both would make each delete the other's checkpoints. A moved dir is fine."""
-    if not chain.path or chain.path == str(bdir.path):
-        return
-    try:
-        if os.path.samefile(chain.path, bdir.path):   # the same dir through a symlink or bind mount
-            return
-    except OSError:
-        pass
-    try:
-        original = BackupDir(Path(chain.path)).load_or_none()
-    except VirtBackupError:
-        original = None
-    if original is not None and original.dir_id == chain.dir_id:
-        raise BackupDirError(f"{bdir.path} is a copy of {chain.path} (same chain id {chain.dir_id}); "
-                             f"back up into {chain.path}, or into a new directory")
-
-
 def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto",
            disks: Sequence[str] = (), notify: Optional[Notify] = None) -> BackupResult:
     if level not in ("auto", "full", "inc", "diff"):
@@ -453,20 +438,18 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
     bdir = BackupDir(backup_dir)
     must_create = bdir.check_usable()
     existing = bdir.load_or_none()          # corrupt metadata -> exit 2 before libvirt is touched
-    conn = host.connect(uri)
-    try:
+    with host.connection(uri) as conn:
         dom = host.lookup_domain(conn, domain)
         uuid = dom.UUIDString()
-        if existing is not None and existing.domain_uuid != uuid:
-            raise BackupDirError(f"{backup_dir} holds backups of domain '{existing.domain_name}' "
-                                 f"({existing.domain_uuid}), not of '{dom.name()}' ({uuid})")
+        if existing is not None:
+            bdir.check_owner(existing, dom.name(), uuid)
         with domain_lock(uuid):
             if must_create:
                 bdir.create()
             with dir_lock(bdir):
                 chain = bdir.load_or_none() or Chain(domain_name=dom.name(), domain_uuid=uuid)
+                bdir.check_owner(chain, dom.name(), uuid)
                 chain.domain_name = dom.name()
-                _check_not_a_copy(bdir, chain)
                 chain.path = str(bdir.path)
                 if dom.isActive():
                     job = Backup(conn, dom, bdir, notify)
@@ -475,8 +458,3 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                     job = OfflineBackup(conn, dom, bdir, notify)
                 job.cleanup_leftovers(chain)
                 return job.run(chain, level, disks)
-    finally:
-        try:
-            conn.close()
-        except libvirt.libvirtError:
-            pass

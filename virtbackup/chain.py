@@ -337,6 +337,36 @@ class BackupDir:
         check_relative(rel)
         return self.path / rel
 
+    def backing_link(self, image: str, backing: Optional[str]) -> Optional[str]:
+        """What the qcow2 header of `image` must name as its backing file: relative to the
+        image's directory, so the backup dir can move. Both arguments relative to BACKUP_DIR."""
+        if backing is None:
+            return None
+        return os.path.relpath(self.resolve(backing), self.resolve(image).parent)
+
+    def check_owner(self, chain: Chain, name: str, uuid: str) -> None:
+        """Refuse (exit 2) a domain other than the one this directory holds backups of, and a
+        copy of a backup dir: it carries the original's chain id, hence its checkpoint names,
+        and backing up into both would make each delete the other's checkpoints. A moved dir,
+        or the same dir through a symlink or bind mount, is fine."""
+        if chain.domain_uuid != uuid:
+            raise BackupDirError(f"{self.path} holds backups of domain '{chain.domain_name}' "
+                                 f"({chain.domain_uuid}), not of '{name}' ({uuid})")
+        if not chain.path or chain.path == str(self.path):
+            return
+        try:
+            if os.path.samefile(chain.path, self.path):
+                return
+        except OSError:
+            pass
+        try:
+            original = BackupDir(Path(chain.path)).load_or_none()
+        except (BackupDirError, ChainCorrupt):
+            original = None
+        if original is not None and original.dir_id == chain.dir_id:
+            raise BackupDirError(f"{self.path} is a copy of {chain.path} (same chain id {chain.dir_id}); "
+                                 f"back up into {chain.path}, or into a new directory")
+
     def point_dir(self, point_id: str, partial: bool = False) -> Path:
         return self.path / POINTS_DIR / (point_id + (PARTIAL_SUFFIX if partial else ""))
 

@@ -11,7 +11,7 @@ from typing import Iterable, List, Optional
 
 import libvirt
 
-from . import qemuimg
+from . import qemuimg, xmlbuild
 from .host import libvirt_message, transient_retry
 
 
@@ -50,11 +50,8 @@ def delete(dom: libvirt.virDomain, name: str, sources: Iterable[str] = ()) -> Op
             cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
     except libvirt.libvirtError as e:
         return f"could not delete checkpoint {name}: {libvirt_message(e)}"
-    for src in sources:
-        warn = remove_bitmap_offline(src, name)
-        if warn:
-            return warn
-    return None
+    warnings = [w for w in (remove_bitmap_offline(src, name) for src in sources) if w]
+    return "; ".join(warnings) or None
 
 
 def remove_bitmap_offline(image: str, bitmap: str) -> Optional[str]:
@@ -77,9 +74,6 @@ def saved_xml(cp: libvirt.virDomainCheckpoint) -> str:
     return cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
 
 
-__all__ = ["lookup", "names", "ours", "delete", "saved_xml"]
-
-
 def redefine(dom: libvirt.virDomain, xml: str) -> None:
     """Reinstate checkpoint metadata from saved XML; validated against the bitmaps when running."""
     flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
@@ -90,7 +84,7 @@ def redefine(dom: libvirt.virDomain, xml: str) -> None:
     except libvirt.libvirtError as e:
         if flags & libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE:
             # validation failed after the metadata went in: take it out again
-            name = xmlbuild_name(xml)
+            name = xmlbuild.parse(xml).findtext("name")
             cp = lookup(dom, name) if name else None
             if cp is not None:
                 try:
@@ -100,13 +94,6 @@ def redefine(dom: libvirt.virDomain, xml: str) -> None:
         raise e
 
 
-def xmlbuild_name(xml: str) -> Optional[str]:
-    from lxml import etree
-    return etree.fromstring(xml.encode()).findtext("name")
-
-
 def tracked_disks(xml: str) -> List[str]:
     """Disks whose writes a checkpoint records (its <disk checkpoint='bitmap'> entries)."""
-    from lxml import etree
-    root = etree.fromstring(xml.encode())
-    return [str(d.get("name")) for d in root.findall("disks/disk") if d.get("checkpoint", "bitmap") == "bitmap"]
+    return [str(d.get("name")) for d in xmlbuild.parse(xml).findall("disks/disk") if d.get("checkpoint", "bitmap") == "bitmap"]

@@ -208,30 +208,19 @@ def apply_repair(dom: libvirt.virDomain, bdir: BackupDir, chain: Chain, actions:
 
 def repair(uri: Optional[str], domain: str, backup_dir: Any, dry_run: bool = False) -> RepairReport:
     from .chain import dir_lock, domain_lock
-    from .errors import BackupDirError
     bdir = BackupDir(backup_dir)
     chain = bdir.load()
-    conn = host.connect(uri)
-    try:
+    with host.connection(uri) as conn:
         dom = host.lookup_domain(conn, domain)
-        if chain.domain_uuid != dom.UUIDString():
-            raise BackupDirError(f"{backup_dir} holds backups of domain '{chain.domain_name}' "
-                                 f"({chain.domain_uuid}), not of '{dom.name()}' ({dom.UUIDString()})")
+        bdir.check_owner(chain, dom.name(), dom.UUIDString())
         report = RepairReport(dom.name(), dry_run=dry_run)
         with domain_lock(dom.UUIDString()), dir_lock(bdir):   # same order as backup
-            from .backup import _check_not_a_copy
-            _check_not_a_copy(bdir, chain)
             report.actions = plan_repair(dom, chain, bdir=bdir)
             if not dry_run:
                 apply_repair(dom, bdir, chain, report.actions)
         return report
-    finally:
-        conn.close()
 
 
 def domain_status(uri: Optional[str], domain: str) -> Dict[str, Any]:
-    conn = host.connect(uri)
-    try:
+    with host.connection(uri) as conn:
         return status(host.lookup_domain(conn, domain))
-    finally:
-        conn.close()

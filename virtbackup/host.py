@@ -110,6 +110,19 @@ def connect(uri: Optional[str] = None) -> libvirt.virConnect:
     return conn
 
 
+@contextmanager
+def connection(uri: Optional[str] = None) -> Iterator[libvirt.virConnect]:
+    """A libvirt connection closed on the way out (a close that fails changes nothing)."""
+    conn = connect(uri)
+    try:
+        yield conn
+    finally:
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass
+
+
 def lookup_domain(conn: libvirt.virConnect, name_or_uuid: str) -> libvirt.virDomain:
     """Find a domain by name or UUID, as virsh does."""
     try:
@@ -264,7 +277,7 @@ class JobWatch:
                 pass
 
 
-def _held_by_qemu(path: str) -> bool:
+def image_in_use(path: str) -> bool:
     """True when another process holds QEMU's image locks on `path`.
 
     QEMU (file-posix) takes OFD byte-range locks at offsets 100.. and 200.. on every image it has
@@ -298,16 +311,13 @@ def wait_released(paths: List[str], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     delay = 0.002
     for p in paths:
-        while _held_by_qemu(p):
+        while image_in_use(p):
             if time.monotonic() > deadline:
                 raise HostError(f"QEMU still holds {p} open {timeout:.0f}s after the job ended")
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
 
 
-def image_in_use(path: str) -> bool:
-    """True when a QEMU process (a running domain, qemu-io, qemu-nbd...) has the image open."""
-    return _held_by_qemu(path)
 
 
 @contextmanager

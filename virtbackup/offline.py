@@ -297,16 +297,6 @@ class OfflineBackup(Backup):
                 if level != "auto":
                     raise
                 result = super().run(chain, "full", only, reason=f"new chain: {e}")
-            # On a shut-off domain libvirt can drop only the metadata of the checkpoints that
-            # Backup.run retired; their bitmaps go from the images here (ours by name, not needed).
-            if result.removed_checkpoints and not self.dom.isActive():
-                sources = [d.source for d in self._inactive_disks().values()
-                           if d.skip_reason() is None and d.source]
-                for name in result.removed_checkpoints:
-                    for src in sources:
-                        warn = checkpoints.remove_bitmap_offline(src, name)
-                        if warn:
-                            self._warn(warn)
             return result
         finally:
             if self._own_conn is not None:

@@ -68,7 +68,7 @@ def check_links(bdir: BackupDir, chain: Chain, point: Point, disk: str) -> None:
             except VirtBackupError as e:
                 raise RestoreFailed(f"point {point.id} disk {disk}: image {rel} is unreadable: {e}") from None
         actual = info.get("backing-filename")
-        expected = os.path.relpath(bdir.resolve(img.backing), path.parent) if img.backing else None
+        expected = bdir.backing_link(rel, img.backing)
         if actual != expected:
             raise RestoreFailed(f"point {point.id} disk {disk}: image {rel} has backing "
                                 f"{actual!r}, expected {expected!r}")

@@ -105,8 +105,7 @@ def check_name_free(uri: Optional[str], name: str) -> None:
     import libvirt
 
     from . import host
-    conn = host.connect(uri)
-    try:
+    with host.connection(uri) as conn:
         try:
             conn.lookupByName(name)
         except libvirt.libvirtError as e:
@@ -114,8 +113,6 @@ def check_name_free(uri: Optional[str], name: str) -> None:
                 return
             raise OperationFailed(f"cannot look up domain '{name}': {host.libvirt_message(e)}") from None
         raise OutputExists(f"domain '{name}' exists; choose another name for the restored domain")
-    finally:
-        conn.close()
 
 
 def define(uri: Optional[str], xml: str) -> Defined:
@@ -123,30 +120,24 @@ def define(uri: Optional[str], xml: str) -> Defined:
     import libvirt
 
     from . import host
-    conn = host.connect(uri)
-    try:
+    with host.connection(uri) as conn:
         try:
             dom = conn.defineXML(xml)
         except libvirt.libvirtError as e:
             raise OperationFailed(f"cannot define the restored domain: {host.libvirt_message(e)}") from None
         return Defined(dom.name(), dom.UUIDString(), False)
-    finally:
-        conn.close()
 
 
 def start(uri: Optional[str], name: str) -> None:
     import libvirt
 
     from . import host
-    conn = host.connect(uri)
-    try:
+    with host.connection(uri) as conn:
         try:
             conn.lookupByName(name).create()
         except libvirt.libvirtError as e:
             raise OperationFailed(f"domain '{name}' was defined but did not start: "
                                   f"{host.libvirt_message(e)}") from None
-    finally:
-        conn.close()
 
 
 __all__ = ["restored_domain_xml", "check_name_free", "define", "start", "Defined"]

@@ -305,8 +305,8 @@ def _remove(bdir: BackupDir, paths: List[Path]) -> List[str]:
 
 def _in_use(paths: List[Path]) -> List[str]:
     """Images a running QEMU has open (e.g. as the backing of an instant restore)."""
-    from .host import _held_by_qemu
-    return [str(p) for p in paths if p.is_file() and _held_by_qemu(str(p))]
+    from .host import image_in_use
+    return [str(p) for p in paths if p.is_file() and image_in_use(str(p))]
 
 
 def _write_image(bdir: BackupDir, op: ImageOp) -> None:
@@ -323,7 +323,7 @@ def _write_image(bdir: BackupDir, op: ImageOp) -> None:
             if proc.returncode != 0:
                 raise OperationFailed(f"cannot copy {old}: {proc.stderr.strip()}")
             assert op.backing is not None
-            qemuimg.rebase(new, os.path.relpath(bdir.resolve(op.backing), new.parent),
+            qemuimg.rebase(new, bdir.backing_link(op.new, op.backing),
                            safe=op.action == "rebase")
         os.chmod(new, 0o600)
         fsync_path(new)

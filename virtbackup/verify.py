@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Set
@@ -43,7 +42,7 @@ def _image_problem(bdir: BackupDir, rel: str, backing: Optional[str], sha256: st
         info = qemuimg.info(path)
     except VirtBackupError as e:
         return f"qemu-img check failed: {e}"
-    expected = os.path.relpath(bdir.resolve(backing), path.parent) if backing else None
+    expected = bdir.backing_link(rel, backing)
     if info.get("backing-filename") != expected:
         return f"backing link is {info.get('backing-filename')!r}, expected {expected!r}"
     try:
