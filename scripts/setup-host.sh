@@ -9,6 +9,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VIRTBACKUP_VENV:-$ROOT/.venv}"
 PACKAGES=(libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients qemu-system-x86 qemu-utils
           libvirt-dev pkg-config python3-venv)
+# Installed without recommends (libguestfs-tools would pull in hundreds of MB otherwise):
+# - the real test guest: a Debian kernel, busybox and the QEMU guest agent (README "Test guest");
+# - bindings that exist only as Debian packages: python3-guestfs (files), python3-libnbd (pull mode);
+#   the virtualenv is made from Debian's /usr/bin/python3 with --system-site-packages to see them.
+EXTRA_PACKAGES=(linux-image-amd64 busybox-static qemu-guest-agent e2fsprogs cpio
+                libguestfs-tools python3-guestfs python3-libnbd)
 
 log() { echo "setup-host: $*" >&2; }
 
@@ -21,10 +27,20 @@ missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+missing_extra=()
+for p in "${EXTRA_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing_extra+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ] || [ ${#missing_extra[@]} -gt 0 ]; then
+    apt-get update -q >/dev/null
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
-    apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+if [ ${#missing_extra[@]} -gt 0 ]; then
+    log "installing ${missing_extra[*]} (no recommends)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing_extra[@]}" >/dev/null
 fi
 
 getent group kvm >/dev/null || groupadd -r kvm
@@ -62,14 +78,21 @@ for _ in $(seq 100); do
 done
 virsh -c qemu:///system version >/dev/null
 
+# Debian's python3 (not whatever python3 is first on PATH): its dist-packages hold the
+# python3-guestfs and python3-libnbd bindings, which are not on PyPI.
+SYS_PYTHON=/usr/bin/python3
 stamp="$VENV/.virtbackup-installed"
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
     log "dependencies changed: recreating $VENV"
     rm -rf "$VENV"
 fi
+if [ -x "$VENV/bin/python" ] && ! grep -q '^include-system-site-packages = true' "$VENV/pyvenv.cfg" 2>/dev/null; then
+    log "virtualenv does not see Debian's bindings: recreating $VENV"
+    rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
-    log "creating virtualenv $VENV"
-    python3 -m venv "$VENV"
+    log "creating virtualenv $VENV (from $SYS_PYTHON, with system site packages)"
+    "$SYS_PYTHON" -m venv --system-site-packages "$VENV"
 fi
 if [ ! -f "$stamp" ]; then
     log "installing virtbackup into $VENV"
