@@ -4,4 +4,4 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup-host.sh"
-exec "$ROOT/.venv/bin/python" -m virtbackup.demo
+exec "$ROOT/.venv/bin/python" "$ROOT/scripts/demo.py"

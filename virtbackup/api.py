@@ -1,62 +1,113 @@
 """The public Python API (what the CLI and management stacks call).
 
-Every function raises a `virtbackup.errors.VirtBackupError` subclass on failure; its
-`exit_code` and one-line message are what the CLI prints.
+Every public function raises only `virtbackup.errors.VirtBackupError` subclasses: libvirt and OS
+errors that get this far are wrapped here, at the boundary (`HostError`, exit 1), with the
+original kept as `__cause__`. The error's `exit_code` and one-line message are what the CLI
+prints. Every result object has a `to_json()` giving the `--json` output of its command.
+
+Logging: modules log to `logging.getLogger("virtbackup.<module>")`; DEBUG shows every argv,
+QMP command and libvirt call (with its XML) and timings. Backup and prune also leave a run log
+in BACKUP_DIR/logs/ (see runlog.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import functools
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar, cast
 
-from .backup import BackupResult, Notify
+import libvirt
+
+from . import health, host
+from .backup import BackupResult, point_json
 from .backup import backup as _backup
-from .chain import BackupDir, Chain, Point
-from .restore import RestoreResult
+from .chain import BackupDir, Chain, Point, dir_lock, domain_lock
+from .errors import HostError, OperationFailed, VirtBackupError
+from .health import RepairReport, StatusReport
+from .plan import RequestedLevel
+from .restore import FlattenResult, RestoreResult
+from .restore import flatten as _flatten
 from .restore import restore as _restore
+from .retention import Policy, PruneResult
+from .retention import prune as _prune
+from .runner import Notify
 from .verify import VerifyResult
 from .verify import verify as _verify
 
-__all__ = ["backup", "list_points", "restore", "verify", "point_json", "chain_json"]
+__all__ = [
+    # operations
+    "backup", "list_points", "restore", "restore_point", "verify", "verify_backup", "prune", "flatten",
+    "status", "repair",
+    # results and helpers
+    "BackupResult", "PointList", "RestoreResult", "VerifyResult", "PruneResult", "FlattenResult",
+    "StatusReport", "RepairReport", "Notify", "RequestedLevel", "point_json", "chain_json",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[str] = (),
-           uri: Optional[str] = None, notify: Optional[Notify] = None) -> BackupResult:
-    """Take one backup of a running domain into BACKUP_DIR (level auto|full|inc|diff)."""
-    return _backup(uri, domain, Path(backup_dir), level, disks, notify)
+def _boundary(fn: F) -> F:
+    """Turn what escaped from libvirt or the OS into VirtBackupError (cause kept)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except VirtBackupError:
+            raise
+        except libvirt.libvirtError as e:
+            raise HostError(f"libvirt: {host.libvirt_message(e)}") from e
+        except OSError as e:
+            where = f" {e.filename}" if e.filename else ""
+            raise OperationFailed(f"{e.strerror or e}{':' if where else ''}{where}") from e
+    return cast(F, wrapper)
 
 
-def list_points(backup_dir: Path) -> Chain:
-    return BackupDir(Path(backup_dir)).load()
+@dataclass
+class PointList:
+    """The restore points of a backup directory, oldest first (`list`)."""
 
+    domain: str
+    uuid: str
+    points: List[Point]
 
-def restore(backup_dir: Path, output_dir: Path, point: Optional[str] = None,
-            disks: Sequence[str] = ()) -> RestoreResult:
-    return _restore(Path(backup_dir), Path(output_dir), point, disks)
-
-
-def verify(backup_dir: Path, point: Optional[str] = None) -> VerifyResult:
-    return _verify(Path(backup_dir), point)
-
-
-def point_json(p: Point) -> Dict[str, Any]:
-    d = asdict(p)
-    d["size"] = sum(img.size for img in p.disks.values())
-    return d
+    def to_json(self) -> Dict[str, Any]:
+        """{"domain", "uuid", "points": [{"id", "level", "created", "checkpoint", "parent",
+        "disks": {...}, ..., "size"}]} (the `list --json` output)."""
+        return {"domain": self.domain, "uuid": self.uuid, "points": [point_json(p) for p in self.points]}
 
 
 def chain_json(chain: Chain) -> Dict[str, Any]:
-    return {"domain": chain.domain_name, "uuid": chain.domain_uuid,
-            "points": [point_json(p) for p in chain.points]}
+    """A chain as `list --json` prints it."""
+    return PointList(chain.domain_name, chain.domain_uuid, chain.points).to_json()
 
 
-# --- restore as a domain, instant restore, deep verify, retention ------------------------------
-from .restore import flatten as _flatten  # noqa: E402
-from .retention import Policy, PruneResult  # noqa: E402
-from .retention import prune as _prune  # noqa: E402
+@_boundary
+def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[str] = (),
+           uri: Optional[str] = None, notify: Optional[Notify] = None) -> BackupResult:
+    """Take one backup of DOMAIN (name or UUID; running or shut off) into BACKUP_DIR.
+
+    `level`: auto | full | inc | diff (see plan.plan_backup); `disks`: only these targets;
+    `notify` receives the notices the CLI prints on stderr.
+    """
+    return _backup(uri, domain, Path(backup_dir), level, disks, notify)
 
 
+@_boundary
+def list_points(backup_dir: Path) -> PointList:
+    """The restore points recorded in BACKUP_DIR."""
+    chain = BackupDir(Path(backup_dir)).load()
+    return PointList(chain.domain_name, chain.domain_uuid, chain.points)
+
+
+@_boundary
+def restore(backup_dir: Path, output_dir: Path, point: Optional[str] = None,
+            disks: Sequence[str] = ()) -> RestoreResult:
+    """Restore a point (id, `latest`, ISO 8601 time) as standalone OUTPUT_DIR/<disk>.qcow2."""
+    return _restore(Path(backup_dir), Path(output_dir), point, disks)
+
+
+@_boundary
 def restore_point(backup_dir: Path, output_dir: Path, point: Optional[str] = None, disks: Sequence[str] = (),
                   instant: bool = False, define: Optional[str] = None, start: bool = False,
                   uri: Optional[str] = None) -> RestoreResult:
@@ -69,17 +120,53 @@ def restore_point(backup_dir: Path, output_dir: Path, point: Optional[str] = Non
                     start=start, uri=uri)
 
 
+@_boundary
+def verify(backup_dir: Path, point: Optional[str] = None) -> VerifyResult:
+    """Check every image (or one point's chain): qemu-img check, backing links, hashes.
+    Damage is reported in the result (`ok`, `damage`), not raised."""
+    return _verify(Path(backup_dir), point)
+
+
+@_boundary
 def verify_backup(backup_dir: Path, point: Optional[str] = None, deep: bool = False) -> VerifyResult:
     """`verify`; `deep` also reads every point's whole chain through qemu."""
     return _verify(Path(backup_dir), point, deep=deep)
 
 
+@_boundary
 def prune(backup_dir: Path, keep: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
           dry_run: bool = False) -> PruneResult:
     """Drop the points the policy does not keep, merging them into kept points that depend on them."""
     return _prune(Path(backup_dir), Policy(keep, keep_daily, keep_weekly), dry_run)
 
 
-def flatten(image: Path) -> Path:
+@_boundary
+def flatten(image: Path) -> FlattenResult:
     """Copy an overlay's backing data into it and drop the backing link (e.g. after --instant)."""
     return _flatten(Path(image))
+
+
+@_boundary
+def status(domain: str, uri: Optional[str] = None) -> StatusReport:
+    """Each disk's bitmaps (flags, dirty bytes, owner) and every checkpoint of DOMAIN."""
+    with host.connection(uri) as conn:
+        return health.status(host.lookup_domain(conn, domain))
+
+
+@_boundary
+def repair(domain: str, backup_dir: Path, dry_run: bool = False, uri: Optional[str] = None) -> RepairReport:
+    """Make this backup dir's libvirt state clean (only its own checkpoints and bitmaps):
+    delete unneeded or broken checkpoints, remove orphaned bitmaps, redefine lost checkpoints.
+    Failed actions are reported in the result (`ok`, `failure`), not raised."""
+    from .domain import LibvirtDomain
+    bdir = BackupDir(Path(backup_dir))
+    chain = bdir.load()
+    with host.connection(uri) as conn:
+        dom = host.lookup_domain(conn, domain)
+        bdir.check_owner(chain, dom.name(), dom.UUIDString())
+        report = RepairReport(dom.name(), dry_run=dry_run)
+        with domain_lock(dom.UUIDString()), dir_lock(bdir):   # same order as backup
+            report.actions = health.plan_repair(LibvirtDomain(dom), chain, bdir=bdir)
+            if not dry_run:
+                health.apply_repair(dom, bdir, chain, report.actions)
+        return report

@@ -16,7 +16,7 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple, cast
 
 from .errors import BackupDirError, ChainCorrupt, LockBusy, OperationFailed, PointNotFound
 
@@ -25,7 +25,8 @@ METADATA = "virtbackup.json"
 LOCKFILE = ".virtbackup.lock"
 POINTS_DIR = "points"
 PARTIAL_SUFFIX = ".partial"
-LEVELS = ("full", "inc", "diff")
+Level = Literal["full", "inc", "diff"]
+LEVELS: Tuple[str, ...] = ("full", "inc", "diff")
 
 
 def now_iso() -> str:
@@ -76,7 +77,7 @@ class DiskImage:
 @dataclass
 class Point:
     id: str
-    level: str                      # full | inc | diff
+    level: Level                    # full | inc | diff
     created: str                    # ISO 8601, when the backup started (its point in time)
     checkpoint: str                 # libvirt checkpoint created with this point
     base_checkpoint: Optional[str]  # checkpoint the incremental/diff copied changes since
@@ -109,7 +110,7 @@ class Chain:
         for p in self.points:
             if p.id == point_id:
                 return p
-        when = parse_point_time(point_id)  # type: ignore[arg-type]
+        when = parse_point_time(point_id)
         if when is not None:
             return self.point_at(when)
         raise PointNotFound(f"no restore point '{point_id}' (see 'virtbackup list')")
@@ -173,6 +174,7 @@ class Chain:
         for p in data["points"]:
             p = dict(p)
             p["disks"] = {k: DiskImage(**v) for k, v in p["disks"].items()}
+            p["level"] = cast(Level, p.get("level"))   # checked in validate()
             points.append(Point(**p))
         chain = cls(domain_name=str(data["domain_name"]), domain_uuid=str(data["domain_uuid"]),
                     dir_id=str(data["dir_id"]), points=points, next_seq=int(data["next_seq"]),

@@ -6,13 +6,17 @@ deleted; checkpoints of other tools and of other backup dirs are left alone.
 
 from __future__ import annotations
 
-import subprocess
+import logging
+from pathlib import Path
 from typing import Iterable, List, Optional
 
 import libvirt
 
-from . import qemuimg, xmlbuild
-from .host import libvirt_message, transient_retry
+from . import bitmaps, qemuimg, xmlbuild
+from .errors import VirtBackupError
+from .host import call, libvirt_message, transient_retry
+
+log = logging.getLogger(__name__)
 
 
 @transient_retry
@@ -44,10 +48,10 @@ def delete(dom: libvirt.virDomain, name: str, sources: Iterable[str] = ()) -> Op
         cp = lookup(dom, name)
         if dom.isActive():
             if cp is not None:
-                transient_retry(cp.delete)(0)
+                call(cp.delete, 0)
             return None
         if cp is not None:
-            cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+            call(cp.delete, libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
     except libvirt.libvirtError as e:
         return f"could not delete checkpoint {name}: {libvirt_message(e)}"
     warnings = [w for w in (remove_bitmap_offline(src, name) for src in sources) if w]
@@ -55,23 +59,23 @@ def delete(dom: libvirt.virDomain, name: str, sources: Iterable[str] = ()) -> Op
 
 
 def remove_bitmap_offline(image: str, bitmap: str) -> Optional[str]:
+    """Remove bitmap `bitmap` from an image nobody has open; a warning when it could not."""
     try:
-        info = qemuimg.info(image)  # type: ignore[arg-type]
-    except Exception as e:  # image gone or busy: nothing we can do offline
+        present = bitmap in bitmaps.header_flags(Path(image))
+    except VirtBackupError as e:  # image gone or busy: nothing we can do offline
         return f"could not inspect {image}: {e}"
-    bitmaps = ((info.get("format-specific") or {}).get("data") or {}).get("bitmaps") or []
-    if not any(b.get("name") == bitmap for b in bitmaps):
+    if not present:
         return None
-    proc = subprocess.run([qemuimg.QEMU_IMG, "bitmap", "--remove", image, bitmap],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        return f"could not remove bitmap {bitmap} from {image}: {proc.stderr.strip()}"
+    try:
+        qemuimg.bitmap_remove(Path(image), bitmap)
+    except VirtBackupError as e:
+        return str(e)
     return None
 
 
 def saved_xml(cp: libvirt.virDomainCheckpoint) -> str:
     """The checkpoint's XML without <domain>: redefinable even after the domain got a new UUID."""
-    return cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+    return str(cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
 
 
 def redefine(dom: libvirt.virDomain, xml: str) -> None:
@@ -80,7 +84,7 @@ def redefine(dom: libvirt.virDomain, xml: str) -> None:
     if dom.isActive():
         flags |= libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
     try:
-        transient_retry(dom.checkpointCreateXML)(xml, flags)
+        call(dom.checkpointCreateXML, xml, flags)
     except libvirt.libvirtError as e:
         if flags & libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE:
             # validation failed after the metadata went in: take it out again
@@ -88,12 +92,30 @@ def redefine(dom: libvirt.virDomain, xml: str) -> None:
             cp = lookup(dom, name) if name else None
             if cp is not None:
                 try:
-                    cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+                    call(cp.delete, libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
                 except libvirt.libvirtError:
                     pass
         raise e
 
 
+def current(dom: libvirt.virDomain) -> Optional[str]:
+    """libvirt's current checkpoint, which a new one must name as parent.
+
+    libvirt has no API for it. It is the newest checkpoint created (or redefined) that has not
+    been deleted since, and deleting the current one makes its parent current: so it is a leaf,
+    and of the leaves the one created last.
+    """
+    best: Optional[str] = None
+    best_time = -1
+    for cp in call(dom.listAllCheckpoints, libvirt.VIR_DOMAIN_CHECKPOINT_LIST_LEAVES):
+        root = xmlbuild.parse(cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
+        created = int(root.findtext("creationTime") or 0)
+        if created >= best_time:
+            best, best_time = cp.getName(), created
+    return best
+
+
 def tracked_disks(xml: str) -> List[str]:
     """Disks whose writes a checkpoint records (its <disk checkpoint='bitmap'> entries)."""
-    return [str(d.get("name")) for d in xmlbuild.parse(xml).findall("disks/disk") if d.get("checkpoint", "bitmap") == "bitmap"]
+    return [str(d.get("name")) for d in xmlbuild.parse(xml).findall("disks/disk")
+            if d.get("checkpoint", "bitmap") == "bitmap"]

@@ -1,11 +1,16 @@
-"""virsh-style command line. Parses, calls virtbackup.api, renders text or JSON. No libvirt here."""
+"""virsh-style command line. Parses, calls virtbackup.api, renders text or JSON. No libvirt here.
+
+The API raises only VirtBackupError (errors.py); anything else reaching `_run` is a bug and is
+reported as one "internal error" line (VIRTBACKUP_DEBUG=1 shows the traceback).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
-from dataclasses import asdict
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -27,7 +32,29 @@ api = _LazyAPI()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Full, incremental and differential backups of libvirt/QEMU domains.")
-_state: Dict[str, Optional[str]] = {"uri": None}
+_state: Dict[str, Any] = {"uri": None, "debug": False}
+
+
+class _Elapsed(logging.Formatter):
+    """Debug lines on stderr, each with the seconds since the command started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t0 = time.monotonic()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return (f"virtbackup: debug: {time.monotonic() - self.t0:7.3f}s {record.name.removeprefix('virtbackup.')}: "
+                f"{record.getMessage()}")
+
+
+def _enable_debug() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Elapsed())
+    handler.setLevel(logging.DEBUG)
+    root = logging.getLogger("virtbackup")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    logging.getLogger("virtbackup.cli").debug("argv %s", sys.argv)
 
 
 def _err(msg: str) -> None:
@@ -41,27 +68,35 @@ def _run(as_json: bool, fn: Callable[[], Any], render: Callable[[Any], None]) ->
         _err(f"error: {e}")
         if as_json:
             print(json.dumps({"error": {"kind": e.kind, "message": str(e), "exit_code": e.exit_code}}))
-        raise typer.Exit(e.exit_code)
+        raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         _err("error: interrupted")
         if as_json:
             print(json.dumps({"error": {"kind": "interrupted", "message": "interrupted", "exit_code": EXIT_FAILED}}))
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(EXIT_FAILED) from None
     except Exception as e:
-        # Last line of defence: one line, exit 1, never a traceback. (libvirtError is matched by
-        # name: this module does not import libvirt.)
-        if os.environ.get("VIRTBACKUP_DEBUG"):
+        # A bug (the API raises only VirtBackupError): still one line, exit 1, no traceback
+        # unless VIRTBACKUP_DEBUG=1 or --debug asks for it.
+        if os.environ.get("VIRTBACKUP_DEBUG") or _state["debug"]:
             raise
-        if isinstance(e, OSError) or type(e).__name__ == "libvirtError":
-            msg, kind = getattr(e, "get_error_message", lambda: None)() or str(e), "host"
-        else:   # a bug: still one line; VIRTBACKUP_DEBUG=1 shows the traceback
-            msg, kind = f"internal error: {type(e).__name__}: {e} (VIRTBACKUP_DEBUG=1 shows where)", "internal"
-        msg = " ".join(msg.split())
+        msg = " ".join(f"internal error: {type(e).__name__}: {e} (VIRTBACKUP_DEBUG=1 shows where)".split())
         _err(f"error: {msg}")
         if as_json:
-            print(json.dumps({"error": {"kind": kind, "message": msg, "exit_code": EXIT_FAILED}}))
-        raise typer.Exit(EXIT_FAILED)
+            print(json.dumps({"error": {"kind": "internal", "message": msg, "exit_code": EXIT_FAILED}}))
+        raise typer.Exit(EXIT_FAILED) from None
     render(result)
+
+
+def _fail(as_json: bool, out: Dict[str, Any], message: Optional[str], kind: str) -> None:
+    """Print a result that carries its own failure (verify damage, a failed repair action):
+    the JSON with an "error" member, then the one error line and exit 1."""
+    if as_json:
+        if message:
+            out = {**out, "error": {"kind": kind, "message": message, "exit_code": EXIT_FAILED}}
+        print(json.dumps(out))
+    if message:
+        _err(f"error: {message}")
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _human_size(n: float) -> str:
@@ -74,17 +109,21 @@ def _human_size(n: float) -> str:
 
 @app.callback()
 def main_opts(connect: Optional[str] = typer.Option(
-        None, "--connect", "-c", help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)")) -> None:
+        None, "--connect", "-c", help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)"),
+        debug: bool = typer.Option(False, "--debug", "-v", help="print every command run, QMP command and "
+                                   "libvirt call (with its XML) and timings on stderr")) -> None:
     _state["uri"] = connect
+    _state["debug"] = debug
+    if debug:
+        _enable_debug()
 
 
 @app.command()
 def status(domain: str = typer.Argument(..., help="domain name or UUID"),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Show each disk's bitmaps (recording/busy/inconsistent, dirty bytes) and whose they are."""
-    from . import health
-
-    def render(st: Any) -> None:
+    def render(report: Any) -> None:
+        st = report.to_json()
         if as_json:
             print(json.dumps(st))
             return
@@ -104,7 +143,7 @@ def status(domain: str = typer.Argument(..., help="domain name or UUID"),
             where = cp["backup_dir"] or cp["dir_id"] or ""
             print(f"checkpoint {cp['name']} parent={cp['parent'] or '-'} {cp['owner']} {where}".rstrip())
 
-    _run(as_json, lambda: health.domain_status(_state["uri"], domain), render)
+    _run(as_json, lambda: api.status(domain, _state["uri"]), render)
 
 
 @app.command()
@@ -113,28 +152,17 @@ def repair(domain: str = typer.Argument(..., help="domain name or UUID"),
            dry_run: bool = typer.Option(False, "--dry-run", help="only show what would be done"),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Clean up this backup dir's orphaned/broken bitmaps and checkpoints; redefine lost ones."""
-    from . import health
-
     def render(r: Any) -> None:
-        bad = next((a for a in r.actions if a.error), None)
-        message = f"repair failed: {bad.kind} {bad.name}: {bad.error}" if bad else None
-        if as_json:
-            out = {"domain": r.domain, "dry_run": r.dry_run, "ok": r.ok, "actions": [asdict(a) for a in r.actions]}
-            if message:
-                out["error"] = {"kind": "repair-failed", "message": message, "exit_code": EXIT_FAILED}
-            print(json.dumps(out))
-        else:
+        if not as_json:
             if not r.actions:
                 print("nothing to repair")
             for a in r.actions:
                 what = f"{a.kind} {a.name}" + (f" on {a.disk}" if a.disk else "")
                 state = "would" if r.dry_run else ("done" if a.done else f"FAILED: {a.error}")
                 print(f"{state}: {what}: {a.reason}")
-        if message:
-            _err(f"error: {message}")
-            raise typer.Exit(EXIT_FAILED)
+        _fail(as_json, r.to_json(), r.failure, "repair-failed")
 
-    _run(as_json, lambda: health.repair(_state["uri"], domain, backup_dir, dry_run), render)
+    _run(as_json, lambda: api.repair(domain, backup_dir, dry_run, _state["uri"]), render)
 
 
 @app.command()
@@ -149,8 +177,7 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
 
     def render(r: Any) -> None:
         if as_json:
-            print(json.dumps({"domain": r.domain, "point": api.point_json(r.point), "skipped": r.skipped,
-                              "removed_checkpoints": r.removed_checkpoints, "warnings": r.warnings}))
+            print(json.dumps(r.to_json()))
             return
         p = r.point
         size = _human_size(sum(i.size for i in p.disks.values()))
@@ -166,9 +193,9 @@ def list_cmd(backup_dir: Path = typer.Argument(...),
     """List the restore points of a backup directory, oldest first."""
     def render(chain: Any) -> None:
         if as_json:
-            print(json.dumps(api.chain_json(chain)))
+            print(json.dumps(chain.to_json()))
             return
-        print(f"domain {chain.domain_name} ({chain.domain_uuid})")
+        print(f"domain {chain.domain} ({chain.uuid})")
         print(f"{'ID':<6} {'LEVEL':<5} {'CREATED':<26} {'PARENT':<6} {'DISKS':<16} {'SIZE':>10}  NOTE")
         for p in chain.points:
             size = _human_size(sum(i.size for i in p.disks.values()))
@@ -193,10 +220,7 @@ def restore(backup_dir: Path = typer.Argument(...), output_dir: Path = typer.Arg
     """Restore a point as one standalone qcow2 per disk: OUTPUT_DIR/<disk>.qcow2."""
     def render(r: Any) -> None:
         if as_json:
-            print(json.dumps({"point": r.point.id, "images": {k: str(v) for k, v in r.images.items()},
-                              "instant": r.instant,
-                              "domain": ({"name": r.domain, "uuid": r.domain_uuid, "started": r.started}
-                                         if r.domain else None), "notes": r.notes}))
+            print(json.dumps(r.to_json()))
             return
         for name, path in sorted(r.images.items()):
             if r.instant:
@@ -220,28 +244,13 @@ def verify(backup_dir: Path = typer.Argument(...),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Check every image: qemu-img check, backing links, content hashes recorded at backup time."""
     def render(r: Any) -> None:
-        message = None
-        if not r.ok:
-            first = r.damage[0]
-            message = (f"verify failed: {first.image} (point {first.point}, disk {first.disk}): {first.problem}"
-                       + (f"; {len(r.damage) - 1} more damaged image(s)" if len(r.damage) > 1 else "")
-                       + f"; affected points: {', '.join(r.damaged_points)}")
-        if as_json:
-            out = {"ok": r.ok, "points": r.points, "images_checked": r.images_checked,
-                   "deep": r.deep, "chains_read": r.chains_read,
-                   "damaged_points": r.damaged_points, "damage": [asdict(d) for d in r.damage]}
-            if message:
-                out["error"] = {"kind": "verify-failed", "message": message, "exit_code": EXIT_FAILED}
-            print(json.dumps(out))
-        else:
+        if not as_json:
             for d in r.damage:
                 _err(f"damaged: point {d.point} disk {d.disk} image {d.image}: {d.problem}")
             if r.ok:
                 print(f"ok: {len(r.points)} point(s), {r.images_checked} image(s) verified"
                       + (f", {r.chains_read} chain(s) read end to end" if r.deep else ""))
-        if message:
-            _err(f"error: {message}")
-            raise typer.Exit(EXIT_FAILED)
+        _fail(as_json, r.to_json(), r.failure, "verify-failed")
 
     _run(as_json, lambda: api.verify_backup(backup_dir, point, deep), render)
 
@@ -259,9 +268,7 @@ def prune(backup_dir: Path = typer.Argument(...),
     def render(r: Any) -> None:
         plan = r.plan
         if as_json:
-            print(json.dumps({"dry_run": r.dry_run, "points": [asdict(d) for d in plan.decisions],
-                              "kept": plan.keep, "dropped": plan.drop, "changes": plan.notes,
-                              "removed": r.removed, "leftovers": r.leftovers}))
+            print(json.dumps(r.to_json()))
             return
         for d in plan.decisions:
             print(f"{'keep' if d.keep else 'drop'} {d.point}: {'; '.join(d.reasons)}")
@@ -279,11 +286,11 @@ def prune(backup_dir: Path = typer.Argument(...),
 def flatten(image: Path = typer.Argument(..., help="a qcow2 overlay, e.g. from restore --instant"),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Copy an image's backing data into it and drop the backing link (it must not be in use)."""
-    def render(path: Any) -> None:
+    def render(r: Any) -> None:
         if as_json:
-            print(json.dumps({"image": str(path), "standalone": True}))
+            print(json.dumps(r.to_json()))
         else:
-            print(f"{path} is standalone")
+            print(f"{r.image} is standalone")
 
     _run(as_json, lambda: api.flatten(image), render)
 

@@ -8,16 +8,22 @@ broken by a crash, orphaned bitmaps of interrupted runs, checkpoints no backup n
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional, Set
 
 import libvirt
 from lxml import etree
 
-from . import checkpoints, host, monitor, qemuimg, xmlbuild
-from .chain import BackupDir, Chain
+from . import checkpoints, host, monitor, xmlbuild
+from .bitmaps import problem as bitmap_problem
+from .chain import BackupDir, Chain, Point
+from .domain import LibvirtDomain, eligible_disks
 from .errors import VirtBackupError
+from .plan import DomainView
+
+log = logging.getLogger(__name__)
 
 OWNED = re.compile(r"^virtbackup-(?P<dir>[0-9a-f]{8})-(?P<point>\d{4,})$")
 _DESC_DIR = re.compile(r" into (?P<dir>/.*)$")
@@ -28,46 +34,26 @@ def owner_of(name: str) -> Optional[Dict[str, str]]:
     return {"dir_id": m["dir"], "point": m["point"]} if m else None
 
 
-def eligible_disks(dom: libvirt.virDomain) -> List[host.Disk]:
-    flags = 0 if dom.isActive() else libvirt.VIR_DOMAIN_XML_INACTIVE
-    return [d for d in host.domain_disks(dom.XMLDesc(flags)) if d.skip_reason() is None]
-
-
-def disk_bitmaps(dom: libvirt.virDomain, disks: Optional[List[host.Disk]] = None) -> Dict[str, List[monitor.Bitmap]]:
-    """Bitmaps per disk: live state from QEMU when running, from the qcow2 headers when off."""
-    disks = eligible_disks(dom) if disks is None else disks
-    if dom.isActive():
-        return monitor.disk_bitmaps(dom, disks)
-    out: Dict[str, List[monitor.Bitmap]] = {}
-    for d in disks:
-        info = qemuimg.info(d.source, force_share=True)  # type: ignore[arg-type]
-        bms = ((info.get("format-specific") or {}).get("data") or {}).get("bitmaps") or []
-        out[d.target] = [monitor.Bitmap(name=b["name"], recording="auto" in b.get("flags", []), busy=False,
-                                        persistent=True, inconsistent="in-use" in b.get("flags", []),
-                                        granularity=int(b.get("granularity", 0)), count=-1) for b in bms]
-    return out
-
-
-def bitmap_problem(bitmaps: Dict[str, List[monitor.Bitmap]], disks: List[str], name: str) -> Optional[str]:
-    """Why bitmap `name` can't be trusted on these disks (None = it can)."""
-    for disk in disks:
-        bm = next((b for b in bitmaps.get(disk, []) if b.name == name), None)
-        if bm is None:
-            return f"bitmap {name} is missing on disk {disk}"
-        if bm.inconsistent:
-            return f"bitmap {name} on disk {disk} is inconsistent (QEMU stopped uncleanly)"
-        if not bm.recording:
-            return f"bitmap {name} on disk {disk} is not recording"
-        if bm.busy:
-            return f"bitmap {name} on disk {disk} is busy (another job uses it)"
-    return None
-
-
 # --- status ------------------------------------------------------------------------------------
-def status(dom: libvirt.virDomain) -> Dict[str, Any]:
+@dataclass
+class StatusReport:
+    """`virtbackup status`: per disk its bitmaps with flags and owner; every checkpoint."""
+
+    domain: str
+    uuid: str
+    active: bool
+    disks: Dict[str, Any]               # target -> {"source", "bitmaps": [{name, flags..., owner, ...}]}
+    checkpoints: List[Dict[str, Any]]   # {"name", "parent", "owner", "dir_id", "point", "backup_dir", "disks"}
+
+    def to_json(self) -> Dict[str, Any]:
+        """{"domain", "uuid", "active", "disks": {...}, "checkpoints": [...]} (the `--json` output)."""
+        return asdict(self)
+
+
+def status(dom: libvirt.virDomain) -> StatusReport:
     """Per disk the bitmaps with their flags and owner; every checkpoint with its owner."""
     cps: Dict[str, Dict[str, Any]] = {}
-    for cp in dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL):
+    for cp in host.call(dom.listAllCheckpoints, libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL):
         name = cp.getName()
         try:
             parent: Optional[str] = cp.getParent().getName()
@@ -83,7 +69,7 @@ def status(dom: libvirt.virDomain) -> Dict[str, Any]:
                      "disks": [d.get("name") for d in root.findall("disks/disk") if d.get("checkpoint") != "no"]}
     disks: Dict[str, Any] = {}
     elig = eligible_disks(dom)
-    bitmaps = disk_bitmaps(dom, elig)
+    bitmaps = LibvirtDomain(dom).bitmaps(elig)
     for d in elig:
         rows = []
         for b in bitmaps.get(d.target, []):
@@ -94,14 +80,16 @@ def status(dom: libvirt.virDomain) -> Dict[str, Any]:
                          "dir_id": own["dir_id"] if own else None,
                          "backup_dir": cp["backup_dir"] if cp else None})
         disks[d.target] = {"source": d.source, "bitmaps": rows}
-    return {"domain": dom.name(), "uuid": dom.UUIDString(), "active": bool(dom.isActive()),
-            "disks": disks, "checkpoints": list(cps.values())}
+    return StatusReport(dom.name(), dom.UUIDString(), bool(dom.isActive()), disks, list(cps.values()))
 
 
 # --- repair ------------------------------------------------------------------------------------
+ActionKind = Literal["delete-checkpoint", "remove-bitmap", "redefine-checkpoint"]
+
+
 @dataclass
 class Action:
-    kind: str                    # delete-checkpoint | remove-bitmap | redefine-checkpoint
+    kind: ActionKind
     name: str                    # checkpoint / bitmap name
     reason: str
     disk: Optional[str] = None   # for remove-bitmap
@@ -120,12 +108,24 @@ class RepairReport:
     def ok(self) -> bool:
         return all(a.error is None for a in self.actions)
 
+    @property
+    def failure(self) -> Optional[str]:
+        """One line naming the first action that failed (None when all went well)."""
+        bad = next((a for a in self.actions if a.error), None)
+        return f"repair failed: {bad.kind} {bad.name}: {bad.error}" if bad else None
 
-def _tracked(dom: libvirt.virDomain, bdir: Optional[BackupDir], point: Any, name: str) -> Optional[List[str]]:
+    def to_json(self) -> Dict[str, Any]:
+        """{"domain", "dry_run", "ok", "actions": [{"kind", "name", "reason", "disk", "parent",
+        "done", "error"}]} (the `--json` output, without its "error" member)."""
+        return {"domain": self.domain, "dry_run": self.dry_run, "ok": self.ok,
+                "actions": [asdict(a) for a in self.actions]}
+
+
+def _tracked(view: DomainView, bdir: Optional[BackupDir], point: Point, name: str) -> Optional[List[str]]:
     """Disks the checkpoint records: from libvirt if it knows it, else from the saved XML."""
-    cp = checkpoints.lookup(dom, name)
-    if cp is not None:
-        return checkpoints.tracked_disks(cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
+    tracked = view.checkpoint_disks(name)
+    if tracked is not None:
+        return tracked
     if bdir is not None:
         try:
             return checkpoints.tracked_disks(bdir.resolve(point.checkpoint_xml).read_text())
@@ -134,7 +134,7 @@ def _tracked(dom: libvirt.virDomain, bdir: Optional[BackupDir], point: Any, name
     return None
 
 
-def plan_repair(dom: libvirt.virDomain, chain: Chain, fix_broken: bool = True,
+def plan_repair(view: DomainView, chain: Chain, fix_broken: bool = True,
                 bdir: Optional[BackupDir] = None) -> List[Action]:
     """What to change so this backup dir's chain is clean. Touches only names with our prefix.
 
@@ -143,20 +143,20 @@ def plan_repair(dom: libvirt.virDomain, chain: Chain, fix_broken: bool = True,
     """
     prefix = chain.checkpoint_prefix()
     needed = chain.needed_checkpoints()
-    known = set(checkpoints.ours(dom, prefix))
-    elig = eligible_disks(dom)
+    known = {n for n in view.checkpoint_names() if n.startswith(prefix)}
+    elig = [d for d in view.disks() if d.skip_reason() is None]
     present = {d.target for d in elig}
-    bitmaps = disk_bitmaps(dom, elig)
+    bitmaps = view.bitmaps(elig)
     by_cp = {p.checkpoint: p for p in chain.points}
     actions: List[Action] = []
-    keep_bitmaps = set()
+    keep_bitmaps: Set[str] = set()
     redefined: List[str] = []
     for name in sorted(known):
         if name not in needed:
             actions.append(Action("delete-checkpoint", name, "no future backup of this directory needs it"))
     for name in needed:
         point = by_cp[name]
-        tracked = _tracked(dom, bdir, point, name)
+        tracked = _tracked(view, bdir, point, name)
         disks = sorted(set(point.disks) & present & (set(tracked) if tracked is not None else set(point.disks)))
         problem = bitmap_problem(bitmaps, disks, name) if disks else "none of its disks is attached"
         if name in known:
@@ -204,23 +204,6 @@ def apply_repair(dom: libvirt.virDomain, bdir: BackupDir, chain: Chain, actions:
             a.done = True
         except (VirtBackupError, libvirt.libvirtError, OSError, ValueError, etree.LxmlError) as e:
             a.error = host.libvirt_message(e)
-
-
-def repair(uri: Optional[str], domain: str, backup_dir: Any, dry_run: bool = False) -> RepairReport:
-    from .chain import dir_lock, domain_lock
-    bdir = BackupDir(backup_dir)
-    chain = bdir.load()
-    with host.connection(uri) as conn:
-        dom = host.lookup_domain(conn, domain)
-        bdir.check_owner(chain, dom.name(), dom.UUIDString())
-        report = RepairReport(dom.name(), dry_run=dry_run)
-        with domain_lock(dom.UUIDString()), dir_lock(bdir):   # same order as backup
-            report.actions = plan_repair(dom, chain, bdir=bdir)
-            if not dry_run:
-                apply_repair(dom, bdir, chain, report.actions)
-        return report
-
-
-def domain_status(uri: Optional[str], domain: str) -> Dict[str, Any]:
-    with host.connection(uri) as conn:
-        return status(host.lookup_domain(conn, domain))
+            log.warning("repair %s %s failed: %s", a.kind, a.name, a.error)
+        else:
+            log.info("repair %s %s%s: %s", a.kind, a.name, f" on {a.disk}" if a.disk else "", a.reason)

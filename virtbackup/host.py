@@ -6,9 +6,11 @@ rest of the package deals in plain data.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
@@ -17,9 +19,10 @@ import libvirt
 from lxml import etree
 from tenacity import retry, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
-from .errors import DomainNotFound, HostError
+from .errors import DomainNotFound, HostError, OperationFailed, OutputExists
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 DEFAULT_URI = "qemu:///system"
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 
@@ -103,6 +106,7 @@ def _open(uri: str) -> libvirt.virConnect:
 def connect(uri: Optional[str] = None) -> libvirt.virConnect:
     uri = uri or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
     ensure_event_loop()
+    log.debug("libvirt open %s", uri)
     try:
         conn = _open(uri)
     except libvirt.libvirtError as e:
@@ -136,6 +140,48 @@ def lookup_domain(conn: libvirt.virConnect, name_or_uuid: str) -> libvirt.virDom
         if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             raise DomainNotFound(f"domain '{name_or_uuid}' not found") from None
         raise HostError(f"cannot look up domain '{name_or_uuid}': {libvirt_message(e)}") from None
+
+
+class DomainHandle:
+    """A domain and the connection it was looked up on, able to reconnect.
+
+    libvirtd may restart during a long job (QEMU and the job survive it): the engine and the
+    runners then open a new connection and look the domain up again by UUID. Connections opened
+    here are closed by `close()`; the caller's own connection is left to the caller.
+    """
+
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain):
+        self.conn = conn
+        self.dom = dom
+        self.uri = conn.getURI()
+        self.uuid = dom.UUIDString()
+        self.name = dom.name()
+        self._own: List[libvirt.virConnect] = []
+
+    def alive(self) -> bool:
+        try:
+            return bool(self.conn.isAlive() == 1)
+        except libvirt.libvirtError:
+            return False
+
+    def reconnect_if_lost(self) -> bool:
+        """Open a new connection when the current one is dead. True when it reconnected."""
+        if self.alive():
+            return False
+        log.info("the connection to libvirtd was lost; reconnecting to %s", self.uri)
+        conn = connect(self.uri)
+        self._own.append(conn)
+        self.conn = conn
+        self.dom = call(conn.lookupByUUIDString, self.uuid)
+        return True
+
+    def close(self) -> None:
+        for conn in self._own:
+            try:
+                conn.close()
+            except libvirt.libvirtError:
+                pass
+        self._own.clear()
 
 
 @dataclass(frozen=True)
@@ -198,9 +244,23 @@ def domain_disks(xml: str) -> List[Disk]:
 
 
 @transient_retry
-def call(fn: Callable[..., T], *args: Any) -> T:
-    """Call a libvirt method, retrying transient errors (bounded)."""
+def _call(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
+
+
+def call(fn: Callable[..., T], *args: Any) -> T:
+    """Call a libvirt method, retrying transient errors (bounded); logged at debug with its
+    arguments (XML included) and how long it took."""
+    name = getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
+    if log.isEnabledFor(logging.DEBUG):
+        shown = [a if isinstance(a, (int, str)) else repr(a) for a in args]
+        log.debug("libvirt %s(%s)", name, ", ".join(f"\n{a}" if isinstance(a, str) and "<" in a else repr(a)
+                                                    for a in shown))
+    started = time.monotonic()
+    try:
+        return _call(fn, *args)
+    finally:
+        log.debug("libvirt %s took %.3fs", name, time.monotonic() - started)
 
 
 class JobWatch:
@@ -253,8 +313,6 @@ class JobWatch:
 
         Returns False only when `timeout` seconds passed first.
         """
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.done.wait(check_every if deadline is None
                                  else max(0.0, min(check_every, deadline - time.monotonic()))):
@@ -275,49 +333,6 @@ class JobWatch:
                 self.conn.unregisterCloseCallback()
             except libvirt.libvirtError:
                 pass
-
-
-def image_in_use(path: str) -> bool:
-    """True when another process holds QEMU's image locks on `path`.
-
-    QEMU (file-posix) takes OFD byte-range locks at offsets 100.. and 200.. on every image it has
-    open; F_OFD_GETLK asks whether any of them would conflict with a write lock.
-    """
-    import fcntl
-    import struct
-
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        req = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 100, 200, 0)
-        res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, req)
-        return struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK
-    finally:
-        os.close(fd)
-
-
-def wait_released(paths: List[str], timeout: float = 60.0) -> None:
-    """Wait until QEMU has closed these images.
-
-    libvirt reports a backup job complete a few milliseconds before QEMU closes the target
-    (observed on libvirt 9.0 / QEMU 7.2: the close rewrites qcow2 metadata up to ~30 ms after
-    the JOB_COMPLETED event). Nothing signals the close, so this is a short bounded wait on
-    the lock state, not a poll for the job.
-    """
-    import time
-
-    deadline = time.monotonic() + timeout
-    delay = 0.002
-    for p in paths:
-        while image_in_use(p):
-            if time.monotonic() > deadline:
-                raise HostError(f"QEMU still holds {p} open {timeout:.0f}s after the job ended")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
-
-
 
 
 @contextmanager
@@ -344,3 +359,44 @@ def signals_noted(note: Callable[[str], None]) -> Iterator[None]:
     finally:
         for sig, previous in old.items():
             signal.signal(sig, previous)
+
+
+# --- defining a restored domain (restore --define) ---------------------------------------------
+@dataclass
+class Defined:
+    name: str
+    uuid: str
+    started: bool
+
+
+def check_name_free(uri: Optional[str], name: str) -> None:
+    """Refuse (exit 2) before anything is written when a domain of that name exists."""
+    with connection(uri) as conn:
+        try:
+            conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return
+            raise OperationFailed(f"cannot look up domain '{name}': {libvirt_message(e)}") from e
+        raise OutputExists(f"domain '{name}' exists; choose another name for the restored domain")
+
+
+def define(uri: Optional[str], xml: str) -> Defined:
+    """Define the domain; exit 1 naming libvirt's reason when it refuses."""
+    with connection(uri) as conn:
+        log.debug("libvirt defineXML:\n%s", xml)
+        try:
+            dom = conn.defineXML(xml)
+        except libvirt.libvirtError as e:
+            raise OperationFailed(f"cannot define the restored domain: {libvirt_message(e)}") from e
+        return Defined(dom.name(), dom.UUIDString(), False)
+
+
+def start(uri: Optional[str], name: str) -> None:
+    with connection(uri) as conn:
+        log.debug("libvirt create(%s)", name)
+        try:
+            conn.lookupByName(name).create()
+        except libvirt.libvirtError as e:
+            raise OperationFailed(f"domain '{name}' was defined but did not start: "
+                                  f"{libvirt_message(e)}") from e

@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
+import struct
 import subprocess
+import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from .errors import HostError
 
 QEMU_IMG = os.environ.get("VIRTBACKUP_QEMU_IMG", "qemu-img")
+log = logging.getLogger(__name__)
 
 
-def run(args: Sequence[str], what: str) -> subprocess.CompletedProcess:
-    """Run qemu-img; on failure raise HostError with its last stderr line."""
-    cmd = [QEMU_IMG, *args]
+def execute(cmd: Sequence[str]) -> "subprocess.CompletedProcess[str]":
+    """Run one program (argv list), logging the argv, exit status and time at debug."""
+    log.debug("exec %s", " ".join(cmd))
+    started = time.monotonic()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise HostError(f"{QEMU_IMG} not found; install qemu-utils") from None
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+    except FileNotFoundError as e:
+        raise HostError(f"{cmd[0]} not found; install qemu-utils") from e
+    log.debug("exit %d after %.3fs: %s", proc.returncode, time.monotonic() - started, cmd[0])
+    return proc
+
+
+def run(args: Sequence[str], what: str) -> "subprocess.CompletedProcess[str]":
+    """Run qemu-img; on failure raise HostError with its last stderr line."""
+    proc = execute([QEMU_IMG, *args])
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
         reason = lines[-1] if lines else f"exit status {proc.returncode}"
@@ -50,10 +63,9 @@ def info(path: Path, backing_chain: bool = False, force_share: bool = False) -> 
     return json.loads(run(args, f"cannot inspect {path}").stdout)
 
 
-def check(path: Path) -> dict:
+def check(path: Path) -> Any:
     """`qemu-img check`; returns its JSON report; raises HostError when the image is damaged."""
-    cmd = [QEMU_IMG, "check", "--output=json", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = execute([QEMU_IMG, "check", "--output=json", str(path)])
     # exit 0 clean, 2 corruptions, 3 leaks only (harmless), 1 could not check
     if proc.returncode in (0, 3):
         try:
@@ -73,10 +85,15 @@ def convert(src: Path, dst: Path, out_format: str = "qcow2") -> None:
 
 
 def compare(a: Path, b: Path) -> bool:
-    proc = subprocess.run([QEMU_IMG, "compare", "-q", str(a), str(b)], capture_output=True, check=False)
+    proc = execute([QEMU_IMG, "compare", "-q", str(a), str(b)])
     if proc.returncode in (0, 1):
         return proc.returncode == 0
-    raise HostError(f"cannot compare {a} and {b}: {proc.stderr.decode(errors='replace').strip()}")
+    raise HostError(f"cannot compare {a} and {b}: {proc.stderr.strip()}")
+
+
+def bitmap_remove(image: Path, bitmap: str) -> None:
+    """Remove a persistent bitmap from an image nobody has open."""
+    run(["bitmap", "--remove", str(image), bitmap], f"could not remove bitmap {bitmap} from {image}")
 
 
 def rebase(path: Path, backing: Optional[str], safe: bool = True) -> None:
@@ -106,3 +123,40 @@ def read_all(path: Path, virtual_size: int) -> None:
     """
     run(["convert", "-q", "-n", "--target-image-opts", str(path), f"driver=null-co,size={virtual_size}"],
         f"cannot read {path}")
+
+
+# --- QEMU's image locks (no qemu-img involved: asked of the kernel) ---------------------------
+def image_in_use(path: str) -> bool:
+    """True when another process holds QEMU's image locks on `path`.
+
+    QEMU (file-posix) takes OFD byte-range locks at offsets 100.. and 200.. on every image it has
+    open; F_OFD_GETLK asks whether any of them would conflict with a write lock.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        req = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 100, 200, 0)
+        res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, req)
+        return bool(struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK)
+    finally:
+        os.close(fd)
+
+
+def wait_released(paths: List[str], timeout: float = 60.0) -> None:
+    """Wait until QEMU has closed these images.
+
+    libvirt reports a backup job complete a few milliseconds before QEMU closes the target
+    (observed on libvirt 9.0 / QEMU 7.2: the close rewrites qcow2 metadata up to ~30 ms after
+    the JOB_COMPLETED event). Nothing signals the close, so this is a short bounded wait on
+    the lock state, not a poll for the job.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    for p in paths:
+        while image_in_use(p):
+            if time.monotonic() > deadline:
+                raise HostError(f"QEMU still holds {p} open {timeout:.0f}s after the job ended")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from lxml import etree
 
-from . import qemuimg
+from . import host, qemuimg, restoredom
 from .chain import BackupDir, Chain, Point
 from .errors import DiskNotFound, OutputExists, RestoreFailed, UsageError, VirtBackupError
 
@@ -23,6 +23,24 @@ class RestoreResult:
     domain_uuid: Optional[str] = None
     started: bool = False
     notes: List[str] = field(default_factory=list)
+
+    def to_json(self) -> Dict[str, Any]:
+        """{"point", "images": {disk: path}, "instant", "domain": {"name", "uuid", "started"} | null,
+        "notes"} (the `restore --json` output)."""
+        return {"point": self.point.id, "images": {k: str(v) for k, v in self.images.items()},
+                "instant": self.instant,
+                "domain": ({"name": self.domain, "uuid": self.domain_uuid, "started": self.started}
+                           if self.domain else None), "notes": self.notes}
+
+
+@dataclass
+class FlattenResult:
+    image: Path
+    standalone: bool = True
+
+    def to_json(self) -> Dict[str, Any]:
+        """{"image", "standalone"} (the `flatten --json` output)."""
+        return {"image": str(self.image), "standalone": self.standalone}
 
 
 def _place(tmp: Path, out: Path) -> None:
@@ -102,13 +120,12 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
             raise OutputExists(f"{out} exists; remove it or restore into another directory")
     saved_xml = ""
     if define:
-        from . import restoredom
         try:
             saved_xml = bdir.resolve(point.domain_xml).read_text()
         except OSError as e:
             raise RestoreFailed(f"point {point.id}: cannot read its domain XML {point.domain_xml}: "
                                 f"{e.strerror}") from None
-        restoredom.check_name_free(uri, define)
+        host.check_name_free(uri, define)
         # built before anything is written: a damaged saved XML must not leave images behind
         try:
             define_xml, define_notes = restoredom.restored_domain_xml(
@@ -154,10 +171,9 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
                 pass
     result = RestoreResult(point, done, instant=instant)
     if define:
-        from . import restoredom
         result.notes = define_notes
         try:
-            d = restoredom.define(uri, define_xml)
+            d = host.define(uri, define_xml)
         except VirtBackupError:
             for p in done.values():              # nothing was defined: take back what we wrote
                 try:
@@ -167,12 +183,12 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
             raise
         result.domain, result.domain_uuid = d.name, d.uuid
         if start:
-            restoredom.start(uri, d.name)
+            host.start(uri, d.name)
             result.started = True
     return result
 
 
-def flatten(image: Path) -> Path:
+def flatten(image: Path) -> FlattenResult:
     """Make an image (e.g. an instant-restore overlay) standalone, in place.
 
     `qemu-img rebase -b ''` copies every cluster the image reads from its backing chain into the
@@ -190,9 +206,9 @@ def flatten(image: Path) -> Path:
     if info.get("format") != "qcow2":
         raise UsageError(f"{image} is {info.get('format')}, not qcow2")
     if info.get("backing-filename") is None:
-        return image
+        return FlattenResult(image)
     try:
         qemuimg.rebase(image, None)
     except VirtBackupError as e:
         raise RestoreFailed(f"cannot flatten {image}: {e}") from None
-    return image
+    return FlattenResult(image)

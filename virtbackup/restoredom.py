@@ -1,5 +1,6 @@
-"""Define a restored point as a new domain: the point's saved XML with a new identity and its disks
-pointing at the restored images (or instant-restore overlays).
+"""The XML of a restored point defined as a new domain: the point's saved XML with a new identity
+and its disks pointing at the restored images (or instant-restore overlays). Pure XML: the
+libvirt calls (define, start) are host.py's.
 
 The new domain must never share anything writable with the original: it gets a new name and
 UUID, libvirt generates new MAC addresses and a fresh NVRAM, and every disk that was not restored
@@ -9,13 +10,12 @@ is removed (removable media are kept, ejected), so it can't write into the origi
 from __future__ import annotations
 
 import uuid as uuidlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from lxml import etree
 
-from .errors import OperationFailed, OutputExists
+from .errors import OperationFailed
 
 REMOVABLE = ("cdrom", "floppy")
 
@@ -93,51 +93,4 @@ def _set_child(root: etree._Element, tag: str, text: str, after: Optional[str]) 
     el.text = text
 
 
-@dataclass
-class Defined:
-    name: str
-    uuid: str
-    started: bool
-
-
-def check_name_free(uri: Optional[str], name: str) -> None:
-    """Refuse (exit 2) before anything is written when a domain of that name exists."""
-    import libvirt
-
-    from . import host
-    with host.connection(uri) as conn:
-        try:
-            conn.lookupByName(name)
-        except libvirt.libvirtError as e:
-            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return
-            raise OperationFailed(f"cannot look up domain '{name}': {host.libvirt_message(e)}") from None
-        raise OutputExists(f"domain '{name}' exists; choose another name for the restored domain")
-
-
-def define(uri: Optional[str], xml: str) -> Defined:
-    """Define the domain; exit 1 naming libvirt's reason when it refuses."""
-    import libvirt
-
-    from . import host
-    with host.connection(uri) as conn:
-        try:
-            dom = conn.defineXML(xml)
-        except libvirt.libvirtError as e:
-            raise OperationFailed(f"cannot define the restored domain: {host.libvirt_message(e)}") from None
-        return Defined(dom.name(), dom.UUIDString(), False)
-
-
-def start(uri: Optional[str], name: str) -> None:
-    import libvirt
-
-    from . import host
-    with host.connection(uri) as conn:
-        try:
-            conn.lookupByName(name).create()
-        except libvirt.libvirtError as e:
-            raise OperationFailed(f"domain '{name}' was defined but did not start: "
-                                  f"{host.libvirt_message(e)}") from None
-
-
-__all__ = ["restored_domain_xml", "check_name_free", "define", "start", "Defined"]
+__all__ = ["restored_domain_xml"]

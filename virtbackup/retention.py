@@ -16,24 +16,22 @@ first and then plans again from what is recorded.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import re
 import shutil
-import signal
-import subprocess
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from . import qemuimg
+from . import qemuimg, runlog
 from .chain import POINTS_DIR, BackupDir, Chain, Point, dir_lock, file_sha256, fsync_path, point_time
 from .errors import OperationFailed, UsageError, VirtBackupError
 
-# Test-only: SIGKILL ourselves at a named step ("image:N" after N new images, "commit" just
-# before the metadata commit, "cleanup:N" after N removals that follow it).
-KILL_ENV = "VIRTBACKUP_TEST_PRUNE_KILL"
+log = logging.getLogger(__name__)
 
 
 # --- policy (pure) -----------------------------------------------------------------------------
@@ -120,7 +118,8 @@ class PrunePlan:
     ops: List[ImageOp]
     xml_copies: List[Tuple[str, str]]                 # (from, to) relative paths
     notes: List[str]                                  # what happens to kept points, for the report
-    new_chain: Chain                                  # the chain after the prune (sizes/hashes of new images filled in later)
+    new_chain: Chain                                  # the chain after the prune (sizes/hashes of new
+                                                      # images filled in later)
 
     @property
     def keep(self) -> List[str]:
@@ -283,21 +282,22 @@ class PruneResult:
     leftovers: List[str] = field(default_factory=list)   # unrecorded files of an interrupted run, deleted
                                                          # first (dry run: would be)
 
-
-def _kill_point(step: str) -> None:
-    if os.environ.get(KILL_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+    def to_json(self) -> Dict[str, Any]:
+        """{"dry_run", "points": [{"point", "keep", "reasons"}], "kept", "dropped", "changes",
+        "removed", "leftovers"} (the `prune --json` output)."""
+        return {"dry_run": self.dry_run, "points": [asdict(d) for d in self.plan.decisions],
+                "kept": self.plan.keep, "dropped": self.plan.drop, "changes": self.plan.notes,
+                "removed": self.removed, "leftovers": self.leftovers}
 
 
 def _remove(bdir: BackupDir, paths: List[Path]) -> List[str]:
     done = []
-    for i, p in enumerate(paths, 1):
+    for p in paths:
         if p.is_dir():
             shutil.rmtree(p)
         else:
             p.unlink()
         done.append(str(p.relative_to(bdir.path)))
-        _kill_point(f"cleanup:{i}")
     if paths:
         fsync_path(bdir.path / POINTS_DIR)
     return done
@@ -305,8 +305,7 @@ def _remove(bdir: BackupDir, paths: List[Path]) -> List[str]:
 
 def _in_use(paths: List[Path]) -> List[str]:
     """Images a running QEMU has open (e.g. as the backing of an instant restore)."""
-    from .host import image_in_use
-    return [str(p) for p in paths if p.is_file() and image_in_use(str(p))]
+    return [str(p) for p in paths if p.is_file() and qemuimg.image_in_use(str(p))]
 
 
 def _write_image(bdir: BackupDir, op: ImageOp) -> None:
@@ -318,8 +317,7 @@ def _write_image(bdir: BackupDir, op: ImageOp) -> None:
             qemuimg.convert(old, new)
         else:
             # A copy in the same directory: its relative backing link resolves like the original's.
-            proc = subprocess.run(["cp", "--reflink=auto", "--", str(old), str(new)],
-                                  capture_output=True, text=True, check=False)
+            proc = qemuimg.execute(["cp", "--reflink=auto", "--", str(old), str(new)])
             if proc.returncode != 0:
                 raise OperationFailed(f"cannot copy {old}: {proc.stderr.strip()}")
             assert op.backing is not None
@@ -339,7 +337,9 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False) -> PruneResul
     bdir = BackupDir(Path(backup_dir))
     policy.check()
     bdir.load()                                   # exit 2 on a missing/corrupt dir before locking
-    with dir_lock(bdir):
+    # a dry run changes nothing in the directory, not even a log
+    with dir_lock(bdir), (contextlib.nullcontext() if dry_run else runlog.run_log(bdir.path, "prune")):
+        log.info("prune of %s: %s%s", bdir.path, policy, " (dry run)" if dry_run else "")
         chain = bdir.load()
         if not chain.points:
             raise UsageError(f"{backup_dir} has no restore points")
@@ -359,10 +359,9 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False) -> PruneResul
             return result
         written: List[Path] = []
         try:
-            for i, op in enumerate(plan.ops, 1):
+            for op in plan.ops:
                 _write_image(bdir, op)
                 written.append(bdir.resolve(op.new))
-                _kill_point(f"image:{i}")
             for src, dst in plan.xml_copies:
                 target = bdir.resolve(dst)
                 if target.exists():
@@ -388,8 +387,8 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False) -> PruneResul
             if isinstance(exc, (VirtBackupError, OSError)):
                 raise OperationFailed(f"prune failed, nothing was changed: {exc}") from None
             raise
-        _kill_point("commit")
         bdir.save(plan.new_chain)                 # the commit: from here on the new chain is the truth
+        log.info("committed: kept %s, dropped %s", ", ".join(plan.keep), ", ".join(plan.drop))
         try:
             result.removed = _remove(bdir, unrecorded(bdir, plan.new_chain))
         except OSError as e:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 from . import qemuimg
 from .chain import BackupDir, file_sha256
@@ -31,6 +31,24 @@ class VerifyResult:
     @property
     def ok(self) -> bool:
         return not self.damage
+
+    @property
+    def failure(self) -> Optional[str]:
+        """One line naming the first damaged image and the affected points (None when ok)."""
+        if self.ok:
+            return None
+        first = self.damage[0]
+        return (f"verify failed: {first.image} (point {first.point}, disk {first.disk}): {first.problem}"
+                + (f"; {len(self.damage) - 1} more damaged image(s)" if len(self.damage) > 1 else "")
+                + f"; affected points: {', '.join(self.damaged_points)}")
+
+    def to_json(self) -> Dict[str, Any]:
+        """{"ok", "points", "images_checked", "deep", "chains_read", "damaged_points",
+        "damage": [{"point", "disk", "image", "problem"}]} (the `verify --json` output, without
+        its "error" member)."""
+        return {"ok": self.ok, "points": self.points, "images_checked": self.images_checked,
+                "deep": self.deep, "chains_read": self.chains_read,
+                "damaged_points": self.damaged_points, "damage": [asdict(d) for d in self.damage]}
 
 
 def _image_problem(bdir: BackupDir, rel: str, backing: Optional[str], sha256: str) -> Optional[str]:

@@ -6,11 +6,35 @@ import copy
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Literal, Mapping, Optional
 
 from lxml import etree
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "xml-templates"
+
+@dataclass(frozen=True)
+class Encryption:
+    """How a target image is encrypted (LUKS in qcow2, through a libvirt secret).
+
+    An extension point, not produced by planning yet: the encryption option fills it in per
+    target (plan.TargetSpec.encryption); runners pass it into the target they open (libvirt's
+    <target><encryption>, QEMU's encrypt.key-secret)."""
+
+    format: Literal["luks"]
+    secret_uuid: str                     # libvirt secret holding the passphrase
+    iter_time_ms: Optional[int] = None   # LUKS key derivation time chosen at create
+
+
+def _template_dir() -> Path:
+    """Installed: the templates ship inside the package (virtbackup/_templates, package data).
+    Source checkout: the top-level xml-templates/ directory they are built from."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_templates", here.parent / "xml-templates"):
+        if (candidate / "domainbackup.xml").is_file():
+            return candidate
+    return here / "_templates"
+
+
+TEMPLATE_DIR = _template_dir()
 
 
 @lru_cache(maxsize=None)
@@ -34,6 +58,7 @@ class BackupDisk:
     name: str                  # target dev, e.g. "vda"
     target: Optional[Path]     # pre-created qcow2; None = disk does not take part
     full: bool = False         # force a full copy of this disk inside an incremental backup
+    encryption: Optional[Encryption] = None   # LUKS target (passed through from the plan)
 
 
 def backup_xml(disks: Iterable[BackupDisk], incremental: Optional[str]) -> str:
@@ -56,6 +81,9 @@ def backup_xml(disks: Iterable[BackupDisk], incremental: Optional[str]) -> str:
         target = el.find("target")
         assert target is not None
         target.set("file", str(d.target))
+        if d.encryption is not None:
+            enc = etree.SubElement(target, "encryption", format=d.encryption.format)
+            etree.SubElement(enc, "secret", type="passphrase", uuid=d.encryption.secret_uuid)
         disks_el.append(el)
     return to_string(root)
 

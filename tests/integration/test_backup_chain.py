@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-
-from tests.conftest import assert_point_restores, checkpoint_names, cli, our_bitmaps, take_backup
+from tests.support.helpers import assert_point_restores, checkpoint_names, cli, our_bitmaps, take_backup
 
 MiB = 1 << 20
 KiB = 1 << 10

@@ -10,7 +10,7 @@ import time
 
 import libvirt
 
-from tests.conftest import assert_point_restores, checkpoint_names, cli, our_bitmaps, snapshot_dir, take_backup
+from tests.support.helpers import assert_point_restores, checkpoint_names, cli, our_bitmaps, snapshot_dir, take_backup
 
 MiB = 1 << 20
 
@@ -131,8 +131,10 @@ def test_foreign_checkpoint_untouched_and_two_dirs_alternate(make_domain, tmp_pa
             if (b / "virtbackup.json").exists():
                 prefix = cli("list", b, "--json").json()["points"][0]["checkpoint"][:-4]
                 assert 1 <= len([n for n in names if n.startswith(prefix)]) <= 2
-    from virtbackup import health
-    bitmaps = health.disk_bitmaps(d.dom)["vda"]
+    from virtbackup import bitmaps as bitmap_layer
+    from virtbackup.domain import LibvirtDomain, eligible_disks
+    bitmaps = LibvirtDomain(d.dom).bitmaps(eligible_disks(d.dom))["vda"]
+    assert bitmaps == bitmap_layer.of_domain(d.dom, eligible_disks(d.dom))["vda"]
     foreign = next(b for b in bitmaps if b.name == "someone-elses")
     assert foreign.recording and not foreign.inconsistent
     for b in (daily, weekly):
@@ -144,7 +146,8 @@ def test_foreign_checkpoint_untouched_and_two_dirs_alternate(make_domain, tmp_pa
 
 
 def test_disk_resized_and_disk_attached_between_points(make_domain, tmp_path, conn):
-    from virtbackup import qemuimg, scratch
+    from tests.support import scratch
+    from virtbackup import qemuimg
     d = make_domain({"vda": 16 * MiB, "vdb": 16 * MiB})
     bdir = tmp_path / "bk"
     d.write("vda", 0x11, 0, 1 * MiB)
@@ -267,7 +270,8 @@ def test_copied_backup_dir_refused_moved_dir_continues(make_domain, tmp_path):
 def test_prune_of_a_full_older_than_a_disk_keeps_inc_and_diff_going(make_domain, tmp_path):
     """After a prune the new base takes over the old full's checkpoint, which predates vdb:
     vdb is then copied whole instead of breaking the chain."""
-    from virtbackup import qemuimg, scratch
+    from tests.support import scratch
+    from virtbackup import qemuimg
     d = make_domain({"vda": 16 * MiB})
     bdir = tmp_path / "bk"
     d.write("vda", 0x11, 0, 1 * MiB)

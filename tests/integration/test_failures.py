@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import subprocess
 from pathlib import Path
-from typing import Iterator
 
-
-from tests.conftest import assert_point_restores, checkpoint_names, cli, our_bitmaps, snapshot_dir
+from tests.support.helpers import (
+    assert_point_restores,
+    checkpoint_names,
+    cli,
+    one_error_line,
+    our_bitmaps,
+    snapshot_dir,
+    tmpfs,
+)
 
 MiB = 1 << 20
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str, *opts: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *opts]), "tmpfs", str(path)],
-                   check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def one_error_line(r) -> str:
-    lines = r.err.strip().splitlines()
-    errors = [ln for ln in lines if ln.startswith("virtbackup: error:")]
-    assert len(errors) == 1, r
-    return errors[0]
 
 
 def test_enospc_during_incremental_keeps_chain_and_retry_has_every_write(make_domain, tmp_path):

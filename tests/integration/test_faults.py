@@ -29,9 +29,19 @@ import libvirt
 import libvirt_qemu
 import pytest
 
-from tests.conftest import (CLIResult, assert_point_restores, checkpoint_names, cli, our_bitmaps,
-                            snapshot_dir)
-from tests.integration.test_failures import one_error_line, tmpfs
+from tests.support.helpers import (
+    CLIResult,
+    assert_point_restores,
+    checkpoint_names,
+    cli,
+    finish,
+    image_bitmaps,
+    one_error_line,
+    our_bitmaps,
+    snapshot_dir,
+    start_cli,
+    tmpfs,
+)
 
 MiB = 1 << 20
 # Dirty data that keeps a job running long enough to be paused: 64 MiB is caught ~9 times in 10 on
@@ -40,17 +50,6 @@ IN_FLIGHT_DATA = (64 * MiB, 96 * MiB, 120 * MiB, 120 * MiB, 120 * MiB)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def start_cli(*args: object, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "virtbackup.cli", *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
-
-
-def finish(proc: subprocess.Popen, timeout: float = 90) -> CLIResult:
-    out, err = proc.communicate(timeout=timeout)
-    return CLIResult(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-
-
 def job_ids(dom: libvirt.virDomain) -> List[str]:
     """QEMU block-job ids libvirt gives a backup of each disk: backup-<dst>-libvirt-N-format."""
     from virtbackup import host
@@ -89,14 +88,6 @@ def wait_for(cond, what: str, timeout: float = 30) -> None:
 
 def qemu_pid(name: str) -> int:
     return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
-
-
-def image_bitmaps(image: Path) -> Dict[str, List[str]]:
-    """Bitmaps stored in a qcow2 file (domain shut off) and their flags."""
-    from virtbackup import qemuimg
-    info = qemuimg.info(image, force_share=True)
-    bms = ((info.get("format-specific") or {}).get("data") or {}).get("bitmaps") or []
-    return {b["name"]: b.get("flags", []) for b in bms}
 
 
 @dataclass
@@ -267,7 +258,7 @@ os.execvp("qemu-img", ["qemu-img"] + args)
 
 
 def test_qemu_killed_mid_job(make_domain, tmp_path, procs):
-    from virtbackup import scratch
+    from tests.support import scratch
     d = make_domain({"vda": 128 * MiB})
     c = Chain(d, tmp_path / "bk", tmp_path)
     d.write("vda", 0x11, 0, 1 * MiB)
@@ -547,5 +538,5 @@ def test_modes_and_unusual_names_end_to_end(make_domain, tmp_path, procs):
 
 # -- small readers -------------------------------------------------------------------------------
 def _disk_bitmaps(dom):
-    from virtbackup import host, monitor
-    return monitor.disk_bitmaps(dom, host.domain_disks(dom.XMLDesc(0)))
+    from virtbackup import bitmaps, host
+    return bitmaps.live(dom, host.domain_disks(dom.XMLDesc(0)))

@@ -17,8 +17,16 @@ from typing import Dict, Iterator, List, Optional
 import libvirt
 import pytest
 
-from tests.conftest import assert_point_restores, checkpoint_names, cli, snapshot_dir, take_backup
-from tests.integration.test_failures import one_error_line, tmpfs
+from tests.support import helpers
+from tests.support.helpers import (
+    assert_point_restores,
+    checkpoint_names,
+    cli,
+    one_error_line,
+    snapshot_dir,
+    take_backup,
+    tmpfs,
+)
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -28,8 +36,7 @@ backup = take_backup
 
 
 def image_bitmaps(d, target: str) -> Dict[str, List[str]]:
-    from virtbackup import offline
-    return offline.image_bitmaps(str(d.disk_path(target)))
+    return helpers.image_bitmaps(d.disk_path(target))
 
 
 def times_started(d) -> int:
@@ -88,7 +95,7 @@ def assert_stays_off(d, lifecycle, starts_before: int) -> None:
 
 
 def test_online_full_offline_incs_online_inc(make_domain, lifecycle, tmp_path):
-    from virtbackup import scratch
+    from tests.support import scratch
     d = make_domain({"vda": 32 * MiB, "vdb": 16 * MiB})
     bdir = tmp_path / "bk"
     expected = {}
@@ -150,7 +157,7 @@ def test_online_full_offline_incs_online_inc(make_domain, lifecycle, tmp_path):
 
 
 def test_never_started_domain_full_inc_diff_offline(make_domain, lifecycle, tmp_path):
-    from virtbackup import scratch
+    from tests.support import scratch
     d = make_domain({"vda": 32 * MiB, "vdb": 16 * MiB}, start=False)
     bdir = tmp_path / "bk"
     expected = {}
@@ -192,7 +199,7 @@ def test_never_started_domain_full_inc_diff_offline(make_domain, lifecycle, tmp_
 
 
 def test_enospc_offline_changes_nothing_and_retry_works(make_domain, tmp_path):
-    from virtbackup import scratch
+    from tests.support import scratch
     d = make_domain({"vda": 64 * MiB}, start=False)
     with tmpfs(tmp_path / "tiny", "6M") as mnt:
         bdir = mnt / "bk"
@@ -223,7 +230,7 @@ def test_enospc_offline_changes_nothing_and_retry_works(make_domain, tmp_path):
 
 
 def test_image_in_use_refused_with_one_line_and_nothing_changed(make_domain, tmp_path):
-    from virtbackup import scratch
+    from tests.support import scratch
     d = make_domain({"vda": 16 * MiB}, start=False)
     bdir = tmp_path / "bk"
     scratch.write_offline(d, "vda", 0x11, 0, 1 * MiB)
@@ -243,7 +250,7 @@ def test_image_in_use_refused_with_one_line_and_nothing_changed(make_domain, tmp
 
 
 def test_inconsistent_bitmap_offline_inc_refused_auto_takes_full(make_domain, tmp_path):
-    from virtbackup import scratch
+    from tests.support import scratch
     d = make_domain({"vda": 16 * MiB}, start=False)
     bdir = tmp_path / "bk"
     scratch.write_offline(d, "vda", 0x11, 0, 1 * MiB)
@@ -272,6 +279,7 @@ def test_inconsistent_bitmap_offline_inc_refused_auto_takes_full(make_domain, tm
 
 def test_domain_started_before_the_offline_job_is_refused(make_domain, tmp_path):
     """The race guard: a domain that runs by the time the private QEMU would open its images."""
+    from virtbackup import backup as engine_mod
     from virtbackup import chain, host, offline
     d = make_domain({"vda": 16 * MiB}, start=False)
     bdir = tmp_path / "bk"
@@ -283,7 +291,8 @@ def test_domain_started_before_the_offline_job_is_refused(make_domain, tmp_path)
     try:
         dom = conn.lookupByName(d.name)
         b = chain.BackupDir(bdir)
-        job = offline.OfflineBackup(conn, dom, b)
+        handle = host.DomainHandle(conn, dom)
+        job = engine_mod.Engine(handle, b, offline.OfflineRunner(handle, lambda _m: None))
         with pytest.raises(Exception) as ei:
             job.run(b.load(), "inc", ())
         assert "was started during the offline backup" in str(ei.value)
@@ -327,7 +336,7 @@ def _start_slow_backup(d, bdir: Path) -> "tuple[subprocess.Popen, int]":
 
 
 def test_sigint_during_offline_job_quits_qemu_cleanly_and_records_nothing(make_domain, tmp_path):
-    from virtbackup import scratch
+    from tests.support import scratch
     d = make_domain({"vda": 16 * MiB}, start=False)
     bdir = tmp_path / "bk"
     scratch.write_offline(d, "vda", 0x11, 0, 1 * MiB)
@@ -358,7 +367,7 @@ def test_sigint_during_offline_job_quits_qemu_cleanly_and_records_nothing(make_d
 
 def test_virtbackup_killed_mid_job_leaves_no_qemu_and_next_run_works(make_domain, tmp_path):
     """SIGKILL can't be caught: the private QEMU gets SIGTERM (parent-death signal) and exits cleanly."""
-    from virtbackup import scratch
+    from tests.support import scratch
     d = make_domain({"vda": 16 * MiB}, start=False)
     bdir = tmp_path / "bk"
     scratch.write_offline(d, "vda", 0x11, 0, 1 * MiB)
@@ -406,7 +415,7 @@ def _disconnect_libvirt_clients_of(pid: int) -> int:
 
 def test_libvirt_connection_lost_during_offline_copy_reconnects(make_domain, tmp_path):
     """The private QEMU doesn't need libvirtd; losing the connection meanwhile costs nothing."""
-    from virtbackup import scratch
+    from tests.support import scratch
     d = make_domain({"vda": 16 * MiB}, start=False)
     bdir = tmp_path / "bk"
     scratch.write_offline(d, "vda", 0x11, 0, 1 * MiB)
@@ -433,7 +442,8 @@ def test_offline_auto_falls_back_to_full_when_qemu_finds_the_base_bitmap_unusabl
     """The header check passed but QEMU, having opened the images, finds the base bitmap bad
     (it changed in between; simulated: that race can't be timed). auto rolls back and takes a
     full with the reason recorded; inc refuses."""
-    from virtbackup import api, offline, qemuimg, scratch
+    from tests.support import scratch
+    from virtbackup import api, offline, qemuimg
     from virtbackup.errors import LevelNotPossible
     d = make_domain({"vda": 16 * MiB}, start=False)
     bdir = tmp_path / "bk"
@@ -448,7 +458,7 @@ def test_offline_auto_falls_back_to_full_when_qemu_finds_the_base_bitmap_unusabl
         raise LevelNotPossible(f"cannot continue the chain offline: bitmap {base} is missing on disk vda; "
                                "take a full backup")
 
-    monkeypatch.setattr(offline.OfflineBackup, "_check_base_bitmaps", racing)
+    monkeypatch.setattr(offline.OfflineRunner, "_check_base_bitmaps", racing)
     files = snapshot_dir(bdir)
     with pytest.raises(LevelNotPossible):
         api.backup(d.name, bdir, "inc")

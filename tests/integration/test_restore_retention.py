@@ -4,19 +4,21 @@ deep verify. Real libvirtd and QEMU; every restored point compared byte for byte
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
 
-from tests.conftest import assert_point_restores, checkpoint_names, cli, snapshot_dir
-from virtbackup import host, monitor, qemuimg, scratch
+from tests.support import scratch
+from tests.support.helpers import ROOT, assert_point_restores, checkpoint_names, cli, snapshot_dir
+from virtbackup import host, monitor, qemuimg
 from virtbackup.chain import file_sha256
-from virtbackup.retention import KILL_ENV
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -55,7 +57,7 @@ def restored_names() -> Iterator[List[str]]:
     yield names
     if not names:
         return
-    from virtbackup import scratch
+    from tests.support import scratch
     conn = host.connect()
     for n in names:
         scratch.remove_domain(conn, n)
@@ -181,6 +183,13 @@ LEVELS = ["full", "inc", "inc", "diff", "inc", "inc", "inc", "inc", "diff", "inc
 KILL_STEPS = ["image:1", "image:4", "commit", "cleanup:3"]
 
 
+def killed_at(step: str, *args: object) -> subprocess.CompletedProcess:
+    """The CLI SIGKILLed at a named moment (tests/support/killpoint.py)."""
+    return subprocess.run([sys.executable, "-m", "tests.support.killpoint", step, *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
 def files(path: Path) -> List[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.name != ".virtbackup.lock")
 
@@ -218,10 +227,8 @@ def test_prune_ten_points_keep_three_then_backups_continue(make_domain, monkeypa
     for step in KILL_STEPS:
         copy = tmp_path / f"killed-{step.replace(':', '-')}"
         shutil.copytree(bdir, copy)
-        monkeypatch.setenv(KILL_ENV, step)
-        r = cli("prune", copy, "--keep", "3")
-        monkeypatch.delenv(KILL_ENV)
-        assert r.rc == -9, (step, r)
+        r = killed_at(step, "prune", copy, "--keep", "3")
+        assert r.returncode == -9, (step, r)
         v = cli("verify", copy)
         assert v.rc == 0, (step, v)
         assert_point_restores(copy, "0010", expected["0010"], tmp_path / f"r-{step.replace(':', '-')}")

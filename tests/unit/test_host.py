@@ -24,7 +24,8 @@ def lverr(message: str, code: int = libvirt.VIR_ERR_INTERNAL_ERROR) -> libvirt.l
     (libvirt.VIR_ERR_OPERATION_TIMEOUT,
      "Timed out during operation: cannot acquire state change lock (held by monitor=remoteDispatchDomainBackupBegin)"),
     (libvirt.VIR_ERR_SYSTEM_ERROR, "Cannot recv data: Connection reset by peer"),
-    (libvirt.VIR_ERR_SYSTEM_ERROR, "Failed to connect socket to '/var/run/libvirt/libvirt-sock': No such file or directory"),
+    (libvirt.VIR_ERR_SYSTEM_ERROR,
+     "Failed to connect socket to '/var/run/libvirt/libvirt-sock': No such file or directory"),
     (libvirt.VIR_ERR_RPC, "End of file while reading data: Input/output error"),
 ])
 def test_transient_errors(code, message):
@@ -49,7 +50,7 @@ def test_not_a_libvirt_error_is_never_transient():
 
 def call_fast(fn):
     """host.call(fn): its retry policy, without the waits between attempts."""
-    return host.call.retry_with(wait=wait_none())(fn)
+    return host._call.retry_with(wait=wait_none())(fn)
 
 
 def failing(errors: List[BaseException], result: str = "ok"):
@@ -85,7 +86,7 @@ def test_retries_are_bounded_and_reraise_the_last_error():
 
 def test_retries_are_also_bounded_in_time():
     """One "state change lock" attempt already waits libvirt's 30 s: the policy stops on time too."""
-    delays = [s.max_delay for s in host.call.retry.stop.stops if isinstance(s, stop_after_delay)]
+    delays = [s.max_delay for s in host._call.retry.stop.stops if isinstance(s, stop_after_delay)]
     assert delays == [host.RETRY_SECONDS] and 30 <= host.RETRY_SECONDS <= 60
 
 

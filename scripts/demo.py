@@ -1,7 +1,9 @@
 """The README demo: a throwaway domain with no OS, a full, an incremental and a differential,
 every point restored and compared byte for byte with what the guest saw, then everything removed.
 
-Run: `python -m virtbackup.demo` (scripts/demo.sh sets up the host first).
+Run: `scripts/demo.sh` (sets up the host first), or `.venv/bin/python scripts/demo.py`. The
+scratch-domain code is test support (tests/support/scratch.py, not in the wheel): imported from
+this repository.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Dict
 
-from . import api, host, scratch
-from .errors import VirtBackupError
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo: tests.support
+
+from tests.support import scratch  # noqa: E402
+from virtbackup import api, host  # noqa: E402
+from virtbackup.errors import VirtBackupError  # noqa: E402
 
 MiB = 1 << 20
 

@@ -1,4 +1,7 @@
-"""Scratch domains without a guest OS, for the demo, the tests and the benchmark.
+"""Scratch domains without a guest OS, for the tests, the demo and the benchmark.
+
+Test/demo code, not part of the package (the wheel does not ship it): scripts/demo.py and
+scripts/benchmark.py import it from the repository.
 
 Data gets into the running guest's disks through HMP `qemu-io` on the disk's qdev (the same
 path guest I/O takes), and `DiskModel` keeps what the guest should see, byte for byte.
@@ -16,7 +19,7 @@ from typing import Dict, List, Optional
 import libvirt
 from lxml import etree
 
-from . import host, monitor, qemuimg
+from virtbackup import host, monitor, qemuimg
 
 MiB = 1 << 20
 

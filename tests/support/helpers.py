@@ -1,0 +1,110 @@
+"""Helpers shared by the tests: the real CLI as a user runs it, restore checks, libvirt state.
+
+Test modules import from here (never from each other or from conftest)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+MiB = 1 << 20
+
+class CLIResult:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.proc = proc
+        self.rc = proc.returncode
+        self.out = proc.stdout
+        self.err = proc.stderr
+
+    def json(self) -> Dict[str, Any]:
+        data: Dict[str, Any] = json.loads(self.out)
+        return data
+
+    def __repr__(self) -> str:
+        return f"<rc={self.rc} out={self.out!r} err={self.err!r}>"
+
+
+def cli(*args: object, timeout: float = 300, cwd: Optional[Path] = None) -> CLIResult:
+    """Run the real command line, as a user would."""
+    cmd = [sys.executable, "-m", "virtbackup.cli", *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return CLIResult(subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env))
+
+
+def take_backup(dom_name: str, bdir: Path, level: str = "auto") -> dict:
+    """`virtbackup backup --json` that must succeed; its JSON result."""
+    r = cli("backup", dom_name, bdir, "--level", level, "--json")
+    assert r.rc == 0, r
+    return r.json()
+
+
+def assert_point_restores(bdir: Path, point: str, expected: Dict[str, bytes], out: Path) -> None:
+    """Restore `point` through the CLI and compare every disk byte for byte with what the guest saw."""
+    from tests.support import scratch
+    r = cli("restore", bdir, out, "--point", point)
+    assert r.rc == 0, r
+    for disk, want in expected.items():
+        img = out / f"{disk}.qcow2"
+        assert scratch.backing_chain(img) == [str(img)], "restored image must be standalone"
+        got = scratch.read_raw(img)
+        diff = scratch.first_difference(got, want)
+        assert diff is None, f"point {point} disk {disk}: first difference at byte {diff}"
+
+
+def our_bitmaps(dom: Any, prefix: str) -> Dict[str, List[str]]:
+    from virtbackup import bitmaps, host
+    disks = host.domain_disks(dom.XMLDesc(0))
+    return {t: [b.name for b in bms if b.name.startswith(prefix)]
+            for t, bms in bitmaps.live(dom, disks).items()}
+
+
+def checkpoint_names(dom: Any) -> List[str]:
+    return sorted(cp.getName() for cp in dom.listAllCheckpoints(0))
+
+
+def snapshot_dir(path: Path) -> Dict[str, bytes]:
+    """Every file under path with its content (to prove a failed run changed nothing). The run
+    logs (logs/) are left out: a failed run is meant to leave one."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != ".virtbackup.lock" and p.relative_to(path).parts[0] != "logs"}
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, *opts: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *opts]), "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def one_error_line(r: CLIResult) -> str:
+    lines = r.err.strip().splitlines()
+    errors = [str(ln) for ln in lines if ln.startswith("virtbackup: error:")]
+    assert len(errors) == 1, r
+    return errors[0]
+
+
+def start_cli(*args: object, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "virtbackup.cli", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def finish(proc: subprocess.Popen, timeout: float = 90) -> CLIResult:
+    out, err = proc.communicate(timeout=timeout)
+    return CLIResult(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+
+
+def image_bitmaps(image: Path) -> Dict[str, List[str]]:
+    """Persistent bitmaps in an image's qcow2 header: name -> flags."""
+    from virtbackup import bitmaps
+    return bitmaps.header_flags(Path(image))

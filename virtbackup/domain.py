@@ -1,0 +1,42 @@
+"""The libvirt implementation of plan.DomainView: what planning reads about a real domain."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import libvirt
+
+from . import bitmaps, checkpoints, host
+from .bitmaps import Bitmap
+from .host import Disk
+
+
+class LibvirtDomain:
+    """A libvirt domain seen through the questions backup and repair planning ask."""
+
+    def __init__(self, dom: libvirt.virDomain):
+        self.dom = dom
+
+    def disks(self) -> List[Disk]:
+        flags = 0 if self.dom.isActive() else libvirt.VIR_DOMAIN_XML_INACTIVE
+        return host.domain_disks(self.dom.XMLDesc(flags))
+
+    def disk_size(self, target: str) -> int:
+        return int(host.call(self.dom.blockInfo, target)[0])
+
+    def checkpoint_disks(self, name: str) -> Optional[List[str]]:
+        cp = checkpoints.lookup(self.dom, name)
+        if cp is None:
+            return None
+        return checkpoints.tracked_disks(cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
+
+    def checkpoint_names(self) -> List[str]:
+        return checkpoints.names(self.dom)
+
+    def bitmaps(self, disks: Sequence[Disk]) -> Dict[str, List[Bitmap]]:
+        return bitmaps.of_domain(self.dom, disks)
+
+
+def eligible_disks(dom: libvirt.virDomain) -> List[Disk]:
+    """The disks a checkpoint-based backup can take part with (qcow2 files/devices)."""
+    return [d for d in LibvirtDomain(dom).disks() if d.skip_reason() is None]

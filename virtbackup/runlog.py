@@ -1,0 +1,96 @@
+"""Per-run logs in the backup directory: BACKUP_DIR/logs/<command>-<time>-<pid>.log.
+
+So a failed night can be understood the next morning: each backup and prune run leaves a concise
+log (INFO and above: plan, what was done, warnings, the error) beside the chain. Mode 0600 in a
+0700 directory (it names guest disks and paths), never written through a symlink (the directory
+is opened with O_NOFOLLOW and the file created with O_EXCL|O_NOFOLLOW relative to it), and
+rotated: only the newest KEEP logs of each command stay.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+LOG_DIR = "logs"
+KEEP = 30
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+log = logging.getLogger(__name__)
+_root = logging.getLogger("virtbackup")
+
+
+def _open_dir(backup_dir: Path) -> Optional[int]:
+    """An fd of BACKUP_DIR/logs (created 0700), or None when it is not a real directory."""
+    path = backup_dir / LOG_DIR
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        log.warning("no run log: cannot create %s: %s", path, e.strerror)
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        why = "it is a symlink" if e.errno in (errno.ELOOP, errno.ENOTDIR) else e.strerror
+        log.warning("no run log: %s is not usable (%s)", path, why)
+        return None
+    return fd
+
+
+def _rotate(dir_fd: int, command: str) -> None:
+    """Keep the newest KEEP logs of `command` (names sort by time); regular files only."""
+    mine = sorted(n for n in os.listdir(dir_fd) if n.startswith(f"{command}-") and n.endswith(".log"))
+    for name in mine[:-KEEP] if len(mine) > KEEP else []:
+        try:
+            if stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                os.unlink(name, dir_fd=dir_fd)
+        except OSError:
+            pass
+
+
+@contextmanager
+def run_log(backup_dir: Path, command: str) -> Iterator[Optional[Path]]:
+    """Attach a file log for one run of `command` in BACKUP_DIR; an error ending the run is
+    logged before it propagates. A log that cannot be written never fails the run."""
+    dir_fd = _open_dir(backup_dir)
+    handler: Optional[logging.Handler] = None
+    path: Optional[Path] = None
+    if dir_fd is not None:
+        try:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            name = f"{command}-{stamp}-{os.getpid()}.log"
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd)
+            stream = os.fdopen(fd, "a", encoding="utf-8")
+            handler = logging.StreamHandler(stream)
+            handler.setLevel(logging.INFO)
+            handler.setFormatter(logging.Formatter(_FORMAT, "%Y-%m-%dT%H:%M:%S"))
+            path = backup_dir / LOG_DIR / name
+            _rotate(dir_fd, command)
+        except OSError as e:
+            log.warning("no run log in %s: %s", backup_dir / LOG_DIR, e.strerror)
+        finally:
+            os.close(dir_fd)
+    old_level = _root.level
+    if handler is not None:
+        _root.addHandler(handler)
+        if _root.getEffectiveLevel() > logging.INFO:
+            _root.setLevel(logging.INFO)
+    try:
+        yield path
+    except BaseException as e:
+        _root.error("%s failed: %s: %s", command, type(e).__name__, e)
+        raise
+    finally:
+        if handler is not None:
+            _root.removeHandler(handler)
+            _root.setLevel(old_level)
+            handler.close()
