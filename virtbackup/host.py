@@ -70,6 +70,15 @@ _TRANSIENT_MSGS = ("cannot acquire state change lock", "connection reset", "end 
 _DEAD_CONNECTION_MSGS = ("client socket is closed",)
 
 
+def is_dead_connection(exc: BaseException) -> bool:
+    """The connection's socket is closed (the daemon restarted or dropped us): only a new
+    connection helps."""
+    if not isinstance(exc, libvirt.libvirtError):
+        return False
+    msg = (exc.get_error_message() or str(exc)).lower()
+    return any(m in msg for m in _DEAD_CONNECTION_MSGS)
+
+
 def is_transient(exc: BaseException) -> bool:
     if not isinstance(exc, libvirt.libvirtError):
         return False
@@ -164,9 +173,10 @@ class DomainHandle:
         except libvirt.libvirtError:
             return False
 
-    def reconnect_if_lost(self) -> bool:
-        """Open a new connection when the current one is dead. True when it reconnected."""
-        if self.alive():
+    def reconnect_if_lost(self, force: bool = False) -> bool:
+        """Open a new connection when the current one is dead (`force`: a call just found its
+        socket closed, which isAlive() may not know yet). True when it reconnected."""
+        if not force and self.alive():
             return False
         log.info("the connection to libvirtd was lost; reconnecting to %s", self.uri)
         conn = connect(self.uri)

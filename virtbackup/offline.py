@@ -257,21 +257,29 @@ class OfflineRunner:
 
         libvirtd may have restarted while the private QEMU copied (which it doesn't disturb at
         all): reconnect rather than lose a finished copy to a dead connection."""
-        if not self.handle.alive():
-            self.notify("the connection to libvirtd was lost during the copy; reconnecting")
-        try:
-            self.handle.reconnect_if_lost()
-        except libvirt.libvirtError as e:
-            raise BackupFailed(f"domain {self.handle.uuid} vanished during the offline backup: "
-                               f"{host.libvirt_message(e)}") from e
-        dom = self.handle.dom
         cxml = xmlbuild.checkpoint_xml(plan.checkpoint, plan.description,
                                        {dp.disk.target: True for dp in plan.disks})
-        root = etree.fromstring(xmlbuild.redefine_xml(cxml, checkpoints.current(dom)).encode())
-        created = etree.SubElement(root, "creationTime")
-        created.text = str(int(time.time()))
-        try:
-            host.call(dom.checkpointCreateXML, xmlbuild.to_string(root),
-                      libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
-        except libvirt.libvirtError as e:
-            raise BackupFailed(f"cannot redefine checkpoint: {host.libvirt_message(e)}") from e
+        created = str(int(time.time()))
+        for attempt in (1, 2):
+            lost = attempt == 2 or not self.handle.alive()
+            if lost:
+                self.notify("the connection to libvirtd was lost during the copy; reconnecting")
+            try:
+                self.handle.reconnect_if_lost(force=attempt == 2)
+            except libvirt.libvirtError as e:
+                raise BackupFailed(f"domain {self.handle.uuid} vanished during the offline backup: "
+                                   f"{host.libvirt_message(e)}") from e
+            dom = self.handle.dom
+            try:
+                if attempt == 2 and checkpoints.lookup(dom, plan.checkpoint) is not None:
+                    return      # the first attempt went through; only its reply was lost
+                root = etree.fromstring(xmlbuild.redefine_xml(cxml, checkpoints.current(dom)).encode())
+                etree.SubElement(root, "creationTime").text = created
+                host.call(dom.checkpointCreateXML, xmlbuild.to_string(root),
+                          libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+                return
+            except libvirt.libvirtError as e:
+                # the socket closed before isAlive() knew: once more on a new connection
+                if attempt == 1 and host.is_dead_connection(e):
+                    continue
+                raise BackupFailed(f"cannot redefine checkpoint: {host.libvirt_message(e)}") from e

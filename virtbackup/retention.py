@@ -25,7 +25,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple
 
 from . import qemuimg, runlog
 from .chain import POINTS_DIR, BackupDir, Chain, Point, dir_lock, file_sha256, fsync_path, point_time
@@ -93,6 +93,11 @@ def decide(points: Sequence[Point], policy: Policy) -> List[Decision]:
 
 
 # --- plan (pure) -------------------------------------------------------------------------------
+# standalone: convert through the chain; rebase: safe rebase onto a kept image (copies what
+# differs); relink: header-only rebase onto a rewritten image that reads the same
+ImageAction = Literal["standalone", "rebase", "relink"]
+
+
 @dataclass
 class ImageOp:
     """Write a new image for a kept point's disk, reading exactly like the old one."""
@@ -101,7 +106,7 @@ class ImageOp:
     disk: str
     old: str                    # recorded image (relative to BACKUP_DIR), left untouched
     new: str                    # the new file, recorded by the commit
-    action: str                 # standalone | rebase | relink
+    action: ImageAction
     backing: Optional[str]      # the new image's backing (relative to BACKUP_DIR)
 
     def describe(self) -> str:
@@ -167,6 +172,7 @@ def plan_prune(chain: Chain, decisions: List[Decision]) -> PrunePlan:
             if img.backing is None:
                 continue
             target: Optional[str]
+            action: ImageAction
             if img.backing in dropped_images:
                 below = chain.image_chain(p, disk)[1:]
                 target = next((rel for rel in below if rel not in dropped_images), None)

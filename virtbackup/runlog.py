@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,6 +73,9 @@ def run_log(backup_dir: Path, command: str) -> Iterator[Optional[Path]]:
             stream = os.fdopen(fd, "a", encoding="utf-8")
             handler = logging.StreamHandler(stream)
             handler.setLevel(logging.INFO)
+            # only this run's records: runs of other domains may go on in other threads
+            me = threading.get_ident()
+            handler.addFilter(lambda record: record.thread == me)
             handler.setFormatter(logging.Formatter(_FORMAT, "%Y-%m-%dT%H:%M:%S"))
             path = backup_dir / LOG_DIR / name
             _rotate(dir_fd, command)

@@ -5,6 +5,7 @@ the wheel (not editable), then backup, list, restore and verify run from `/`, ou
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tarfile
 import zipfile
@@ -23,8 +24,12 @@ def run(*args: object, cwd: Path = Path("/"), timeout: float = 600) -> subproces
 
 
 def test_built_wheel_installed_in_a_fresh_venv_backs_up_and_restores_from_root(make_domain, tmp_path):
+    # built from a copy: the build must not leave build/ or egg-info files in the repository
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                               "__pycache__", ".*_cache"))
     dist = tmp_path / "dist"
-    b = run(ROOT / ".venv/bin/python", "-m", "build", "--outdir", dist, ROOT, cwd=ROOT)
+    b = run(ROOT / ".venv/bin/python", "-m", "build", "--outdir", dist, src, cwd=src)
     assert b.returncode == 0, b.stderr[-3000:]
     (wheel,) = dist.glob("virtbackup-*.whl")
     (sdist,) = dist.glob("virtbackup-*.tar.gz")

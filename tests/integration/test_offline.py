@@ -331,7 +331,23 @@ def _start_slow_backup(d, bdir: Path) -> "tuple[subprocess.Popen, int]":
             proc.wait()
             raise AssertionError(f"no private QEMU seen: {proc.communicate()}")
         time.sleep(0.005)
-    time.sleep(0.3)     # the job is running
+    # The job runs once its target grows by a cluster (the empty target is created before QEMU
+    # starts; the copy goes at 1 MiB/s): as early in the copy as can be seen. A fixed sleep was
+    # too short on a loaded machine.
+    deadline = time.monotonic() + 30
+    first: Optional[int] = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        size: Optional[int] = None
+        for target in (bdir / "points").glob("*.partial/vda.qcow2"):
+            try:
+                size = target.stat().st_size
+            except OSError:
+                pass
+        if size is not None:
+            first = size if first is None else first
+            if size >= first + 64 * 1024:
+                break
+        time.sleep(0.005)
     return proc, qpid
 
 

@@ -191,7 +191,9 @@ def killed_at(step: str, *args: object) -> subprocess.CompletedProcess:
 
 
 def files(path: Path) -> List[str]:
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.name != ".virtbackup.lock")
+    """Files and dirs of a backup dir, without the lock and the run logs (logs/)."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                  if p.name != ".virtbackup.lock" and p.relative_to(path).parts[0] != "logs")
 
 
 def test_prune_ten_points_keep_three_then_backups_continue(make_domain, monkeypatch, tmp_path):
