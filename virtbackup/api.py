@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TypeVar, cast
 
 import libvirt
 
@@ -35,10 +35,13 @@ from .runner import Notify
 from .verify import VerifyResult
 from .verify import verify as _verify
 
+if TYPE_CHECKING:
+    from .jobs import Job, PlannedDomain, RunResult, Watcher
+
 __all__ = [
     # operations
     "backup", "list_points", "restore", "restore_point", "verify", "verify_backup", "prune", "flatten",
-    "status", "repair",
+    "status", "repair", "load_job", "run_job", "plan_job",
     # results and helpers
     "BackupResult", "PointList", "RestoreResult", "VerifyResult", "PruneResult", "FlattenResult",
     "StatusReport", "RepairReport", "Notify", "RequestedLevel", "point_json", "chain_json",
@@ -135,9 +138,9 @@ def verify_backup(backup_dir: Path, point: Optional[str] = None, deep: bool = Fa
 
 @_boundary
 def prune(backup_dir: Path, keep: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
-          dry_run: bool = False) -> PruneResult:
+          dry_run: bool = False, keep_monthly: int = 0) -> PruneResult:
     """Drop the points the policy does not keep, merging them into kept points that depend on them."""
-    return _prune(Path(backup_dir), Policy(keep, keep_daily, keep_weekly), dry_run)
+    return _prune(Path(backup_dir), Policy(keep, keep_daily, keep_weekly, keep_monthly), dry_run)
 
 
 @_boundary
@@ -170,3 +173,27 @@ def repair(domain: str, backup_dir: Path, dry_run: bool = False, uri: Optional[s
             if not dry_run:
                 health.apply_repair(dom, bdir, chain, report.actions)
         return report
+
+
+# --- whole-host jobs (virtbackup/jobs.py) -------------------------------------------------------
+@_boundary
+def load_job(job_file: Path) -> "Job":
+    """Read and validate a job file (TOML); `jobs.JobFileError` (exit 2) names file, line and key."""
+    from .jobs import load_job as _load
+    return _load(Path(job_file))
+
+
+@_boundary
+def run_job(job: "Job", uri: Optional[str] = None, domains: Sequence[str] = (),
+            watch: Optional["Watcher"] = None) -> "RunResult":
+    """Back up (then prune) every domain the job selects, `parallel` at a time; `domains` narrows
+    the selection. One domain's failure never stops another; the result says what each did."""
+    from .jobs import run as _run
+    return _run(job, uri, domains, watch)
+
+
+@_boundary
+def plan_job(job: "Job", uri: Optional[str] = None, domains: Sequence[str] = ()) -> "List[PlannedDomain]":
+    """What `run_job` would do for each domain and why (level, points a prune would drop); reads only."""
+    from .jobs import dry_run as _dry
+    return _dry(job, uri, domains)

@@ -14,7 +14,24 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-import typer
+def _import_typer_without_rich() -> None:
+    """typer imports rich (~0.1 s) at start-up when it is installed, only to format help.
+
+    rich is installed for the progress bars, which import it lazily on a TTY; hide it while
+    typer loads so `--help`, `list` and usage errors stay fast (typer then formats help the
+    plain click way, as before rich was a dependency)."""
+    hidden = "rich" not in sys.modules
+    if hidden:
+        sys.modules["rich"] = None  # type: ignore[assignment]   # `import rich` -> ImportError
+    try:
+        import typer  # noqa: F401
+    finally:
+        if hidden:
+            del sys.modules["rich"]
+
+
+_import_typer_without_rich()
+import typer  # noqa: E402
 
 from .errors import EXIT_FAILED, VirtBackupError
 
@@ -170,6 +187,7 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
            backup_dir: Path = typer.Argument(..., help="directory holding this domain's backups"),
            level: str = typer.Option("auto", "--level", "-l", help="auto | full | inc | diff"),
            disk: List[str] = typer.Option([], "--disk", help="only these disks (target names, e.g. vda)"),
+           no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar on a terminal"),
            as_json: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
     """Back up a domain, running or shut off: full, inc (since the last point) or diff (since the full)."""
     def notify(msg: str) -> None:
@@ -184,7 +202,12 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
         print(f"point {p.id}: {p.level} backup of {r.domain} ({', '.join(sorted(p.disks))}), "
               f"{size} written in {p.duration:.2f}s, checkpoint {p.checkpoint}")
 
-    _run(as_json, lambda: api.backup(domain, backup_dir, level, disk, _state["uri"], notify), render)
+    def call() -> Any:
+        from . import progress
+        with progress.backup(_state["uri"], domain, progress.wanted(as_json, no_progress)):
+            return api.backup(domain, backup_dir, level, disk, _state["uri"], notify)
+
+    _run(as_json, call, render)
 
 
 @app.command("list")
@@ -216,6 +239,7 @@ def restore(backup_dir: Path = typer.Argument(...), output_dir: Path = typer.Arg
             define: Optional[str] = typer.Option(None, "--define", metavar="NAME",
                                                  help="define a new domain NAME on the restored disks"),
             start: bool = typer.Option(False, "--start", help="start the domain defined with --define"),
+            no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars on a terminal"),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Restore a point as one standalone qcow2 per disk: OUTPUT_DIR/<disk>.qcow2."""
     def render(r: Any) -> None:
@@ -232,8 +256,12 @@ def restore(backup_dir: Path = typer.Argument(...), output_dir: Path = typer.Arg
         if r.domain:
             print(f"defined domain {r.domain} ({r.domain_uuid}){', started' if r.started else ''}")
 
-    _run(as_json, lambda: api.restore_point(backup_dir, output_dir, point, disk, instant, define, start,
-                                            _state["uri"]), render)
+    def call() -> Any:
+        from . import progress
+        with progress.observed("restore", progress.wanted(as_json, no_progress)):
+            return api.restore_point(backup_dir, output_dir, point, disk, instant, define, start, _state["uri"])
+
+    _run(as_json, call, render)
 
 
 @app.command()
@@ -241,6 +269,7 @@ def verify(backup_dir: Path = typer.Argument(...),
            point: Optional[str] = typer.Option(None, "--point", help="only this point's chain (id, 'latest' "
                                                "or an ISO 8601 time)"),
            deep: bool = typer.Option(False, "--deep", help="also read every point's whole chain"),
+           no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars on a terminal"),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Check every image: qemu-img check, backing links, content hashes recorded at backup time."""
     def render(r: Any) -> None:
@@ -252,7 +281,12 @@ def verify(backup_dir: Path = typer.Argument(...),
                       + (f", {r.chains_read} chain(s) read end to end" if r.deep else ""))
         _fail(as_json, r.to_json(), r.failure, "verify-failed")
 
-    _run(as_json, lambda: api.verify_backup(backup_dir, point, deep), render)
+    def call() -> Any:
+        from . import progress
+        with progress.observed("verify", progress.wanted(as_json, no_progress)):
+            return api.verify_backup(backup_dir, point, deep)
+
+    _run(as_json, call, render)
 
 
 @app.command()
@@ -262,6 +296,8 @@ def prune(backup_dir: Path = typer.Argument(...),
                                          help="keep the newest point of each of the last N days with points (UTC)"),
           keep_weekly: int = typer.Option(0, "--keep-weekly", metavar="N",
                                           help="keep the newest point of each of the last N ISO weeks with points"),
+          keep_monthly: int = typer.Option(0, "--keep-monthly", metavar="N",
+                                           help="keep the newest point of each of the last N months with points (UTC)"),
           dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be kept, dropped and merged"),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Drop old points; kept points that depend on dropped ones are merged so they restore unchanged."""
@@ -279,7 +315,8 @@ def prune(backup_dir: Path = typer.Argument(...),
             print(f"{'would remove' if r.dry_run else 'removed'} {rel} (left by an interrupted prune)")
         print(f"{'dry run: ' if r.dry_run else ''}{len(plan.keep)} point(s) kept, {len(plan.drop)} dropped")
 
-    _run(as_json, lambda: api.prune(backup_dir, keep, keep_daily, keep_weekly, dry_run), render)
+    _run(as_json, lambda: api.prune(backup_dir, keep, keep_daily, keep_weekly, dry_run,
+                                            keep_monthly=keep_monthly), render)
 
 
 @app.command()
@@ -293,6 +330,61 @@ def flatten(image: Path = typer.Argument(..., help="a qcow2 overlay, e.g. from r
             print(f"{r.image} is standalone")
 
     _run(as_json, lambda: api.flatten(image), render)
+
+
+@app.command("run")
+def run_cmd(job_file: Path = typer.Argument(..., metavar="JOBFILE", help="job file (TOML), e.g. /etc/virtbackup/nightly.toml"),
+            domain: List[str] = typer.Option([], "--domain", metavar="NAME", help="only this domain of the job (repeatable)"),
+            dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be done and why"),
+            no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars on a terminal"),
+            as_json: bool = typer.Option(False, "--json")) -> None:
+    """Back up every domain a job file selects (then prune), `parallel` at a time; exit 1 if any failed."""
+    from . import jobs
+
+    def render_plan(out: Any) -> None:
+        job, planned = out
+        if as_json:
+            print(json.dumps(jobs.plan_json(job, planned)))
+            return
+        for p in planned:
+            if p.action == "backup":
+                drops = f"; prune would drop {', '.join(p.prune_drops)}" if p.prune_drops else ""
+                print(f"{p.domain}: would back up into {p.backup_dir}, level {p.level}: {p.why}{drops}")
+            else:
+                print(f"{p.domain}: would {'FAIL' if p.action == 'fail' else 'skip'}: {p.error}")
+        print(f"dry run of job {job.name}: nothing was changed")
+
+    def render(r: Any) -> None:
+        if as_json:
+            print(json.dumps(jobs.result_json(r)))
+        else:
+            print(f"{'DOMAIN':<24} {'STATUS':<8} {'LEVEL':<5} {'POINT':<6} {'BYTES':>10} {'SECONDS':>8}  ERROR")
+            for d in r.domains:
+                print(f"{d.domain:<24} {d.status:<8} {d.level or '-':<5} {d.point or '-':<6} "
+                      f"{_human_size(d.bytes):>10} {d.seconds:>8.1f}  {d.error or ''}".rstrip())
+        failed = [d for d in r.domains if d.status == "failed"]
+        if r.interrupted:
+            _err(f"error: run of job {r.job} stopped by {r.interrupted}: running backups were aborted "
+                 f"and rolled back, queued domains skipped")
+        elif failed:
+            _err(f"error: {len(failed)} of {len(r.domains)} domain(s) failed: "
+                 + "; ".join(f"{d.domain}: {d.error}" for d in failed))
+        if r.error:
+            _err(f"error: {r.error}")
+        if not r.ok:
+            raise typer.Exit(EXIT_FAILED)
+
+    def call() -> Any:
+        from . import progress
+        job = api.load_job(job_file)
+        if dry_run:
+            return job, api.plan_job(job, _state["uri"], domain)
+        if not progress.wanted(as_json, no_progress):
+            return api.run_job(job, _state["uri"], domain)
+        with progress.RunDisplay(_state["uri"]) as display:
+            return api.run_job(job, _state["uri"], domain, display.watch)
+
+    _run(as_json, call, render_plan if dry_run else render)
 
 
 def _is(exc: BaseException, name: str) -> bool:

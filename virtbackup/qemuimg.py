@@ -81,7 +81,42 @@ def check(path: Path) -> Any:
 
 def convert(src: Path, dst: Path, out_format: str = "qcow2") -> None:
     """Copy `src` (read through its backing chain) into a standalone image `dst`."""
+    from . import observe
+    if observe.active():
+        _convert_reporting(src, dst, out_format)
+        return
     run(["convert", "-q", "-W", "-O", out_format, str(src), str(dst)], f"cannot convert {src}")
+
+
+def _convert_reporting(src: Path, dst: Path, out_format: str) -> None:
+    """`convert -p`: qemu-img's own progress lines ("    (12.50/100%)\r") go to observe.report."""
+    import re
+
+    from . import observe
+    cmd = [QEMU_IMG, "convert", "-p", "-W", "-O", out_format, str(src), str(dst)]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise HostError(f"{QEMU_IMG} not found; install qemu-utils") from None
+    assert proc.stdout is not None and proc.stderr is not None
+    buf = b""
+    try:
+        while True:
+            chunk = os.read(proc.stdout.fileno(), 256)
+            if not chunk:
+                break
+            buf = (buf + chunk)[-256:]
+            found = re.findall(rb"\(([0-9.]+)/100%\)", buf)
+            if found:
+                observe.report(src.name, float(found[-1]), 100.0)
+        err = proc.stderr.read().decode(errors="replace")
+    except BaseException:
+        proc.kill()          # e.g. Ctrl-C: the caller removes the half-written target
+        proc.wait()
+        raise
+    if proc.wait() != 0:
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        raise HostError(f"cannot convert {src}: {lines[-1] if lines else f'exit status {proc.returncode}'}")
 
 
 def compare(a: Path, b: Path) -> bool:

@@ -47,19 +47,20 @@ class Policy:
     keep_last: int = 0
     keep_daily: int = 0
     keep_weekly: int = 0
+    keep_monthly: int = 0
 
     def check(self) -> None:
-        if min(self.keep_last, self.keep_daily, self.keep_weekly) < 0:
+        if min(self.keep_last, self.keep_daily, self.keep_weekly, self.keep_monthly) < 0:
             raise UsageError("keep counts must not be negative")
-        if not (self.keep_last or self.keep_daily or self.keep_weekly):
-            raise UsageError("say what to keep: --keep N, --keep-daily N and/or --keep-weekly N")
+        if not (self.keep_last or self.keep_daily or self.keep_weekly or self.keep_monthly):
+            raise UsageError("say what to keep: --keep N, --keep-daily N, --keep-weekly N and/or --keep-monthly N")
 
 
 def decide(points: Sequence[Point], policy: Policy) -> List[Decision]:
     """Keep/drop with the reasons, oldest first. Every rule looks at all points on its own.
 
-    --keep N: the newest N points. --keep-daily N / --keep-weekly N: the newest point of each of
-    the N newest days / ISO weeks (UTC) that have points. The newest point is always kept: the
+    --keep N: the newest N points. --keep-daily N / --keep-weekly N / --keep-monthly N: the newest
+    point of each of the N newest days / ISO weeks / calendar months (UTC) that have points. The newest point is always kept: the
     next backup continues from it.
     """
     policy.check()
@@ -83,6 +84,8 @@ def decide(points: Sequence[Point], policy: Policy) -> List[Decision]:
         periodic(policy.keep_daily, lambda t: t.strftime("%Y-%m-%d"), "day", "--keep-daily")
     if policy.keep_weekly:
         periodic(policy.keep_weekly, lambda t: "%d-W%02d" % t.isocalendar()[:2], "week", "--keep-weekly")
+    if policy.keep_monthly:
+        periodic(policy.keep_monthly, lambda t: t.strftime("%Y-%m"), "month", "--keep-monthly")
     if newest_first and not reasons[newest_first[0].id]:
         reasons[newest_first[0].id].append("the newest point (always kept: the next backup continues from it)")
     out = []

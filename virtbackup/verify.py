@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set
 
-from . import qemuimg
+from . import observe, qemuimg
 from .chain import BackupDir, file_sha256
 from .errors import VirtBackupError
 
@@ -85,6 +85,7 @@ def verify(backup_dir: Path, point_id: Optional[str] = None, deep: bool = False)
     result = VerifyResult([p.id for p in points], 0, deep=deep)
     bad: Set[str] = set()
     checked: Set[str] = set()
+    total = len({rel for p in points for disk in p.disks for rel in chain.image_chain(p, disk)})
     for p in points:
         for disk in sorted(p.disks):
             for rel in chain.image_chain(p, disk):
@@ -95,6 +96,7 @@ def verify(backup_dir: Path, point_id: Optional[str] = None, deep: bool = False)
                     if problem:
                         bad.add(rel)
                         result.damage.append(Damage(owner, name, rel, problem))
+                    observe.report("images", len(checked), total)
                 if rel in bad and p.id not in result.damaged_points:
                     result.damaged_points.append(p.id)
     result.images_checked = len(checked)
@@ -112,4 +114,5 @@ def verify(backup_dir: Path, point_id: Optional[str] = None, deep: bool = False)
                     if p.id not in result.damaged_points:
                         result.damaged_points.append(p.id)
                 result.chains_read += 1
+                observe.report("chains read", result.chains_read, sum(len(x.disks) for x in points))
     return result

@@ -1,0 +1,668 @@
+"""Whole-host backup jobs: the job file (TOML), domain selection, planning and the runner.
+
+A job file names a backup root and which domains to back up; `run` backs up each selected
+domain into `backup_root/<domain name>` (then prunes it), `parallel` at a time.
+
+Each domain's backup runs as its own `virtbackup backup --json` child process (and its prune
+as `virtbackup prune --json`), not as a thread. That keeps every guarantee of a single backup
+exactly as tested for it: the signal handling that aborts a running libvirt job and rolls back
+works only in a process's main thread (`host.signals_noted`), a libvirt connection has a
+single close callback (one `JobWatch` per connection), and a crash or hang in one domain's
+backup cannot take another down. The runner forwards SIGINT/SIGTERM to its running children
+(which abort and roll back as `backup` does) and starts nothing new: queued domains are
+reported `skipped`. Children run in their own session, so a terminal's Ctrl-C reaches them
+once, through the runner.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .chain import BackupDir, Chain, Point, now_iso, point_time
+from .errors import ChainCorrupt, BackupDirError, UsageError, VirtBackupError
+
+LEVELS = ("auto", "full", "inc", "diff")
+QUIESCE = ("auto", "require", "off")
+MAX_PARALLEL = 64
+
+
+class JobFileError(UsageError):
+    """The job file is missing, not TOML, or has an unknown key, a wrong type or a bad value."""
+
+    kind = "job-file"
+
+
+# --- the job file ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Retention:
+    keep: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+
+    def prune_args(self) -> List[str]:
+        args = []
+        for opt, n in (("--keep", self.keep), ("--keep-daily", self.keep_daily),
+                       ("--keep-weekly", self.keep_weekly), ("--keep-monthly", self.keep_monthly)):
+            if n:
+                args += [opt, str(n)]
+        return args
+
+
+@dataclass
+class Job:
+    path: Path
+    name: str                                 # the file's stem: `nightly` for nightly.toml (systemd's %i)
+    backup_root: Path
+    domains: List[str]
+    exclude: List[str] = field(default_factory=list)
+    level: str = "auto"
+    full_every_days: int = 0                  # 0: no age limit
+    max_chain: int = 0                        # 0: no length limit
+    quiesce: str = "auto"
+    parallel: int = 1
+    metrics_file: Optional[Path] = None
+    retention: Optional[Retention] = None
+
+
+# key -> (python type(s), description for messages)
+_TOP: Dict[str, Tuple[type, str]] = {
+    "backup_root": (str, "a string (an absolute path)"),
+    "domains": (list, "a list of names or globs"),
+    "exclude": (list, "a list of names or globs"),
+    "level": (str, "one of " + ", ".join(LEVELS)),
+    "full_every_days": (int, "a whole number of days (0: no limit)"),
+    "max_chain": (int, "a whole number of points (0: no limit)"),
+    "quiesce": (str, "one of " + ", ".join(QUIESCE)),
+    "parallel": (int, f"a whole number from 1 to {MAX_PARALLEL}"),
+    "metrics_file": (str, "a string (an absolute path)"),
+    "retention": (dict, "a table ([retention])"),
+}
+_RETENTION = ("keep", "keep_daily", "keep_weekly", "keep_monthly")
+
+
+def _line_of(text: str, section: Optional[str], key: str) -> Optional[int]:
+    """Line number of `key = ...` in `[section]` (None: top level); None when not found."""
+    current: Optional[str] = None
+    key_re = re.compile(r'^\s*(?:"%s"|\'%s\'|%s)\s*=' % ((re.escape(key),) * 3))
+    header_re = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]")
+    for n, line in enumerate(text.splitlines(), 1):
+        h = header_re.match(line)
+        if h:
+            current = h.group(1).strip().strip('"\'')
+            if current == key and section is None:
+                return n
+            continue
+        if current == section and key_re.match(line):
+            return n
+    return None
+
+
+_UNSAFE_GLOB = re.compile(r"[\x00-\x1f\x7f/]")
+
+
+def glob_problem(pattern: str) -> Optional[str]:
+    """Why a name/glob can never select a domain sensibly (None = it is fine)."""
+    if not pattern.strip():
+        return "is empty"
+    if _UNSAFE_GLOB.search(pattern):
+        return "contains '/' or a control character"
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "[":
+            # fnmatch would take an unclosed '[' literally; in a job file it is a typo
+            start = i + 1 + (pattern[i + 1:i + 2] == "!")
+            close = pattern.find("]", start + 1)
+            if close < 0:
+                return "has an unclosed '['"
+            i = close
+        i += 1
+    return None
+
+
+def is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def unsafe_dir_name(name: str) -> Optional[str]:
+    """Why a domain name cannot be used as-is as a directory name (None = it can).
+
+    Never guessed into something else: two domains could map to the same directory."""
+    if name in ("", ".", ".."):
+        return f"its name {name!r} is not a usable directory name"
+    if "/" in name or "\x00" in name:
+        return "its name contains '/'"
+    if re.search(r"[\x01-\x1f\x7f]", name):
+        return "its name contains a control character"
+    if len(name.encode()) > 255:
+        return "its name is longer than 255 bytes"
+    return None
+
+
+def load_job(path: Path) -> Job:
+    """Read and validate a job file; JobFileError (exit 2) names the file, line and key."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise JobFileError(f"cannot read job file {path}: {e.strerror}") from None
+    try:
+        text = raw.decode()
+        data = tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise JobFileError(f"job file {path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise JobFileError(f"job file {path}: invalid TOML: {e}") from None
+
+    def fail(section: Optional[str], key: str, what: str) -> JobFileError:
+        line = _line_of(text, section, key)
+        where = f"{path}:{line}" if line else str(path)
+        full = f"{section}.{key}" if section else key
+        return JobFileError(f"job file {where}: key '{full}' {what}")
+
+    for key, value in data.items():
+        if key not in _TOP:
+            raise fail(None, key, f"is unknown (known keys: {', '.join(_TOP)})")
+        typ, desc = _TOP[key]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise fail(None, key, f"must be {desc}, not {_toml_type(value)}")
+    for key in ("backup_root", "domains"):
+        if key not in data:
+            raise JobFileError(f"job file {path}: key '{key}' is missing")
+
+    root = Path(data["backup_root"])
+    if not root.is_absolute():
+        raise fail(None, "backup_root", f"must be an absolute path, not {str(root)!r}")
+    if not root.is_dir():
+        raise fail(None, "backup_root", f"names {root}, which is not an existing directory")
+    globs: Dict[str, List[str]] = {}
+    for key in ("domains", "exclude"):
+        items = data.get(key, [])
+        if key == "domains" and not items:
+            raise fail(None, key, "must name at least one domain or glob")
+        for item in items:
+            if not isinstance(item, str):
+                raise fail(None, key, f"must be a list of strings, not a list holding {_toml_type(item)}")
+            problem = glob_problem(item)
+            if problem:
+                raise fail(None, key, f"has a bad name or glob {item!r}: it {problem}")
+        globs[key] = list(items)
+    level = data.get("level", "auto")
+    if level not in LEVELS:
+        raise fail(None, "level", f"must be one of {', '.join(LEVELS)}, not {level!r}")
+    quiesce = data.get("quiesce", "auto")
+    if quiesce not in QUIESCE:
+        raise fail(None, "quiesce", f"must be one of {', '.join(QUIESCE)}, not {quiesce!r}")
+    if quiesce == "require" and not _quiesce_supported():
+        raise fail(None, "quiesce", "is 'require', but this virtbackup cannot quiesce guests yet "
+                                    "(use 'auto' or 'off': crash-consistent backups)")
+    for key in ("full_every_days", "max_chain"):
+        if data.get(key, 0) < 0:
+            raise fail(None, key, f"must not be negative, not {data[key]}")
+    parallel = data.get("parallel", 1)
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise fail(None, "parallel", f"must be from 1 to {MAX_PARALLEL}, not {parallel}")
+    metrics: Optional[Path] = None
+    if "metrics_file" in data:
+        metrics = Path(data["metrics_file"])
+        if not metrics.is_absolute():
+            raise fail(None, "metrics_file", f"must be an absolute path, not {str(metrics)!r}")
+        if not metrics.parent.is_dir():
+            raise fail(None, "metrics_file", f"names a file in {metrics.parent}, which is not an existing directory")
+        if metrics.is_dir():
+            raise fail(None, "metrics_file", f"names {metrics}, which is a directory")
+    retention: Optional[Retention] = None
+    if "retention" in data:
+        r = data["retention"]
+        for key, value in r.items():
+            if key not in _RETENTION:
+                raise fail("retention", key, f"is unknown (known keys: {', '.join(_RETENTION)})")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise fail("retention", key, f"must be a whole number, not {_toml_type(value)}")
+            if value < 0:
+                raise fail("retention", key, f"must not be negative, not {value}")
+        retention = Retention(**{k: r.get(k, 0) for k in _RETENTION})
+        if not any(r.get(k, 0) for k in _RETENTION):
+            raise fail(None, "retention", "keeps nothing: set keep, keep_daily, keep_weekly and/or keep_monthly")
+    return Job(path=path, name=path.stem, backup_root=root, domains=globs["domains"],
+               exclude=globs.get("exclude", []), level=level,
+               full_every_days=data.get("full_every_days", 0), max_chain=data.get("max_chain", 0),
+               quiesce=quiesce, parallel=parallel, metrics_file=metrics, retention=retention)
+
+
+def _toml_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array",
+             dict: "a table"}
+    return next((n for t, n in names.items() if type(value) is t), f"a {type(value).__name__}")
+
+
+def _quiesce_supported() -> bool:
+    """Whether `api.backup` takes a `quiesce` argument (quiescing is another issue's feature)."""
+    import inspect
+
+    from . import api
+    return "quiesce" in inspect.signature(api.backup).parameters
+
+
+# --- selection ---------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    """A libvirt domain as selection sees it."""
+
+    name: str
+    uuid: str
+    active: bool
+    persistent: bool
+
+
+@dataclass
+class Selected:
+    name: str
+    uuid: str
+    active: bool
+    backup_dir: Optional[Path]                 # None when the domain is not backed up (see `problem`)
+    problem: Optional[str] = None              # why it is reported instead of backed up
+    fails: bool = False                        # the problem makes the run fail (named explicitly)
+
+
+def select(job: Job, candidates: Sequence[Candidate], only: Sequence[str] = ()) -> List[Selected]:
+    """Which domains the job backs up, in name order (pure).
+
+    A domain matched only by a glob but transient or unsafely named is reported `skipped`; one
+    the job (or `--domain`) names explicitly fails the run instead: it was asked for. A name in
+    the file that matches no domain fails too (a deleted domain must not go unnoticed).
+    """
+    by_name = {c.name: c for c in candidates}
+    picked: Dict[str, bool] = {}               # name -> named explicitly
+    missing: List[str] = []
+    for pat in job.domains:
+        hits = [n for n in by_name if fnmatch.fnmatchcase(n, pat)]
+        if not is_glob(pat) and not hits:
+            missing.append(pat)
+        for n in hits:
+            picked[n] = picked.get(n, False) or not is_glob(pat)
+    for n in list(picked):
+        if any(fnmatch.fnmatchcase(n, pat) for pat in job.exclude):
+            del picked[n]
+    for name in only:
+        if name not in picked and name not in missing:
+            raise UsageError(f"domain '{name}' is not selected by job file {job.path} "
+                             "(or is excluded there)")
+    out: List[Selected] = []
+    for name in missing:
+        if not only or name in only:
+            out.append(Selected(name, "", False, None, f"domain '{name}' not found", fails=True))
+    for name in sorted(picked):
+        if only and name not in only:
+            continue
+        c = by_name[name]
+        explicit = picked[name] or name in only
+        problem = unsafe_dir_name(name)
+        if problem:
+            problem = f"domain {name!r} is not backed up: {problem}"
+        elif not c.persistent:
+            problem = (f"domain '{name}' is transient (not defined in libvirt): it cannot keep "
+                       "checkpoints across restarts; define it to back it up")
+        bdir = None if problem else job.backup_root / name
+        out.append(Selected(name, c.uuid, c.active, bdir, problem, fails=bool(problem) and explicit))
+    return sorted(out, key=lambda s: s.name)
+
+
+def list_candidates(uri: Optional[str]) -> List[Candidate]:
+    from . import host
+    with host.connection(uri) as conn:
+        return [Candidate(d.name(), d.UUIDString(), bool(d.isActive()), bool(d.isPersistent()))
+                for d in host.call(conn.listAllDomains, 0)]
+
+
+# --- planning ----------------------------------------------------------------------------------
+def choose_level(job: Job, chain: Optional[Chain], now: Optional[datetime] = None) -> Tuple[str, Optional[str]]:
+    """The level to ask `backup` for, and why when the job's limits force a new chain (pure).
+
+    `auto` stays `auto` unless full_every_days or max_chain say the current chain is done:
+    backup's own auto then still decides inc or full from the bitmaps' health.
+    """
+    if job.level != "auto" or chain is None or not chain.points:
+        return job.level, None
+    last = chain.points[-1]
+    full = chain.chain_full(last)
+    length = sum(1 for p in chain.points if p.chain == full.id)
+    if job.max_chain and length >= job.max_chain:
+        return "full", f"new chain: chain of point {full.id} has {length} point(s) (max_chain = {job.max_chain})"
+    now = now or datetime.now(timezone.utc)
+    if job.full_every_days and now - point_time(full) >= timedelta(days=job.full_every_days):
+        age = (now - point_time(full)).total_seconds() / 86400
+        return "full", (f"new chain: full point {full.id} is {age:.1f} days old "
+                        f"(full_every_days = {job.full_every_days})")
+    return "auto", None
+
+
+def prune_preview(chain: Optional[Chain], retention: Optional[Retention],
+                  now: Optional[datetime] = None) -> List[str]:
+    """Point ids the prune after the next backup would drop (pure; the new point counts)."""
+    from .retention import Policy, decide
+    if retention is None or chain is None:
+        return []
+    when = (now or datetime.now(timezone.utc)).replace(microsecond=0).isoformat()
+    upcoming = Point(id="next", level="inc", created=when, checkpoint="", base_checkpoint=None, parent=None,
+                     chain="next", disks={}, domain_xml="", checkpoint_xml="")
+    policy = Policy(retention.keep, retention.keep_daily, retention.keep_weekly, retention.keep_monthly)
+    return [d.point for d in decide([*chain.points, upcoming], policy) if not d.keep]
+
+
+def _owned_chain(s: Selected) -> Tuple[Optional[Chain], Optional[str]]:
+    """This domain's chain in its directory, or the reason its backup will fail (read only)."""
+    assert s.backup_dir is not None
+    bdir = BackupDir(s.backup_dir)
+    try:
+        chain = bdir.load_or_none()
+        if chain is not None:
+            bdir.check_owner(chain, s.name, s.uuid)
+    except (BackupDirError, ChainCorrupt) as e:
+        return None, str(e)
+    return chain, None
+
+
+@dataclass
+class PlannedDomain:
+    domain: str
+    action: str                                # backup | skip | fail
+    backup_dir: Optional[str]
+    level: Optional[str]
+    why: Optional[str]
+    prune_drops: List[str] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+def plan(job: Job, selected: Sequence[Selected], now: Optional[datetime] = None) -> List[PlannedDomain]:
+    """What `run` would do for each domain, and why (reads only; changes nothing)."""
+    out = []
+    for s in selected:
+        if s.problem:
+            out.append(PlannedDomain(s.name, "fail" if s.fails else "skip", None, None, None, error=s.problem))
+            continue
+        chain, problem = _owned_chain(s)
+        if problem:
+            out.append(PlannedDomain(s.name, "fail", str(s.backup_dir), None, None, error=problem))
+            continue
+        level, why = choose_level(job, chain, now)
+        if why is None:
+            if level == "auto":
+                last = chain.points[-1] if chain and chain.points else None
+                why = (f"incremental on point {last.id} if its checkpoint's bitmaps are intact, else a full"
+                       if last else "full: no previous backup in this directory")
+            else:
+                why = f"level = {level}"
+        how = "running" if s.active else "shut off: private QEMU"
+        out.append(PlannedDomain(s.name, "backup", str(s.backup_dir), level, f"{why} ({how})",
+                                 prune_preview(chain, job.retention, now)))
+    return out
+
+
+# --- running -----------------------------------------------------------------------------------
+@dataclass
+class DomainResult:
+    domain: str
+    status: str                                # ok | failed | skipped
+    level: Optional[str] = None
+    point: Optional[str] = None
+    bytes: int = 0
+    seconds: float = 0.0
+    error: Optional[str] = None
+    backup_dir: Optional[str] = None
+    reason: Optional[str] = None               # why the level (a new chain forced by the job)
+    pruned: List[str] = field(default_factory=list)
+    points: Optional[int] = None               # points in the directory after the run
+    chain_length: Optional[int] = None         # points in the newest chain after the run
+    last_success: Optional[float] = None       # unix time the newest recorded point finished
+    warnings: List[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    job: str
+    started: str
+    finished: str
+    domains: List[DomainResult]
+    interrupted: Optional[str] = None          # the signal that stopped the run
+    started_ts: float = 0.0
+    finished_ts: float = 0.0
+    error: Optional[str] = None                # a problem of the run itself (the metrics file)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(d.status == "ok" for d in self.domains)
+
+
+# What a running domain's backup is doing, for progress displays: name -> phase
+Watcher = Callable[[str, str, Optional[str]], None]      # (domain, phase, uuid)
+
+
+def _cli(uri: Optional[str], *args: str) -> List[str]:
+    return [sys.executable, "-m", "virtbackup.cli", *(["-c", uri] if uri else []), *args]
+
+
+def _child_error(out: str, err: str, rc: int) -> str:
+    """The child's one-line error: from its JSON, else its `virtbackup: error:` line."""
+    try:
+        data = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        if isinstance(data, dict) and isinstance(data.get("error"), dict):
+            return str(data["error"].get("message"))
+    except ValueError:
+        pass
+    lines = [ln[len("virtbackup: error: "):] for ln in err.splitlines() if ln.startswith("virtbackup: error: ")]
+    if lines:
+        return lines[-1]
+    tail = [ln for ln in err.splitlines() if ln.strip()]
+    return tail[-1] if tail else f"exit status {rc}"
+
+
+def _finish_stats(r: DomainResult, s: Selected) -> None:
+    """Points and chain length after the run, and when the last good backup ended (read only)."""
+    if s.backup_dir is None:
+        return
+    chain, problem = _owned_chain(s)
+    if problem or chain is None or not chain.points:
+        return
+    last = chain.points[-1]
+    r.points = len(chain.points)
+    r.chain_length = sum(1 for p in chain.points if p.chain == last.chain)
+    r.last_success = point_time(last).timestamp() + last.duration
+
+
+class Runner:
+    """Runs the selected domains' backups (`parallel` child processes at a time)."""
+
+    def __init__(self, job: Job, selected: Sequence[Selected], uri: Optional[str],
+                 watch: Optional[Watcher] = None):
+        self.job = job
+        self.selected = list(selected)
+        self.uri = uri
+        self.watch = watch or (lambda _d, _p, _u: None)
+        self._lock = threading.Lock()
+        self._procs: Dict[str, subprocess.Popen] = {}
+        self._stop: Optional[str] = None
+        self._stop_event = threading.Event()
+
+    # -- signals (main thread) -----------------------------------------------------------------
+    def stop(self, why: str) -> None:
+        """Start nothing new; pass the signal to every running child (it aborts and rolls back)."""
+        with self._lock:
+            self._stop = self._stop or why
+            procs = list(self._procs.values())
+        self._stop_event.set()
+        sig = signal.SIGINT if why == "SIGINT" else signal.SIGTERM
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    # -- one domain (worker thread) ------------------------------------------------------------
+    def _spawn(self, s: Selected, args: List[str]) -> Optional[subprocess.Popen]:
+        with self._lock:
+            if self._stop is not None:
+                return None
+            # own session: a terminal's Ctrl-C reaches the child once, forwarded by stop()
+            proc = subprocess.Popen(_cli(self.uri, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+            self._procs[s.name] = proc
+            return proc
+
+    def _communicate(self, s: Selected, proc: subprocess.Popen) -> Tuple[int, str, str]:
+        out, err = proc.communicate()
+        with self._lock:
+            self._procs.pop(s.name, None)
+        return proc.returncode, out, err
+
+    def run_one(self, s: Selected) -> DomainResult:
+        r = DomainResult(s.name, "skipped", backup_dir=str(s.backup_dir) if s.backup_dir else None)
+        if s.problem:
+            r.status, r.error = ("failed" if s.fails else "skipped"), s.problem
+            return r
+        t0 = time.monotonic()
+        try:
+            chain, problem = _owned_chain(s)
+            level, r.reason = ("auto", None) if problem else choose_level(self.job, chain)
+            self.watch(s.name, "backup", s.uuid)
+            proc = self._spawn(s, ["backup", s.uuid, str(s.backup_dir), "--level", level, "--json"])
+            if proc is None:
+                r.error = f"not started: the run was stopped by {self._stop}"
+                return r
+            rc, out, err = self._communicate(s, proc)
+            r.warnings = [ln[len("virtbackup: "):] for ln in err.splitlines()
+                          if ln.startswith("virtbackup: warning: ")]
+            if rc != 0:
+                r.status, r.error = "failed", _child_error(out, err, rc)
+                return r
+            point = json.loads(out)["point"]
+            r.status, r.level, r.point, r.bytes = "ok", point["level"], point["id"], int(point["size"])
+            if self.job.retention is not None:
+                self.watch(s.name, "prune", s.uuid)
+                proc = self._spawn(s, ["prune", str(s.backup_dir), *self.job.retention.prune_args(), "--json"])
+                if proc is None:
+                    r.warnings.append(f"prune not run: the run was stopped by {self._stop}")
+                    return r
+                rc, out, err = self._communicate(s, proc)
+                if rc != 0:
+                    r.status = "failed"
+                    r.error = f"point {r.point} was recorded, but prune failed: {_child_error(out, err, rc)}"
+                    return r
+                r.pruned = list(json.loads(out)["dropped"])
+            return r
+        except (OSError, ValueError, KeyError, VirtBackupError) as e:
+            r.status, r.error = "failed", f"{type(e).__name__}: {e}" if not isinstance(e, VirtBackupError) else str(e)
+            return r
+        finally:
+            r.seconds = round(time.monotonic() - t0, 3)
+            _finish_stats(r, s)
+            self.watch(s.name, r.status, s.uuid)
+
+    def _skipped(self, name: str) -> DomainResult:
+        s = next(x for x in self.selected if x.name == name)
+        r = DomainResult(name, "skipped", error=f"not started: the run was stopped by {self._stop}",
+                         backup_dir=str(s.backup_dir) if s.backup_dir else None)
+        _finish_stats(r, s)
+        self.watch(name, "skipped", s.uuid)
+        return r
+
+    # -- the whole run (main thread) -----------------------------------------------------------
+    def run(self) -> RunResult:
+        from concurrent.futures import ThreadPoolExecutor
+
+        started, t0 = now_iso(), time.time()
+        results: Dict[str, DomainResult] = {}
+        for s in self.selected:
+            self.watch(s.name, "queued", s.uuid)
+        with _forward_signals(self.stop):
+            with ThreadPoolExecutor(max_workers=self.job.parallel, thread_name_prefix="job") as pool:
+                futures = {s.name: pool.submit(self.run_one, s) for s in self.selected}
+                pending = dict(futures)
+                while pending:
+                    # short waits: signal handlers run in this thread between them
+                    for name, fut in list(pending.items()):
+                        if fut.done():
+                            results[name] = fut.result()
+                            del pending[name]
+                    if pending:
+                        self._stop_event.wait(0.1)
+                        if self._stop is not None:
+                            for name, fut in list(pending.items()):
+                                if fut.cancel():          # queued, never started
+                                    results[name] = self._skipped(name)
+                                    del pending[name]
+                            self._stop_event.wait(0.1)
+        return RunResult(self.job.name, started, now_iso(), [results[s.name] for s in self.selected],
+                         self._stop, started_ts=t0, finished_ts=time.time())
+
+
+class _forward_signals:
+    """SIGINT/SIGTERM call `stop(name)` while a run is in progress (main thread only)."""
+
+    def __init__(self, stop: Callable[[str], None]):
+        self._stop = stop
+        self._old: Dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, _frame: object) -> None:
+            self._stop(signal.Signals(signum).name)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, handler)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run(job: Job, uri: Optional[str] = None, only: Sequence[str] = (),
+        watch: Optional[Watcher] = None) -> RunResult:
+    """Back up and prune every selected domain; write the metrics file when the job names one."""
+    selected = select(job, list_candidates(uri), only)
+    result = Runner(job, selected, uri, watch).run()
+    if job.metrics_file is not None:
+        from . import metrics
+        try:
+            metrics.write(job.metrics_file, result)
+        except VirtBackupError as e:
+            result.error = str(e)
+    return result
+
+
+def dry_run(job: Job, uri: Optional[str] = None, only: Sequence[str] = ()) -> List[PlannedDomain]:
+    return plan(job, select(job, list_candidates(uri), only))
+
+
+def domain_json(d: DomainResult) -> Dict[str, Any]:
+    return {"domain": d.domain, "status": d.status, "level": d.level, "point": d.point, "bytes": d.bytes,
+            "seconds": d.seconds, "error": d.error, "backup_dir": d.backup_dir, "reason": d.reason,
+            "pruned": d.pruned, "points": d.points, "chain_length": d.chain_length, "warnings": d.warnings}
+
+
+def result_json(r: RunResult) -> Dict[str, Any]:
+    return {"job": r.job, "started": r.started, "finished": r.finished, "interrupted": r.interrupted,
+            "ok": r.ok, "error": r.error, "domains": [domain_json(d) for d in r.domains]}
+
+
+def plan_json(job: Job, planned: Sequence[PlannedDomain]) -> Dict[str, Any]:
+    return {"job": job.name, "dry_run": True,
+            "domains": [{"domain": p.domain, "action": p.action, "backup_dir": p.backup_dir, "level": p.level,
+                         "why": p.why, "prune_drops": p.prune_drops, "error": p.error} for p in planned]}
+
+

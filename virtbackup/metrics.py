@@ -1,0 +1,95 @@
+"""Prometheus text-format metrics of a job run, for node_exporter's textfile collector.
+
+The file is rewritten whole after every run (temp file in the same directory, fsync, rename):
+the collector never reads half a file, and a domain that left the job leaves the file too.
+It is mode 0644: it holds no guest data and node_exporter usually runs as another user.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
+
+from .errors import OperationFailed
+
+if TYPE_CHECKING:
+    from .jobs import RunResult
+
+STATUSES = ("ok", "failed", "skipped")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**kv: str) -> str:
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in kv.items()) + "}"
+
+
+def _num(v: float) -> str:
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+def render(result: "RunResult") -> str:
+    """The whole file's text (pure)."""
+    job = result.job
+    families: List[Tuple[str, str, str, List[Tuple[Dict[str, str], float]]]] = []
+
+    def family(name: str, help_: str, samples: Iterable[Tuple[Dict[str, str], Optional[float]]],
+               typ: str = "gauge") -> None:
+        families.append((name, help_, typ, [(lb, v) for lb, v in samples if v is not None]))
+
+    doms = result.domains
+    family("virtbackup_job_start_time_seconds", "Unix time the job's last run started.",
+           [({"job": job}, result.started_ts)])
+    family("virtbackup_job_end_time_seconds", "Unix time the job's last run ended.",
+           [({"job": job}, result.finished_ts)])
+    family("virtbackup_job_success", "1 when every selected domain of the last run was backed up.",
+           [({"job": job}, 1 if result.ok else 0)])
+    family("virtbackup_job_interrupted", "1 when the last run was stopped by a signal.",
+           [({"job": job}, 1 if result.interrupted else 0)])
+    family("virtbackup_job_domains", "Domains of the last run by status.",
+           [({"job": job, "status": st}, sum(1 for d in doms if d.status == st)) for st in STATUSES])
+    family("virtbackup_domain_status", "1 for the domain's status in the job's last run (ok, failed, skipped).",
+           [({"job": job, "domain": d.domain, "status": st}, 1 if d.status == st else 0)
+            for d in doms for st in STATUSES])
+    family("virtbackup_domain_last_success_time_seconds",
+           "Unix time the domain's newest recorded backup ended (any run, not only the last).",
+           [({"job": job, "domain": d.domain}, d.last_success) for d in doms])
+    family("virtbackup_domain_duration_seconds", "Seconds the domain's backup and prune took in the last run.",
+           [({"job": job, "domain": d.domain}, d.seconds) for d in doms if d.status != "skipped"])
+    family("virtbackup_domain_bytes_written", "Bytes of image files the domain's last run wrote (0 when it failed).",
+           [({"job": job, "domain": d.domain}, d.bytes) for d in doms if d.status != "skipped"])
+    family("virtbackup_domain_points", "Restore points kept in the domain's backup directory.",
+           [({"job": job, "domain": d.domain}, d.points) for d in doms])
+    family("virtbackup_domain_chain_length", "Points in the domain's newest chain (its full and what is layered on it).",
+           [({"job": job, "domain": d.domain}, d.chain_length) for d in doms])
+    lines: List[str] = []
+    for name, help_, typ, samples in families:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {typ}")
+        for lb, v in samples:
+            lines.append(f"{name}{_labels(**lb)} {_num(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def write(path: Path, result: "RunResult") -> None:
+    """Replace `path` atomically with the run's metrics."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.fchmod(fd, 0o644)          # whatever the umask: the collector must read it
+            os.write(fd, render(result).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise OperationFailed(f"cannot write metrics file {path}: {e.strerror}") from None
