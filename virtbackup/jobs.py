@@ -322,10 +322,17 @@ def select(job: Job, candidates: Sequence[Candidate], only: Sequence[str] = ()) 
 
 
 def list_candidates(uri: Optional[str]) -> List[Candidate]:
+    import libvirt
+
     from . import host
+    out = []
     with host.connection(uri) as conn:
-        return [Candidate(d.name(), d.UUIDString(), bool(d.isActive()), bool(d.isPersistent()))
-                for d in host.call(conn.listAllDomains, 0)]
+        for d in host.call(conn.listAllDomains, 0):
+            try:
+                out.append(Candidate(d.name(), d.UUIDString(), bool(d.isActive()), bool(d.isPersistent())))
+            except libvirt.libvirtError:
+                continue            # undefined between the listing and the question: not a candidate
+    return out
 
 
 # --- planning ----------------------------------------------------------------------------------
