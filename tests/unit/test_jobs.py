@@ -1,0 +1,212 @@
+"""Job files, domain selection, level choice, prune preview and the metrics text (pure logic)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from virtbackup import jobs, metrics
+from virtbackup.chain import Chain, DiskImage, Point
+from virtbackup.errors import UsageError
+from virtbackup.retention import Policy, decide
+
+
+def write_job(tmp_path: Path, body: str, name: str = "nightly.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(body.replace("ROOT", str(tmp_path)))
+    return p
+
+
+GOOD = '''backup_root = "ROOT"
+domains = ["web-*", "db1"]
+exclude = ["web-scratch*"]
+level = "auto"
+full_every_days = 7
+max_chain = 30
+quiesce = "auto"
+parallel = 2
+metrics_file = "ROOT/virtbackup.prom"
+
+[retention]
+keep = 7
+keep_daily = 14
+keep_weekly = 8
+keep_monthly = 12
+'''
+
+
+def test_good_job_file_loads(tmp_path):
+    job = jobs.load_job(write_job(tmp_path, GOOD))
+    assert job.name == "nightly"
+    assert job.backup_root == tmp_path
+    assert job.domains == ["web-*", "db1"] and job.exclude == ["web-scratch*"]
+    assert (job.level, job.full_every_days, job.max_chain, job.parallel) == ("auto", 7, 30, 2)
+    assert job.metrics_file == tmp_path / "virtbackup.prom"
+    assert job.retention == jobs.Retention(7, 14, 8, 12)
+    assert job.retention.prune_args() == ["--keep", "7", "--keep-daily", "14", "--keep-weekly", "8",
+                                          "--keep-monthly", "12"]
+
+
+def test_defaults(tmp_path):
+    job = jobs.load_job(write_job(tmp_path, 'backup_root = "ROOT"\ndomains = ["*"]\n'))
+    assert (job.level, job.parallel, job.quiesce, job.retention, job.metrics_file) == ("auto", 1, "auto", None, None)
+
+
+@pytest.mark.parametrize("change, key, what", [
+    ('paralel = 2', "paralel", "is unknown"),
+    ('parallel = "2"', "parallel", "must be a whole number from 1 to 64, not a string"),
+    ('parallel = 0', "parallel", "must be from 1 to 64, not 0"),
+    ('parallel = true', "parallel", "not a boolean"),
+    ('level = "incremental"', "level", "must be one of auto, full, inc, diff"),
+    ('quiesce = "sometimes"', "quiesce", "must be one of auto, require, off"),
+    ('max_chain = -1', "max_chain", "must not be negative"),
+    ('exclude = ["web-["]', "exclude", "unclosed '['"),
+    ('exclude = ["a/b"]', "exclude", "contains '/'"),
+    ('exclude = [1]', "exclude", "not a list holding an integer"),
+    ('metrics_file = "relative.prom"', "metrics_file", "must be an absolute path"),
+    ('metrics_file = "/nonexistent-dir-vb/x.prom"', "metrics_file", "not an existing directory"),
+    ('retention = 3', "retention", "must be a table"),
+])
+def test_bad_top_level_keys_name_file_line_and_key(tmp_path, change, key, what):
+    path = write_job(tmp_path, f'backup_root = "ROOT"\n# a comment\ndomains = ["*"]\n{change}\n')
+    line = 4
+    with pytest.raises(jobs.JobFileError) as e:
+        jobs.load_job(path)
+    msg = str(e.value)
+    assert e.value.exit_code == 2
+    assert f"job file {path}:{line}: key '{key}'" in msg, msg
+    assert what in msg, msg
+
+
+def test_bad_retention_key_names_its_table_and_line(tmp_path):
+    path = write_job(tmp_path, GOOD.replace("keep_weekly = 8", "keep_yearly = 8"))
+    with pytest.raises(jobs.JobFileError, match=rf"{path}:14: key 'retention.keep_yearly' is unknown"):
+        jobs.load_job(path)
+    path = write_job(tmp_path, GOOD.replace("keep_weekly = 8", 'keep_weekly = "8"'))
+    with pytest.raises(jobs.JobFileError, match=r":14: key 'retention.keep_weekly' must be a whole number"):
+        jobs.load_job(path)
+
+
+def test_retention_that_keeps_nothing_is_refused(tmp_path):
+    path = write_job(tmp_path, 'backup_root = "ROOT"\ndomains = ["*"]\n[retention]\nkeep = 0\n')
+    with pytest.raises(jobs.JobFileError, match=r":3: key 'retention' keeps nothing"):
+        jobs.load_job(path)
+
+
+def test_invalid_toml_and_missing_things(tmp_path):
+    with pytest.raises(jobs.JobFileError, match=r"invalid TOML: .*line 2"):
+        jobs.load_job(write_job(tmp_path, 'backup_root = "ROOT"\ndomains ["*"]\n'))
+    with pytest.raises(jobs.JobFileError, match="key 'domains' is missing"):
+        jobs.load_job(write_job(tmp_path, 'backup_root = "ROOT"\n'))
+    with pytest.raises(jobs.JobFileError, match="must name at least one"):
+        jobs.load_job(write_job(tmp_path, 'backup_root = "ROOT"\ndomains = []\n'))
+    with pytest.raises(jobs.JobFileError, match="not an existing directory"):
+        jobs.load_job(write_job(tmp_path, 'backup_root = "ROOT/nope"\ndomains = ["*"]\n'))
+    with pytest.raises(jobs.JobFileError, match="cannot read job file"):
+        jobs.load_job(tmp_path / "missing.toml")
+
+
+def test_quiesce_require_only_when_backup_can_quiesce(tmp_path, monkeypatch):
+    path = write_job(tmp_path, 'backup_root = "ROOT"\ndomains = ["*"]\nquiesce = "require"\n')
+    monkeypatch.setattr(jobs, "_quiesce_supported", lambda: False)
+    with pytest.raises(jobs.JobFileError, match=r":3: key 'quiesce' is 'require', but"):
+        jobs.load_job(path)
+    monkeypatch.setattr(jobs, "_quiesce_supported", lambda: True)
+    assert jobs.load_job(path).quiesce == "require"
+
+
+def C(name: str, persistent: bool = True) -> jobs.Candidate:
+    return jobs.Candidate(name, f"uuid-{name}", True, persistent)
+
+
+def test_selection_globs_exclude_transient_unsafe_and_missing(tmp_path):
+    job = jobs.load_job(write_job(tmp_path, GOOD))
+    cands = [C("web-1"), C("web-2", persistent=False), C("web-scratch1"), C("db1"), C("other"), C("web-..")]
+    sel = {s.name: s for s in jobs.select(job, cands)}
+    assert sorted(sel) == ["db1", "web-..", "web-1", "web-2"]
+    assert sel["web-1"].backup_dir == tmp_path / "web-1" and sel["web-1"].problem is None
+    assert "transient" in sel["web-2"].problem and not sel["web-2"].fails and sel["web-2"].backup_dir is None
+    assert sel["db1"].problem is None
+    # "web-.." is a fine directory name; "." and ".." are not
+    assert jobs.unsafe_dir_name("..") and jobs.unsafe_dir_name(".") and jobs.unsafe_dir_name("a/b")
+    assert jobs.unsafe_dir_name("a\nb") and jobs.unsafe_dir_name("x" * 256)
+    assert jobs.unsafe_dir_name("web-..") is None
+
+
+def test_selection_explicit_names_fail_when_missing_or_transient(tmp_path):
+    job = jobs.load_job(write_job(tmp_path, 'backup_root = "ROOT"\ndomains = ["db1", "gone", "t*"]\n'))
+    sel = {s.name: s for s in jobs.select(job, [C("db1", persistent=False), C("t1", persistent=False)])}
+    assert sel["gone"].fails and "not found" in sel["gone"].problem
+    assert sel["db1"].fails and "transient" in sel["db1"].problem
+    assert not sel["t1"].fails and "transient" in sel["t1"].problem       # matched by a glob: reported
+    only = jobs.select(job, [C("db1"), C("t1")], only=["t1"])
+    assert [s.name for s in only] == ["t1"]
+    with pytest.raises(UsageError, match="'zzz' is not selected by job file"):
+        jobs.select(job, [C("db1")], only=["zzz"])
+
+
+def point(pid: str, created: datetime, chain: str, level: str = "inc") -> Point:
+    return Point(id=pid, level=level, created=created.isoformat(), checkpoint=f"cp-{pid}", base_checkpoint=None,
+                 parent=None, chain=chain, disks={"vda": DiskImage(f"points/{pid}/vda.qcow2", None, 1, 1, "")},
+                 domain_xml="", checkpoint_xml="")
+
+
+def test_choose_level_limits(tmp_path):
+    job = jobs.load_job(write_job(tmp_path, 'backup_root = "ROOT"\ndomains = ["*"]\nmax_chain = 3\n'
+                                             'full_every_days = 7\n'))
+    now = datetime(2026, 11, 30, 12, tzinfo=timezone.utc)
+    chain = Chain("d", "u", points=[point("0001", now - timedelta(days=2), "0001", "full"),
+                                    point("0002", now - timedelta(days=1), "0001")], next_seq=3)
+    assert jobs.choose_level(job, None, now) == ("auto", None)
+    assert jobs.choose_level(job, chain, now) == ("auto", None)
+    chain.points.append(point("0003", now, "0001"))
+    chain.next_seq = 4
+    level, why = jobs.choose_level(job, chain, now)
+    assert level == "full" and "has 3 point(s) (max_chain = 3)" in why
+    chain.points.pop()
+    level, why = jobs.choose_level(job, chain, now + timedelta(days=5))
+    assert level == "full" and "full_every_days = 7" in why
+    job.level = "inc"
+    assert jobs.choose_level(job, chain, now + timedelta(days=5)) == ("inc", None)
+
+
+def test_prune_preview_counts_the_next_point(tmp_path):
+    now = datetime(2026, 11, 30, 12, tzinfo=timezone.utc)
+    chain = Chain("d", "u", points=[point(f"000{i}", now - timedelta(days=4 - i), "0001") for i in range(1, 4)],
+                  next_seq=4)
+    assert jobs.prune_preview(chain, jobs.Retention(keep=2), now) == ["0001", "0002"]
+    assert jobs.prune_preview(chain, None, now) == []
+
+
+def test_keep_monthly():
+    base = datetime(2026, 6, 15, tzinfo=timezone.utc)
+    pts = [point(f"{i:04d}", base + timedelta(days=10 * i), "0001") for i in range(1, 13)]
+    d = {x.point: x for x in decide(pts, Policy(keep_monthly=3))}
+    kept = [p for p, x in d.items() if x.keep]
+    # newest of each of the 3 newest months: 2026-10 (0012, Oct 15? no: day 120 = Oct 13), ...
+    months = sorted({(base + timedelta(days=10 * int(p))).strftime("%Y-%m") for p in kept})
+    assert len(kept) == 3 and len(months) == 3
+    assert all("--keep-monthly 3" in d[p].reasons[0] for p in kept)
+    with pytest.raises(UsageError, match="--keep-monthly N"):
+        Policy().check()
+
+
+def test_metrics_text_parses_with_prometheus_parser(tmp_path):
+    r = jobs.RunResult("nightly", "s", "f", [
+        jobs.DomainResult("a", "ok", "full", "0001", 123, 1.5, points=1, chain_length=1, last_success=1700000000.5),
+        jobs.DomainResult("b\"x", "failed", error="boom", seconds=0.2),
+        jobs.DomainResult("c", "skipped")], started_ts=1700000000.0, finished_ts=1700000010.0)
+    out = tmp_path / "m.prom"
+    metrics.write(out, r)
+    assert oct(out.stat().st_mode & 0o777) == "0o644"
+    fams = {f.name: f for f in text_string_to_metric_families(out.read_text())}
+    val = {(f.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
+    assert val[("virtbackup_job_success", (("job", "nightly"),))] == 0
+    assert val[("virtbackup_job_end_time_seconds", (("job", "nightly"),))] == 1700000010.0
+    assert val[("virtbackup_domain_status", (("domain", "b\"x"), ("job", "nightly"), ("status", "failed")))] == 1
+    assert val[("virtbackup_domain_bytes_written", (("domain", "a"), ("job", "nightly")))] == 123
+    assert ("virtbackup_domain_duration_seconds", (("domain", "c"), ("job", "nightly"))) not in val
+    assert not list(tmp_path.glob(".m.prom*"))          # no temp file left
