@@ -7,8 +7,10 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VIRTBACKUP_VENV:-$ROOT/.venv}"
+# systemd: only for `systemd-analyze verify` of contrib/systemd in the tests; installing the
+# package does not make systemd PID 1 or start anything (libvirt's packages pull it in anyway).
 PACKAGES=(libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients qemu-system-x86 qemu-utils
-          libvirt-dev pkg-config python3-venv)
+          libvirt-dev pkg-config python3-venv systemd)
 # Installed without recommends (libguestfs-tools would pull in hundreds of MB otherwise):
 # - the real test guest: a Debian kernel, busybox and the QEMU guest agent (README "Test guest");
 # - bindings that exist only as Debian packages: python3-guestfs (files), python3-libnbd (pull mode);
