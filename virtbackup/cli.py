@@ -363,6 +363,10 @@ def run_cmd(job_file: Path = typer.Argument(..., metavar="JOBFILE", help="job fi
                 print(f"{d.domain:<24} {d.status:<8} {d.level or '-':<5} {d.point or '-':<6} "
                       f"{_human_size(d.bytes):>10} {d.seconds:>8.1f}  {d.error or ''}".rstrip())
         failed = [d for d in r.domains if d.status == "failed"]
+        if not as_json:
+            for d in r.domains:
+                if d.status == "skipped" and not r.interrupted:
+                    _err(f"note: {d.domain} skipped: {d.error}")
         if r.interrupted:
             _err(f"error: run of job {r.job} stopped by {r.interrupted}: running backups were aborted "
                  f"and rolled back, queued domains skipped")

@@ -451,7 +451,9 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and all(d.status == "ok" for d in self.domains)
+        """No domain failed and the run was not stopped (domains reported `skipped` for what
+        they are, e.g. transient, do not fail a run)."""
+        return self.error is None and self.interrupted is None and all(d.status != "failed" for d in self.domains)
 
 
 # What a running domain's backup is doing, for progress displays: name -> phase
@@ -473,6 +475,8 @@ def _child_error(out: str, err: str, rc: int) -> str:
     lines = [ln[len("virtbackup: error: "):] for ln in err.splitlines() if ln.startswith("virtbackup: error: ")]
     if lines:
         return lines[-1]
+    if rc < 0:
+        return f"virtbackup was killed by {signal.Signals(-rc).name}"
     tail = [ln for ln in err.splitlines() if ln.strip()]
     return tail[-1] if tail else f"exit status {rc}"
 
@@ -502,7 +506,6 @@ class Runner:
         self._lock = threading.Lock()
         self._procs: Dict[str, subprocess.Popen] = {}
         self._stop: Optional[str] = None
-        self._stop_event = threading.Event()
 
     # -- signals (main thread) -----------------------------------------------------------------
     def stop(self, why: str) -> None:
@@ -510,7 +513,6 @@ class Runner:
         with self._lock:
             self._stop = self._stop or why
             procs = list(self._procs.values())
-        self._stop_event.set()
         sig = signal.SIGINT if why == "SIGINT" else signal.SIGTERM
         for p in procs:
             try:
@@ -545,7 +547,10 @@ class Runner:
             chain, problem = _owned_chain(s)
             level, r.reason = ("auto", None) if problem else choose_level(self.job, chain)
             self.watch(s.name, "backup", s.uuid)
-            proc = self._spawn(s, ["backup", s.uuid, str(s.backup_dir), "--level", level, "--json"])
+            args = ["backup", s.uuid, str(s.backup_dir), "--level", level, "--json"]
+            if _quiesce_supported():
+                args.append(f"--quiesce={self.job.quiesce}")
+            proc = self._spawn(s, args)
             if proc is None:
                 r.error = f"not started: the run was stopped by {self._stop}"
                 return r
@@ -564,6 +569,11 @@ class Runner:
                     r.warnings.append(f"prune not run: the run was stopped by {self._stop}")
                     return r
                 rc, out, err = self._communicate(s, proc)
+                if rc != 0 and self._stop is not None:
+                    # a prune is crash-safe: stopped anywhere, the directory holds the old or the
+                    # new chain and the next prune finishes the job; the backup itself is recorded
+                    r.warnings.append(f"prune stopped by {self._stop}; the next run prunes")
+                    return r
                 if rc != 0:
                     r.status = "failed"
                     r.error = f"point {r.point} was recorded, but prune failed: {_child_error(out, err, rc)}"
@@ -588,7 +598,7 @@ class Runner:
 
     # -- the whole run (main thread) -----------------------------------------------------------
     def run(self) -> RunResult:
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
         started, t0 = now_iso(), time.time()
         results: Dict[str, DomainResult] = {}
@@ -599,19 +609,17 @@ class Runner:
                 futures = {s.name: pool.submit(self.run_one, s) for s in self.selected}
                 pending = dict(futures)
                 while pending:
-                    # short waits: signal handlers run in this thread between them
+                    # short waits: the signal handlers run in this thread between them
+                    wait(list(pending.values()), timeout=0.2, return_when=FIRST_COMPLETED)
+                    if self._stop is not None:
+                        for name, fut in list(pending.items()):
+                            if fut.cancel():              # queued, never started
+                                results[name] = self._skipped(name)
+                                del pending[name]
                     for name, fut in list(pending.items()):
                         if fut.done():
                             results[name] = fut.result()
                             del pending[name]
-                    if pending:
-                        self._stop_event.wait(0.1)
-                        if self._stop is not None:
-                            for name, fut in list(pending.items()):
-                                if fut.cancel():          # queued, never started
-                                    results[name] = self._skipped(name)
-                                    del pending[name]
-                            self._stop_event.wait(0.1)
         return RunResult(self.job.name, started, now_iso(), [results[s.name] for s in self.selected],
                          self._stop, started_ts=t0, finished_ts=time.time())
 

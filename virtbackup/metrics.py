@@ -45,7 +45,7 @@ def render(result: "RunResult") -> str:
            [({"job": job}, result.started_ts)])
     family("virtbackup_job_end_time_seconds", "Unix time the job's last run ended.",
            [({"job": job}, result.finished_ts)])
-    family("virtbackup_job_success", "1 when every selected domain of the last run was backed up.",
+    family("virtbackup_job_success", "1 when no domain of the last run failed and it was not stopped.",
            [({"job": job}, 1 if result.ok else 0)])
     family("virtbackup_job_interrupted", "1 when the last run was stopped by a signal.",
            [({"job": job}, 1 if result.interrupted else 0)])

@@ -388,3 +388,29 @@ def test_systemd_units_verify(tmp_path):
     (tmp_path / "nightly.toml").write_text(text)
     job = jobs.load_job(tmp_path / "nightly.toml")
     assert job.parallel == 2 and job.retention == jobs.Retention(7, 14, 8, 12)
+
+
+def test_transient_and_unsafely_named_domains_are_reported_not_guessed(conn, tmp_path):
+    """libvirt accepts a tab in a domain name (not '/' or '..'): no directory is made up for it."""
+    from virtbackup import scratch
+    prefix = f"vbjob-{secrets.token_hex(3)}"
+    odd, transient = f"{prefix}-tab\there", f"{prefix}-transient"
+    try:
+        conn.defineXML(scratch.domain_xml(odd, {}))
+        conn.createXML(scratch.domain_xml(transient, {}), 0)
+        job = job_file(tmp_path, prefix)
+        plan = by_domain(run(job, "--dry-run", expect_rc=0))
+        assert plan[odd]["action"] == "skip" and "control character" in plan[odd]["error"]
+        assert plan[transient]["action"] == "skip" and "transient" in plan[transient]["error"]
+        res = by_domain(run(job, expect_rc=0))          # reported, nothing failed
+        assert res[odd]["status"] == "skipped" and "control character" in res[odd]["error"]
+        assert res[transient]["status"] == "skipped" and "is transient" in res[transient]["error"]
+        assert list((tmp_path / "root").iterdir()) == []
+        # named explicitly, they fail the run
+        job.write_text(job.read_text().replace(f'["{prefix}-*"]', json.dumps([transient])))
+        r = cli("run", job, "--json")
+        assert r.rc == 1 and by_domain(validate_output("run", r.out, r.rc))[transient]["status"] == "failed"
+        assert f"{transient}: domain '{transient}' is transient" in one_error_line(r)
+    finally:
+        scratch.remove_domain(conn, transient)
+        scratch.remove_domain(conn, odd)
