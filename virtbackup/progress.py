@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 POLL_SECONDS = 0.5
 
@@ -31,11 +31,18 @@ def wanted(as_json: bool, no_progress: bool) -> bool:
     return True
 
 
-def _bars() -> Any:
+def _bars(unit: str = "bytes") -> Any:
+    """unit: bytes (libvirt job data), count (images verified) or percent (qemu-img)."""
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-    return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                    DownloadColumn(), TimeElapsedColumn(), TextColumn("{task.fields[state]}"),
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn,
+                               TaskProgressColumn, TextColumn, TimeElapsedColumn)
+    amount: List[ProgressColumn] = []
+    if unit == "bytes":
+        amount.append(DownloadColumn())
+    elif unit == "count":
+        amount.append(MofNCompleteColumn())
+    return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *amount,
+                    TimeElapsedColumn(), TextColumn("{task.fields[state]}"),
                     console=Console(file=sys.stdout), transient=True)
 
 
@@ -130,7 +137,7 @@ def observed(title: str, on: bool) -> Iterator[None]:
         yield
         return
     from . import observe
-    bars = _bars()
+    bars = _bars("percent" if title == "restore" else "count")
     tasks: Dict[str, int] = {}
 
     def update(what: str, done: float, total: float) -> None:
@@ -172,5 +179,8 @@ class RunDisplay:
         if phase in ("queued", "prune"):
             self.bars.update(task, state=phase)
         else:                                   # ok, failed, skipped: the row is finished
-            total = next((t.total for t in self.bars.tasks if t.id == task), None) or 1
-            self.bars.update(task, completed=total, total=total, state=phase)
+            total = next((t.total for t in self.bars.tasks if t.id == task), None)
+            if total:
+                self.bars.update(task, completed=total, state=phase)
+            else:
+                self.bars.update(task, state=phase)

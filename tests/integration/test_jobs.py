@@ -305,8 +305,8 @@ BAR = "\u2501"          # rich's bar character
 
 def test_progress_bars_on_a_terminal_never_in_a_pipe(make_domain, tmp_path):
     prefix = f"vbjob-{secrets.token_hex(3)}"
-    d = make_domain({"vda": 32 * MiB}, name=f"{prefix}-a")
-    d.write("vda", 0x31, 0, 24 * MiB)
+    d = make_domain({"vda": 16 * MiB}, name=f"{prefix}-a")
+    d.write("vda", 0x31, 0, 8 * MiB)
     bdir = tmp_path / "bk"
     rc, out = _pty_run(["backup", d.name, str(bdir)])
     assert rc == 0, out
