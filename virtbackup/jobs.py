@@ -29,7 +29,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .chain import BackupDir, Chain, Point, now_iso, point_time
+from .chain import BackupDir, Chain, FileLock, Point, now_iso, point_time
 from .errors import ChainCorrupt, BackupDirError, UsageError, VirtBackupError
 
 LEVELS = ("auto", "full", "inc", "diff")
@@ -649,8 +649,9 @@ class _forward_signals:
 def run(job: Job, uri: Optional[str] = None, only: Sequence[str] = (),
         watch: Optional[Watcher] = None) -> RunResult:
     """Back up and prune every selected domain; write the metrics file when the job names one."""
-    selected = select(job, list_candidates(uri), only)
-    result = Runner(job, selected, uri, watch).run()
+    with job_lock(job):
+        selected = select(job, list_candidates(uri), only)
+        result = Runner(job, selected, uri, watch).run()
     if job.metrics_file is not None:
         from . import metrics
         try:
@@ -658,6 +659,16 @@ def run(job: Job, uri: Optional[str] = None, only: Sequence[str] = (),
         except VirtBackupError as e:
             result.error = str(e)
     return result
+
+
+def job_lock(job: Job) -> FileLock:
+    """One run of a job file at a time (a timer and a hand-started run would race for every
+    domain's lock and for the metrics file); flock, so a killed run never leaves it stale."""
+    import hashlib
+    import os
+    key = hashlib.sha256(str(job.path.resolve()).encode()).hexdigest()[:16]
+    run_dir = Path(os.environ.get("VIRTBACKUP_RUN_DIR", "/run/virtbackup"))
+    return FileLock(run_dir / f"job-{key}.lock", f"job file {job.path}")
 
 
 def dry_run(job: Job, uri: Optional[str] = None, only: Sequence[str] = ()) -> List[PlannedDomain]:

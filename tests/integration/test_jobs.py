@@ -232,6 +232,11 @@ def test_sigterm_aborts_running_backups_and_skips_queued(make_domain, tmp_path, 
             expected[d.name][by_domain(json.loads(r.out))[d.name]["point"]] = want[d.name]
     assert caught, "could not hold both backup jobs in flight"
 
+    # a second run of the same job while this one runs: refused at once, nothing touched
+    r = cli("run", job, "--json")
+    assert r.rc == 1 and f"is using job file {job}" in one_error_line(r), r
+    assert validate_output("run", r.out, r.rc)["error"]["kind"] == "locked"
+
     # both jobs are in flight, q waits in the queue: stop the run like systemd does
     proc.send_signal(signal.SIGTERM)
     r = finish(proc, timeout=120)
