@@ -91,6 +91,9 @@ def test_job_three_domains_failure_chains_retention_metrics(make_domain, tmp_pat
     assert "shut off" in pd[b.name]["why"]
     assert pd[c.name]["action"] == "fail" and "someone-else" in pd[c.name]["error"]
     assert not (root / a.name).exists() and not prom.exists()
+    r = cli("run", job, "--dry-run")
+    assert r.rc == 0 and f"{a.name}: would back up into {root / a.name}, level auto: full" in r.out, r
+    assert f"{c.name}: would FAIL: {cdir} holds backups of domain 'someone-else'" in r.out, r
 
     # run 1: two fulls, c fails with the reason and its directory stays as it was
     out = run(job, expect_rc=1)
