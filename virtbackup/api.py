@@ -87,13 +87,15 @@ def chain_json(chain: Chain) -> Dict[str, Any]:
 
 @_boundary
 def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[str] = (),
-           uri: Optional[str] = None, notify: Optional[Notify] = None) -> BackupResult:
+           uri: Optional[str] = None, notify: Optional[Notify] = None,
+           reason: Optional[str] = None) -> BackupResult:
     """Take one backup of DOMAIN (name or UUID; running or shut off) into BACKUP_DIR.
 
     `level`: auto | full | inc | diff (see plan.plan_backup); `disks`: only these targets;
-    `notify` receives the notices the CLI prints on stderr.
+    `notify` receives the notices the CLI prints on stderr; `reason`: why the caller chose this
+    level (e.g. a job's max_chain), recorded with the point.
     """
-    return _backup(uri, domain, Path(backup_dir), level, disks, notify)
+    return _backup(uri, domain, Path(backup_dir), level, disks, notify, reason)
 
 
 @_boundary

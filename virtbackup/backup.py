@@ -124,12 +124,14 @@ class Engine:
                     shutil.rmtree(entry, ignore_errors=True)
         return removed
 
-    def run(self, chain: Chain, level: RequestedLevel, only: Sequence[str] = ()) -> BackupResult:
+    def run(self, chain: Chain, level: RequestedLevel, only: Sequence[str] = (),
+            reason: Optional[str] = None) -> BackupResult:
         """Plan and take one backup; auto falls back to a full when the runner finds the base
-        bitmap unusable after planning (e.g. it changed between the check and the job)."""
+        bitmap unusable after planning (e.g. it changed between the check and the job).
+        `reason`: why the caller asked for this level (recorded with the point)."""
         self.runner.preflight()
         try:
-            return self._run(chain, level, only, None)
+            return self._run(chain, level, only, reason)
         except LevelNotPossible as e:
             if level != "auto":
                 raise
@@ -315,7 +317,8 @@ def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify) -> Runner:
 
 
 def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto",
-           disks: Sequence[str] = (), notify: Optional[Notify] = None) -> BackupResult:
+           disks: Sequence[str] = (), notify: Optional[Notify] = None,
+           reason: Optional[str] = None) -> BackupResult:
     """Take one backup of DOMAIN (running or shut off) into BACKUP_DIR; see api.backup."""
     if level not in REQUESTED_LEVELS:
         raise UsageError(f"unknown level '{level}' (auto, full, inc, diff)")
@@ -342,7 +345,7 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                 try:
                     engine = Engine(handle, bdir, runner_for(handle, bdir, say), say)
                     engine.cleanup_leftovers(chain)
-                    result = engine.run(chain, cast(RequestedLevel, level), disks)
+                    result = engine.run(chain, cast(RequestedLevel, level), disks, reason)
                     log.info("done: point %s, %s bytes written, %.3fs", result.point.id,
                              sum(i.size for i in result.point.disks.values()), result.point.duration)
                     return result

@@ -188,6 +188,8 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
            level: str = typer.Option("auto", "--level", "-l", help="auto | full | inc | diff"),
            disk: List[str] = typer.Option([], "--disk", help="only these disks (target names, e.g. vda)"),
            no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar on a terminal"),
+           reason: Optional[str] = typer.Option(None, "--reason", hidden=True,
+                                                help="why this level; recorded with the point (used by run)"),
            as_json: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
     """Back up a domain, running or shut off: full, inc (since the last point) or diff (since the full)."""
     def notify(msg: str) -> None:
@@ -205,7 +207,7 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
     def call() -> Any:
         from . import progress
         with progress.backup(_state["uri"], domain, progress.wanted(as_json, no_progress)):
-            return api.backup(domain, backup_dir, level, disk, _state["uri"], notify)
+            return api.backup(domain, backup_dir, level, disk, _state["uri"], notify, reason=reason)
 
     _run(as_json, call, render)
 

@@ -548,6 +548,8 @@ class Runner:
             level, r.reason = ("auto", None) if problem else choose_level(self.job, chain)
             self.watch(s.name, "backup", s.uuid)
             args = ["backup", s.uuid, str(s.backup_dir), "--level", level, "--json"]
+            if r.reason:
+                args.append(f"--reason={r.reason}")        # `list` then says why the chain broke
             if _quiesce_supported():
                 args.append(f"--quiesce={self.job.quiesce}")
             proc = self._spawn(s, args)

@@ -135,6 +135,7 @@ def test_job_three_domains_failure_chains_retention_metrics(make_domain, tmp_pat
         lst = cli("list", root / d.name, "--json")
         points = validate("list", json.loads(lst.out))["points"]
         assert [(p["id"], p["level"]) for p in points] == [("0002", "full"), ("0003", "full")]
+        assert "max_chain = 2" in points[1]["reason"]          # recorded: `list` says why
         del expected[d.name]["0001"]
         restore_all(tmp_path, root / d.name, expected[d.name])
         assert cli("verify", root / d.name).rc == 0
