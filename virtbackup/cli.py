@@ -318,7 +318,7 @@ def prune(backup_dir: Path = typer.Argument(...),
         print(f"{'dry run: ' if r.dry_run else ''}{len(plan.keep)} point(s) kept, {len(plan.drop)} dropped")
 
     _run(as_json, lambda: api.prune(backup_dir, keep, keep_daily, keep_weekly, dry_run,
-                                            keep_monthly=keep_monthly), render)
+                                    keep_monthly=keep_monthly), render)
 
 
 @app.command()
