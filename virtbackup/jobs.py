@@ -542,6 +542,11 @@ class Runner:
         if s.problem:
             r.status, r.error = ("failed" if s.fails else "skipped"), s.problem
             return r
+        if self._stop is not None:              # a worker freed by a stopped backup: start nothing
+            r.error = f"not started: the run was stopped by {self._stop}"
+            _finish_stats(r, s)
+            self.watch(s.name, "skipped", s.uuid)
+            return r
         t0 = time.monotonic()
         try:
             chain, problem = _owned_chain(s)

@@ -210,3 +210,57 @@ def test_metrics_text_parses_with_prometheus_parser(tmp_path):
     assert val[("virtbackup_domain_bytes_written", (("domain", "a"), ("job", "nightly")))] == 123
     assert ("virtbackup_domain_duration_seconds", (("domain", "c"), ("job", "nightly"))) not in val
     assert not list(tmp_path.glob(".m.prom*"))          # no temp file left
+
+
+CHILD = r'''
+import json, signal, sys, time
+def stop(signum, _frame):
+    name = signal.Signals(signum).name
+    msg = f"backup interrupted by {name}; nothing was recorded"
+    print(json.dumps({"error": {"kind": "interrupted", "message": msg, "exit_code": 1}}))
+    print(f"virtbackup: error: {msg}", file=sys.stderr)
+    sys.exit(1)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+print("started", file=sys.stderr, flush=True)
+time.sleep(60)
+'''
+
+
+def test_runner_forwards_ctrl_c_to_running_children_and_skips_queued(tmp_path, monkeypatch):
+    """The scheduling and signal logic of `run`, with stand-in children that behave like an
+    interrupted `backup` (the real thing: tests/integration/test_jobs.py, SIGTERM)."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    job = jobs.load_job(write_job(tmp_path, 'backup_root = "ROOT"\ndomains = ["d*"]\nparallel = 2\n'))
+    monkeypatch.setattr(jobs, "_cli", lambda uri, *args: [sys.executable, "-c", CHILD])
+    monkeypatch.setattr(jobs, "_quiesce_supported", lambda: False)
+    selected = jobs.select(job, [C("d1"), C("d2"), C("d3")])
+    seen = []
+    runner = jobs.Runner(job, selected, None, lambda d, phase, _u: seen.append((d, phase)))
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 30
+        while len(runner._procs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)                       # let the children install their handlers
+        os.kill(os.getpid(), signal.SIGINT)   # what a terminal's Ctrl-C does to the runner
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    started = time.monotonic()
+    result = runner.run()
+    t.join()
+    assert time.monotonic() - started < 20
+    assert result.interrupted == "SIGINT" and not result.ok
+    by = {d.domain: d for d in result.domains}
+    for name in ("d1", "d2"):
+        assert by[name].status == "failed"
+        assert by[name].error == "backup interrupted by SIGINT; nothing was recorded"
+    assert by["d3"].status == "skipped" and by["d3"].error == "not started: the run was stopped by SIGINT"
+    assert ("d3", "queued") in seen and ("d3", "skipped") in seen and ("d3", "backup") not in seen
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # handlers given back
