@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+
 def _import_typer_without_rich() -> None:
     """typer imports rich (~0.1 s) at start-up when it is installed, only to format help.
 
@@ -33,7 +34,7 @@ def _import_typer_without_rich() -> None:
 _import_typer_without_rich()
 import typer  # noqa: E402
 
-from .errors import EXIT_FAILED, VirtBackupError
+from .errors import EXIT_FAILED, VirtBackupError  # noqa: E402
 
 
 class _LazyAPI:
@@ -335,8 +336,10 @@ def flatten(image: Path = typer.Argument(..., help="a qcow2 overlay, e.g. from r
 
 
 @app.command("run")
-def run_cmd(job_file: Path = typer.Argument(..., metavar="JOBFILE", help="job file (TOML), e.g. /etc/virtbackup/nightly.toml"),
-            domain: List[str] = typer.Option([], "--domain", metavar="NAME", help="only this domain of the job (repeatable)"),
+def run_cmd(job_file: Path = typer.Argument(..., metavar="JOBFILE",
+                                            help="job file (TOML), e.g. /etc/virtbackup/nightly.toml"),
+            domain: List[str] = typer.Option([], "--domain", metavar="NAME",
+                                             help="only this domain of the job (repeatable)"),
             dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be done and why"),
             no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars on a terminal"),
             as_json: bool = typer.Option(False, "--json")) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .chain import BackupDir, Chain, FileLock, Point, now_iso, point_time
-from .errors import ChainCorrupt, BackupDirError, UsageError, VirtBackupError
+from .errors import BackupDirError, ChainCorrupt, UsageError, VirtBackupError
 
 LEVELS = ("auto", "full", "inc", "diff")
 QUIESCE = ("auto", "require", "off")

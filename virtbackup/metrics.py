@@ -63,7 +63,8 @@ def render(result: "RunResult") -> str:
            [({"job": job, "domain": d.domain}, d.bytes) for d in doms if d.status != "skipped"])
     family("virtbackup_domain_points", "Restore points kept in the domain's backup directory.",
            [({"job": job, "domain": d.domain}, d.points) for d in doms])
-    family("virtbackup_domain_chain_length", "Points in the domain's newest chain (its full and what is layered on it).",
+    family("virtbackup_domain_chain_length",
+           "Points in the domain's newest chain (its full and what is layered on it).",
            [({"job": job, "domain": d.domain}, d.chain_length) for d in doms])
     lines: List[str] = []
     for name, help_, typ, samples in families:

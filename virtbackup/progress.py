@@ -34,8 +34,16 @@ def wanted(as_json: bool, no_progress: bool) -> bool:
 def _bars(unit: str = "bytes") -> Any:
     """unit: bytes (libvirt job data), count (images verified) or percent (qemu-img)."""
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn,
-                               TaskProgressColumn, TextColumn, TimeElapsedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
     amount: List[ProgressColumn] = []
     if unit == "bytes":
         amount.append(DownloadColumn())
@@ -88,7 +96,7 @@ class JobPoller:
 
             from . import host
             conn = host.connect(self.uri)
-        except Exception:
+        except Exception:  # noqa: BLE001 -- no bars is all a display problem may cost
             return
         try:
             while not self._stop.wait(POLL_SECONDS):
@@ -101,14 +109,14 @@ class JobPoller:
                             self.bars.update(task, state="shut off: offline backup (private QEMU)")
                             continue
                         data = job_data(dom.jobStats())
-                    except (libvirt.libvirtError, Exception):
+                    except Exception:  # noqa: BLE001 -- e.g. the domain was undefined meanwhile
                         continue
                     if data is not None:
                         self.bars.update(task, completed=data[0], total=data[1], state="")
         finally:
             try:
                 conn.close()
-            except Exception:
+            except libvirt.libvirtError:
                 pass
 
 

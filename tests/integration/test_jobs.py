@@ -20,8 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import assert_point_restores, checkpoint_names, cli, snapshot_dir
-from tests.integration.test_faults import finish, pause_job, procs, start_cli  # noqa: F401 (fixture)
 from tests.integration.test_failures import one_error_line
+from tests.integration.test_faults import finish, pause_job, start_cli
 from tests.schemas import validate, validate_output
 
 MiB = 1 << 20
@@ -177,6 +177,17 @@ def test_job_three_domains_failure_chains_retention_metrics(make_domain, tmp_pat
     validate_output("run", r.out, r.rc)
 
 
+@pytest.fixture
+def children():
+    """Background runs of a test; any still alive at the end is killed (by pid), then reaped."""
+    started: List[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=30)
+
+
 def _pause_both(doms: List[libvirt.virDomain], proc: subprocess.Popen) -> bool:
     """Pause the backup jobs of both domains as soon as they exist (in parallel threads)."""
     ok = [False] * len(doms)
@@ -201,7 +212,7 @@ def _resume(dom: libvirt.virDomain) -> None:
                                                          "arguments": {"device": jid}}), 0)
 
 
-def test_sigterm_aborts_running_backups_and_skips_queued(make_domain, tmp_path, procs):
+def test_sigterm_aborts_running_backups_and_skips_queued(make_domain, tmp_path, children):
     prefix = f"vbjob-{secrets.token_hex(3)}"
     a = make_domain({"vda": 128 * MiB}, name=f"{prefix}-a")
     b = make_domain({"vda": 128 * MiB}, name=f"{prefix}-b")
@@ -224,7 +235,7 @@ def test_sigterm_aborts_running_backups_and_skips_queued(make_domain, tmp_path, 
         before = {d.name: (snapshot_dir(root / d.name), checkpoint_names(d.dom)) for d in (a, b, q)}
         want = {d.name: d.expected() for d in (a, b, q)}
         proc = start_cli("run", job, "--json")
-        procs.append(proc)
+        children.append(proc)
         if _pause_both([a.dom, b.dom], proc):
             caught = True
             break
