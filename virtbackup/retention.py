@@ -60,8 +60,8 @@ def decide(points: Sequence[Point], policy: Policy) -> List[Decision]:
     """Keep/drop with the reasons, oldest first. Every rule looks at all points on its own.
 
     --keep N: the newest N points. --keep-daily N / --keep-weekly N / --keep-monthly N: the newest
-    point of each of the N newest days / ISO weeks / calendar months (UTC) that have points. The newest point is always kept: the
-    next backup continues from it.
+    point of each of the N newest days / ISO weeks / calendar months (UTC) that have points. The
+    newest point is always kept: the next backup continues from it.
     """
     policy.check()
     reasons: Dict[str, List[str]] = {p.id: [] for p in points}
