@@ -460,8 +460,20 @@ class RunResult:
 Watcher = Callable[[str, str, Optional[str]], None]      # (domain, phase, uuid)
 
 
+# A child ignores SIGINT/SIGTERM from its first line on, except where a backup takes them itself:
+# while its job runs (host.signals_noted: abort, roll back) and while it commits (noted only).
+# So a stop reaches a child either before it did anything (killed during interpreter start-up:
+# nothing to undo) or while its job runs (aborted and rolled back, as `backup` does); between
+# those it goes on to the next of them, and the runner repeats the signal until the child ends.
+IGNORE_SIGNALS = ("import signal, sys\n"
+                  "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                  "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n")
+_CHILD = IGNORE_SIGNALS + "sys.argv[0] = 'virtbackup'\nfrom virtbackup.cli import main\nmain()\n"
+RESEND_SECONDS = 0.5
+
+
 def _cli(uri: Optional[str], *args: str) -> List[str]:
-    return [sys.executable, "-m", "virtbackup.cli", *(["-c", uri] if uri else []), *args]
+    return [sys.executable, "-c", _CHILD, *(["-c", uri] if uri else []), *args]
 
 
 def _child_error(out: str, err: str, rc: int) -> str:
@@ -512,13 +524,18 @@ class Runner:
         """Start nothing new; pass the signal to every running child (it aborts and rolls back)."""
         with self._lock:
             self._stop = self._stop or why
+        self._signal_children()
+
+    def _signal_children(self) -> None:
+        with self._lock:
             procs = list(self._procs.values())
-        sig = signal.SIGINT if why == "SIGINT" else signal.SIGTERM
+        sig = signal.SIGINT if self._stop == "SIGINT" else signal.SIGTERM
         for p in procs:
-            try:
-                p.send_signal(sig)
-            except ProcessLookupError:
-                pass
+            if p.poll() is None:
+                try:
+                    p.send_signal(sig)
+                except ProcessLookupError:
+                    pass
 
     # -- one domain (worker thread) ------------------------------------------------------------
     def _spawn(self, s: Selected, args: List[str]) -> Optional[subprocess.Popen]:
@@ -564,6 +581,10 @@ class Runner:
             rc, out, err = self._communicate(s, proc)
             r.warnings = [ln[len("virtbackup: "):] for ln in err.splitlines()
                           if ln.startswith("virtbackup: warning: ")]
+            if rc in (-signal.SIGINT, -signal.SIGTERM) and self._stop is not None:
+                # killed in interpreter start-up, before it ignored the signal: it did nothing
+                r.error = f"not started: the run was stopped by {self._stop}"
+                return r
             if rc != 0:
                 r.status, r.error = "failed", _child_error(out, err, rc)
                 return r
@@ -615,9 +636,13 @@ class Runner:
             with ThreadPoolExecutor(max_workers=self.job.parallel, thread_name_prefix="job") as pool:
                 futures = {s.name: pool.submit(self.run_one, s) for s in self.selected}
                 pending = dict(futures)
+                resent = 0.0
                 while pending:
                     # short waits: the signal handlers run in this thread between them
                     wait(list(pending.values()), timeout=0.2, return_when=FIRST_COMPLETED)
+                    if self._stop is not None and time.monotonic() - resent >= RESEND_SECONDS:
+                        self._signal_children()    # a child past start-up ignores it until its job runs
+                        resent = time.monotonic()
                     if self._stop is not None:
                         for name, fut in list(pending.items()):
                             if fut.cancel():              # queued, never started

@@ -212,8 +212,11 @@ def test_metrics_text_parses_with_prometheus_parser(tmp_path):
     assert not list(tmp_path.glob(".m.prom*"))          # no temp file left
 
 
+# after jobs.IGNORE_SIGNALS, like a real child: deaf to signals until its "job" runs (1 s later)
 CHILD = r'''
-import json, signal, sys, time
+import json, os, signal, sys, time
+open(os.path.join(READY, str(os.getpid())), "w").close()
+time.sleep(1)
 def stop(signum, _frame):
     name = signal.Signals(signum).name
     msg = f"backup interrupted by {name}; nothing was recorded"
@@ -237,7 +240,10 @@ def test_runner_forwards_ctrl_c_to_running_children_and_skips_queued(tmp_path, m
     import time
 
     job = jobs.load_job(write_job(tmp_path, 'backup_root = "ROOT"\ndomains = ["d*"]\nparallel = 2\n'))
-    monkeypatch.setattr(jobs, "_cli", lambda uri, *args: [sys.executable, "-c", CHILD])
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    script = jobs.IGNORE_SIGNALS + f"READY = {str(ready)!r}\n" + CHILD
+    monkeypatch.setattr(jobs, "_cli", lambda uri, *args: [sys.executable, "-c", script])
     monkeypatch.setattr(jobs, "_quiesce_supported", lambda: False)
     selected = jobs.select(job, [C("d1"), C("d2"), C("d3")])
     seen = []
@@ -245,9 +251,10 @@ def test_runner_forwards_ctrl_c_to_running_children_and_skips_queued(tmp_path, m
 
     def interrupt() -> None:
         deadline = time.monotonic() + 30
-        while len(runner._procs) < 2 and time.monotonic() < deadline:
+        while len(list(ready.iterdir())) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(0.3)                       # let the children install their handlers
+        # both children ignore signals now and take them only in a second: the runner repeats
+        # the signal until their "jobs" do
         os.kill(os.getpid(), signal.SIGINT)   # what a terminal's Ctrl-C does to the runner
 
     t = threading.Thread(target=interrupt)
