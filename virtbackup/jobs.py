@@ -9,9 +9,9 @@ exactly as tested for it: the signal handling that aborts a running libvirt job 
 works only in a process's main thread (`host.signals_noted`), a libvirt connection has a
 single close callback (one `JobWatch` per connection), and a crash or hang in one domain's
 backup cannot take another down. The runner forwards SIGINT/SIGTERM to its running children
-(which abort and roll back as `backup` does) and starts nothing new: queued domains are
-reported `skipped`. Children run in their own session, so a terminal's Ctrl-C reaches them
-once, through the runner.
+(which abort and roll back as `backup` does; see _CHILD for when a child takes a signal) and
+starts nothing new: queued domains are reported `skipped`. Children run in their own session,
+so a terminal's Ctrl-C reaches them through the runner only.
 """
 
 from __future__ import annotations
