@@ -250,11 +250,11 @@ def _toml_type(value: Any) -> str:
 
 
 def _quiesce_supported() -> bool:
-    """Whether `api.backup` takes a `quiesce` argument (quiescing is another issue's feature)."""
+    """Whether `backup` takes a `quiesce` argument (quiescing is another issue's feature)."""
     import inspect
 
-    from . import api
-    return "quiesce" in inspect.signature(api.backup).parameters
+    from . import backup
+    return "quiesce" in inspect.signature(backup.backup).parameters
 
 
 # --- selection ---------------------------------------------------------------------------------

@@ -9,12 +9,36 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
 from .errors import OperationFailed
 
-if TYPE_CHECKING:
-    from .jobs import RunResult
+
+class DomainRun(Protocol):
+    """What the metrics need of one domain's result (jobs.DomainResult)."""
+
+    domain: str
+    status: str
+    seconds: float
+    bytes: int
+    points: Optional[int]
+    chain_length: Optional[int]
+    last_success: Optional[float]
+
+
+class RunResult(Protocol):
+    """What the metrics need of a run (jobs.RunResult); jobs imports this module, not the reverse."""
+
+    job: str
+    interrupted: Optional[str]
+    started_ts: float
+    finished_ts: float
+
+    @property
+    def domains(self) -> Sequence[DomainRun]: ...
+
+    @property
+    def ok(self) -> bool: ...
 
 STATUSES = ("ok", "failed", "skipped")
 
@@ -31,7 +55,7 @@ def _num(v: float) -> str:
     return repr(float(v)) if isinstance(v, float) else str(v)
 
 
-def render(result: "RunResult") -> str:
+def render(result: RunResult) -> str:
     """The whole file's text (pure)."""
     job = result.job
     families: List[Tuple[str, str, str, List[Tuple[Dict[str, str], float]]]] = []
@@ -75,7 +99,7 @@ def render(result: "RunResult") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(path: Path, result: "RunResult") -> None:
+def write(path: Path, result: RunResult) -> None:
     """Replace `path` atomically with the run's metrics."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"

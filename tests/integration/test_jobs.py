@@ -19,10 +19,17 @@ import libvirt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import assert_point_restores, checkpoint_names, cli, snapshot_dir
-from tests.integration.test_failures import one_error_line
-from tests.integration.test_faults import finish, pause_job, start_cli
-from tests.schemas import validate, validate_output
+from tests.integration.test_faults import job_ids, pause_job
+from tests.support.helpers import (
+    assert_point_restores,
+    checkpoint_names,
+    cli,
+    finish,
+    one_error_line,
+    snapshot_dir,
+    start_cli,
+)
+from tests.support.schemas import validate, validate_output
 
 MiB = 1 << 20
 
@@ -61,7 +68,7 @@ def restore_all(tmp_path: Path, bdir: Path, expected: Dict[str, Dict[str, bytes]
 
 
 def test_job_three_domains_failure_chains_retention_metrics(make_domain, tmp_path):
-    from virtbackup import scratch
+    from tests.support import scratch
     prefix = f"vbjob-{secrets.token_hex(3)}"
     a = make_domain({"vda": 16 * MiB}, name=f"{prefix}-a")                # running
     b = make_domain({"vda": 16 * MiB}, start=False, name=f"{prefix}-b")   # shut off: offline backup
@@ -205,8 +212,6 @@ def _pause_both(doms: List[libvirt.virDomain], proc: subprocess.Popen) -> bool:
 
 def _resume(dom: libvirt.virDomain) -> None:
     import libvirt_qemu
-
-    from tests.integration.test_faults import job_ids
     for jid in job_ids(dom):
         libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": "block-job-resume",
                                                          "arguments": {"device": jid}}), 0)
@@ -291,7 +296,7 @@ def _pty_run(args: List[str], timeout: float = 120) -> "tuple[int, str]":
     import select
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support.helpers import ROOT
     master, slave = pty.openpty()
     env = dict(os.environ, PYTHONPATH=str(ROOT), TERM="xterm", COLUMNS="120")
     proc = subprocess.Popen([sys.executable, "-m", "virtbackup.cli", *args], stdin=slave, stdout=slave,
@@ -385,7 +390,7 @@ def test_systemd_units_verify(tmp_path):
     """`systemd-analyze verify` loads unit files offline: it needs no systemd as PID 1."""
     import shutil
 
-    from tests.conftest import ROOT
+    from tests.support.helpers import ROOT
     src = ROOT / "contrib" / "systemd"
     venv_bin = Path(shutil.which("virtbackup") or (ROOT / ".venv" / "bin" / "virtbackup"))
     assert venv_bin.exists(), "virtbackup is not installed where the test can point ExecStart at"
@@ -412,7 +417,7 @@ def test_systemd_units_verify(tmp_path):
 
 def test_transient_and_unsafely_named_domains_are_reported_not_guessed(conn, tmp_path):
     """libvirt accepts a tab in a domain name (not '/' or '..'): no directory is made up for it."""
-    from virtbackup import scratch
+    from tests.support import scratch
     prefix = f"vbjob-{secrets.token_hex(3)}"
     odd, transient = f"{prefix}-tab\there", f"{prefix}-transient"
     try:

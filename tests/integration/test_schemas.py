@@ -11,8 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.conftest import cli
-from tests.schemas import SCHEMAS, validate, validate_output
+from tests.support.helpers import cli
+from tests.support.schemas import SCHEMAS, validate, validate_output
 
 MiB = 1 << 20
 

@@ -15,8 +15,8 @@ PACKAGE = Path(__file__).resolve().parent.parent.parent / "virtbackup"
 
 # Lowest first. A module may import modules of earlier layers only (never its own layer).
 LAYERS: List[List[str]] = [
-    ["errors"],
-    ["__init__", "runlog", "xmlbuild", "qemuimg"],     # no libvirt: logs, XML, qemu-img
+    ["errors", "observe"],                              # observe: progress reports, no imports
+    ["__init__", "runlog", "xmlbuild", "qemuimg", "metrics"],   # no libvirt: logs, XML, qemu-img, metrics
     ["chain"],                                          # the model and its metadata file
     ["restoredom", "retention", "verify"],              # pure XML / image work on a backup dir
     ["host", "qmp"],                                    # libvirt connection; a private QEMU
@@ -28,12 +28,13 @@ LAYERS: List[List[str]] = [
     ["runner"],                                         # the runner protocol
     ["pushjob", "offline"],                             # the runners
     ["backup", "restore"],                              # the engine; restore
-    ["api"],
+    ["jobs"],                                           # whole-host runs (child processes)
+    ["api", "progress"],                                # progress: the CLI's bars
     ["cli"],
 ]
 # Modules that must work without libvirt (a backup dir is restorable with qemu-img alone).
 NO_LIBVIRT = {"errors", "runlog", "xmlbuild", "qemuimg", "chain", "restoredom", "retention", "verify", "qmp",
-              "cli", "__init__"}
+              "cli", "__init__", "observe", "metrics"}
 
 
 def imports_of(path: Path, package: str) -> Set[str]:
