@@ -36,7 +36,7 @@ from .verify import VerifyResult
 from .verify import verify as _verify
 
 if TYPE_CHECKING:
-    from .jobs import Job, PlannedDomain, RunResult, Watcher
+    from .jobs import Job, JobPlan, RunResult, Watcher
 
 __all__ = [
     # operations
@@ -195,7 +195,7 @@ def run_job(job: "Job", uri: Optional[str] = None, domains: Sequence[str] = (),
 
 
 @_boundary
-def plan_job(job: "Job", uri: Optional[str] = None, domains: Sequence[str] = ()) -> "List[PlannedDomain]":
+def plan_job(job: "Job", uri: Optional[str] = None, domains: Sequence[str] = ()) -> "JobPlan":
     """What `run_job` would do for each domain and why (level, points a prune would drop); reads only."""
     from .jobs import dry_run as _dry
     return _dry(job, uri, domains)

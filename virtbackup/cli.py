@@ -344,12 +344,10 @@ def run_cmd(job_file: Path = typer.Argument(..., metavar="JOBFILE",
             no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars on a terminal"),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Back up every domain a job file selects (then prune), `parallel` at a time; exit 1 if any failed."""
-    from . import jobs
-
     def render_plan(out: Any) -> None:
-        job, planned = out
+        job, planned = out.job, out.domains
         if as_json:
-            print(json.dumps(jobs.plan_json(job, planned)))
+            print(json.dumps(out.to_json()))
             return
         for p in planned:
             if p.action == "backup":
@@ -361,7 +359,7 @@ def run_cmd(job_file: Path = typer.Argument(..., metavar="JOBFILE",
 
     def render(r: Any) -> None:
         if as_json:
-            print(json.dumps(jobs.result_json(r)))
+            print(json.dumps(r.to_json()))
         else:
             print(f"{'DOMAIN':<24} {'STATUS':<8} {'LEVEL':<5} {'POINT':<6} {'BYTES':>10} {'SECONDS':>8}  ERROR")
             for d in r.domains:
@@ -387,7 +385,7 @@ def run_cmd(job_file: Path = typer.Argument(..., metavar="JOBFILE",
         from . import progress
         job = api.load_job(job_file)
         if dry_run:
-            return job, api.plan_job(job, _state["uri"], domain)
+            return api.plan_job(job, _state["uri"], domain)
         if not progress.wanted(as_json, no_progress):
             return api.run_job(job, _state["uri"], domain)
         with progress.RunDisplay(_state["uri"]) as display:

@@ -449,6 +449,10 @@ class RunResult:
     finished_ts: float = 0.0
     error: Optional[str] = None                # a problem of the run itself (the metrics file)
 
+    def to_json(self) -> Dict[str, Any]:
+        """The `run --json` output (schemas/run.schema.json)."""
+        return result_json(self)
+
     @property
     def ok(self) -> bool:
         """No domain failed and the run was not stopped (domains reported `skipped` for what
@@ -703,8 +707,19 @@ def job_lock(job: Job) -> FileLock:
     return FileLock(run_dir / f"job-{key}.lock", f"job file {job.path}")
 
 
-def dry_run(job: Job, uri: Optional[str] = None, only: Sequence[str] = ()) -> List[PlannedDomain]:
-    return plan(job, select(job, list_candidates(uri), only))
+@dataclass
+class JobPlan:
+    """What `run --dry-run` reports: per domain what would be done and why."""
+
+    job: Job
+    domains: List[PlannedDomain]
+
+    def to_json(self) -> Dict[str, Any]:
+        return plan_json(self.job, self.domains)
+
+
+def dry_run(job: Job, uri: Optional[str] = None, only: Sequence[str] = ()) -> JobPlan:
+    return JobPlan(job, plan(job, select(job, list_candidates(uri), only)))
 
 
 def domain_json(d: DomainResult) -> Dict[str, Any]:
