@@ -23,9 +23,13 @@ from . import health, host
 from .backup import BackupResult, point_json
 from .backup import backup as _backup
 from .chain import BackupDir, Chain, Point, dir_lock, domain_lock
+from .drill import DrillResult
+from .drill import drill as _drill
 from .errors import HostError, OperationFailed, VirtBackupError
 from .health import RepairReport, StatusReport
 from .plan import RequestedLevel
+from .quiesce import ThawResult
+from .quiesce import thaw as _thaw
 from .restore import FlattenResult, RestoreResult
 from .restore import flatten as _flatten
 from .restore import restore as _restore
@@ -41,10 +45,10 @@ if TYPE_CHECKING:
 __all__ = [
     # operations
     "backup", "list_points", "restore", "restore_point", "verify", "verify_backup", "prune", "flatten",
-    "status", "repair", "load_job", "run_job", "plan_job",
+    "status", "repair", "load_job", "run_job", "plan_job", "thaw", "drill",
     # results and helpers
     "BackupResult", "PointList", "RestoreResult", "VerifyResult", "PruneResult", "FlattenResult",
-    "StatusReport", "RepairReport", "Notify", "RequestedLevel", "point_json", "chain_json",
+    "StatusReport", "RepairReport", "ThawResult", "DrillResult", "Notify", "RequestedLevel", "point_json", "chain_json",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -88,14 +92,16 @@ def chain_json(chain: Chain) -> Dict[str, Any]:
 @_boundary
 def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[str] = (),
            uri: Optional[str] = None, notify: Optional[Notify] = None,
-           reason: Optional[str] = None) -> BackupResult:
+           reason: Optional[str] = None, quiesce: str = "auto") -> BackupResult:
     """Take one backup of DOMAIN (name or UUID; running or shut off) into BACKUP_DIR.
 
     `level`: auto | full | inc | diff (see plan.plan_backup); `disks`: only these targets;
     `notify` receives the notices the CLI prints on stderr; `reason`: why the caller chose this
-    level (e.g. a job's max_chain), recorded with the point.
+    level (e.g. a job's max_chain), recorded with the point. `quiesce`: auto (freeze the guest's
+    filesystems through its agent when it has an agent channel, else crash-consistent),
+    require (fail, nothing recorded, when the guest can't be frozen), off (see quiesce.py).
     """
-    return _backup(uri, domain, Path(backup_dir), level, disks, notify, reason)
+    return _backup(uri, domain, Path(backup_dir), level, disks, notify, reason, quiesce)
 
 
 @_boundary
@@ -199,3 +205,19 @@ def plan_job(job: "Job", uri: Optional[str] = None, domains: Sequence[str] = ())
     """What `run_job` would do for each domain and why (level, points a prune would drop); reads only."""
     from .jobs import dry_run as _dry
     return _dry(job, uri, domains)
+
+@_boundary
+def thaw(domain: str, uri: Optional[str] = None) -> ThawResult:
+    """Thaw DOMAIN's filesystems through its guest agent (e.g. a run was killed while it was
+    frozen); removes the frozen marker such a run left, unless a run holds the domain now."""
+    return _thaw(uri, domain)
+
+
+@_boundary
+def drill(backup_dir: Path, point: Optional[str] = None, timeout: float = 300, check: Optional[str] = None,
+          uri: Optional[str] = None, notify: Optional[Notify] = None) -> DrillResult:
+    """Boot a point as a throwaway domain on overlays (`verify --boot`): it passes when the guest
+    agent answers within `timeout` s and `check` (a shell command run in the guest) exits 0.
+    A failed drill is reported in the result (`ok`, `stage`, `failure`), not raised; bad input
+    (e.g. the point's domain has no agent channel) raises (exit 2)."""
+    return _drill(Path(backup_dir), point, timeout, check, uri, notify)

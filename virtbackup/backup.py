@@ -49,6 +49,7 @@ from .host import DomainHandle
 from .offline import OfflineRunner
 from .plan import REQUESTED_LEVELS, BackupPlan, RequestedLevel, plan_backup
 from .pushjob import PushRunner
+from .quiesce import Quiescer, recover
 from .runner import Notify, Runner
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,14 @@ def point_json(p: Point) -> Dict[str, Any]:
 class Engine:
     """One run: plan, pre-create targets, let the runner copy, commit or roll back."""
 
-    def __init__(self, handle: DomainHandle, bdir: BackupDir, runner: Runner, notify: Optional[Notify] = None):
+    def __init__(self, handle: DomainHandle, bdir: BackupDir, runner: Runner, notify: Optional[Notify] = None,
+                 quiesce: Optional[Quiescer] = None):
         self.handle = handle
         self.bdir = bdir
         self.runner = runner
         self.notify: Notify = notify or (lambda _m: None)
         self.warnings: List[str] = []
+        self.quiesce = quiesce          # records the point's consistency (the runner freezes)
 
     def _say(self, msg: str) -> None:
         log.info("%s", msg)
@@ -239,6 +242,9 @@ class Engine:
             disks=images, domain_xml=f"{POINTS_DIR}/{plan.point_id}/domain.xml",
             checkpoint_xml=f"{POINTS_DIR}/{plan.point_id}/checkpoint.xml", reason=plan.reason,
             duration=round(time.monotonic() - started, 3))
+        if self.quiesce is not None:
+            self.quiesce.record(point)
+            self.warnings.extend(self.quiesce.warnings)
         chain.points.append(point)
         chain.next_seq += 1
         held: List[str] = []
@@ -309,19 +315,22 @@ class Engine:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify) -> Runner:
-    """The push job for a running domain, a private QEMU for a shut-off one."""
+def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: Optional[Quiescer] = None) -> Runner:
+    """The push job for a running domain (frozen around its start by `quiesce`), a private QEMU
+    for a shut-off one (consistent by nature)."""
     if handle.dom.isActive():
-        return PushRunner(handle, bdir.path / POINTS_DIR, notify)
+        return PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce)
     return OfflineRunner(handle, notify)
 
 
 def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto",
            disks: Sequence[str] = (), notify: Optional[Notify] = None,
-           reason: Optional[str] = None) -> BackupResult:
+           reason: Optional[str] = None, quiesce: str = "auto") -> BackupResult:
     """Take one backup of DOMAIN (running or shut off) into BACKUP_DIR; see api.backup."""
     if level not in REQUESTED_LEVELS:
         raise UsageError(f"unknown level '{level}' (auto, full, inc, diff)")
+    if quiesce not in ("auto", "require", "off"):
+        raise UsageError(f"unknown quiesce mode '{quiesce}' (auto, require, off)")
     say: Notify = notify or (lambda _m: None)
     bdir = BackupDir(backup_dir)
     must_create = bdir.check_usable()
@@ -331,7 +340,12 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
         uuid = dom.UUIDString()
         if existing is not None:
             bdir.check_owner(existing, dom.name(), uuid)
+        quiescer = Quiescer(dom, quiesce, say)
+        quiescer.check()        # --quiesce=require without an agent channel: refused before anything
         with domain_lock(uuid):
+            left = recover(dom, say)        # a killed run left the guest frozen: thaw first
+            if left:
+                say(f"warning: {left}")
             if must_create:
                 bdir.create()
             with dir_lock(bdir), runlog.run_log(bdir.path, "backup"):
@@ -343,7 +357,7 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                 chain.path = str(bdir.path)
                 handle = DomainHandle(conn, dom)
                 try:
-                    engine = Engine(handle, bdir, runner_for(handle, bdir, say), say)
+                    engine = Engine(handle, bdir, runner_for(handle, bdir, say, quiescer), say, quiescer)
                     engine.cleanup_leftovers(chain)
                     result = engine.run(chain, cast(RequestedLevel, level), disks, reason)
                     log.info("done: point %s, %s bytes written, %.3fs", result.point.id,

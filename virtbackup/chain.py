@@ -27,6 +27,7 @@ POINTS_DIR = "points"
 PARTIAL_SUFFIX = ".partial"
 Level = Literal["full", "inc", "diff"]
 LEVELS: Tuple[str, ...] = ("full", "inc", "diff")
+CONSISTENCIES = (None, "application", "crash")
 
 
 def now_iso() -> str:
@@ -88,6 +89,11 @@ class Point:
     checkpoint_xml: str             # saved checkpoint XML, no <domain>, for redefine
     reason: Optional[str] = None    # why this level was chosen (e.g. auto fell back to a full)
     duration: float = 0.0
+    # how consistent the data is (quiesce.py): application (guest frozen through its agent, or
+    # shut off) | crash; None in metadata written before virtbackup recorded it
+    consistency: Optional[str] = None
+    consistency_reason: Optional[str] = None
+    frozen_seconds: Optional[float] = None      # how long the guest's filesystems were frozen
 
 
 @dataclass
@@ -200,6 +206,8 @@ class Chain:
                 raise ValueError(f"point {p.id}: bad creation time {p.created!r}") from None
             if p.level not in LEVELS:
                 raise ValueError(f"point {p.id}: unknown level {p.level!r}")
+            if p.consistency not in CONSISTENCIES:
+                raise ValueError(f"point {p.id}: unknown consistency {p.consistency!r}")
             if not p.disks:
                 raise ValueError(f"point {p.id}: no disks")
             if p.chain not in seen and p.chain != p.id:

@@ -191,6 +191,11 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
            no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar on a terminal"),
            reason: Optional[str] = typer.Option(None, "--reason", hidden=True,
                                                 help="why this level; recorded with the point (used by run)"),
+           quiesce: str = typer.Option(
+               "auto", "--quiesce", metavar="[auto|require|off]",
+               help="freeze the guest's filesystems through its agent for the job start: auto (default: when "
+                    "the domain has an agent channel, else crash-consistent), require (fail if it can't; a "
+                    "bare --quiesce means require), off"),
            as_json: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
     """Back up a domain, running or shut off: full, inc (since the last point) or diff (since the full)."""
     def notify(msg: str) -> None:
@@ -204,11 +209,14 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
         size = _human_size(sum(i.size for i in p.disks.values()))
         print(f"point {p.id}: {p.level} backup of {r.domain} ({', '.join(sorted(p.disks))}), "
               f"{size} written in {p.duration:.2f}s, checkpoint {p.checkpoint}")
+        if p.consistency:
+            frozen = f", guest frozen {p.frozen_seconds:.2f}s" if p.frozen_seconds is not None else ""
+            print(f"point {p.id}: {p.consistency}-consistent ({p.consistency_reason}{frozen})")
 
     def call() -> Any:
         from . import progress
         with progress.backup(_state["uri"], domain, progress.wanted(as_json, no_progress)):
-            return api.backup(domain, backup_dir, level, disk, _state["uri"], notify, reason=reason)
+            return api.backup(domain, backup_dir, level, disk, _state["uri"], notify, reason=reason, quiesce=quiesce)
 
     _run(as_json, call, render)
 
@@ -222,11 +230,13 @@ def list_cmd(backup_dir: Path = typer.Argument(...),
             print(json.dumps(chain.to_json()))
             return
         print(f"domain {chain.domain} ({chain.uuid})")
-        print(f"{'ID':<6} {'LEVEL':<5} {'CREATED':<26} {'PARENT':<6} {'DISKS':<16} {'SIZE':>10}  NOTE")
+        print(f"{'ID':<6} {'LEVEL':<5} {'CREATED':<26} {'PARENT':<6} {'DISKS':<16} {'SIZE':>10}  "
+              f"{'CONSISTENCY':<11}  NOTE")
         for p in chain.points:
             size = _human_size(sum(i.size for i in p.disks.values()))
+            # consistency: application | crash | - (recorded before virtbackup knew); why: list --json
             print(f"{p.id:<6} {p.level:<5} {p.created:<26} {p.parent or '-':<6} "
-                  f"{','.join(sorted(p.disks)):<16} {size:>10}  {p.reason or ''}".rstrip())
+                  f"{','.join(sorted(p.disks)):<16} {size:>10}  {p.consistency or '-':<11}  {p.reason or ''}".rstrip())
 
     _run(as_json, lambda: api.list_points(backup_dir), render)
 
@@ -273,8 +283,21 @@ def verify(backup_dir: Path = typer.Argument(...),
                                                "or an ISO 8601 time)"),
            deep: bool = typer.Option(False, "--deep", help="also read every point's whole chain"),
            no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars on a terminal"),
+           boot: bool = typer.Option(False, "--boot", help="restore drill: boot the point (default latest) as a "
+                                     "throwaway domain on overlays; passes when its guest agent answers"),
+           timeout: float = typer.Option(300, "--timeout", metavar="S", help="--boot: seconds for the agent to "
+                                         "answer (and for --check to finish)"),
+           check: Optional[str] = typer.Option(None, "--check", metavar="CMD", help="--boot: a shell command run "
+                                               "in the booted guest through its agent; must exit 0"),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Check every image: qemu-img check, backing links, content hashes recorded at backup time."""
+    if boot:
+        if deep:
+            raise typer.BadParameter("--boot and --deep are separate runs", param_hint="--deep")
+        return _drill(backup_dir, point, timeout, check, as_json)
+    if check is not None:
+        raise typer.BadParameter("--check needs --boot", param_hint="--check")
+
     def render(r: Any) -> None:
         if not as_json:
             for d in r.damage:
@@ -290,6 +313,40 @@ def verify(backup_dir: Path = typer.Argument(...),
             return api.verify_backup(backup_dir, point, deep)
 
     _run(as_json, call, render)
+
+
+def _drill(backup_dir: Path, point: Optional[str], timeout: float, check: Optional[str], as_json: bool) -> None:
+    def render(r: Any) -> None:
+        if not as_json:
+            times = (f"running after {r.start_seconds:.2f}s" if r.start_seconds is not None else "did not start") + (
+                f", guest agent answered after {r.agent_seconds:.2f}s" if r.agent_seconds is not None else "")
+            if r.console:
+                _err(f"console: {r.console}")
+            if r.ok:
+                what = f", check {r.check!r} exited 0" if r.check else ""
+                print(f"ok: point {r.point} boots: {times}{what} (throwaway domain {r.domain} removed)")
+            else:
+                print(f"point {r.point}: {times} (throwaway domain {r.domain} removed)")
+        _fail(as_json, r.to_json(), r.failure, "drill-failed")
+
+    _run(as_json, lambda: api.drill(backup_dir, point, timeout, check, _state["uri"], _err), render)
+
+
+@app.command()
+def thaw(domain: str = typer.Argument(..., help="domain name or UUID"),
+         as_json: bool = typer.Option(False, "--json")) -> None:
+    """Thaw a domain's filesystems through its guest agent (e.g. a run was killed while it was frozen)."""
+    def render(r: Any) -> None:
+        if as_json:
+            print(json.dumps(r.to_json()))
+            return
+        print(f"thawed {r.filesystems} filesystem(s) of domain {r.domain}")
+        if r.marker is not None:
+            who = f"pid {r.marker.get('pid', '?')}, since {r.marker.get('since', '?')}"
+            print(f"it had been frozen by a virtbackup run that did not finish ({who})"
+                  + ("" if r.marker_removed else "; that run is still going"))
+
+    _run(as_json, lambda: api.thaw(domain, _state["uri"]), render)
 
 
 @app.command()
@@ -399,10 +456,29 @@ def _is(exc: BaseException, name: str) -> bool:
     return any(c.__name__ == name for c in type(exc).__mro__)
 
 
+QUIESCE_MODES = ("auto", "require", "off")
+
+
+def optional_quiesce_value(argv: List[str]) -> List[str]:
+    """`backup ... --quiesce` alone means `--quiesce=require` (click has no optional option values).
+
+    `--quiesce MODE` and `--quiesce=MODE` pass through; after `--` nothing is rewritten.
+    """
+    out = list(argv)
+    if "backup" not in out:
+        return out
+    for i in range(out.index("backup") + 1, len(out)):
+        if out[i] == "--":
+            break
+        if out[i] == "--quiesce" and (i + 1 >= len(out) or out[i + 1] not in QUIESCE_MODES):
+            out[i] = "--quiesce=require"
+    return out
+
+
 def main() -> None:
     os.umask(0o077)   # images, metadata and restored disks hold guest data: private from birth
     try:
-        rc = app(prog_name="virtbackup", standalone_mode=False)
+        rc = app(args=optional_quiesce_value(sys.argv[1:]), prog_name="virtbackup", standalone_mode=False)
     except Exception as e:
         ctx = getattr(e, "ctx", None)
         if _is(e, "NoArgsIsHelpError"):           # plain `virtbackup`: the help text

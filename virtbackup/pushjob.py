@@ -8,8 +8,9 @@ waited for through libvirt events (host.JobWatch), never by sleeping.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import libvirt
 from lxml import etree
@@ -20,6 +21,9 @@ from .errors import BackupFailed, Interrupted
 from .host import DomainHandle
 from .plan import BackupPlan, Transport
 from .runner import Notify
+
+if TYPE_CHECKING:
+    from .quiesce import Quiescer
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +91,11 @@ class PushRunner:
 
     transport: Transport = "push"
 
-    def __init__(self, handle: DomainHandle, points_dir: Path, notify: Notify):
+    def __init__(self, handle: DomainHandle, points_dir: Path, notify: Notify, quiesce: Optional["Quiescer"] = None):
         self.handle = handle
         self.points_dir = points_dir
         self.notify = notify
+        self.quiesce = quiesce          # freezes the guest for backupBegin (quiesce.py)
         self.interrupted: Optional[str] = None
         self.warnings: List[str] = []
         self._watch: Optional[host.JobWatch] = None
@@ -135,7 +140,9 @@ class PushRunner:
             raise Interrupted(f"backup interrupted by {self.interrupted}; nothing was recorded")
         self._watch = host.JobWatch(self.handle.conn, self.handle.dom)
         try:
-            host.call(self.handle.dom.backupBegin, bxml, cxml, libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
+            # frozen right before the point in time, thawed as soon as backupBegin has fixed it
+            with self.quiesce.frozen(self.handle.dom) if self.quiesce else nullcontext():
+                host.call(self.handle.dom.backupBegin, bxml, cxml, libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
         except libvirt.libvirtError as e:
             raise BackupFailed(f"backup could not start: {host.libvirt_message(e)}") from e
 

@@ -1,0 +1,253 @@
+"""Restore drills: boot a restore point as a throwaway domain and ask its guest agent.
+
+A checksum says the bytes are the ones that were written; only a boot says they are a system
+that starts. The point is booted on instant-restore overlays (qcow2 files in a private temp dir
+whose backing files are the point's images, opened read-only by QEMU), as a transient domain
+with a new name and UUID, started with AUTODESTROY: libvirt destroys it when our connection
+closes, even if virtbackup is killed. It gets no network interfaces, host devices, shared
+filesystems or host-side character devices, so it can't reach anything the original domain uses.
+Nothing is written to the backup directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid as uuidlib
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional
+
+from lxml import etree
+
+from . import qemuimg
+from .chain import BackupDir
+from .errors import Interrupted, UsageError, VirtBackupError
+from .quiesce import AGENT_CHANNEL, has_agent_channel
+
+Notify = Callable[[str], None]
+NAME_PREFIX = "virtbackup-drill-"
+# devices that reach the host or the original domain's resources
+_HOST_DEVICES = ("interface", "hostdev", "filesystem", "redirdev", "smartcard", "shmem", "vsock", "graphics",
+                 "serial", "console", "parallel", "tpm")
+
+
+@dataclass
+class DrillResult:
+    point: str
+    domain: str                         # the throwaway domain's name (gone when this is returned)
+    ok: bool
+    stage: Optional[str] = None         # where it failed: start | agent | check
+    message: Optional[str] = None       # why it failed
+    start_seconds: Optional[float] = None   # until QEMU ran the guest
+    agent_seconds: Optional[float] = None   # from the start until the agent answered
+    check: Optional[str] = None
+    check_exit: Optional[int] = None
+    check_stdout: str = ""
+    check_stderr: str = ""
+    console: str = ""                   # the guest console's last lines, on failure
+
+    @property
+    def failure(self) -> Optional[str]:
+        """The one-line error of a failed drill (None when it passed)."""
+        return None if self.ok else f"drill failed at {self.stage}: {self.message}"
+
+    def to_json(self) -> Dict[str, Any]:
+        """Every field (the `verify --boot --json` output)."""
+        return asdict(self)
+
+
+def drill_domain_xml(saved_xml: str, name: str, overlays: Dict[str, Path], console_log: Path) -> str:
+    """The throwaway domain: the point's saved XML, new identity, disks on the overlays, nothing of the host.
+
+    The domain type (kvm or qemu/TCG) is kept as saved; the agent channel is kept (libvirt makes
+    a new socket); a serial console to a file in the drill's temp dir replaces every other
+    character device.
+    """
+    from .restoredom import restored_domain_xml
+    xml, _notes = restored_domain_xml(saved_xml, name, overlays, str(uuidlib.uuid4()))
+    root = etree.fromstring(xml.encode())
+    devices = root.find("devices")
+    assert devices is not None          # restored_domain_xml refuses XML without <devices>
+    for tag in _HOST_DEVICES:
+        for el in devices.findall(tag):
+            devices.remove(el)
+    for ch in devices.findall("channel"):
+        target = ch.find("target")
+        if ch.get("type") != "unix" or target is None or target.get("name") != AGENT_CHANNEL:
+            devices.remove(ch)
+    serial = etree.SubElement(devices, "serial", type="file")
+    etree.SubElement(serial, "source", path=str(console_log))
+    etree.SubElement(serial, "target", port="0")
+    desc = root.find("description")
+    if desc is None:
+        desc = etree.Element("description")
+        uuid_el = root.find("uuid")         # restored_domain_xml always sets one
+        assert uuid_el is not None
+        uuid_el.addnext(desc)
+    desc.text = "virtbackup restore drill (throwaway; destroyed when the drill ends)"
+    return etree.tostring(root, encoding="unicode")
+
+
+def _agent(dom: object, execute: str, arguments: Optional[dict] = None, timeout: int = 5) -> object:
+    import libvirt_qemu
+    cmd: dict = {"execute": execute}
+    if arguments is not None:
+        cmd["arguments"] = arguments
+    return json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps(cmd), timeout, 0)).get("return")
+
+
+def _console_tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(ln.strip() for ln in text.strip().splitlines()[-lines:] if ln.strip())
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM ends the drill like Ctrl-C does: by an exception, so the cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise Interrupted("drill interrupted by SIGTERM; the throwaway domain and its overlays were removed")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def drill(backup_dir: Path, point_id: Optional[str] = None, timeout: float = 300, check: Optional[str] = None,
+          uri: Optional[str] = None, notify: Optional[Notify] = None) -> DrillResult:
+    """Boot one point; see the module docstring. Bad input raises (exit 2); a failed drill is a result."""
+    import libvirt
+
+    from . import host
+    from .restore import check_links
+    say = notify or (lambda _m: None)
+    if not timeout or timeout <= 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, not {timeout}")
+    if check is not None and not check.strip():
+        raise UsageError("--check needs a command")
+    bdir = BackupDir(Path(backup_dir))
+    chain = bdir.load()
+    point = chain.point(point_id)
+    try:
+        saved_xml = bdir.resolve(point.domain_xml).read_text()
+        agent = has_agent_channel(saved_xml)
+    except OSError as e:
+        raise UsageError(f"point {point.id}: cannot read its domain XML {point.domain_xml}: {e.strerror}") from None
+    except etree.LxmlError as e:
+        raise UsageError(f"point {point.id}: its domain XML {point.domain_xml} is unusable: {e}") from None
+    if not agent:
+        raise UsageError(f"point {point.id}: its domain has no guest agent channel ({AGENT_CHANNEL}), so a drill "
+                         "can't tell that it booted" + (" and no --check can run" if check else "")
+                         + "; add the channel (and qemu-guest-agent in the guest) to drill later points")
+    name = f"{NAME_PREFIX}{secrets.token_hex(4)}"
+    result = DrillResult(point.id, name, False, check=check)
+    tmp = Path(tempfile.mkdtemp(prefix="virtbackup-drill-"))
+    conn = None
+    dom = None
+    try:
+        with _sigterm_raises():
+            try:
+                for disk in point.disks:
+                    check_links(bdir, chain, point, disk)
+                overlays: Dict[str, Path] = {}
+                for disk, img in sorted(point.disks.items()):
+                    overlays[disk] = tmp / f"{disk}.qcow2"
+                    qemuimg.create(overlays[disk], img.virtual_size, backing=os.path.realpath(bdir.resolve(img.image)))
+                xml = drill_domain_xml(saved_xml, name, overlays, tmp / "console.log")
+            except (VirtBackupError, etree.LxmlError, ValueError) as e:
+                result.stage, result.message = "start", f"cannot prepare the throwaway domain: {e}"
+                return result
+            conn = host.connect(uri)
+            say(f"drill: starting point {point.id} as throwaway domain {name} (overlays in {tmp})")
+            t0 = time.monotonic()
+            try:
+                dom = conn.createXML(xml, libvirt.VIR_DOMAIN_START_AUTODESTROY)
+            except libvirt.libvirtError as e:
+                result.stage, result.message = "start", f"the domain did not start: {host.libvirt_message(e)}"
+                return result
+            result.start_seconds = round(time.monotonic() - t0, 2)
+            say(f"drill: running after {result.start_seconds:.2f}s; waiting up to {timeout:.0f}s for its guest agent")
+            last = "no answer"
+            while True:
+                try:
+                    if not dom.isActive():
+                        result.stage, result.message = "agent", "the domain stopped before its guest agent answered"
+                        break
+                    _agent(dom, "guest-ping", timeout=max(1, min(5, int(timeout - (time.monotonic() - t0)))))
+                    result.agent_seconds = round(time.monotonic() - t0, 2)
+                    break
+                except libvirt.libvirtError as e:
+                    last = host.libvirt_message(e)
+                if time.monotonic() - t0 >= timeout:
+                    result.stage, result.message = ("agent", f"the guest agent did not answer within {timeout:.0f}s "
+                                                    f"(last: {' '.join(last.split())})")
+                    break
+                time.sleep(0.5)
+            if result.stage:
+                result.console = _console_tail(tmp / "console.log")
+                return result
+            say(f"drill: guest agent answered {result.agent_seconds:.2f}s after the start")
+            if check is None:
+                result.ok = True
+                return result
+            say(f"drill: running check {check!r} in the guest")
+            _run_check(dom, check, timeout, result)
+            result.ok = result.stage is None
+            return result
+    finally:
+        with host.signals_noted(lambda _s: None):    # the cleanup is not to be cut short
+            if dom is not None:
+                try:
+                    dom.destroy()       # transient: destroyed = gone
+                except libvirt.libvirtError:
+                    pass
+            if conn is not None:
+                try:
+                    conn.close()        # AUTODESTROY would also take the domain down here
+                except libvirt.libvirtError:
+                    pass
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_check(dom: object, check: str, timeout: float, result: DrillResult) -> None:
+    import libvirt
+    t0 = time.monotonic()
+    try:
+        pid = _agent(dom, "guest-exec", {"path": "/bin/sh", "arg": ["-c", check], "capture-output": True},
+                     timeout=30)["pid"]  # type: ignore[index]
+        while True:
+            st: dict = _agent(dom, "guest-exec-status", {"pid": pid}, timeout=30)  # type: ignore[assignment]
+            if st.get("exited"):
+                break
+            if time.monotonic() - t0 > timeout:
+                result.stage, result.message = "check", f"check {check!r} still running after {timeout:.0f}s"
+                return
+            time.sleep(0.2)
+    except libvirt.libvirtError as e:
+        result.stage, result.message = "check", f"could not run check {check!r}: {' '.join(str(e).split())}"
+        return
+    result.check_stdout = base64.b64decode(st.get("out-data", "")).decode(errors="replace")
+    result.check_stderr = base64.b64decode(st.get("err-data", "")).decode(errors="replace")
+    code = st.get("exitcode")
+    result.check_exit = int(code) if code is not None else 128 + int(st.get("signal", 0))
+    if result.check_exit != 0:
+        detail = " ".join((result.check_stderr or result.check_stdout).split())[:200]
+        result.stage = "check"
+        result.message = f"check {check!r} exited with {result.check_exit}" + (f": {detail}" if detail else "")

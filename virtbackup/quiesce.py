@@ -1,0 +1,360 @@
+"""Application-consistent points: freeze the guest's filesystems through the QEMU guest agent right
+before the backup's point in time and thaw right after it.
+
+libvirt 9.0 has no quiesce flag for checkpoints or backup jobs (reference F1), so this brackets
+`backupBegin` (which returns once the point in time is fixed) with fsfreeze/fsthaw.
+
+Linux fsfreeze has no timeout: a tool that dies between freeze and thaw leaves the guest frozen.
+So the thaw runs on every path the process survives (exceptions, SIGINT/SIGTERM are held until
+it is done), and a marker file in the run dir exists while the guest may be frozen: the next run
+on that domain (backup or `virtbackup thaw`) finds it and thaws first.
+
+Freeze and thaw go through libvirt's agent passthrough (`qemuAgentCommand`) rather than
+`virDomainFSFreeze`: only the passthrough takes a timeout, and libvirt's default agent timeout
+blocks forever on a hung agent. (libvirt logs the domain as tainted by a custom agent command.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import libvirt
+import libvirt_qemu
+from lxml import etree
+
+from .errors import OperationFailed, UsageError
+
+MODES = ("auto", "require", "off")
+APPLICATION = "application"
+CRASH = "crash"
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+Notify = Callable[[str], None]
+
+
+class QuiesceFailed(OperationFailed):
+    """`--quiesce require` and the guest could not be frozen: nothing was recorded (exit 1)."""
+
+    kind = "quiesce-failed"
+
+
+def freeze_timeout() -> int:
+    """Seconds the agent gets to freeze (and to thaw); `VIRTBACKUP_FREEZE_TIMEOUT`, default 30."""
+    try:
+        return max(1, int(os.environ.get("VIRTBACKUP_FREEZE_TIMEOUT", "30")))
+    except ValueError:
+        return 30
+
+
+@dataclass
+class Consistency:
+    """What a point records about how consistent its data is, and why."""
+
+    consistency: str                      # application | crash
+    reason: str
+    frozen_seconds: Optional[float] = None
+    filesystems: int = 0
+
+
+def has_agent_channel(domain_xml: str) -> bool:
+    root = etree.fromstring(domain_xml.encode())
+    return any(t.get("name") == AGENT_CHANNEL for t in root.iterfind("./devices/channel/target"))
+
+
+def _agent(dom: libvirt.virDomain, execute: str, timeout: int) -> Any:
+    reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": execute}), timeout, 0)
+    return json.loads(reply).get("return")
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, libvirt.libvirtError):
+        return " ".join((e.get_error_message() or str(e)).split())
+    return str(e)
+
+
+def _no_agent_connected(e: BaseException) -> bool:
+    """libvirt knows no agent is connected: nothing can have been frozen through it just now."""
+    msg = _message(e).lower()
+    return "not connected" in msg or "not configured" in msg
+
+
+# -- the marker -----------------------------------------------------------------------------------
+def run_dir() -> Path:
+    return Path(os.environ.get("VIRTBACKUP_RUN_DIR", "/run/virtbackup"))
+
+
+def marker_path(uuid: str) -> Path:
+    return run_dir() / f"frozen-{uuid}.json"
+
+
+def _write_marker(dom: libvirt.virDomain) -> Path:
+    path = marker_path(dom.UUIDString())
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    data = {"pid": os.getpid(), "domain": dom.name(), "uuid": dom.UUIDString(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(data).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def read_marker(uuid: str) -> Optional[Dict[str, Any]]:
+    try:
+        data = json.loads(marker_path(uuid).read_text())
+        return data if isinstance(data, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}          # unreadable: still a marker (the guest may be frozen)
+
+
+def _remove_marker(uuid: str) -> None:
+    try:
+        marker_path(uuid).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _who(marker: Dict[str, Any]) -> str:
+    parts = [f"pid {marker['pid']}" if marker.get("pid") else "", f"since {marker['since']}" if marker.get("since") else ""]
+    return ", ".join(p for p in parts if p) or "unknown run"
+
+
+def _thaw(dom: libvirt.virDomain, timeout: int, attempts: int = 3) -> int:
+    """Thaw; a few attempts (an agent busy finishing the freeze answers the next one)."""
+    last: Optional[BaseException] = None
+    for i in range(attempts):
+        try:
+            return int(_agent(dom, "guest-fsfreeze-thaw", timeout) or 0)
+        except libvirt.libvirtError as e:
+            last = e
+            if _no_agent_connected(e):
+                break
+            time.sleep(0.5 * (i + 1))
+    assert last is not None
+    raise last
+
+
+def recover(dom: libvirt.virDomain, notify: Notify) -> Optional[str]:
+    """Thaw a guest that an earlier run left frozen (its marker is still there).
+
+    Call with the domain lock held. Returns a warning when the guest could not be thawed (the
+    marker stays for the next run / `virtbackup thaw`), else None.
+    """
+    uuid = dom.UUIDString()
+    marker = read_marker(uuid)
+    if marker is None:
+        return None
+    who = _who(marker)
+    if not dom.isActive():
+        _remove_marker(uuid)
+        notify(f"an interrupted run ({who}) had frozen domain '{dom.name()}'; it has been shut off since, "
+               "nothing is frozen")
+        return None
+    try:
+        n = _thaw(dom, freeze_timeout())
+    except libvirt.libvirtError as e:
+        if _no_agent_connected(e):
+            _remove_marker(uuid)
+            notify(f"an interrupted run ({who}) may have frozen domain '{dom.name()}'; its agent is not "
+                   f"connected now, so nothing is frozen through it ({_message(e)})")
+            return None
+        return (f"domain '{dom.name()}' may still be frozen by an interrupted run ({who}) and could not "
+                f"be thawed: {_message(e)}; run 'virtbackup thaw {dom.name()}'")
+    _remove_marker(uuid)
+    notify(f"thawed {n} filesystem(s) of domain '{dom.name()}' left frozen by an interrupted run ({who})")
+    return None
+
+
+# -- the freeze around the point in time ------------------------------------------------------------
+@contextmanager
+def _signals_held() -> Iterator[List[int]]:
+    """SIGINT/SIGTERM wait until the block is left, then are delivered to whatever handler was there.
+
+    The thaw must not be skipped by a KeyboardInterrupt or by SIGTERM's default action. Outside
+    the main thread signals can't be handled here (Python delivers them to the main thread).
+    """
+    held: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+
+    def note(signum: int, _frame: object) -> None:
+        held.append(signum)
+
+    old = {int(sig): signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+        for sig in dict.fromkeys(held):
+            signal.raise_signal(sig)
+
+
+class Quiescer:
+    """One run's quiesce decision (mode) and its outcome (`result`, recorded in the point)."""
+
+    def __init__(self, dom: libvirt.virDomain, mode: str = "auto", notify: Optional[Notify] = None,
+                 timeout: Optional[int] = None):
+        if mode not in MODES:
+            raise UsageError(f"unknown quiesce mode '{mode}' (auto, require, off)")
+        self.dom = dom
+        self.mode = mode
+        self.notify = notify or (lambda _m: None)
+        self.timeout = timeout or freeze_timeout()
+        self.result: Consistency = Consistency(CRASH, "not quiesced")
+        self.warnings: List[str] = []
+        self._active = bool(dom.isActive())
+        self._channel = has_agent_channel(dom.XMLDesc(0))
+
+    def check(self) -> None:
+        """Before anything is created: refuse `require` when no agent can ever answer; decide the rest."""
+        if not self._active:
+            self.result = Consistency(APPLICATION, "the domain was shut off (its disks were not in use)")
+            return
+        if self.mode == "off":
+            self.result = Consistency(CRASH, "quiesce off")
+        elif not self._channel:
+            if self.mode == "require":
+                raise QuiesceFailed(f"cannot quiesce domain '{self.dom.name()}': it has no guest agent channel "
+                                    f"({AGENT_CHANNEL}); nothing was recorded (--quiesce=auto or off takes a "
+                                    "crash-consistent backup)")
+            self.result = Consistency(CRASH, "the domain has no guest agent channel")
+
+    @property
+    def wants_freeze(self) -> bool:
+        return self._active and self.mode != "off" and self._channel
+
+    @contextmanager
+    def frozen(self, dom: Optional[libvirt.virDomain] = None) -> Iterator[None]:
+        """Freeze (per mode), run the body (the job start), thaw. The thaw always runs.
+
+        `dom`: the domain as the runner has it now (after a reconnect it is a new object)."""
+        if dom is not None:
+            self.dom = dom
+        if not self.wants_freeze:
+            yield
+            return
+        with _signals_held():
+            name, uuid = self.dom.name(), self.dom.UUIDString()
+            _write_marker(self.dom)
+            t0 = time.monotonic()
+            try:
+                n = int(_agent(self.dom, "guest-fsfreeze-freeze", self.timeout) or 0)
+            except libvirt.libvirtError as e:
+                self._after_failed_freeze(e)
+                why = (f"guest agent did not freeze within {self.timeout}s: {_message(e)}"
+                       if time.monotonic() - t0 >= self.timeout - 0.5 else f"guest agent could not freeze: {_message(e)}")
+                if self.mode == "require":
+                    raise QuiesceFailed(f"cannot quiesce domain '{name}': {why}; nothing was recorded") from None
+                self.result = Consistency(CRASH, why)
+                self.notify(f"warning: {why}; the backup goes on crash-consistent")
+                yield
+                return
+            frozen_at = time.monotonic()
+            if n == 0:
+                self._thaw_or_warn(name, uuid)
+                why = "the guest agent froze no filesystem"
+                if self.mode == "require":
+                    raise QuiesceFailed(f"cannot quiesce domain '{name}': {why}; nothing was recorded")
+                self.result = Consistency(CRASH, why)
+                self.notify(f"warning: {why}; the backup goes on crash-consistent")
+                yield
+                return
+            self.notify(f"froze {n} filesystem(s) of domain '{name}' in {frozen_at - t0:.2f}s")
+            try:
+                yield
+            finally:
+                thawed = self._thaw_or_warn(name, uuid)
+                secs = round(time.monotonic() - frozen_at, 3)
+                self.result = Consistency(APPLICATION, f"froze {n} filesystem(s) through the guest agent",
+                                          frozen_seconds=secs, filesystems=n)
+                if thawed:
+                    self.notify(f"thawed domain '{name}': frozen for {secs:.2f}s")
+
+    def _after_failed_freeze(self, e: BaseException) -> None:
+        """A freeze that failed may still happen later (a timeout): thaw, or keep the marker."""
+        uuid = self.dom.UUIDString()
+        if _no_agent_connected(e):
+            _remove_marker(uuid)
+            return
+        self._thaw_or_warn(self.dom.name(), uuid)
+
+    def _thaw_or_warn(self, name: str, uuid: str) -> bool:
+        try:
+            _thaw(self.dom, self.timeout)
+        except libvirt.libvirtError as e:
+            if _no_agent_connected(e):
+                _remove_marker(uuid)
+                return True
+            msg = (f"could not thaw domain '{name}': {_message(e)}; it may still be frozen: run "
+                   f"'virtbackup thaw {name}' (the next backup of it also thaws first)")
+            self.warnings.append(msg)
+            self.notify(f"warning: {msg}")
+            return False
+        _remove_marker(uuid)
+        return True
+
+    def record(self, point: Any) -> None:
+        """Put the outcome on the point (its optional chain fields)."""
+        point.consistency = self.result.consistency
+        point.consistency_reason = self.result.reason
+        point.frozen_seconds = self.result.frozen_seconds
+
+
+# -- `virtbackup thaw DOMAIN` -------------------------------------------------------------------------
+@dataclass
+class ThawResult:
+    domain: str
+    filesystems: int
+    marker: Optional[Dict[str, Any]]     # what an interrupted run left, if anything
+    marker_removed: bool
+
+    def to_json(self) -> Dict[str, Any]:
+        """{"domain", "filesystems", "marker", "marker_removed"} (the `thaw --json` output)."""
+        return asdict(self)
+
+
+def thaw(uri: Optional[str], domain: str) -> ThawResult:
+    """Thaw a domain's filesystems through its agent (the admin's way out after a killed run)."""
+    from . import host
+    from .chain import domain_lock
+    from .errors import LockBusy
+    with host.connection(uri) as conn:
+        dom = host.lookup_domain(conn, domain)
+        name, uuid = dom.name(), dom.UUIDString()
+        marker = read_marker(uuid)
+        if not dom.isActive():
+            if marker is not None:
+                _remove_marker(uuid)
+            raise UsageError(f"domain '{name}' is not running: a shut-off guest has no frozen filesystems")
+        if not has_agent_channel(dom.XMLDesc(0)):
+            raise UsageError(f"domain '{name}' has no guest agent channel ({AGENT_CHANNEL}): "
+                             "virtbackup cannot have frozen it")
+        try:
+            n = _thaw(dom, freeze_timeout())
+        except libvirt.libvirtError as e:
+            raise OperationFailed(f"cannot thaw domain '{name}': {_message(e)}") from None
+        removed = False
+        if marker is not None:
+            try:
+                with domain_lock(uuid):      # a run in progress keeps its marker (it thaws itself)
+                    _remove_marker(uuid)
+                    removed = True
+            except LockBusy:
+                pass
+        return ThawResult(name, n, marker, removed)
