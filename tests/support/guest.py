@@ -441,14 +441,21 @@ class Guest:
         self.remove()
 
 
-def pytest_terminal_summary(terminalreporter: object) -> None:
-    """Boot-to-agent time of every guest booted in this session (a slow machine is visible).
+class _BootTimesReport:
+    """A pytest plugin: every guest's boot-to-agent time in the terminal summary."""
 
-    Active in modules that declare `pytest_plugins = ["tests.support.guest"]`."""
-    if BOOT_TIMES:
+    def pytest_terminal_summary(self, terminalreporter: object) -> None:
         write = getattr(terminalreporter, "write_line")
         for name, secs in BOOT_TIMES:
             write(f"test guest {name} ({virt_type()}): agent answered {secs:.1f}s after start")
+
+
+def report_boot_times(config: object) -> None:
+    """Show boot-to-agent times at the end of the pytest run (call from a fixture with request.config),
+    so a slow machine is visible without -s."""
+    pm = getattr(config, "pluginmanager")
+    if not pm.has_plugin("virtbackup-guest-boot-times"):
+        pm.register(_BootTimesReport(), "virtbackup-guest-boot-times")
 
 
 def main() -> int:
