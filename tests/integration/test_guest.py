@@ -204,15 +204,16 @@ def test_crash_consistent_backup_records_crash_and_claims_nothing_more(g, dom, t
     assert re.search(r"B  crash\b", r.out.splitlines()[2]), r.out
 
 
-def test_sigint_while_frozen_thaws_and_records_nothing(g, dom, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_while_frozen_thaws_and_records_nothing(g, dom, tmp_path, sig):
     bdir = tmp_path / "bk"
     assert cli("backup", g.name, bdir, "--quiesce=off").rc == 0
     before = snapshot_dir(bdir)
     before_cps = ours(dom)
-    write_unsynced(g, "sigint.txt")
+    write_unsynced(g, f"{sig.name}.txt")
     run = stopped_while_frozen(dom, bdir)
     try:
-        run.proc.send_signal(signal.SIGINT)
+        run.proc.send_signal(sig)
         run.proc.send_signal(signal.SIGCONT)
         rc, _out, err = run.finish()
     finally:
@@ -222,7 +223,7 @@ def test_sigint_while_frozen_thaws_and_records_nothing(g, dom, tmp_path):
         assert "arrived while point" in err, err
     else:
         assert rc == 1, err
-        assert "interrupted by SIGINT" in err and "nothing was recorded" in err, err
+        assert f"interrupted by {sig.name}" in err and "nothing was recorded" in err, err
         assert snapshot_dir(bdir) == before
         assert ours(dom) == before_cps
     assert not guestlib_marker(dom).exists()
