@@ -97,14 +97,22 @@ class Run:
                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self.err: List[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.out: List[str] = []
+        self.readers = [threading.Thread(target=self._read_err, daemon=True),
+                        threading.Thread(target=self._read_out, daemon=True)]
+        for t in self.readers:
+            t.start()
 
-    def _read(self) -> None:
+    def _read_err(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.err.append(line)
             self.lines.put(line)
         self.lines.put(None)
+
+    def _read_out(self) -> None:
+        assert self.proc.stdout is not None
+        self.out.extend(self.proc.stdout)
 
     def wait_line(self, text: str, timeout: float = 300) -> bool:
         deadline = time.monotonic() + timeout
@@ -120,11 +128,10 @@ class Run:
         return False
 
     def finish(self, timeout: float = 300) -> "tuple[int, str, str]":
-        out, _ = self.proc.communicate(timeout=timeout)
-        deadline = time.monotonic() + 10
-        while self.lines.queue and self.lines.queue[-1] is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.proc.returncode, out, "".join(self.err)
+        rc = self.proc.wait(timeout=timeout)
+        for t in self.readers:
+            t.join(timeout=30)
+        return rc, "".join(self.out), "".join(self.err)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -389,3 +396,13 @@ def test_drill_boots_point_passes_check_fails_bad_check_and_leaves_nothing(g, do
     assert no_drill_domains(conn)
     assert set(glob.glob("/tmp/virtbackup-drill-*")) == drills_before
     assert snapshot_dir(bdir) == before and file_state(bdir) == before_state
+
+
+def test_offline_point_is_consistent_by_nature(make_domain, tmp_path):
+    d = make_domain({"vda": 16 * MiB}, start=False)
+    r = cli("backup", d.name, tmp_path / "bk", "--quiesce", "--json")
+    assert r.rc == 0, r
+    p = r.json()["point"]
+    assert (p["consistency"], p["frozen_seconds"]) == ("application", None)
+    assert "shut off" in p["consistency_reason"]
+    assert not d.dom.isActive()
