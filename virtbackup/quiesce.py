@@ -165,7 +165,7 @@ def recover(dom: libvirt.virDomain, notify: Notify) -> Optional[str]:
                "nothing is frozen")
         return None
     try:
-        n = _thaw(dom, freeze_timeout())
+        n = _thaw(dom, freeze_timeout(), attempts=1)    # a hung agent must not hold up every run
     except libvirt.libvirtError as e:
         if _no_agent_connected(e):
             _remove_marker(uuid)
@@ -292,11 +292,11 @@ class Quiescer:
         if _no_agent_connected(e):
             _remove_marker(uuid)
             return
-        self._thaw_or_warn(self.dom.name(), uuid)
+        self._thaw_or_warn(self.dom.name(), uuid, attempts=1)   # an agent that timed out rarely answers now
 
-    def _thaw_or_warn(self, name: str, uuid: str) -> bool:
+    def _thaw_or_warn(self, name: str, uuid: str, attempts: int = 3) -> bool:
         try:
-            _thaw(self.dom, self.timeout)
+            _thaw(self.dom, self.timeout, attempts)
         except libvirt.libvirtError as e:
             if _no_agent_connected(e):
                 _remove_marker(uuid)

@@ -9,6 +9,7 @@ backup's point in time. Restored images are read with debugfs (no host mount).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import queue
 import re
@@ -277,6 +278,56 @@ def test_sigkill_between_freeze_and_thaw_next_run_thaws_first(g, dom, tmp_path):
     assert not guestlib_marker(dom).exists()
     assert restored_file(bdir, r.json()["point"]["id"], "/data/sigkill.txt", tmp_path / "r") == content
     assert cli("verify", bdir).rc == 0
+
+
+def wait_agent_back(dom: libvirt.virDomain, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            guestlib.agent_command(dom, "guest-ping", timeout=5)
+            return
+        except libvirt.libvirtError:
+            assert time.monotonic() < deadline, "the guest agent did not come back"
+            time.sleep(0.5)
+
+
+def test_hung_agent_freeze_times_out_require_fails_auto_is_crash(g, dom, tmp_path):
+    """The agent stopped inside the guest (SIGSTOP, resumed after HANG s): the freeze's timeout."""
+    hang = 30
+    bdir = tmp_path / "bk"
+    assert cli("backup", g.name, bdir, "--quiesce=off").rc == 0
+    before, before_cps = snapshot_dir(bdir), ours(dom)
+    # no waiting for this one: its shell stops the agent that would report on it
+    guestlib.agent_command(dom, "guest-exec", {"path": "/bin/sh", "arg": [
+        "-c", f"p=$(pidof qemu-ga); kill -STOP $p; sleep {hang}; kill -CONT $p"]})
+    time.sleep(1)
+    env = {**os.environ, "VIRTBACKUP_FREEZE_TIMEOUT": "3", "PYTHONPATH": str(ROOT)}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "virtbackup.cli", "backup", g.name, bdir, "--quiesce"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1, r
+    line = [ln for ln in r.stderr.splitlines() if ln.startswith("virtbackup: error:")]
+    assert len(line) == 1 and "cannot quiesce" in line[0] and "did not freeze within 3s" in line[0], r.stderr
+    assert snapshot_dir(bdir) == before and ours(dom) == before_cps
+    r = subprocess.run([sys.executable, "-m", "virtbackup.cli", "backup", g.name, bdir, "--json"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r
+    p = json.loads(r.stdout)["point"]
+    # the first run's timeout made libvirt give up on the agent: it answers at once now
+    assert p["consistency"] == "crash" and (
+        "did not freeze within 3s" in p["consistency_reason"]
+        or "Guest agent is not responding" in p["consistency_reason"]), p
+    assert "warning:" in r.stderr and "crash-consistent" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < hang, "the runs must not have waited for the agent"
+    # the agent comes back and runs what was queued (maybe the freeze): the marker says so, and
+    # the next run thaws
+    wait_agent_back(dom)
+    state = freeze_status(dom)
+    assert state == "thawed" or guestlib_marker(dom).exists(), state
+    r = cli("backup", g.name, bdir, "--quiesce", "--json")
+    assert r.rc == 0, r
+    assert r.json()["point"]["consistency"] == "application"
+    assert freeze_status(dom) == "thawed" and not guestlib_marker(dom).exists()
 
 
 def test_thaw_command(g, dom, tmp_path):

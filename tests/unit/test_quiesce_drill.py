@@ -85,3 +85,16 @@ def test_consistency_is_kept_and_checked():
     assert Chain.from_json(json.loads(json.dumps(chain.to_json()))).points[0].consistency == "application"
     with pytest.raises(ValueError, match="unknown consistency"):
         Chain.from_json(_chain_json(consistency="sort-of"))
+
+
+def test_drill_and_quiesce_usage_errors_change_nothing(tmp_path):
+    from tests.conftest import cli
+    for args, text in ((["verify", tmp_path, "--check", "true"], "--check needs --boot"),
+                       (["verify", tmp_path, "--boot", "--deep"], "--boot and --deep"),
+                       (["verify", tmp_path, "--boot", "--timeout", "0"], "--timeout must be a positive"),
+                       (["backup", "d", tmp_path / "b", "--quiesce", "sometimes"], "unexpected extra argument"),
+                       (["backup", "d", tmp_path / "b", "--quiesce=sometimes"], "unknown quiesce mode")):
+        r = cli(*args)
+        assert r.rc == 2, (args, r)
+        assert text in r.err, (args, r)
+    assert sorted(tmp_path.iterdir()) == []
