@@ -251,12 +251,15 @@ class Quiescer:
             return
         with _signals_held():
             name, uuid = self.dom.name(), self.dom.UUIDString()
-            _write_marker(self.dom)
+            # a marker still here: an earlier run's freeze that recover() could not thaw; keep it
+            inherited = read_marker(uuid) is not None
+            if not inherited:
+                _write_marker(self.dom)
             t0 = time.monotonic()
             try:
                 n = int(_agent(self.dom, "guest-fsfreeze-freeze", self.timeout) or 0)
             except libvirt.libvirtError as e:
-                self._after_failed_freeze(e)
+                self._after_failed_freeze(e, inherited)
                 why = (f"guest agent did not freeze within {self.timeout}s: {_message(e)}"
                        if time.monotonic() - t0 >= self.timeout - 0.5 else f"guest agent could not freeze: {_message(e)}")
                 if self.mode == "require":
@@ -286,10 +289,14 @@ class Quiescer:
                 if thawed:
                     self.notify(f"thawed domain '{name}': frozen for {secs:.2f}s")
 
-    def _after_failed_freeze(self, e: BaseException) -> None:
-        """A freeze that failed may still happen later (a timeout): thaw, or keep the marker."""
+    def _after_failed_freeze(self, e: BaseException, inherited: bool) -> None:
+        """A freeze that failed may still happen later (a timeout): thaw, or keep the marker.
+
+        A guest that is already frozen and not by virtbackup (no marker of ours) is left as it
+        is: another tool froze it and will thaw it.
+        """
         uuid = self.dom.UUIDString()
-        if _no_agent_connected(e):
+        if _no_agent_connected(e) or ("frozen state" in _message(e) and not inherited):
             _remove_marker(uuid)
             return
         self._thaw_or_warn(self.dom.name(), uuid, attempts=1)   # an agent that timed out rarely answers now

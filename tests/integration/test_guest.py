@@ -340,11 +340,20 @@ def test_hung_agent_freeze_times_out_require_fails_auto_is_crash(g, dom, tmp_pat
     assert freeze_status(dom) == "thawed" and not guestlib_marker(dom).exists()
 
 
-def test_thaw_command(g, dom, tmp_path):
-    dom.fsFreeze()
+def test_guest_frozen_by_another_tool_is_left_to_it_and_thaw_command(g, dom, tmp_path):
+    bdir = tmp_path / "bk"
+    dom.fsFreeze()             # someone else's freeze (virsh domfsfreeze): not virtbackup's to undo
     try:
+        r = cli("backup", g.name, bdir, "--quiesce")
+        assert r.rc == 1, r
+        assert "frozen state" in one_error_line(r), r
         assert freeze_status(dom) == "frozen"
-        r = cli("thaw", g.name)
+        r = cli("backup", g.name, bdir, "--json")
+        assert r.rc == 0, r
+        assert r.json()["point"]["consistency"] == "crash"
+        assert freeze_status(dom) == "frozen" and not guestlib_marker(dom).exists()
+
+        r = cli("thaw", g.name)             # the admin's way out
         assert r.rc == 0, r
         assert r.out.startswith("thawed 1 filesystem(s)"), r
         assert freeze_status(dom) == "thawed"

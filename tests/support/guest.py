@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import fcntl
-import glob
 import hashlib
 import json
 import os
