@@ -129,7 +129,8 @@ def _remove_marker(uuid: str) -> None:
 
 
 def _who(marker: Dict[str, Any]) -> str:
-    parts = [f"pid {marker['pid']}" if marker.get("pid") else "", f"since {marker['since']}" if marker.get("since") else ""]
+    parts = [f"pid {marker['pid']}" if marker.get("pid") else "",
+             f"since {marker['since']}" if marker.get("since") else ""]
     return ", ".join(p for p in parts if p) or "unknown run"
 
 
@@ -260,8 +261,9 @@ class Quiescer:
                 n = int(_agent(self.dom, "guest-fsfreeze-freeze", self.timeout) or 0)
             except libvirt.libvirtError as e:
                 self._after_failed_freeze(e, inherited)
-                why = (f"guest agent did not freeze within {self.timeout}s: {_message(e)}"
-                       if time.monotonic() - t0 >= self.timeout - 0.5 else f"guest agent could not freeze: {_message(e)}")
+                timed_out = time.monotonic() - t0 >= self.timeout - 0.5
+                why = (f"guest agent did not freeze within {self.timeout}s: {_message(e)}" if timed_out
+                       else f"guest agent could not freeze: {_message(e)}")
                 if self.mode == "require":
                     raise QuiesceFailed(f"cannot quiesce domain '{name}': {why}; nothing was recorded") from None
                 self.result = Consistency(CRASH, why)

@@ -26,9 +26,8 @@ import libvirt
 import pytest
 from lxml import etree
 
-from tests.conftest import ROOT, checkpoint_names, cli, snapshot_dir
-from tests.integration.test_failures import one_error_line, tmpfs
 from tests.support import guest as guestlib
+from tests.support.helpers import ROOT, checkpoint_names, cli, one_error_line, snapshot_dir, tmpfs
 
 MiB = 1 << 20
 AGENT_TIMEOUT = 900        # TCG on 2 loaded cores: the reference's 8 s can become minutes

@@ -37,7 +37,7 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import libvirt
 import libvirt_qemu
@@ -331,7 +331,7 @@ def domain_xml(name: str, boot: BootFiles, disk: Path, console_log: Path, agent:
 
 
 def agent_command(dom: libvirt.virDomain, execute: str, arguments: Optional[dict] = None,
-                  timeout: int = 10) -> dict:
+                  timeout: int = 10) -> Any:
     cmd: dict = {"execute": execute}
     if arguments is not None:
         cmd["arguments"] = arguments
@@ -474,16 +474,16 @@ class Guest:
 class _BootTimesReport:
     """A pytest plugin: every guest's boot-to-agent time in the terminal summary."""
 
-    def pytest_terminal_summary(self, terminalreporter: object) -> None:
-        write = getattr(terminalreporter, "write_line")
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        write = terminalreporter.write_line
         for name, secs in BOOT_TIMES:
             write(f"test guest {name} ({virt_type()}): agent answered {secs:.1f}s after start")
 
 
-def report_boot_times(config: object) -> None:
+def report_boot_times(config: Any) -> None:
     """Show boot-to-agent times at the end of the pytest run (call from a fixture with request.config),
     so a slow machine is visible without -s."""
-    pm = getattr(config, "pluginmanager")
+    pm = config.pluginmanager
     if not pm.has_plugin("virtbackup-guest-boot-times"):
         pm.register(_BootTimesReport(), "virtbackup-guest-boot-times")
 

@@ -24,11 +24,11 @@ LAYERS: List[List[str]] = [
     ["bitmaps"],                                        # which bitmaps, can one serve
     ["checkpoints"],
     ["plan", "domain"],                                 # the typed plan; the libvirt DomainView
-    ["health"],                                         # status, repair planning
+    ["health", "quiesce"],                              # status, repair planning; guest freeze/thaw
     ["runner"],                                         # the runner protocol
     ["pushjob", "offline"],                             # the runners
     ["backup", "restore"],                              # the engine; restore
-    ["jobs"],                                           # whole-host runs (child processes)
+    ["jobs", "drill"],                                  # whole-host runs (child processes); restore drills
     ["api", "progress"],                                # progress: the CLI's bars
     ["cli"],
 ]

@@ -88,7 +88,7 @@ def test_consistency_is_kept_and_checked():
 
 
 def test_drill_and_quiesce_usage_errors_change_nothing(tmp_path):
-    from tests.conftest import cli
+    from tests.support.helpers import cli
     for args, text in ((["verify", tmp_path, "--check", "true"], "--check needs --boot"),
                        (["verify", tmp_path, "--boot", "--deep"], "--boot and --deep"),
                        (["verify", tmp_path, "--boot", "--timeout", "0"], "--timeout must be a positive"),
