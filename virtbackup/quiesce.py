@@ -17,6 +17,7 @@ blocks forever on a hung agent. (libvirt logs the domain as tainted by a custom 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -38,6 +39,7 @@ CRASH = "crash"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 Notify = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 class QuiesceFailed(OperationFailed):
@@ -215,7 +217,7 @@ class Quiescer:
             raise UsageError(f"unknown quiesce mode '{mode}' (auto, require, off)")
         self.dom = dom
         self.mode = mode
-        self.notify = notify or (lambda _m: None)
+        self._notify = notify or (lambda _m: None)
         self.timeout = timeout or freeze_timeout()
         self.result: Consistency = Consistency(CRASH, "not quiesced")
         self.warnings: List[str] = []
@@ -235,6 +237,11 @@ class Quiescer:
                                     f"({AGENT_CHANNEL}); nothing was recorded (--quiesce=auto or off takes a "
                                     "crash-consistent backup)")
             self.result = Consistency(CRASH, "the domain has no guest agent channel")
+
+    def notify(self, msg: str) -> None:
+        """Say it (stderr via the caller) and log it (the run log)."""
+        (log.warning if msg.startswith("warning: ") else log.info)("%s", msg)
+        self._notify(msg)
 
     @property
     def wants_freeze(self) -> bool:
