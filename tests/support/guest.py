@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -45,6 +46,10 @@ from lxml import etree
 
 CACHE_ROOT = Path(os.environ.get("VIRTBACKUP_TEST_GUEST_CACHE", "/var/cache/virtbackup-test-guest"))
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+# A second port the host writes to and the guest reads from (/dev/virtio-ports/<name>): lets a
+# test hold something in the guest until the host says go, without the agent (e.g. the agent
+# itself stopped) and without the guest's clock.
+CONTROL_CHANNEL = "org.virtbackup.test.0"
 DATA_MOUNT = "/data"
 MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "ext4")
 PACKAGES = ("busybox-static", "qemu-guest-agent")
@@ -297,7 +302,7 @@ def virt_type() -> str:
 
 
 def domain_xml(name: str, boot: BootFiles, disk: Path, console_log: Path, agent: bool = True,
-               memory_mib: int = 256) -> str:
+               memory_mib: int = 256, control_socket: Optional[Path] = None) -> str:
     dom = etree.Element("domain", type=virt_type())
     etree.SubElement(dom, "name").text = name
     etree.SubElement(dom, "uuid").text = str(uuidlib.uuid4())
@@ -326,6 +331,10 @@ def domain_xml(name: str, boot: BootFiles, disk: Path, console_log: Path, agent:
     if agent:
         ch = etree.SubElement(devices, "channel", type="unix")
         etree.SubElement(ch, "target", type="virtio", name=AGENT_CHANNEL)
+    if control_socket is not None:
+        ch = etree.SubElement(devices, "channel", type="unix")
+        etree.SubElement(ch, "source", mode="bind", path=str(control_socket))
+        etree.SubElement(ch, "target", type="virtio", name=CONTROL_CHANNEL)
     etree.SubElement(devices, "memballoon", model="none")
     return etree.tostring(dom, encoding="unicode")
 
@@ -404,11 +413,32 @@ class Guest:
     def console_log(self) -> Path:
         return self.workdir / f"{self.name}-console.log"
 
+    @property
+    def control_socket(self) -> Path:
+        """QEMU listens here; bytes written arrive at /dev/virtio-ports/org.virtbackup.test.0."""
+        return self.workdir / f"{self.name}-control.sock"
+
+    def hold(self) -> socket.socket:
+        """Connect to the guest's control port; a guest command reading it blocks until the
+        host sends (`release`). Without a host connection the guest's read ends at once (EOF)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(self.control_socket))
+        return sock
+
+    @staticmethod
+    def release(sock: socket.socket, data: bytes = b"go\n") -> None:
+        """Send to the guest's control port and disconnect."""
+        try:
+            sock.sendall(data)
+        finally:
+            sock.close()
+
     def create(self, start: bool = True, agent_timeout: float = 300) -> "Guest":
         self.workdir.mkdir(parents=True, exist_ok=True)
         boot = boot_files()
         make_data_disk(self.disk, self.files, self.disk_mib)
-        self.dom = self.conn.defineXML(domain_xml(self.name, boot, self.disk, self.console_log, self.agent))
+        self.dom = self.conn.defineXML(domain_xml(self.name, boot, self.disk, self.console_log, self.agent,
+                                                  control_socket=self.control_socket))
         if start:
             self.start(agent_timeout)
         return self
@@ -458,7 +488,7 @@ class Guest:
                                   | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
             except libvirt.libvirtError:
                 pass
-        for p in (self.disk, self.console_log):
+        for p in (self.disk, self.console_log, self.control_socket):
             try:
                 p.unlink()
             except OSError:
