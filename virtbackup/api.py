@@ -221,3 +221,40 @@ def drill(backup_dir: Path, point: Optional[str] = None, timeout: float = 300, c
     A failed drill is reported in the result (`ok`, `stage`, `failure`), not raised; bad input
     (e.g. the point's domain has no agent channel) raises (exit 2)."""
     return _drill(Path(backup_dir), point, timeout, check, uri, notify)
+
+# --- single-file restore (libguestfs; virtbackup.files) ----------------------------------------
+from . import files as _files  # noqa: E402
+from .files import Filesystem, GetResult, Listing, PointFiles, Status  # noqa: E402,F401
+
+
+@_boundary
+def files_filesystems(backup_dir: Path, point: Optional[str] = None,
+                      status: Optional[Status] = None) -> "tuple[str, list[Filesystem]]":
+    """The filesystems in a point's disks (vda, vda1, vg/lv): (point id, filesystems)."""
+    return _files.filesystems(Path(backup_dir), point, status)
+
+
+@_boundary
+def files_ls(backup_dir: Path, paths: Sequence[str], point: Optional[str] = None,
+             status: Optional[Status] = None) -> "tuple[str, list[Listing]]":
+    """List FS:PATH directories (or files) of a point, symlinks not followed."""
+    return _files.ls(Path(backup_dir), paths, point, status)
+
+
+@_boundary
+def files_get(backup_dir: Path, paths: Sequence[str], dest: Path, point: Optional[str] = None,
+              status: Optional[Status] = None) -> GetResult:
+    """Copy FS:PATH files/trees out of a point (mode and mtime kept, symlinks as links, no overwrite)."""
+    return _files.get(Path(backup_dir), paths, Path(dest), point, status)
+
+
+@_boundary
+def files_cat(backup_dir: Path, paths: Sequence[str], out: Any, point: Optional[str] = None,
+              status: Optional[Status] = None) -> int:
+    """Write FS:PATH files of a point to the binary file object `out`."""
+    return _files.cat(Path(backup_dir), paths, out, point, status)
+
+
+def open_point_files(backup_dir: Path, point: Optional[str] = None, status: Optional[Status] = None) -> PointFiles:
+    """One appliance for many operations: `with open_point_files(d, "0003") as pf: pf.ls(...)`."""
+    return PointFiles(Path(backup_dir), point, status)

@@ -100,3 +100,26 @@ class HostError(OperationFailed):
     """libvirt or a QEMU tool failed in a way the user cannot fix by changing input."""
 
     kind = "host"
+
+
+# --- files (single-file restore) ------------------------------------------------------------------
+class GuestPathError(UsageError):
+    """A FS:PATH that is malformed, escapes with `..`, or names nothing in the point."""
+
+    kind = "guest-path"
+
+
+class FilesystemNotFound(UsageError):
+    kind = "filesystem-not-found"
+
+
+class FilesystemUnreadable(UsageError):
+    """Encrypted, swap, or a type the appliance cannot mount: nothing to read there."""
+
+    kind = "filesystem-unreadable"
+
+
+class PointDamaged(OperationFailed):
+    """An image of the point's chain is missing or differs from what was recorded at backup time."""
+
+    kind = "point-damaged"
