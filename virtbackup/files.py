@@ -58,6 +58,8 @@ def _read_lock(bdir: BackupDir) -> ContextManager[Any]:
 class GuestPath:
     fs: str
     path: str           # absolute, normalised, no `..`
+    follow: bool = field(default=False, compare=False)   # given with a trailing '/': a symlink to a
+    #                                                      directory means the directory (as in ls)
 
     def __str__(self) -> str:
         return f"{self.fs}:{self.path}"
@@ -87,7 +89,7 @@ def parse_guest_path(spec: str) -> GuestPath:
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise GuestPathError(f"path '{path}' contains '..'; give the path from the root of {fs}")
-    return GuestPath(fs, "/" + "/".join(parts))
+    return GuestPath(fs, "/" + "/".join(parts), follow=path.endswith("/") and bool(parts))
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -388,6 +390,12 @@ class PointFiles:
             st = g.lstatns(path)
         except RuntimeError as e:
             raise self._path_error(gp, e) from None
+        if gp.follow and stat.S_ISLNK(st["st_mode"]):
+            try:
+                path = g.realpath(path)
+                st = g.lstatns(path)
+            except RuntimeError as e:
+                raise self._path_error(gp, e) from None
         if not path.startswith("/"):
             raise GuestPathError(f"{gp}: resolves outside the filesystem")
         return path, st

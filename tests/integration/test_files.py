@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from tests.conftest import cli, take_backup
+from tests.conftest import CLIResult, cli, take_backup
 from tests.integration.test_failures import one_error_line
 
 MiB = 1 << 20
@@ -231,6 +231,82 @@ def files_setup(tmp_path_factory) -> Iterator[Setup]:
                 os.environ[k] = v
 
 
+class Reads:
+    """The three appliance launches of the read tests, started together (they are the cost: each
+    boots a TCG VM; on a busy 2-core host one takes minutes): the CLI `get` at point 0003 on the
+    backup dir itself, and one API session each at 0001 and 0003 on copies of it (the directory
+    lock is exclusive for now, so two readers of one directory would exclude each other)."""
+
+    def __init__(self) -> None:
+        self.cli: Optional[subprocess.Popen] = None
+        self.cli_out: Optional[Path] = None
+        self.cli_started = 0.0
+        self.sessions: Dict[str, object] = {}
+        self.errors: Dict[str, BaseException] = {}
+
+
+@pytest.fixture(scope="module")
+def reads(files_setup) -> Iterator[Reads]:
+    import sys
+    import threading
+    from virtbackup import api
+    s = files_setup
+    r = Reads()
+    r.cli_out = s.base / "out3"
+    r.cli_out.mkdir()
+    cmd = [sys.executable, "-m", "virtbackup.cli", "files", str(s.bdir), "--point", "0003", "get",
+           "vda:/etc/app.conf", "vda:/srv/data", "vdb1:/boot.txt", "vdb2:/var.txt", f"{VG}/data:/lv.txt",
+           f"{VG}/data:/", str(r.cli_out), "--json"]
+    r.cli_started = time.monotonic()
+    r.cli = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+
+    def open_session(point: str) -> None:
+        copy = s.base / f"bk-copy-{point}"
+        shutil.copytree(s.bdir, copy)
+        t = time.monotonic()
+        try:
+            pf = api.open_point_files(copy, point)
+            pf.__enter__()
+            r.sessions[point] = pf
+        except BaseException as e:      # reported by the test that needs the session
+            r.errors[point] = e
+        s.launches.append(time.monotonic() - t)
+
+    threads = [threading.Thread(target=open_session, args=(p,)) for p in ("0001", "0003")]
+    for th in threads:
+        th.start()
+    try:
+        for th in threads:
+            th.join()
+        yield r
+    finally:
+        for pf in r.sessions.values():
+            pf.close()          # type: ignore[attr-defined]
+        if r.cli.poll() is None:
+            r.cli.terminate()   # SIGTERM: the CLI shuts its appliance down
+            r.cli.communicate(timeout=120)
+
+
+def session(reads: Reads, point: str):
+    """The open session of `point`; closed when the test ends, passed or failed."""
+    if point in reads.errors:
+        raise reads.errors[point]
+    return reads.sessions[point]
+
+
+@pytest.fixture
+def session1(reads) -> Iterator[object]:
+    yield session(reads, "0001")
+    reads.sessions.pop("0001").close()       # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def session3(reads) -> Iterator[object]:
+    yield session(reads, "0003")
+    reads.sessions.pop("0003").close()       # type: ignore[attr-defined]
+
+
 def assert_copy(target: Path, model: FileModel, guest_dir: str, expect_dir_mode: Optional[int] = None) -> None:
     """A copied tree (or file) matches the model: bytes, mode (setuid dropped), mtime, links as links."""
     if not guest_dir.endswith("/") and guest_dir in model.items:
@@ -255,55 +331,51 @@ def assert_copy(target: Path, model: FileModel, guest_dir: str, expect_dir_mode:
         assert int(st.st_mtime) == mtime, f"{gpath}: mtime {st.st_mtime} != {mtime}"
 
 
-def test_point_1_has_its_own_files_listed_and_copied(files_setup):
+def test_point_1_has_its_own_files_listed_and_copied(files_setup, session1):
     """One appliance at point 0001 (API): fs, ls, get of a tree and a file, cat; vdb was blank then."""
-    from virtbackup import api
     from virtbackup.errors import FilesystemNotFound
     s = files_setup
     out = s.base / "out1"
     out.mkdir()
-    t = time.monotonic()
-    with api.open_point_files(s.bdir, "0001") as pf:
-        s.launches.append(time.monotonic() - t)
-        fss = {f.name: f for f in pf.filesystems()}
-        assert fss["vda"].type == "ext4" and fss["vda"].label == "data" and fss["vda"].size == 32 * MiB
-        assert fss["vda"].disk == "vda" and fss["vda"].readable
-        assert not any(n.startswith("vdb") and n != "vdb" for n in fss), fss   # no partitions yet
-        from virtbackup.files import parse_guest_path as gp
-        root = {e.name: e for e in pf.ls(gp("vda:/")).entries}
-        assert {"etc", "srv", "lnk-etc", "lost+found"} <= set(root)
-        assert root["lnk-etc"].type == "symlink" and root["lnk-etc"].target == "/etc"
-        data = {e.name: e for e in pf.ls(gp("vda:/srv/data")).entries}
-        assert "old.txt" in data                                 # deleted before point 2
-        assert data["blob.bin"].size == len(BLOB1) and data["blob.bin"].mode == "0640"
-        assert data["blob.bin"].mtime == "2020-01-02T03:04:05+00:00"
-        assert data["run.sh"].mode == "4755"                    # ls shows the guest's mode as is
-        assert data["passwd-link"].target == "/etc/passwd" and data["fifo"].type == "fifo"
-        with pytest.raises(Exception) as ei:
-            pf.ls(gp("vda:/srv/new.txt"))                       # only from point 2 on
-        assert ei.value.exit_code == 2 and "no such file" in str(ei.value)
-        with pytest.raises(FilesystemNotFound):
-            pf.ls(gp("vdb1:/"))
-        r = pf.get([(gp("vda:/srv/data"), out / "data"), (gp("vda:/etc/app.conf"), out / "app.conf")])
-        assert r.skipped == ["vda:/srv/data/fifo (fifo)"]
-        tmpf = out / "cat.out"
-        with open(tmpf, "wb") as f:
-            assert pf.cat(gp("vda:/srv/data/sub/deep.txt"), f) == 5
+    pf = session1
+    fss = {f.name: f for f in pf.filesystems()}
+    assert fss["vda"].type == "ext4" and fss["vda"].label == "data" and fss["vda"].size == 32 * MiB
+    assert fss["vda"].disk == "vda" and fss["vda"].readable
+    assert not any(n.startswith("vdb") and n != "vdb" for n in fss), fss   # no partitions yet
+    from virtbackup.files import parse_guest_path as gp
+    root = {e.name: e for e in pf.ls(gp("vda:/")).entries}
+    assert {"etc", "srv", "lnk-etc", "lost+found"} <= set(root)
+    assert root["lnk-etc"].type == "symlink" and root["lnk-etc"].target == "/etc"
+    data = {e.name: e for e in pf.ls(gp("vda:/srv/data")).entries}
+    assert "old.txt" in data                                 # deleted before point 2
+    assert data["blob.bin"].size == len(BLOB1) and data["blob.bin"].mode == "0640"
+    assert data["blob.bin"].mtime == "2020-01-02T03:04:05+00:00"
+    assert data["run.sh"].mode == "4755"                    # ls shows the guest's mode as is
+    assert data["passwd-link"].target == "/etc/passwd" and data["fifo"].type == "fifo"
+    with pytest.raises(Exception) as ei:
+        pf.ls(gp("vda:/srv/new.txt"))                       # only from point 2 on
+    assert ei.value.exit_code == 2 and "no such file" in str(ei.value)
+    with pytest.raises(FilesystemNotFound):
+        pf.ls(gp("vdb1:/"))
+    r = pf.get([(gp("vda:/srv/data"), out / "data"), (gp("vda:/etc/app.conf"), out / "app.conf")])
+    assert r.skipped == ["vda:/srv/data/fifo (fifo)"]
+    tmpf = out / "cat.out"
+    with open(tmpf, "wb") as f:
+        assert pf.cat(gp("vda:/srv/data/sub/deep.txt"), f) == 5
     assert tmpf.read_bytes() == b"deep\n"
     assert_copy(out / "data", s.models["0001"]["vda"], "/srv/data")
     assert_copy(out / "app.conf", s.models["0001"]["vda"], "/etc/app.conf")
     assert not (out / "data/fifo").exists()
 
 
-def test_point_3_get_through_the_cli_several_paths_partitions_and_lvm(files_setup):
+def test_point_3_get_through_the_cli_several_paths_partitions_and_lvm(files_setup, reads):
     """One `files get` at point 0003: vda's changed files, both partitions, the LVM volume."""
     s = files_setup
-    out = s.base / "out3"
-    out.mkdir()
-    t = time.monotonic()
-    r = cli("files", s.bdir, "--point", "0003", "get", "vda:/etc/app.conf", "vda:/srv/data", "vdb1:/boot.txt",
-            "vdb2:/var.txt", f"{VG}/data:/lv.txt", f"{VG}/data:/", out, "--json", timeout=600)
-    s.launches.append(time.monotonic() - t)
+    out = reads.cli_out
+    assert reads.cli is not None and out is not None
+    stdout, stderr = reads.cli.communicate(timeout=1800)
+    s.launches.append(time.monotonic() - reads.cli_started)
+    r = CLIResult(subprocess.CompletedProcess(reads.cli.args, reads.cli.returncode, stdout, stderr))
     assert r.rc == 0, r
     assert "\r" not in r.err                                    # no spinner without a terminal
     res = r.json()
@@ -322,58 +394,55 @@ def test_point_3_get_through_the_cli_several_paths_partitions_and_lvm(files_setu
     assert s.models["0001"]["vda"].items["/etc/app.conf"][1] != (out / "app.conf").read_bytes()
 
 
-def test_point_3_listing_cat_and_refusals_in_one_appliance(files_setup):
-    from virtbackup import api
+def test_point_3_listing_cat_and_refusals_in_one_appliance(files_setup, session3):
     from virtbackup.errors import FilesystemNotFound, FilesystemUnreadable, GuestPathError
     from virtbackup.files import parse_guest_path as gp
     s = files_setup
     out = s.base / "out3b"
     out.mkdir()
-    t = time.monotonic()
-    with api.open_point_files(s.bdir, "0003") as pf:
-        s.launches.append(time.monotonic() - t)
-        fss = {f.name: (f.type, f.label, f.disk, f.readable) for f in pf.filesystems()}
-        assert fss == {"vda": ("ext4", "data", "vda", True), "vdb1": ("ext4", "boot", "vdb", True),
-                       "vdb2": ("ext4", "var", "vdb", True), "vdb4": ("crypto_LUKS", "", "vdb", False),
-                       "vdb5": ("unknown", "", "vdb", False), f"{VG}/data": ("ext4", "lvdata", None, True)}
-        assert {f.name: f.size for f in pf.filesystems()}[f"{VG}/data"] == 24 * MiB
-        assert [e.name for e in pf.ls(gp("vdb1:/")).entries] == ["boot.txt", "lost+found"]
-        lv = {e.name: e for e in pf.ls(gp(f"{VG}/data:/")).entries}
-        assert lv["lv.txt"].size == len(b"lv version 3\n")
-        data = {e.name for e in pf.ls(gp("vda:/srv/data")).entries}
-        assert "old.txt" not in data and "blob.bin" in data
-        # a directory symlink in the path is resolved inside the guest: /lnk-etc -> /etc of the guest
-        assert [e.name for e in pf.ls(gp("vda:/lnk-etc/")).entries] == ["app.conf"]
+    pf = session3
+    fss = {f.name: (f.type, f.label, f.disk, f.readable) for f in pf.filesystems()}
+    assert fss == {"vda": ("ext4", "data", "vda", True), "vdb1": ("ext4", "boot", "vdb", True),
+                   "vdb2": ("ext4", "var", "vdb", True), "vdb4": ("crypto_LUKS", "", "vdb", False),
+                   "vdb5": ("unknown", "", "vdb", False), f"{VG}/data": ("ext4", "lvdata", None, True)}
+    assert {f.name: f.size for f in pf.filesystems()}[f"{VG}/data"] == 24 * MiB
+    assert [e.name for e in pf.ls(gp("vdb1:/")).entries] == ["boot.txt", "lost+found"]
+    lv = {e.name: e for e in pf.ls(gp(f"{VG}/data:/")).entries}
+    assert lv["lv.txt"].size == len(b"lv version 3\n")
+    data = {e.name for e in pf.ls(gp("vda:/srv/data")).entries}
+    assert "old.txt" not in data and "blob.bin" in data
+    # a directory symlink in the path is resolved inside the guest: /lnk-etc -> /etc of the guest
+    assert [e.name for e in pf.ls(gp("vda:/lnk-etc/")).entries] == ["app.conf"]
 
-        def cat(spec: str) -> bytes:
-            with open(out / "c", "wb") as f:
-                pf.cat(gp(spec), f)
-            return (out / "c").read_bytes()
+    def cat(spec: str) -> bytes:
+        with open(out / "c", "wb") as f:
+            pf.cat(gp(spec), f)
+        return (out / "c").read_bytes()
 
-        assert cat("vda:/srv/data/blob.bin") == BLOB3
-        assert cat(f"{VG}/data:/lv.txt") == b"lv version 3\n"
-        assert cat("vda:/srv/data/rel-link") == b"deep\n"          # followed inside the guest
-        assert cat("vda:/lnk-etc/app.conf") == b"version=3, longer than before\n"
+    assert cat("vda:/srv/data/blob.bin") == BLOB3
+    assert cat(f"{VG}/data:/lv.txt") == b"lv version 3\n"
+    assert cat("vda:/srv/data/rel-link") == b"deep\n"          # followed inside the guest
+    assert cat("vda:/lnk-etc/app.conf") == b"version=3, longer than before\n"
 
-        def refused(spec: str, cls, text: str, fn=None) -> None:
-            with pytest.raises(cls) as ei:
-                (fn or (lambda p: pf.ls(gp(p))))(spec)
-            assert ei.value.exit_code == 2 and text in str(ei.value), str(ei.value)
+    def refused(spec: str, cls, text: str, fn=None) -> None:
+        with pytest.raises(cls) as ei:
+            (fn or (lambda p: pf.ls(gp(p))))(spec)
+        assert ei.value.exit_code == 2 and text in str(ei.value), str(ei.value)
 
-        # an absolute link to a file the guest lacks: not the appliance's or the host's /etc/passwd
-        refused("vda:/srv/data/passwd-link", GuestPathError, "no such file", lambda p: cat(p))
-        refused("vda:/etc/missing.conf", GuestPathError, "vda:/etc/missing.conf: no such file")
-        refused("vda:/etc/app.conf/x", GuestPathError, "no such file")
-        refused("nosuch/lv:/", FilesystemNotFound, "no filesystem 'nosuch/lv'")
-        refused("vdb3:/", FilesystemNotFound, "no filesystem 'vdb3'")        # the LVM PV itself
-        refused("vdb4:/", FilesystemUnreadable, "encrypted (crypto_LUKS)")
-        refused("vdb5:/", FilesystemUnreadable, "holds no filesystem virtbackup can read (type unknown)")
-        refused("vda:/srv", GuestPathError, "is a directory, not a file", lambda p: cat(p))
-        refused("vda:/srv/data/fifo", GuestPathError, "is a fifo",
-                lambda p: pf.get([(gp(p), out / "fifo")]))
-        assert not (out / "fifo").exists()
-        # after refusals the session still works
-        assert cat("vdb2:/var.txt") == b"var partition\n"
+    # an absolute link to a file the guest lacks: not the appliance's or the host's /etc/passwd
+    refused("vda:/srv/data/passwd-link", GuestPathError, "no such file", lambda p: cat(p))
+    refused("vda:/etc/missing.conf", GuestPathError, "vda:/etc/missing.conf: no such file")
+    refused("vda:/etc/app.conf/x", GuestPathError, "no such file")
+    refused("nosuch/lv:/", FilesystemNotFound, "no filesystem 'nosuch/lv'")
+    refused("vdb3:/", FilesystemNotFound, "no filesystem 'vdb3'")        # the LVM PV itself
+    refused("vdb4:/", FilesystemUnreadable, "encrypted (crypto_LUKS)")
+    refused("vdb5:/", FilesystemUnreadable, "holds no filesystem virtbackup can read (type unknown)")
+    refused("vda:/srv", GuestPathError, "is a directory, not a file", lambda p: cat(p))
+    refused("vda:/srv/data/fifo", GuestPathError, "is a fifo",
+            lambda p: pf.get([(gp(p), out / "fifo")]))
+    assert not (out / "fifo").exists()
+    # after refusals the session still works
+    assert cat("vdb2:/var.txt") == b"var partition\n"
 
 
 def test_refused_before_the_appliance_starts(files_setup, tmp_path):
@@ -451,6 +520,8 @@ def test_zz_backup_dir_untouched_verify_passes_nothing_left(files_setup):
     passes, and no appliance, overlay, socket or temp file of libguestfs is left."""
     s = files_setup
     assert dir_state(s.bdir) == s.state_before
+    for point in ("0001", "0003"):          # the copies the API sessions read
+        assert dir_state(s.base / f"bk-copy-{point}") == s.state_before
     assert not any(p.name.endswith(".partial") for p in (s.bdir / "points").iterdir())
     r = cli("verify", s.bdir)
     assert r.rc == 0, r

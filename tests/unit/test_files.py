@@ -89,7 +89,10 @@ def test_spinner_only_on_a_terminal(monkeypatch):
     time.sleep(0.3)
     sp(None)
     sys.stderr.flush()
-    out = os.read(master, 4096)
+    import select
+    out = b""
+    while select.select([master], [], [], 1.0)[0]:
+        out += os.read(master, 4096)
     assert b"starting the appliance" in out and out.endswith(b"\r\x1b[K")
     sys.stderr.close()
     os.close(master)
