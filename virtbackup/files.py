@@ -194,7 +194,8 @@ class PointFiles:
     """One point's filesystems through one libguestfs appliance (a context manager).
 
     Entering loads the chain, takes the directory lock, checks the point's images (sizes,
-    `qemu-img check`, backing links, SHA-256) and starts the appliance; leaving shuts it down (its overlays go with it) and releases the lock.
+    `qemu-img check`, backing links, SHA-256) and starts the appliance; leaving shuts it down
+    (its overlays go with it) and releases the lock.
     """
 
     def __init__(self, backup_dir: Path, point: Optional[str] = None, status: Optional[Status] = None):
