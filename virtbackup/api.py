@@ -46,6 +46,7 @@ __all__ = [
     # operations
     "backup", "list_points", "restore", "restore_point", "verify", "verify_backup", "prune", "flatten",
     "status", "repair", "load_job", "run_job", "plan_job", "thaw", "drill",
+    "files_filesystems", "files_ls", "files_get", "files_cat", "open_point_files",
     # results and helpers
     "BackupResult", "PointList", "RestoreResult", "VerifyResult", "PruneResult", "FlattenResult",
     "StatusReport", "RepairReport", "ThawResult", "DrillResult", "Notify", "RequestedLevel", "point_json", "chain_json",
@@ -255,6 +256,7 @@ def files_cat(backup_dir: Path, paths: Sequence[str], out: Any, point: Optional[
     return _files.cat(Path(backup_dir), paths, out, point, status)
 
 
+@_boundary
 def open_point_files(backup_dir: Path, point: Optional[str] = None, status: Optional[Status] = None) -> PointFiles:
     """One appliance for many operations: `with open_point_files(d, "0003") as pf: pf.ls(...)`."""
     return PointFiles(Path(backup_dir), point, status)

@@ -508,6 +508,7 @@ def files(backup_dir: Path = typer.Argument(..., help="the backup directory"),
     (15-60 s under TCG; see README for LIBGUESTFS_BACKEND settings).
     """
     import signal
+    from dataclasses import asdict
     args = list(args or [])
     lo_hi = _FILES_ACTIONS.get(action)
     problem = None

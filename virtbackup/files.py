@@ -18,7 +18,9 @@ several paths at once and everything that can be checked before the start is che
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import time
 import re
 import stat
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ from typing import Any, BinaryIO, Callable, ContextManager, Dict, List, Optional
 from .chain import BackupDir, Chain, Point, dir_lock
 from .errors import (FilesystemNotFound, FilesystemUnreadable, GuestPathError, HostError, OutputExists,
                      PointDamaged, UsageError, VirtBackupError)
+
+log = logging.getLogger("virtbackup.files")
 
 Status = Callable[[Optional[str]], None]
 """Called with a message when a slow step starts and with None when it is over (a spinner)."""
@@ -249,7 +253,7 @@ class PointFiles:
         self.disks = sorted(point.disks)
         tops = [self._check_sizes(chain, point, disk) for disk in self.disks]
         try:
-            import guestfs  # type: ignore[import-not-found]
+            import guestfs  # type: ignore[import-untyped, import-not-found, unused-ignore]
         except ImportError:
             raise HostError("the libguestfs Python binding is missing: install python3-guestfs "
                             "(scripts/setup-host.sh does)") from None
@@ -263,8 +267,11 @@ class PointFiles:
         self.status("starting the libguestfs appliance (15-60 s)")
         try:
             for top in tops:
+                log.debug("add_drive_opts %s readonly=1 format=qcow2", top)
                 g.add_drive_opts(str(top), readonly=1, format="qcow2")
+            t0 = time.monotonic()
             g.launch()
+            log.debug("appliance started in %.1fs (backend %s)", time.monotonic() - t0, g.get_backend())
         except RuntimeError as e:
             raise HostError(f"the libguestfs appliance did not start: {' '.join(str(e).split())} (without "
                             "working KVM, set LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg; "
@@ -367,6 +374,7 @@ class PointFiles:
         if self._mounted is not None:
             g.umount_all()
             self._mounted = None
+        log.debug("mount_ro %s (%s) /", self._mountable[fs], fs)
         try:
             g.mount_ro(self._mountable[fs], "/")
         except RuntimeError as e:

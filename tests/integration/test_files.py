@@ -24,8 +24,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from tests.conftest import CLIResult, cli, take_backup
-from tests.integration.test_failures import one_error_line
+from tests.support.helpers import CLIResult, cli, one_error_line, take_backup
 
 MiB = 1 << 20
 T1 = 1577934245          # 2020-01-02T03:04:05Z
@@ -108,7 +107,8 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def files_setup(tmp_path_factory) -> Iterator[Setup]:
-    from virtbackup import host, scratch
+    from tests.support import scratch
+    from virtbackup import host
     base = tmp_path_factory.mktemp("files")
     env = guestfs_env(base)
     saved = {k: os.environ.get(k) for k in env}

@@ -27,14 +27,14 @@ LAYERS: List[List[str]] = [
     ["health", "quiesce"],                              # status, repair planning; guest freeze/thaw
     ["runner"],                                         # the runner protocol
     ["pushjob", "offline"],                             # the runners
-    ["backup", "restore"],                              # the engine; restore
+    ["backup", "restore", "files"],                     # the engine; restore; single files (libguestfs)
     ["jobs", "drill"],                                  # whole-host runs (child processes); restore drills
     ["api", "progress"],                                # progress: the CLI's bars
     ["cli"],
 ]
 # Modules that must work without libvirt (a backup dir is restorable with qemu-img alone).
 NO_LIBVIRT = {"errors", "runlog", "xmlbuild", "qemuimg", "chain", "restoredom", "retention", "verify", "qmp",
-              "cli", "__init__", "observe", "metrics"}
+              "cli", "__init__", "observe", "metrics", "files"}
 
 
 def imports_of(path: Path, package: str) -> Set[str]:
