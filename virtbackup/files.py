@@ -20,17 +20,25 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import time
 import re
 import stat
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 from .chain import BackupDir, Chain, Point, dir_lock
-from .errors import (FilesystemNotFound, FilesystemUnreadable, GuestPathError, HostError, OutputExists,
-                     PointDamaged, UsageError, VirtBackupError)
+from .errors import (
+    FilesystemNotFound,
+    FilesystemUnreadable,
+    GuestPathError,
+    HostError,
+    OutputExists,
+    PointDamaged,
+    UsageError,
+    VirtBackupError,
+)
 
 log = logging.getLogger("virtbackup.files")
 

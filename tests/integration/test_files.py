@@ -129,7 +129,7 @@ def files_setup(tmp_path_factory) -> Iterator[Setup]:
                  "srv/data/run.sh": (b"#!/bin/sh\necho hi\n", 0o4755), "srv/data/sub/deep.txt": (b"deep\n", 0o600),
                  "srv/data/locked/inner.txt": (b"inner\n", 0o644), "srv/data/old.txt": (b"old\n", 0o644)}
         m1 = FileModel()
-        for rel, (data, mode) in files.items():
+        for rel, (data, _mode) in files.items():
             (src / rel).write_bytes(data)
         os.symlink("/etc/passwd", src / "srv/data/passwd-link")     # absolute: never followed out
         os.symlink("sub/deep.txt", src / "srv/data/rel-link")
@@ -249,6 +249,7 @@ class Reads:
 def reads(files_setup) -> Iterator[Reads]:
     import sys
     import threading
+
     from virtbackup import api
     s = files_setup
     r = Reads()
@@ -269,7 +270,7 @@ def reads(files_setup) -> Iterator[Reads]:
             pf = api.open_point_files(copy, point)
             pf.__enter__()
             r.sessions[point] = pf
-        except BaseException as e:      # reported by the test that needs the session
+        except BaseException as e:  # noqa: BLE001 - reported by the test that needs the session
             r.errors[point] = e
         s.launches.append(time.monotonic() - t)
 

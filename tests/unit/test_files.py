@@ -6,7 +6,6 @@ import os
 import pty
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
