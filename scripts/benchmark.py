@@ -52,6 +52,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller disk and fewer repeats")
     ap.add_argument("--virtnbdbackup", action="store_true", help="also time virtnbdbackup on a twin domain")
     ap.add_argument("--jobs", action="store_true", help="only time `run` over 8 domains: parallel = 2 vs 1")
+    ap.add_argument("--restore-check", action="store_true",
+                    help="only the restore figures with and without the image check (full, 50-link chain)")
     args = ap.parse_args()
     if args.jobs:
         print(json.dumps(compare_parallel(quick=args.quick), indent=2))
@@ -67,6 +69,20 @@ def main() -> int:
         d.create()
         for off in range(0, data, 64 * MiB):
             d.write("vda", 0x40 + off // (64 * MiB), off, min(64 * MiB, data - off))
+
+        if args.restore_check:
+            bdir = work / "full-rc"
+            run(*CLI, "backup", d.name, bdir, "--level", "full")
+            chain_dir = work / "chain50"
+            run(*CLI, "backup", d.name, chain_dir, "--level", "full")
+            for i in range(49):
+                d.write("vda", 0x10 + i % 64, (i * 7 % (disk // MiB - 1)) * MiB, 1 * MiB)
+                run(*CLI, "backup", d.name, chain_dir, "--level", "inc")
+            reps = 5
+            restore_check_figures(results, work, bdir, chain_dir, reps)
+            print(json.dumps(results, indent=2))
+            print_restore_check(results)
+            return 0
 
         # 1. full backup vs qemu-img convert of the same disk, alternating, median of reps.
         # A backup is flushed to disk before it is recorded; plain `qemu-img convert` is not
@@ -118,6 +134,8 @@ def main() -> int:
         results["restore50_s"] = t_restore
         results["convert_flat_s"] = t_flat
         results["restore50_vs_convert"] = t_restore / t_flat
+        restore_check_figures(results, work, bdir, chain_dir, reps)
+
         # chain length must not make incrementals slower
         d.write("vda", 0x77, 0, 4 * MiB)
         results["inc_4mib_after_50_links_s"] = timed(lambda: run(*CLI, "backup", d.name, chain_dir, "--level", "inc"))
@@ -133,6 +151,7 @@ def main() -> int:
           f"/ convert -t writeback: {results['full_vs_convert_flushed']:.2f}x")
     print(f"incremental, nothing dirty:    {results['inc_nothing_dirty_s']:.3f} s (target <= 0.3)")
     print(f"restore 50 links / convert:    {results['restore50_vs_convert']:.2f}x (target <= 1.3)")
+    print_restore_check(results)
     return 0
 
 
@@ -167,6 +186,44 @@ def compare_parallel(quick: bool) -> Dict[str, float]:
         shutil.rmtree(work, ignore_errors=True)
     one, two = median(times[1]), median(times[2])
     return {"run_8_domains_parallel1_s": one, "run_8_domains_parallel2_s": two, "parallel2_speedup": one / two}
+
+def restore_check_figures(results: Dict[str, object], work: Path, bdir: Path, chain_dir: Path, reps: int) -> None:
+    """What checking every image before a restore costs (size, backing link and SHA-256 of each
+    image, hashed while the copy is made): the restore command with the check, the plain
+    `qemu-img convert` of the point's image (a restore without any check), and the check alone
+    (in-process); medians of interleaved runs, `sync` before each."""
+    from virtbackup import integrity
+    from virtbackup.chain import BackupDir
+    for label, bd, point in (("full", bdir, "0001"), ("chain50", chain_dir, "latest")):
+        bobj = BackupDir(bd)
+        ch = bobj.load()
+        pt = ch.point(point)
+        rels = integrity.chain_images(ch, pt, ["vda"])
+        t_with, t_plain, t_check = [], [], []
+        for i in range(reps):
+            out = work / f"r-{label}-{i}"
+            run("sync")
+            t_with.append(timed(lambda: run(*CLI, "restore", bd, out, "--point", pt.id)))
+            shutil.rmtree(out)
+            run("sync")
+            t_plain.append(timed(lambda: run("qemu-img", "convert", "-O", "qcow2", bd / pt.disks["vda"].image,
+                                             work / f"plain-{label}.qcow2")))
+            (work / f"plain-{label}.qcow2").unlink()
+            t_check.append(timed(lambda: integrity.check_images(bobj, ch, rels)))
+        results[f"restore_{label}_checked_s"] = median(t_with)
+        results[f"restore_{label}_unchecked_convert_s"] = median(t_plain)
+        results[f"restore_{label}_check_only_s"] = median(t_check)
+        results[f"restore_{label}_images"] = len(rels)
+        results[f"restore_{label}_image_bytes"] = sum((bd / r).stat().st_size for r in rels)
+
+
+def print_restore_check(results: Dict[str, object]) -> None:
+    for label in ("full", "chain50"):
+        print(f"restore {label}: {results[f'restore_{label}_checked_s']:.2f} s with the image check "
+              f"(the check alone {results[f'restore_{label}_check_only_s']:.2f} s for "
+              f"{results[f'restore_{label}_images']} image(s), "
+              f"{results[f'restore_{label}_image_bytes'] / MiB:.0f} MiB); plain qemu-img convert "  # type: ignore[operator]
+              f"{results[f'restore_{label}_unchecked_convert_s']:.2f} s")
 
 
 def compare_virtnbdbackup(conn: object, work: Path) -> Dict[str, float]:

@@ -22,7 +22,7 @@ import libvirt
 from . import health, host
 from .backup import BackupResult, point_json
 from .backup import backup as _backup
-from .chain import BackupDir, Chain, Point, dir_lock, domain_lock
+from .chain import BackupDir, Chain, Point, dir_lock, domain_lock, user_path
 from .drill import DrillResult
 from .drill import drill as _drill
 from .errors import HostError, OperationFailed, VirtBackupError
@@ -102,13 +102,13 @@ def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[s
     filesystems through its agent when it has an agent channel, else crash-consistent),
     require (fail, nothing recorded, when the guest can't be frozen), off (see quiesce.py).
     """
-    return _backup(uri, domain, Path(backup_dir), level, disks, notify, reason, quiesce)
+    return _backup(uri, domain, user_path(backup_dir, "BACKUP_DIR"), level, disks, notify, reason, quiesce)
 
 
 @_boundary
 def list_points(backup_dir: Path) -> PointList:
     """The restore points recorded in BACKUP_DIR."""
-    chain = BackupDir(Path(backup_dir)).load()
+    chain = BackupDir(user_path(backup_dir, "BACKUP_DIR")).load()
     return PointList(chain.domain_name, chain.domain_uuid, chain.points)
 
 
@@ -116,46 +116,48 @@ def list_points(backup_dir: Path) -> PointList:
 def restore(backup_dir: Path, output_dir: Path, point: Optional[str] = None,
             disks: Sequence[str] = ()) -> RestoreResult:
     """Restore a point (id, `latest`, ISO 8601 time) as standalone OUTPUT_DIR/<disk>.qcow2."""
-    return _restore(Path(backup_dir), Path(output_dir), point, disks)
+    return _restore(user_path(backup_dir, "BACKUP_DIR"), user_path(output_dir, "OUTPUT_DIR"), point, disks)
 
 
 @_boundary
 def restore_point(backup_dir: Path, output_dir: Path, point: Optional[str] = None, disks: Sequence[str] = (),
                   instant: bool = False, define: Optional[str] = None, start: bool = False,
-                  uri: Optional[str] = None) -> RestoreResult:
+                  uri: Optional[str] = None, salvage: bool = False) -> RestoreResult:
     """`restore` plus: `instant` (overlays on the backup images, no copy) and `define` NAME
     (a new domain on the restored disks: new UUID and MACs), `start` it.
 
     `point` is an id, `latest`, or an ISO 8601 time (the newest point at or before it).
+    `salvage`: when images are damaged, restore the disks whose images are intact (the result's
+    `missing` says which are not) instead of refusing.
     """
-    return _restore(Path(backup_dir), Path(output_dir), point, disks, instant=instant, define=define,
-                    start=start, uri=uri)
+    return _restore(user_path(backup_dir, "BACKUP_DIR"), user_path(output_dir, "OUTPUT_DIR"), point, disks,
+                    instant=instant, define=define, start=start, uri=uri, salvage=salvage)
 
 
 @_boundary
 def verify(backup_dir: Path, point: Optional[str] = None) -> VerifyResult:
     """Check every image (or one point's chain): qemu-img check, backing links, hashes.
     Damage is reported in the result (`ok`, `damage`), not raised."""
-    return _verify(Path(backup_dir), point)
+    return _verify(user_path(backup_dir, "BACKUP_DIR"), point)
 
 
 @_boundary
 def verify_backup(backup_dir: Path, point: Optional[str] = None, deep: bool = False) -> VerifyResult:
     """`verify`; `deep` also reads every point's whole chain through qemu."""
-    return _verify(Path(backup_dir), point, deep=deep)
+    return _verify(user_path(backup_dir, "BACKUP_DIR"), point, deep=deep)
 
 
 @_boundary
 def prune(backup_dir: Path, keep: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
           dry_run: bool = False, keep_monthly: int = 0) -> PruneResult:
     """Drop the points the policy does not keep, merging them into kept points that depend on them."""
-    return _prune(Path(backup_dir), Policy(keep, keep_daily, keep_weekly, keep_monthly), dry_run)
+    return _prune(user_path(backup_dir, "BACKUP_DIR"), Policy(keep, keep_daily, keep_weekly, keep_monthly), dry_run)
 
 
 @_boundary
 def flatten(image: Path) -> FlattenResult:
     """Copy an overlay's backing data into it and drop the backing link (e.g. after --instant)."""
-    return _flatten(Path(image))
+    return _flatten(user_path(image, "IMAGE"))
 
 
 @_boundary
@@ -171,7 +173,7 @@ def repair(domain: str, backup_dir: Path, dry_run: bool = False, uri: Optional[s
     delete unneeded or broken checkpoints, remove orphaned bitmaps, redefine lost checkpoints.
     Failed actions are reported in the result (`ok`, `failure`), not raised."""
     from .domain import LibvirtDomain
-    bdir = BackupDir(Path(backup_dir))
+    bdir = BackupDir(user_path(backup_dir, "BACKUP_DIR"))
     chain = bdir.load()
     with host.connection(uri) as conn:
         dom = host.lookup_domain(conn, domain)

@@ -110,7 +110,8 @@ class Engine:
         self.runner.preflight()
         removed = []
         dom = self.handle.dom
-        if chain.points:
+        if chain.points or checkpoints.ours(dom, chain.checkpoint_prefix()):
+            # (no points: only what a first backup killed before its commit can be left)
             actions = health.plan_repair(LibvirtDomain(dom), chain, fix_broken=False, bdir=self.bdir)
             health.apply_repair(dom, self.bdir, chain, actions)
             for a in actions:
@@ -351,7 +352,13 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
             with dir_lock(bdir), runlog.run_log(bdir.path, "backup"):
                 log.info("backup of domain %s (%s) into %s, level %s%s", dom.name(), uuid, bdir.path, level,
                          f", disks {', '.join(disks)}" if disks else "")
-                chain = bdir.load_or_none() or Chain(domain_name=dom.name(), domain_uuid=uuid)
+                chain = bdir.load_or_none()
+                if chain is None:
+                    # The chain id names this directory's checkpoints: record it (no points yet)
+                    # before any checkpoint exists, so a run killed during the first backup leaves
+                    # names the next run recognises and cleans, not a checkpoint nobody owns.
+                    chain = Chain(domain_name=dom.name(), domain_uuid=uuid, path=str(bdir.path))
+                    bdir.save(chain)
                 bdir.check_owner(chain, dom.name(), uuid)
                 chain.domain_name = dom.name()
                 chain.path = str(bdir.path)

@@ -12,13 +12,16 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
+import stat
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Literal, Optional, Tuple, cast
 
-from .errors import BackupDirError, ChainCorrupt, LockBusy, OperationFailed, PointNotFound
+from .errors import BackupDirError, ChainCorrupt, LockBusy, OperationFailed, PointNotFound, UnsafePath, UsageError
 
 SCHEMA_VERSION = 1
 METADATA = "virtbackup.json"
@@ -29,14 +32,53 @@ Level = Literal["full", "inc", "diff"]
 LEVELS: Tuple[str, ...] = ("full", "inc", "diff")
 CONSISTENCIES = (None, "application", "crash")
 
+# A libvirt disk target name (vda, sdb, hdc, xvda, nvme0n1...): it becomes a file name in
+# OUTPUT_DIR, so anything else in the metadata ("/../../srv/x") is corruption, not a name.
+DISK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,31}$")
+# How long a lock waits for readers (restore, verify) or for a writer to finish (seconds).
+LOCK_WAIT_ENV = "VIRTBACKUP_LOCK_WAIT"
+LOCK_WAIT_DEFAULT = 60.0
+
+
+def user_path(value: object, what: str) -> Path:
+    """A path argument as the user gave it; an empty string is a usage error, not '.'."""
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else ""
+    if not str(text).strip():
+        raise UsageError(f"{what} must not be an empty string")
+    return Path(text)
+
+
+def open_new(path: Path, mode: int = 0o600) -> int:
+    """Create a file that must not exist yet, never through a symlink; returns the fd.
+
+    A symlink (even a dangling one) at the name is refused with exit 2: it is not ours."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except FileExistsError:
+        if os.path.islink(path):
+            raise UnsafePath(f"{path} is a symlink where virtbackup creates its own file; "
+                             "not following it") from None
+        raise OperationFailed(f"{path} exists; not overwriting it") from None
+
+
+def create_new(path: Path, mode: int = 0o600) -> None:
+    """open_new() for a file another program (qemu-img, cp) then writes into."""
+    os.close(open_new(path, mode))
+
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a file readable by root only (it describes guest data), durably."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write a file readable by root only (it describes guest data), durably; never through a symlink."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafePath(f"{path} is a symlink where virtbackup writes its own file; "
+                             "not following it") from None
+        raise
     try:
         os.write(fd, text.encode())
         os.fsync(fd)
@@ -217,6 +259,12 @@ class Chain:
             for rel in (p.domain_xml, p.checkpoint_xml):
                 check_relative(rel)
             for name, d in p.disks.items():
+                if not isinstance(name, str) or not DISK_NAME.match(name):
+                    raise ValueError(f"point {p.id}: disk name {name!r} is not a disk target name "
+                                     "(letters and digits)")
+                if not isinstance(d.image, str) or not isinstance(d.sha256, str) \
+                        or not isinstance(d.size, int) or not isinstance(d.virtual_size, int):
+                    raise ValueError(f"point {p.id} disk {name}: wrong field types")
                 check_relative(d.image)
                 if d.image in images:
                     raise ValueError(f"point {p.id}: image {d.image} listed twice")
@@ -255,6 +303,8 @@ def point_time(p: Point) -> datetime:
 
 def check_relative(rel: str) -> None:
     """A metadata path must be relative and stay inside BACKUP_DIR."""
+    if not isinstance(rel, str):
+        raise ValueError(f"path {rel!r} is not a string")
     pp = PurePosixPath(rel)
     if not rel or pp.is_absolute() or ".." in pp.parts or "\\" in rel:
         raise ValueError(f"path {rel!r} points outside the backup directory")
@@ -305,8 +355,19 @@ class BackupDir:
         if not self.metadata.exists():
             raise BackupDirError(f"{self.path} holds no virtbackup metadata ({METADATA} missing)")
         try:
-            data = json.loads(self.metadata.read_text())
+            fd = os.open(self.metadata, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafePath(f"{self.metadata} is a symlink; virtbackup never follows symlinks "
+                                 "inside a backup directory") from None
+            raise ChainCorrupt(f"cannot read {self.metadata}: {e.strerror}") from None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                text = f.read().decode()
+            data = json.loads(text)
             return Chain.from_json(data)
+        except RecursionError:
+            raise ChainCorrupt(f"chain metadata {self.metadata} is corrupt: nested too deeply") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ChainCorrupt(f"chain metadata {self.metadata} is corrupt: {e}") from None
         except OSError as e:
@@ -344,7 +405,23 @@ class BackupDir:
             pass   # committed; durability of the rename is best effort from here
 
     def resolve(self, rel: str) -> Path:
+        """The path of a metadata-relative name; refuses (exit 2) a symlink on the way.
+
+        Only what the tool itself created lives under BACKUP_DIR: a symlink there was put by
+        someone else, and following it would read, write or delete outside the directory."""
         check_relative(rel)
+        path = self.path
+        for part in PurePosixPath(rel).parts:
+            path = path / part
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                break
+            except OSError:
+                break
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafePath(f"{path} is a symlink; virtbackup never follows symlinks inside "
+                                 "a backup directory")
         return self.path / rel
 
     def backing_link(self, image: str, backing: Optional[str]) -> Optional[str]:
@@ -381,32 +458,127 @@ class BackupDir:
         return self.path / POINTS_DIR / (point_id + (PARTIAL_SUFFIX if partial else ""))
 
 
-class FileLock:
-    """An flock(2) lock: released by the kernel when the holder dies, so it can't go stale."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
-    def __init__(self, path: Path, what: str):
+
+def lock_holders(fd: int) -> Dict[int, str]:
+    """Live processes holding an flock on the file of `fd`: pid -> READ (shared) or WRITE.
+
+    From /proc/locks, by inode: the pid a lock file's content names may have exited (its
+    lock went with it, the next holder may not have written its own pid yet), so the kernel's
+    list is the only honest answer. Empty when /proc/locks can't be read."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out: Dict[int, str] = {}
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split()
+        if "->" in parts:            # a waiter, not a holder
+            continue
+        if len(parts) < 6 or parts[1] != "FLOCK" or parts[5] != key:
+            continue
+        try:
+            pid = int(parts[4])
+        except ValueError:
+            continue
+        if pid > 0 and _alive(pid):
+            if out.get(pid) != "WRITE":
+                out[pid] = parts[3]
+    return out
+
+
+class FileLock:
+    """An flock(2) lock: released by the kernel when the holder dies, so it can't go stale.
+
+    `shared`: readers (restore, verify, files) share it; writers (backup, prune, repair) hold
+    it alone. A writer finding another writer fails at once (one run at a time, invariant 7);
+    waiting for readers to finish, or a reader for a writer, is bounded by `wait` seconds
+    (default $VIRTBACKUP_LOCK_WAIT, else 60), then refused naming the live holders.
+    The lock file is opened with O_NOFOLLOW: a symlink there is refused, never truncated.
+    """
+
+    def __init__(self, path: Path, what: str, shared: bool = False, wait: Optional[float] = None):
         self.path = path
         self.what = what
+        self.shared = shared
+        if wait is None:
+            try:
+                wait = float(os.environ.get(LOCK_WAIT_ENV, LOCK_WAIT_DEFAULT))
+            except ValueError:
+                wait = LOCK_WAIT_DEFAULT
+        self.wait = wait
         self.fd: Optional[int] = None
 
-    def __enter__(self) -> "FileLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+    def _open(self) -> Optional[int]:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.lstat(self.path.parent)
+            if stat.S_ISLNK(st.st_mode) and self.path.name != LOCKFILE:
+                raise UnsafePath(f"{self.path.parent} is a symlink; not using it for locks")
+        except FileNotFoundError:
+            os.makedirs(self.path.parent, mode=0o700, exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(self.path, flags, 0o600)
         except OSError as e:
-            holder = ""
+            if e.errno == errno.ELOOP:
+                raise UnsafePath(f"lock file {self.path} is a symlink; not following it "
+                                 "(remove it if you did not put it there)") from None
+            if self.shared and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                try:      # a read-only backup dir: nobody can change it, a reader needs no lock
+                    return os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    return None
+            raise
+
+    def _busy(self, fd: int, holders: Dict[int, str]) -> LockBusy:
+        if not holders:
+            return LockBusy(f"another virtbackup run is using {self.what}")
+        pids = ", ".join(str(p) for p in sorted(holders))
+        if all(m == "READ" for m in holders.values()):
+            return LockBusy(f"{self.what} is being read (restore or verify, pid {pids}); "
+                            f"gave up waiting after {self.wait:g} s; try again when it has ended")
+        return LockBusy(f"another virtbackup run (pid {pids}) is using {self.what}")
+
+    def __enter__(self) -> "FileLock":
+        fd = self._open()
+        if fd is None:
+            return self
+        op = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        deadline = time.monotonic() + self.wait
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, op)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                holders = lock_holders(fd)
+                writer = any(m == "WRITE" for m in holders.values())
+                # a writer never waits for another writer; everything else waits, bounded
+                if (not self.shared and writer) or time.monotonic() >= deadline:
+                    raise self._busy(fd, holders)
+                time.sleep(0.1)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not self.shared:
             try:
-                holder = os.read(fd, 64).decode().strip()
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
             except OSError:
                 pass
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                who = f" (pid {holder})" if holder else ""
-                raise LockBusy(f"another virtbackup run{who} is using {self.what}") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
         self.fd = fd
         return self
 
@@ -422,4 +594,11 @@ def domain_lock(uuid: str) -> FileLock:
 
 
 def dir_lock(backup_dir: BackupDir) -> FileLock:
+    """The exclusive lock of a backup dir: backup, prune, repair."""
     return FileLock(backup_dir.path / LOCKFILE, f"backup directory {backup_dir.path}")
+
+
+def shared_lock(backup_dir: BackupDir, wait: Optional[float] = None) -> FileLock:
+    """The shared lock of a backup dir, for anything that only reads it (restore, verify, files):
+    a prune can't delete or replace what a reader is reading."""
+    return FileLock(backup_dir.path / LOCKFILE, f"backup directory {backup_dir.path}", shared=True, wait=wait)

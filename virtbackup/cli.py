@@ -130,6 +130,10 @@ def main_opts(connect: Optional[str] = typer.Option(
         None, "--connect", "-c", help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)"),
         debug: bool = typer.Option(False, "--debug", "-v", help="print every command run, QMP command and "
                                    "libvirt call (with its XML) and timings on stderr")) -> None:
+    if connect is not None and not connect.strip():
+        # libvirt takes "" for its default URI: a silently different host than asked for
+        _err("error: --connect needs a URI, not an empty string")
+        raise typer.Exit(2)
     _state["uri"] = connect
     _state["debug"] = debug
     if debug:
@@ -166,7 +170,7 @@ def status(domain: str = typer.Argument(..., help="domain name or UUID"),
 
 @app.command()
 def repair(domain: str = typer.Argument(..., help="domain name or UUID"),
-           backup_dir: Path = typer.Argument(...),
+           backup_dir: str = typer.Argument(...),
            dry_run: bool = typer.Option(False, "--dry-run", help="only show what would be done"),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Clean up this backup dir's orphaned/broken bitmaps and checkpoints; redefine lost ones."""
@@ -185,7 +189,7 @@ def repair(domain: str = typer.Argument(..., help="domain name or UUID"),
 
 @app.command()
 def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
-           backup_dir: Path = typer.Argument(..., help="directory holding this domain's backups"),
+           backup_dir: str = typer.Argument(..., help="directory holding this domain's backups"),
            level: str = typer.Option("auto", "--level", "-l", help="auto | full | inc | diff"),
            disk: List[str] = typer.Option([], "--disk", help="only these disks (target names, e.g. vda)"),
            no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar on a terminal"),
@@ -222,7 +226,7 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
 
 
 @app.command("list")
-def list_cmd(backup_dir: Path = typer.Argument(...),
+def list_cmd(backup_dir: str = typer.Argument(...),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """List the restore points of a backup directory, oldest first."""
     def render(chain: Any) -> None:
@@ -242,7 +246,7 @@ def list_cmd(backup_dir: Path = typer.Argument(...),
 
 
 @app.command()
-def restore(backup_dir: Path = typer.Argument(...), output_dir: Path = typer.Argument(...),
+def restore(backup_dir: str = typer.Argument(...), output_dir: str = typer.Argument(...),
             point: Optional[str] = typer.Option(
                 None, "--point", help="point id, 'latest' (default), or an ISO 8601 time: "
                 "the newest point at or before it (no offset = UTC)"),
@@ -253,10 +257,14 @@ def restore(backup_dir: Path = typer.Argument(...), output_dir: Path = typer.Arg
                                                  help="define a new domain NAME on the restored disks"),
             start: bool = typer.Option(False, "--start", help="start the domain defined with --define"),
             no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars on a terminal"),
+            salvage: bool = typer.Option(False, "--salvage", help="when images are damaged, restore the disks "
+                                         "whose images are intact and say which are missing"),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Restore a point as one standalone qcow2 per disk: OUTPUT_DIR/<disk>.qcow2."""
     def render(r: Any) -> None:
         if as_json:
+            for note in r.notes:        # what is missing after --salvage is said on stderr too
+                _err(f"note: {note}")
             print(json.dumps(r.to_json()))
             return
         for name, path in sorted(r.images.items()):
@@ -272,13 +280,14 @@ def restore(backup_dir: Path = typer.Argument(...), output_dir: Path = typer.Arg
     def call() -> Any:
         from . import progress
         with progress.observed("restore", progress.wanted(as_json, no_progress)):
-            return api.restore_point(backup_dir, output_dir, point, disk, instant, define, start, _state["uri"])
+            return api.restore_point(backup_dir, output_dir, point, disk, instant, define, start, _state["uri"],
+                                     salvage)
 
     _run(as_json, call, render)
 
 
 @app.command()
-def verify(backup_dir: Path = typer.Argument(...),
+def verify(backup_dir: str = typer.Argument(...),
            point: Optional[str] = typer.Option(None, "--point", help="only this point's chain (id, 'latest' "
                                                "or an ISO 8601 time)"),
            deep: bool = typer.Option(False, "--deep", help="also read every point's whole chain"),
@@ -350,7 +359,7 @@ def thaw(domain: str = typer.Argument(..., help="domain name or UUID"),
 
 
 @app.command()
-def prune(backup_dir: Path = typer.Argument(...),
+def prune(backup_dir: str = typer.Argument(...),
           keep: int = typer.Option(0, "--keep", metavar="N", help="keep the newest N points"),
           keep_daily: int = typer.Option(0, "--keep-daily", metavar="N",
                                          help="keep the newest point of each of the last N days with points (UTC)"),
@@ -380,7 +389,7 @@ def prune(backup_dir: Path = typer.Argument(...),
 
 
 @app.command()
-def flatten(image: Path = typer.Argument(..., help="a qcow2 overlay, e.g. from restore --instant"),
+def flatten(image: str = typer.Argument(..., help="a qcow2 overlay, e.g. from restore --instant"),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Copy an image's backing data into it and drop the backing link (it must not be in use)."""
     def render(r: Any) -> None:

@@ -71,6 +71,12 @@ class OutputExists(UsageError):
     kind = "output-exists"
 
 
+class UnsafePath(UsageError):
+    """A symlink where virtbackup expects its own file or directory: refused, never followed."""
+
+    kind = "unsafe-path"
+
+
 # --- exit 1: the operation failed ---------------------------------------------------------------
 class OperationFailed(VirtBackupError):
     kind = "failed"
@@ -94,6 +100,12 @@ class VerifyFailed(OperationFailed):
 
 class RestoreFailed(OperationFailed):
     kind = "restore-failed"
+
+
+class DamageFound(OperationFailed):
+    """An image does not match its recorded hash, size or backing link: refused, never read on."""
+
+    kind = "damaged"
 
 
 class HostError(OperationFailed):

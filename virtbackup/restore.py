@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from concurrent.futures import ThreadPoolExecutor
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from lxml import etree
 
-from . import host, qemuimg, restoredom
-from .chain import BackupDir, Chain, Point
-from .errors import DiskNotFound, OutputExists, RestoreFailed, UsageError, VirtBackupError
+from . import host, integrity, qemuimg, restoredom
+from .chain import BackupDir, Chain, Point, create_new, open_new, shared_lock
+from .errors import DamageFound, DiskNotFound, OutputExists, RestoreFailed, UsageError, VirtBackupError
 
 
 @dataclass
@@ -23,14 +27,17 @@ class RestoreResult:
     domain_uuid: Optional[str] = None
     started: bool = False
     notes: List[str] = field(default_factory=list)
+    missing: Dict[str, str] = field(default_factory=dict)   # --salvage: disk -> why it was not restored
+    cleaned: List[str] = field(default_factory=list)        # files of a dead restore removed first
 
     def to_json(self) -> Dict[str, Any]:
         """{"point", "images": {disk: path}, "instant", "domain": {"name", "uuid", "started"} | null,
-        "notes"} (the `restore --json` output)."""
+        "notes", "missing": {disk: why}, "cleaned"} (the `restore --json` output)."""
         return {"point": self.point.id, "images": {k: str(v) for k, v in self.images.items()},
                 "instant": self.instant,
                 "domain": ({"name": self.domain, "uuid": self.domain_uuid, "started": self.started}
-                           if self.domain else None), "notes": self.notes}
+                           if self.domain else None), "notes": self.notes,
+                "missing": self.missing, "cleaned": self.cleaned}
 
 
 @dataclass
@@ -41,6 +48,82 @@ class FlattenResult:
     def to_json(self) -> Dict[str, Any]:
         """{"image", "standalone"} (the `flatten --json` output)."""
         return {"image": str(self.image), "standalone": self.standalone}
+
+
+JOURNAL_PREFIX = ".virtbackup-restore-"
+_JOURNAL = re.compile(r"^\.virtbackup-restore-(\d+)$")
+_OUR_NAME = re.compile(r"^\.?[A-Za-z][A-Za-z0-9]{0,31}\.qcow2(?:\.partial-\d+)?$")
+
+
+class Journal:
+    """What a restore is writing into OUTPUT_DIR, so that a rerun can take back what a killed
+    restore left (its temp files and the disks it had already placed) and nothing else.
+
+    One file per run, `.virtbackup-restore-<pid>`, created O_EXCL|O_NOFOLLOW and flocked for
+    the run's life: a journal whose lock can be taken belongs to a dead run. Placed disks are
+    recorded with their inode, so a file that replaced them since is never removed.
+    """
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / f"{JOURNAL_PREFIX}{os.getpid()}"
+        self.fd = open_new(self.path)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def note(self, kind: str, path: Path, ino: int = 0) -> None:
+        os.write(self.fd, f"{kind} {path.name} {ino}\n".encode())
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+        os.close(self.fd)
+
+
+def clean_dead_restores(output_dir: Path) -> List[str]:
+    """Remove what restores killed in OUTPUT_DIR left (their journal names it); names removed."""
+    removed: List[str] = []
+    try:
+        entries = sorted(os.listdir(output_dir))
+    except OSError:
+        return removed
+    for name in entries:
+        if not _JOURNAL.match(name):
+            continue
+        jpath = output_dir / name
+        try:
+            fd = os.open(jpath, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue                                # a symlink or gone: not a journal of ours
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue                            # its restore is still running
+            with os.fdopen(os.dup(fd), "r") as f:
+                lines = f.read().splitlines()
+            for line in lines:
+                parts = line.split()
+                if len(parts) != 3 or not _OUR_NAME.match(parts[1]):
+                    continue
+                target = output_dir / parts[1]
+                try:
+                    st = os.lstat(target)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if parts[0] == "placed" and str(st.st_ino) != parts[2]:
+                    continue                        # replaced since: not ours any more
+                os.unlink(target)
+                removed.append(parts[1])
+            os.unlink(jpath)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _place(tmp: Path, out: Path) -> None:
@@ -60,65 +143,86 @@ def _place(tmp: Path, out: Path) -> None:
     os.rename(tmp, out)
 
 
-def check_links(bdir: BackupDir, chain: Chain, point: Point, disk: str) -> None:
-    """Every image of the disk's chain exists and its qcow2 backing link is the recorded one.
-
-    One `qemu-img info --backing-chain` for the whole chain (a 50-link chain used to cost 50
-    qemu-img runs); image by image only to name the culprit when that call fails.
-    """
-    by_image = {d.image: d for p in chain.points for d in p.disks.values()}
-    rels = chain.image_chain(point, disk)
-    for rel in rels:
-        if not bdir.resolve(rel).is_file():
-            raise RestoreFailed(f"point {point.id} disk {disk}: image {rel} is missing")
-    try:
-        infos = qemuimg.info(bdir.resolve(rels[0]), backing_chain=True)
-    except VirtBackupError:
-        infos = None
-    for i, rel in enumerate(rels):
-        img = by_image[rel]
-        path = bdir.resolve(rel)
-        if infos is not None and i < len(infos):
-            info = infos[i]
-        else:
-            try:
-                info = qemuimg.info(path)
-            except VirtBackupError as e:
-                raise RestoreFailed(f"point {point.id} disk {disk}: image {rel} is unreadable: {e}") from None
-        actual = info.get("backing-filename")
-        expected = bdir.backing_link(rel, img.backing)
-        if actual != expected:
-            raise RestoreFailed(f"point {point.id} disk {disk}: image {rel} has backing "
-                                f"{actual!r}, expected {expected!r}")
-
-
 def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
             disks: Sequence[str] = (), instant: bool = False, define: Optional[str] = None,
-            start: bool = False, uri: Optional[str] = None) -> RestoreResult:
+            start: bool = False, uri: Optional[str] = None, salvage: bool = False) -> RestoreResult:
     """Restore a point into OUTPUT_DIR; optionally define (and start) a new domain on the result.
 
     `instant`: no copy; each disk gets a qcow2 overlay whose backing is the point's image in the
     backup dir (absolute path: the overlay lives outside the backup dir and must keep working
     from any cwd; QEMU opens the backup images read-only). `virtbackup flatten` makes it standalone.
-    Everything is checked before anything is written; a failed define removes the images again.
+    Everything is checked before anything is written: every image the restore reads must match
+    its recorded size, backing link and hash (else exit 1 naming it; `salvage` restores the disks
+    whose chains are intact and says which are missing). A failed define removes the images again.
+    The backup dir's shared lock is held throughout: a prune can't change what is being read.
     """
-    bdir = BackupDir(backup_dir)
-    chain = bdir.load()
-    point = chain.point(point_id)
     if start and not define:
         raise UsageError("--start needs --define NAME")
-    names = list(disks) or sorted(point.disks)
+    if define is not None and not define.strip():
+        raise UsageError("--define needs a domain name, not an empty string")
+    for n in disks:
+        if not n:
+            raise UsageError("--disk needs a disk name, not an empty string")
+    bdir = BackupDir(backup_dir)
+    bdir.load()                                     # exit 2 on a missing/corrupt dir before locking
+    with shared_lock(bdir):
+        chain = bdir.load()                         # what is recorded now (a prune may have just ended)
+        return _restore_locked(bdir, chain, Path(output_dir), point_id, disks, instant, define, start,
+                               uri, salvage)
+
+
+def _damage_error(chain: Chain, point: Point, damage: List[integrity.ImageDamage]) -> DamageFound:
+    bad = [d.image for d in damage]
+    listed = "; ".join(f"{d.image} (point {d.point}, disk {d.disk}): {d.problem}" for d in damage[:3])
+    more = f"; {len(damage) - 3} more damaged image(s)" if len(damage) > 3 else ""
+    return DamageFound(f"point {point.id} can't be restored: damaged image {listed}{more}; affected points: "
+                       f"{', '.join(integrity.affected_points(chain, bad))}; nothing was restored "
+                       "(--salvage restores the disks whose images are intact)")
+
+
+def _missing(chain: Chain, point: Point, names: Sequence[str],
+             damage: List[integrity.ImageDamage]) -> Dict[str, str]:
+    """Disks whose chain reads a damaged image -> why."""
+    out: Dict[str, str] = {}
+    for n in names:
+        hit = next((d for d in damage if d.image in chain.image_chain(point, n)), None)
+        if hit is not None:
+            out[n] = f"image {hit.image} (point {hit.point}) is damaged: {hit.problem}"
+    return out
+
+
+def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: Optional[str],
+                    disks: Sequence[str], instant: bool, define: Optional[str], start: bool,
+                    uri: Optional[str], salvage: bool) -> RestoreResult:
+    point = chain.point(point_id)
+    names = list(dict.fromkeys(disks)) or sorted(point.disks)
     for n in names:
         if n not in point.disks:
             raise DiskNotFound(f"point {point.id} has no disk '{n}' (disks: {', '.join(sorted(point.disks))})")
-    output_dir = Path(output_dir)
+    if output_dir.is_symlink() and not output_dir.exists():
+        raise UsageError(f"{output_dir} is a dangling symlink")
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"{output_dir} is not a directory")
+    cleaned = clean_dead_restores(output_dir) if output_dir.is_dir() else []
+
+    # What needs no read (missing, truncated, a symlink) is refused before anything is written.
+    rels = integrity.chain_images(chain, point, names)
+    missing: Dict[str, str] = {}
+    quick = integrity.check_images(bdir, chain, rels, quick=True)
+    if quick and not salvage:
+        raise _damage_error(chain, point, quick)
+    missing = _missing(chain, point, names, quick)
+    names = [n for n in names if n not in missing]
+    if not names:
+        raise DamageFound(f"point {point.id}: nothing can be salvaged: "
+                          + "; ".join(f"disk {n}: {why}" for n, why in sorted(missing.items())))
+
     outs = {n: output_dir / f"{n}.qcow2" for n in names}
     for out in outs.values():
-        if out.exists():
+        if out.exists() or out.is_symlink():
             raise OutputExists(f"{out} exists; remove it or restore into another directory")
     saved_xml = ""
+    define_notes: List[str] = []
     if define:
         try:
             saved_xml = bdir.resolve(point.domain_xml).read_text()
@@ -128,64 +232,96 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
         host.check_name_free(uri, define)
         # built before anything is written: a damaged saved XML must not leave images behind
         try:
-            define_xml, define_notes = restoredom.restored_domain_xml(
-                saved_xml, define, {n: Path(os.path.abspath(out)) for n, out in outs.items()})
+            restoredom.restored_domain_xml(saved_xml, define, {n: Path(os.path.abspath(o)) for n, o in outs.items()})
         except (ValueError, etree.LxmlError) as e:
             raise RestoreFailed(f"point {point.id}: its domain XML {point.domain_xml} is unusable: {e}") from None
-    for n in names:
-        check_links(bdir, chain, point, n)
+    made_dir = not output_dir.exists()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create {output_dir}: {e.strerror}") from None
+    # The hashes are checked while the copies are made (each image is read once from disk, the
+    # copy finds it in the page cache): a copy is only given its name once every image it was
+    # read from has passed. Damage found: the copies are deleted, nothing is restored.
+    checker = ThreadPoolExecutor(max_workers=1)
+    check = checker.submit(integrity.check_images, bdir, chain, integrity.chain_images(chain, point, names))
+    journal = Journal(output_dir)
     done: Dict[str, Path] = {}
-    made: List[Path] = []
+    made: Dict[str, Path] = {}
     try:
-        for n, out in outs.items():
-            # our own temp name (pid): never touch a file this run did not create
-            tmp = output_dir / f".{n}.qcow2.partial-{os.getpid()}"
-            made.append(tmp)
-            src = bdir.resolve(point.disks[n].image)
-            try:
-                if instant:
-                    qemuimg.create(tmp, point.disks[n].virtual_size, backing=str(src.resolve()))
-                else:
-                    qemuimg.convert(src, tmp)
-            except VirtBackupError as e:
-                raise RestoreFailed(f"restore of disk {n} from point {point.id} failed: {e}") from None
-            os.chmod(tmp, 0o600)
-            _place(tmp, out)
-            done[n] = out
-    except BaseException:
-        for p in done.values():            # no half restore: take back the disks already written
-            try:
-                p.unlink()
-            except OSError:
-                pass
-        raise
-    finally:
-        for tmp in made:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-    result = RestoreResult(point, done, instant=instant)
-    if define:
-        result.notes = define_notes
         try:
-            d = host.define(uri, define_xml)
-        except VirtBackupError:
-            for p in done.values():              # nothing was defined: take back what we wrote
+            for n in names:
+                # our own temp name (pid), created O_EXCL|O_NOFOLLOW: never a file this run did not create
+                tmp = output_dir / f".{n}.qcow2.partial-{os.getpid()}"
+                create_new(tmp)
+                made[n] = tmp
+                journal.note("tmp", tmp)
+                src = bdir.resolve(point.disks[n].image)
+                try:
+                    if instant:
+                        qemuimg.create(tmp, point.disks[n].virtual_size, backing=str(src.resolve()))
+                    else:
+                        qemuimg.convert(src, tmp)
+                except VirtBackupError as e:
+                    if not _missing(chain, point, [n], check.result()):
+                        raise RestoreFailed(f"restore of disk {n} from point {point.id} failed: {e}") from None
+                os.chmod(tmp, 0o600)
+            damage = check.result()
+            if damage:
+                if not salvage:
+                    raise _damage_error(chain, point, damage)
+                missing.update(_missing(chain, point, names, damage))
+                names = [n for n in names if n not in missing]
+                if not names:
+                    raise DamageFound(f"point {point.id}: nothing can be salvaged: "
+                                      + "; ".join(f"disk {n}: {why}" for n, why in sorted(missing.items())))
+            for n in names:
+                # noted before it gets its name: a kill right after must not leave an unknown disk
+                journal.note("placed", outs[n], os.lstat(made[n]).st_ino)
+                _place(made[n], outs[n])
+                done[n] = outs[n]
+        except BaseException:
+            for p in done.values():            # no half restore: take back the disks already written
                 try:
                     p.unlink()
                 except OSError:
                     pass
             raise
-        result.domain, result.domain_uuid = d.name, d.uuid
-        if start:
-            host.start(uri, d.name)
-            result.started = True
-    return result
+        finally:
+            checker.shutdown(wait=True)
+            for tmp in made.values():
+                try:
+                    tmp.unlink()
+                except FileNotFoundError:
+                    pass
+        result = RestoreResult(point, done, instant=instant, missing=missing, cleaned=cleaned)
+        result.notes = [f"removed {c}, left by an interrupted restore" for c in cleaned]
+        result.notes += [f"not restored (--salvage): disk {n}: {why}" for n, why in sorted(missing.items())]
+        if define:
+            define_xml, define_notes = restoredom.restored_domain_xml(
+                saved_xml, define, {n: Path(os.path.abspath(done[n])) for n in names})
+            result.notes += define_notes
+            try:
+                d = host.define(uri, define_xml)
+            except VirtBackupError:
+                for p in done.values():              # nothing was defined: take back what we wrote
+                    try:
+                        p.unlink()
+                    except OSError:
+                        pass
+                raise
+            result.domain, result.domain_uuid = d.name, d.uuid
+            if start:
+                host.start(uri, d.name)
+                result.started = True
+        return result
+    finally:
+        journal.close()
+        if made_dir and not done:
+            try:
+                output_dir.rmdir()          # a refused restore leaves no trace
+            except OSError:
+                pass
 
 
 def flatten(image: Path) -> FlattenResult:

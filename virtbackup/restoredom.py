@@ -55,9 +55,11 @@ def restored_domain_xml(saved_xml: str, name: str, images: Dict[str, Path],
             if el.get("type") in ("file", "dev", "pipe"):
                 devices.remove(el)
                 notes.append(f"<{tag} type='{el.get('type')}'> removed: it writes to the original's host path")
+    seen = set()
     for disk in devices.findall("disk"):
         target = disk.find("target")
         dev = target.get("dev") if target is not None else None
+        seen.add(dev)
         for bs in disk.findall("backingStore"):
             disk.remove(bs)
         if dev is not None and dev in images:
@@ -78,7 +80,31 @@ def restored_domain_xml(saved_xml: str, name: str, images: Dict[str, Path],
         else:
             devices.remove(disk)
             notes.append(f"disk {dev} removed: not restored (not in the point, or not selected)")
+    machine = (root.findtext("os/type") or "", root.find("os/type"))
+    q35 = machine[1] is not None and "q35" in (machine[1].get("machine") or "")
+    for dev in sorted(set(images) - seen):
+        # In the point but not in its saved (inactive) XML: hot-plugged, never made persistent.
+        # Attach it like the others, on the bus its name implies, and say so.
+        bus = _bus_for(dev, q35)
+        if bus is None:
+            notes.append(f"disk {dev} restored to {images[dev]} but not attached: it was hot-plugged "
+                         "(not in the saved domain XML) and its bus can't be told from its name; attach it "
+                         "with 'virsh attach-disk'")
+            continue
+        disk = etree.SubElement(devices, "disk", type="file", device="disk")
+        etree.SubElement(disk, "driver", name="qemu", type="qcow2")
+        etree.SubElement(disk, "source", file=str(images[dev]))
+        etree.SubElement(disk, "target", dev=dev, bus=bus)
+        notes.append(f"disk {dev} attached on bus {bus}: it was hot-plugged (not in the saved domain XML)")
     return etree.tostring(root, encoding="unicode"), notes
+
+
+def _bus_for(dev: str, q35: bool) -> Optional[str]:
+    """The bus a libvirt target name implies (vdX virtio, sdX scsi, hdX ide/sata, xvdX xen)."""
+    for prefix, bus in (("vd", "virtio"), ("sd", "scsi"), ("hd", "sata" if q35 else "ide"), ("xvd", "xen")):
+        if dev.startswith(prefix):
+            return bus
+    return None
 
 
 def _set_child(root: etree._Element, tag: str, text: str, after: Optional[str]) -> None:

@@ -27,9 +27,10 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple
 
-from . import qemuimg, runlog
-from .chain import POINTS_DIR, BackupDir, Chain, Point, dir_lock, file_sha256, fsync_path, point_time
-from .errors import OperationFailed, UsageError, VirtBackupError
+from . import integrity, qemuimg, runlog
+from .chain import (POINTS_DIR, BackupDir, Chain, Point, create_new, dir_lock, file_sha256, fsync_path, open_new,
+                    point_time)
+from .errors import DamageFound, OperationFailed, UnsafePath, UsageError, VirtBackupError
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,7 @@ def unrecorded(bdir: BackupDir, chain: Chain) -> List[Path]:
     """
     out: List[Path] = []
     points_dir = bdir.path / POINTS_DIR
+    check_no_symlinks(bdir, chain)
     if not points_dir.is_dir():
         return out
     recorded = {p.id for p in chain.points}
@@ -273,13 +275,56 @@ def unrecorded(bdir: BackupDir, chain: Chain) -> List[Path]:
         if not entry.name.isdigit():
             continue                                    # e.g. a backup's NNNN.partial
         if entry.name not in recorded:
-            if int(entry.name) < chain.next_seq and entry.is_dir():
+            if int(entry.name) < chain.next_seq and not entry.is_symlink() and entry.is_dir():
                 out.append(entry)
             continue
         for f in sorted(entry.iterdir()):
-            if f.is_file() and _OURS.match(f.name) and f not in files:
+            if not f.is_symlink() and f.is_file() and _OURS.match(f.name) and f not in files:
                 out.append(f)
     return out
+
+
+def check_no_symlinks(bdir: BackupDir, chain: Chain) -> None:
+    """Refuse (exit 2, nothing changed) a symlink anywhere prune would read, write or delete:
+    `points/`, a point dir, or a file inside a recorded point dir. Only virtbackup creates
+    entries there; a symlink was put by someone else, and following it would delete or write
+    outside the backup directory."""
+    points_dir = bdir.path / POINTS_DIR
+    if points_dir.is_symlink():
+        raise UnsafePath(f"{points_dir} is a symlink; virtbackup never follows symlinks inside a backup directory")
+    if not points_dir.is_dir():
+        return
+    recorded = {p.id for p in chain.points}
+    for entry in sorted(points_dir.iterdir()):
+        if entry.is_symlink():
+            raise UnsafePath(f"{entry} is a symlink; virtbackup never follows symlinks inside a backup "
+                             "directory (remove it; nothing was changed)")
+        if entry.name in recorded and entry.is_dir():
+            for f in sorted(entry.iterdir()):
+                if f.is_symlink():
+                    raise UnsafePath(f"{f} is a symlink; virtbackup never follows symlinks inside a backup "
+                                     "directory (remove it; nothing was changed)")
+
+
+def check_sources(bdir: BackupDir, chain: Chain, plan: "PrunePlan") -> None:
+    """Every recorded image a rewrite reads must match its recorded size, link and hash.
+
+    A prune that rewrote kept points from damaged data would record fresh hashes of wrong
+    data: damage that verify can see would become damage nobody can see. Refused (exit 1,
+    nothing changed), naming the images and the points it cannot consolidate."""
+    reads: Dict[Tuple[str, str], List[str]] = {(o.point, o.disk): chain.image_chain(chain.point(o.point), o.disk)
+                                                for o in plan.ops}
+    wanted = list(dict.fromkeys(rel for rels in reads.values() for rel in rels))
+    damage = integrity.check_images(bdir, chain, wanted)
+    if not damage:
+        return
+    bad = {d.image for d in damage}
+    stuck = sorted({pid for (pid, _), rels in reads.items() if bad.intersection(rels)})
+    listed = "; ".join(f"{d.image} (point {d.point}, disk {d.disk}): {d.problem}" for d in damage[:3])
+    more = f"; {len(damage) - 3} more" if len(damage) > 3 else ""
+    raise DamageFound(f"prune refused: it would rewrite kept points from damaged image(s) {listed}{more}; "
+                      f"cannot consolidate point(s) {', '.join(stuck)}; nothing was changed "
+                      "(see 'virtbackup verify')")
 
 
 # --- execution ---------------------------------------------------------------------------------
@@ -319,8 +364,7 @@ def _in_use(paths: List[Path]) -> List[str]:
 
 def _write_image(bdir: BackupDir, op: ImageOp) -> None:
     old, new = bdir.resolve(op.old), bdir.resolve(op.new)
-    if new.exists():
-        raise OperationFailed(f"{new} exists; not overwriting it")
+    create_new(new)                 # O_EXCL|O_NOFOLLOW: never through a symlink put at the name
     try:
         if op.action == "standalone":
             qemuimg.convert(old, new)
@@ -354,7 +398,8 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False) -> PruneResul
             raise UsageError(f"{backup_dir} has no restore points")
         plan = plan_prune(chain, decide(chain.points, policy))
         result = PruneResult(dry_run, plan)
-        leftovers = unrecorded(bdir, chain)
+        leftovers = unrecorded(bdir, chain)          # refuses symlinks before anything changes
+        check_sources(bdir, chain, plan)
         if dry_run:
             result.leftovers = [str(p.relative_to(bdir.path)) for p in leftovers]
             return result
@@ -373,10 +418,10 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False) -> PruneResul
                 written.append(bdir.resolve(op.new))
             for src, dst in plan.xml_copies:
                 target = bdir.resolve(dst)
-                if target.exists():
-                    raise OperationFailed(f"{target} exists; not overwriting it")
-                shutil.copyfile(bdir.resolve(src), target)
+                fd = open_new(target)
                 written.append(target)
+                with os.fdopen(fd, "wb") as out, open(bdir.resolve(src), "rb") as inp:
+                    shutil.copyfileobj(inp, out)
                 os.chmod(target, 0o600)
                 fsync_path(target)
             images = {(p.id, n): d for p in plan.new_chain.points for n, d in p.disks.items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Set
 
 from . import observe, qemuimg
-from .chain import BackupDir, file_sha256
+from .chain import BackupDir, file_sha256, shared_lock
 from .errors import VirtBackupError
 
 
@@ -53,6 +53,8 @@ class VerifyResult:
 
 def _image_problem(bdir: BackupDir, rel: str, backing: Optional[str], sha256: str) -> Optional[str]:
     path = bdir.resolve(rel)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        return "not a regular file"
     if not path.is_file():
         return "image is missing"
     try:
@@ -79,6 +81,12 @@ def verify(backup_dir: Path, point_id: Optional[str] = None, deep: bool = False)
     data that is recorded and hashed but can't be read back, e.g. a broken compressed cluster.
     """
     bdir = BackupDir(Path(backup_dir))
+    bdir.load()                         # exit 2 on a missing/corrupt dir before locking
+    with shared_lock(bdir):             # a prune must not change what is being checked
+        return _verify_locked(bdir, point_id, deep)
+
+
+def _verify_locked(bdir: BackupDir, point_id: Optional[str], deep: bool) -> VerifyResult:
     chain = bdir.load()
     points = [chain.point(point_id)] if point_id else list(chain.points)
     by_image = {d.image: (p.id, name, d) for p in chain.points for name, d in p.disks.items()}

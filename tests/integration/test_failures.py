@@ -183,7 +183,8 @@ def test_verify_names_damaged_image_and_restore_refuses_missing(make_domain, tmp
     r = cli("verify", bdir, "--point", "0002")
     assert r.rc == 1 and "points/0001/vdb.qcow2" in r.err and "image is missing" in r.err, r
     r = cli("restore", bdir, tmp_path / "out")
-    assert r.rc == 1 and "points/0001/vdb.qcow2 is missing" in one_error_line(r), r
+    line = one_error_line(r)
+    assert r.rc == 1 and "points/0001/vdb.qcow2 (point 0001, disk vdb): image is missing" in line, r
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 

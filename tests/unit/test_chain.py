@@ -7,8 +7,10 @@ import stat
 
 import pytest
 
-from virtbackup.chain import BackupDir, Chain, DiskImage, FileLock, Point
-from virtbackup.errors import ChainCorrupt, LockBusy, PointNotFound
+import os
+
+from virtbackup.chain import BackupDir, Chain, DiskImage, FileLock, Point, create_new, shared_lock, user_path
+from virtbackup.errors import ChainCorrupt, LockBusy, OperationFailed, PointNotFound, UnsafePath, UsageError
 
 
 def img(pid: str, backing: str | None = None) -> DiskImage:
@@ -59,6 +61,11 @@ def test_image_chain_follows_backing():
     (lambda d: d.update(next_seq=1), "next_seq"),
     (lambda d: d["points"][1].update(created="yesterday"), "bad creation time"),
     (lambda d: d["points"][1].update(disks=[]), "is corrupt"),
+    (lambda d: d["points"][1].update(disks={"/../../srv/x": d["points"][1]["disks"]["vda"]}), "disk name"),
+    (lambda d: d["points"][1].update(disks={"vda/../x": d["points"][1]["disks"]["vda"]}), "disk name"),
+    (lambda d: d["points"][1].update(disks={"": d["points"][1]["disks"]["vda"]}), "disk name"),
+    (lambda d: d["points"][1]["disks"]["vda"].update(size="1"), "wrong field types"),
+    (lambda d: d["points"][1]["disks"]["vda"].update(image=7), "is corrupt"),
 ])
 def test_bad_metadata_is_refused(tmp_path, mutate, msg):
     data = sample().to_json()
@@ -83,3 +90,64 @@ def test_lock_is_exclusive_and_released(tmp_path):
                 pass
     with FileLock(tmp_path / "l", "thing"):
         pass
+
+
+def test_deeply_nested_metadata_is_corrupt_not_an_internal_error(tmp_path):
+    (tmp_path / "virtbackup.json").write_text("[" * 200000 + "]" * 200000)
+    with pytest.raises(ChainCorrupt, match="nested too deeply"):
+        BackupDir(tmp_path).load()
+
+
+def test_symlinked_metadata_and_paths_are_refused(tmp_path):
+    bd = BackupDir(tmp_path)
+    bd.save(sample())
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "points").mkdir()
+    (tmp_path / "points" / "0002").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UnsafePath, match="symlink"):
+        bd.resolve("points/0002/vda.qcow2")
+    assert bd.resolve("points/0001/vda.qcow2") == tmp_path / "points/0001/vda.qcow2"
+    (tmp_path / "real.json").write_text((tmp_path / "virtbackup.json").read_text())
+    os.unlink(tmp_path / "virtbackup.json")
+    (tmp_path / "virtbackup.json").symlink_to(tmp_path / "real.json")
+    with pytest.raises(UnsafePath):
+        bd.load()
+
+
+def test_new_files_are_never_created_through_symlinks(tmp_path):
+    (tmp_path / "dangling").symlink_to(tmp_path / "target")
+    with pytest.raises(UnsafePath):
+        create_new(tmp_path / "dangling")
+    assert not (tmp_path / "target").exists()
+    create_new(tmp_path / "f")
+    with pytest.raises(OperationFailed, match="exists"):
+        create_new(tmp_path / "f")
+
+
+def test_empty_paths_are_usage_errors():
+    for bad in ("", "  ", None):
+        with pytest.raises(UsageError, match="empty"):
+            user_path(bad, "BACKUP_DIR")
+    assert str(user_path(".", "X")) == "."
+
+
+def test_lock_file_symlink_is_refused_and_target_untouched(tmp_path):
+    (tmp_path / "precious").write_text("precious")
+    (tmp_path / "l").symlink_to(tmp_path / "precious")
+    for shared in (False, True):
+        with pytest.raises(UnsafePath):
+            with FileLock(tmp_path / "l", "thing", shared=shared):
+                pass
+    assert (tmp_path / "precious").read_text() == "precious"
+
+
+def test_shared_lock_readers_share_and_writer_waits_bounded(tmp_path):
+    bd = BackupDir(tmp_path)
+    with shared_lock(bd), shared_lock(bd, wait=0):
+        with pytest.raises(LockBusy, match="being read|another virtbackup run"):
+            with FileLock(tmp_path / ".virtbackup.lock", "dir", wait=0.3):
+                pass
+    with FileLock(tmp_path / ".virtbackup.lock", "dir"):
+        with pytest.raises(LockBusy):
+            with shared_lock(bd, wait=0.2):
+                pass

@@ -18,6 +18,7 @@ LAYERS: List[List[str]] = [
     ["errors", "observe"],                              # observe: progress reports, no imports
     ["__init__", "runlog", "xmlbuild", "qemuimg", "metrics"],   # no libvirt: logs, XML, qemu-img, metrics
     ["chain"],                                          # the model and its metadata file
+    ["integrity"],                                      # images checked against the record
     ["restoredom", "retention", "verify"],              # pure XML / image work on a backup dir
     ["host", "qmp"],                                    # libvirt connection; a private QEMU
     ["monitor"],                                        # QMP passthrough
@@ -33,8 +34,8 @@ LAYERS: List[List[str]] = [
     ["cli"],
 ]
 # Modules that must work without libvirt (a backup dir is restorable with qemu-img alone).
-NO_LIBVIRT = {"errors", "runlog", "xmlbuild", "qemuimg", "chain", "restoredom", "retention", "verify", "qmp",
-              "cli", "__init__", "observe", "metrics", "files"}
+NO_LIBVIRT = {"errors", "runlog", "xmlbuild", "qemuimg", "chain", "integrity", "restoredom", "retention", "verify",
+              "qmp", "cli", "__init__", "observe", "metrics", "files"}
 
 
 def imports_of(path: Path, package: str) -> Set[str]:

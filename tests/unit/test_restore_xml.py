@@ -77,3 +77,16 @@ def test_host_resources_of_the_original_are_dropped():
     assert root.find("devices/console").get("type") == "pty"       # harmless: kept
     assert "/srv/share" not in xml and "orig-serial.log" not in xml
     assert any("filesystem" in n for n in notes)
+
+
+def test_hot_plugged_disk_is_attached_with_a_note():
+    xml, notes = restored_domain_xml(SAVED, "new", {"vda": Path("/r/vda.qcow2"), "vdd": Path("/r/vdd.qcow2"),
+                                                    "qqa": Path("/r/qqa.qcow2")})
+    root = etree.fromstring(xml.encode())
+    disks = {d.find("target").get("dev"): d for d in root.iter("disk")}
+    assert disks["vdd"].find("source").get("file") == "/r/vdd.qcow2"
+    assert disks["vdd"].find("target").get("bus") == "virtio"
+    assert disks["vdd"].find("driver").get("type") == "qcow2"
+    assert "qqa" not in disks
+    assert any("vdd" in n and "hot-plugged" in n for n in notes)
+    assert any("qqa" in n and "not attached" in n for n in notes)

@@ -1,0 +1,133 @@
+"""Check images against what the metadata recorded before anything reads them for a restore or
+a prune: size, backing link and SHA-256 of the file.
+
+Damage must be refused, never restored and never laundered: a prune that rewrote kept points
+from a damaged image would record fresh hashes of wrong data, and from then on nobody could see
+the damage. Each image is read once (hash and header in the same pass), images in parallel
+threads (hashlib and file reads release the GIL), one per core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .chain import BackupDir, Chain, DiskImage, Point
+
+CHUNK = 4 << 20
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+@dataclass
+class ImageDamage:
+    image: str          # relative to BACKUP_DIR
+    point: str          # the point that recorded it
+    disk: str
+    problem: str
+
+
+def _header_backing(head: bytes) -> Tuple[bool, Optional[str]]:
+    """(is qcow2, backing file name) from the first bytes of an image (qcow2 header fields)."""
+    if len(head) < 20 or head[:4] != QCOW2_MAGIC:
+        return False, None
+    offset, size = struct.unpack(">QI", head[8:20])
+    if offset == 0 or size == 0:
+        return True, None
+    if offset + size > len(head):
+        return True, "<unreadable>"
+    return True, head[offset:offset + size].decode(errors="replace")
+
+
+def quick_problem(bdir: BackupDir, img: DiskImage) -> Optional[str]:
+    """What can be seen without reading the image: missing, not a file, wrong size."""
+    path = bdir.resolve(img.image)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "image is missing"
+    except OSError as e:
+        return f"cannot read the image: {e.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if img.size and st.st_size != img.size:
+        return f"size is {st.st_size} bytes, recorded {img.size}"
+    return None
+
+
+def image_problem(bdir: BackupDir, img: DiskImage) -> Optional[str]:
+    """Why this recorded image can't be trusted (None = it is exactly what was recorded).
+
+    A symlink on its path raises UnsafePath (exit 2) through bdir.resolve."""
+    quick = quick_problem(bdir, img)
+    if quick:
+        return quick
+    path = bdir.resolve(img.image)
+    h = hashlib.sha256()
+    head = b""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            while True:
+                buf = f.read(CHUNK)
+                if not buf:
+                    break
+                if not head:
+                    head = buf[:65536]
+                h.update(buf)
+    except OSError as e:
+        return f"cannot read the image: {e.strerror}"
+    is_qcow2, backing = _header_backing(head)
+    if not is_qcow2:
+        return "not a qcow2 image"
+    expected = bdir.backing_link(img.image, img.backing)
+    if backing != expected:
+        return f"backing link is {backing!r}, expected {expected!r}"
+    if h.hexdigest() != img.sha256:
+        return "content hash differs from the one recorded at backup time"
+    return None
+
+
+def check_images(bdir: BackupDir, chain: Chain, rels: Iterable[str],
+                 workers: Optional[int] = None, quick: bool = False) -> List[ImageDamage]:
+    """Check the given recorded images (each once, in parallel); the damaged ones, in chain order.
+
+    `quick`: only what needs no read (missing, wrong size), to refuse at once before copying."""
+    owner: Dict[str, Tuple[Point, str, DiskImage]] = {
+        d.image: (p, name, d) for p in chain.points for name, d in p.disks.items()}
+    todo = list(dict.fromkeys(rels))
+    for rel in todo:              # symlinks first, on the main thread: exit 2 before any read
+        bdir.resolve(rel)
+    if quick:
+        problems = [quick_problem(bdir, owner[rel][2]) for rel in todo]
+    else:
+        n = workers or max(1, min(len(todo), os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            problems = list(pool.map(lambda rel: image_problem(bdir, owner[rel][2]), todo))
+    order = {d.image: i for i, d in enumerate(d for p in chain.points for d in p.disks.values())}
+    out = [ImageDamage(rel, owner[rel][0].id, owner[rel][1], prob)
+           for rel, prob in zip(todo, problems) if prob]
+    return sorted(out, key=lambda d: order.get(d.image, 0))
+
+
+def affected_points(chain: Chain, bad: Iterable[str], disks: Optional[Sequence[str]] = None) -> List[str]:
+    """Points (oldest first) whose images read through any of `bad` (only `disks`, if given)."""
+    bad_set = set(bad)
+    out = []
+    for p in chain.points:
+        for disk in p.disks:
+            if disks is not None and disk not in disks:
+                continue
+            if bad_set.intersection(chain.image_chain(p, disk)):
+                out.append(p.id)
+                break
+    return out
+
+
+def chain_images(chain: Chain, point: Point, disks: Sequence[str]) -> List[str]:
+    """Every recorded image a restore of `disks` of `point` reads."""
+    return list(dict.fromkeys(rel for d in disks for rel in chain.image_chain(point, d)))
