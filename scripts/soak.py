@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -47,8 +47,8 @@ import libvirt  # noqa: E402
 
 from tests.support import scratch  # noqa: E402
 from virtbackup import api, bitmaps, checkpoints, host  # noqa: E402
-from virtbackup.domain import eligible_disks  # noqa: E402
 from virtbackup.chain import BackupDir, Chain  # noqa: E402
+from virtbackup.domain import eligible_disks  # noqa: E402
 from virtbackup.errors import VirtBackupError  # noqa: E402
 
 MiB = 1 << 20
@@ -422,7 +422,7 @@ class Soak:
         self.stats.faults["libvirtd-restart"] += 1
         self.log("libvirtd restarted")
 
-    def _wait(self, cond, what: str, timeout: float = 60) -> None:
+    def _wait(self, cond: Callable[[], object], what: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
             if time.monotonic() > deadline:

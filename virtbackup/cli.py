@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 

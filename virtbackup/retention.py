@@ -28,8 +28,18 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple
 
 from . import integrity, qemuimg, runlog
-from .chain import (POINTS_DIR, BackupDir, Chain, Point, create_new, dir_lock, file_sha256, fsync_path, open_new,
-                    point_time)
+from .chain import (
+    POINTS_DIR,
+    BackupDir,
+    Chain,
+    Point,
+    create_new,
+    dir_lock,
+    file_sha256,
+    fsync_path,
+    open_new,
+    point_time,
+)
 from .errors import DamageFound, OperationFailed, UnsafePath, UsageError, VirtBackupError
 
 log = logging.getLogger(__name__)

@@ -20,13 +20,20 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import libvirt
-import pytest
 
 from tests.integration.test_faults import IN_FLIGHT_DATA, pause_job
 from tests.integration.test_restore_retention import hmp_write, restored_names  # noqa: F401 (fixture)
 from tests.support import scratch
-from tests.support.helpers import (assert_point_restores, checkpoint_names, cli, finish, one_error_line,
-                                   our_bitmaps, snapshot_dir, start_cli)
+from tests.support.helpers import (
+    assert_point_restores,
+    checkpoint_names,
+    cli,
+    finish,
+    one_error_line,
+    our_bitmaps,
+    snapshot_dir,
+    start_cli,
+)
 from virtbackup import qemuimg
 
 MiB = 1 << 20

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 
 import pytest
-
-import os
 
 from virtbackup.chain import BackupDir, Chain, DiskImage, FileLock, Point, create_new, shared_lock, user_path
 from virtbackup.errors import ChainCorrupt, LockBusy, OperationFailed, PointNotFound, UnsafePath, UsageError
