@@ -223,7 +223,8 @@ def drill(backup_dir: Path, point: Optional[str] = None, timeout: float = 300, c
     agent answers within `timeout` s and `check` (a shell command run in the guest) exits 0.
     A failed drill is reported in the result (`ok`, `stage`, `failure`), not raised; bad input
     (e.g. the point's domain has no agent channel) raises (exit 2)."""
-    return _drill(Path(backup_dir), point, timeout, check, uri, notify)
+    return _drill(user_path(backup_dir, "BACKUP_DIR"), point, timeout, check, uri, notify)
+
 
 # --- single-file restore (libguestfs; virtbackup.files) ----------------------------------------
 from . import files as _files  # noqa: E402

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 
@@ -323,7 +324,7 @@ def verify(backup_dir: str = typer.Argument(...),
     _run(as_json, call, render)
 
 
-def _drill(backup_dir: Path, point: Optional[str], timeout: float, check: Optional[str], as_json: bool) -> None:
+def _drill(backup_dir: str, point: Optional[str], timeout: float, check: Optional[str], as_json: bool) -> None:
     def render(r: Any) -> None:
         if not as_json:
             times = (f"running after {r.start_seconds:.2f}s" if r.start_seconds is not None else "did not start") + (

@@ -28,9 +28,9 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 from lxml import etree
 
-from . import qemuimg
-from .chain import BackupDir
-from .errors import Interrupted, UsageError, VirtBackupError
+from . import integrity, qemuimg
+from .chain import BackupDir, shared_lock
+from .errors import DamageFound, Interrupted, UsageError, VirtBackupError
 from .quiesce import AGENT_CHANNEL, has_agent_channel
 
 Notify = Callable[[str], None]
@@ -132,16 +132,24 @@ def _sigterm_raises() -> Iterator[None]:
 
 def drill(backup_dir: Path, point_id: Optional[str] = None, timeout: float = 300, check: Optional[str] = None,
           uri: Optional[str] = None, notify: Optional[Notify] = None) -> DrillResult:
-    """Boot one point; see the module docstring. Bad input raises (exit 2); a failed drill is a result."""
-    import libvirt
+    """Boot one point; see the module docstring. Bad input raises (exit 2); a failed drill is a result.
 
-    from . import host
-    from .restore import check_links
-    say = notify or (lambda _m: None)
+    The backup dir's shared lock is held throughout: the overlays read the chain's images, so a
+    prune must not replace them while the throwaway domain runs."""
     if not timeout or timeout <= 0:
         raise UsageError(f"--timeout must be a positive number of seconds, not {timeout}")
     if check is not None and not check.strip():
         raise UsageError("--check needs a command")
+    with shared_lock(BackupDir(Path(backup_dir))):
+        return _drill(backup_dir, point_id, timeout, check, uri, notify)
+
+
+def _drill(backup_dir: Path, point_id: Optional[str], timeout: float, check: Optional[str],
+           uri: Optional[str], notify: Optional[Notify]) -> DrillResult:
+    import libvirt
+
+    from . import host
+    say = notify or (lambda _m: None)
     bdir = BackupDir(Path(backup_dir))
     chain = bdir.load()
     point = chain.point(point_id)
@@ -164,8 +172,11 @@ def drill(backup_dir: Path, point_id: Optional[str] = None, timeout: float = 300
     try:
         with _sigterm_raises():
             try:
-                for disk in point.disks:
-                    check_links(bdir, chain, point, disk)
+                # Never boot damage: every image the overlays read matches its record first.
+                damage = integrity.check_images(bdir, chain, integrity.chain_images(chain, point, sorted(point.disks)))
+                if damage:
+                    raise DamageFound("damaged image(s): " + "; ".join(
+                        f"{d.image} (point {d.point}, disk {d.disk}): {d.problem}" for d in damage))
                 overlays: Dict[str, Path] = {}
                 for disk, img in sorted(point.disks.items()):
                     overlays[disk] = tmp / f"{disk}.qcow2"

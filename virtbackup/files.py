@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
-from .chain import BackupDir, Chain, Point, dir_lock
+from .chain import BackupDir, Chain, Point, shared_lock
 from .errors import (
     FilesystemNotFound,
     FilesystemUnreadable,
@@ -57,12 +57,9 @@ _KEEP_MODE = 0o1777
 
 
 def _read_lock(bdir: BackupDir) -> ContextManager[Any]:
-    """The lock readers hold on BACKUP_DIR while they read the chain's images.
-
-    chain.py has only the exclusive directory lock so far; a reader needs only to keep writers
-    (backup, prune) out, so this is the one place to switch to a shared lock when chain.py has one.
-    """
-    return dir_lock(bdir)
+    """The shared lock readers hold on BACKUP_DIR while they read the chain's images: writers
+    (backup, prune) wait, other readers (restore, verify, files) don't."""
+    return shared_lock(bdir)
 
 
 # --- input: FS:PATH ----------------------------------------------------------------------------
