@@ -263,3 +263,27 @@ def files_cat(backup_dir: Path, paths: Sequence[str], out: Any, point: Optional[
 def open_point_files(backup_dir: Path, point: Optional[str] = None, status: Optional[Status] = None) -> PointFiles:
     """One appliance for many operations: `with open_point_files(d, "0003") as pf: pf.ls(...)`."""
     return PointFiles(Path(backup_dir), point, status)
+
+
+# --- live restore ------------------------------------------------------------------------------
+from .liverestore import LiveResult, Progress  # noqa: E402
+from .liverestore import live_restore as _live_restore  # noqa: E402
+from .liverestore import resume_live as _resume_live  # noqa: E402
+
+
+@_boundary
+def live_restore(backup_dir: Path, output_dir: Path, define: str, point: Optional[str] = None,
+                 disks: Sequence[str] = (), uri: Optional[str] = None, max_speed: Optional[int] = None,
+                 progress: Optional[Progress] = None,
+                 on_running: Optional[Any] = None) -> LiveResult:
+    """Define and start NAME on instant overlays, then pull the backup's data into them while it
+    runs; returns when no disk depends on the backup. `max_speed`: bytes/s per disk."""
+    return _live_restore(Path(backup_dir), Path(output_dir), define, point, disks, uri, max_speed,
+                         progress, on_running)
+
+
+@_boundary
+def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] = None,
+                progress: Optional[Progress] = None) -> LiveResult:
+    """Finish an interrupted live restore of domain NAME (running: pull; shut off: flatten)."""
+    return _resume_live(name, uri, max_speed, progress)

@@ -246,7 +246,8 @@ def list_cmd(backup_dir: str = typer.Argument(...),
 
 
 @app.command()
-def restore(backup_dir: str = typer.Argument(...), output_dir: str = typer.Argument(...),
+def restore(backup_dir: Optional[str] = typer.Argument(None, show_default=False),
+            output_dir: Optional[str] = typer.Argument(None, show_default=False),
             point: Optional[str] = typer.Option(
                 None, "--point", help="point id, 'latest' (default), or an ISO 8601 time: "
                 "the newest point at or before it (no offset = UTC)"),
@@ -256,11 +257,27 @@ def restore(backup_dir: str = typer.Argument(...), output_dir: str = typer.Argum
             define: Optional[str] = typer.Option(None, "--define", metavar="NAME",
                                                  help="define a new domain NAME on the restored disks"),
             start: bool = typer.Option(False, "--start", help="start the domain defined with --define"),
+            live: bool = typer.Option(False, "--live", help="with --define: run the domain at once on "
+                                      "instant overlays and copy the backup into them while it runs"),
+            resume_live: Optional[str] = typer.Option(
+                None, "--resume-live", metavar="NAME", help="finish an interrupted live restore of domain "
+                "NAME (no BACKUP_DIR/OUTPUT_DIR)"),
+            max_speed: Optional[int] = typer.Option(None, "--max-speed", metavar="BYTES",
+                                                    help="live restore: copy at most BYTES per second per disk"),
             no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars on a terminal"),
             salvage: bool = typer.Option(False, "--salvage", help="when images are damaged, restore the disks "
                                          "whose images are intact and say which are missing"),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Restore a point as one standalone qcow2 per disk: OUTPUT_DIR/<disk>.qcow2."""
+    if resume_live is not None or live:
+        _live(backup_dir, output_dir, point, disk, define, live, resume_live, max_speed,
+              not (no_progress or as_json), as_json)
+        return
+    if backup_dir is None or output_dir is None:
+        _usage(as_json, "restore needs BACKUP_DIR and OUTPUT_DIR")
+    if max_speed is not None:
+        _usage(as_json, "--max-speed only applies to --live and --resume-live")
+
     def render(r: Any) -> None:
         if as_json:
             for note in r.notes:        # what is missing after --salvage is said on stderr too
@@ -284,6 +301,77 @@ def restore(backup_dir: str = typer.Argument(...), output_dir: str = typer.Argum
                                      salvage)
 
     _run(as_json, call, render)
+
+
+def _usage(as_json: bool, msg: str) -> None:
+    """A usage error found after parsing: one line, exit 2, like click's own."""
+    _err(f"error: {msg}")
+    if as_json:
+        print(json.dumps({"error": {"kind": "usage", "message": msg, "exit_code": 2}}))
+    raise typer.Exit(2)
+
+
+def _live(backup_dir: Optional[str], output_dir: Optional[str], point: Optional[str], disk: List[str],
+          define: Optional[str], live: bool, resume: Optional[str], max_speed: Optional[int],
+          show_progress: bool, as_json: bool) -> None:
+    """restore --live / --resume-live: progress on stderr, the result on stdout."""
+    import time
+
+    if resume is not None:
+        if live or backup_dir is not None or output_dir is not None or define or point or disk:
+            _usage(as_json, "--resume-live NAME takes no BACKUP_DIR, OUTPUT_DIR, --live, --define, "
+                            "--point or --disk (the domain records them)")
+        if not resume.strip():
+            _usage(as_json, "--resume-live needs a domain name")
+    elif backup_dir is None or output_dir is None:
+        _usage(as_json, "restore --live needs BACKUP_DIR and OUTPUT_DIR")
+    elif not define:
+        _usage(as_json, "--live needs --define NAME (the domain to run on the restored disks)")
+    tty = sys.stderr.isatty()
+    last: Dict[str, float] = {"t": 0.0, "pct": -1.0}
+
+    def progress(disks: Dict[str, Any]) -> None:
+        if not show_progress or not disks:
+            return
+        done = sum(c for c, _e in disks.values())
+        total = sum(e for _c, e in disks.values())
+        pct = 100.0 * done / total if total else 0.0
+        now = time.monotonic()
+        # a terminal gets a line redrawn in place; a log gets a line every 10 % or 10 s
+        if not tty and pct < last["pct"] + 10 and now < last["t"] + 10:
+            return
+        last["t"], last["pct"] = now, pct
+        line = (f"copying {', '.join(sorted(disks))}: {pct:5.1f}% "
+                f"({_human_size(done)} of {_human_size(total)})")
+        print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    def on_running(name: str, seconds: float) -> None:
+        if not as_json:
+            print(f"domain {name} running after {seconds:.2f}s on overlays in {output_dir}; "
+                  "copying the backup into them", flush=True)
+
+    def render(r: Any) -> None:
+        if tty and show_progress:
+            print(file=sys.stderr)
+        if as_json:
+            print(json.dumps({"domain": {"name": r.domain, "uuid": r.uuid}, "point": r.point,
+                              "backup_dir": r.backup_dir, "images": {k: str(v) for k, v in r.images.items()},
+                              "live": True, "resumed": r.resumed, "offline": r.offline,
+                              "time_to_running": r.time_to_running,
+                              "time_to_independent": r.time_to_independent, "notes": r.notes}))
+            return
+        for note in r.notes:
+            _err(f"note: {note}")
+        how = " (shut off: flattened offline)" if r.offline else ""
+        print(f"domain {r.domain} independent of {r.backup_dir} after {r.time_to_independent:.2f}s{how}: "
+              f"{', '.join(f'{k}={v}' for k, v in sorted(r.images.items()))} have no backing file")
+
+    if resume is not None:
+        _run(as_json, lambda: api.resume_live(resume, _state["uri"], max_speed, progress), render)
+    else:
+        _run(as_json, lambda: api.live_restore(Path(backup_dir or ""), Path(output_dir or ""), define or "", point,
+                                               disk, _state["uri"],
+                                               max_speed, progress, on_running), render)
 
 
 @app.command()

@@ -1,0 +1,261 @@
+"""Live restore (`restore --live --define NAME`, `restore --resume-live NAME`) against real
+libvirtd and QEMU: the domain runs before the copy ends, guest writes during the copy survive,
+the result needs no backup dir, interrupted or stopped live restores finish on resume."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import libvirt
+import pytest
+
+from tests.conftest import ROOT, cli, snapshot_dir, take_backup
+from virtbackup import host, monitor, qemuimg, scratch
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+
+@pytest.fixture
+def live_names() -> Iterator[List[str]]:
+    """Domains a test defines by restoring; destroyed and undefined afterwards (fresh connection)."""
+    names: List[str] = []
+    yield names
+    conn = host.connect()
+    try:
+        for n in names:
+            scratch.remove_domain(conn, n)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[List[subprocess.Popen]]:
+    """CLI processes a test starts in the background; killed if still running at the end."""
+    started: List[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def cli_bg(procs: List[subprocess.Popen], *args: object) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "virtbackup.cli", *map(str, args)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    procs.append(p)
+    return p
+
+
+def hmp_write(dom: libvirt.virDomain, target: str, pattern: int, offset: int, length: int) -> None:
+    """A guest write: through the disk's qdev (the guest's path), then flush."""
+    alias = next(d.alias for d in host.domain_disks(dom.XMLDesc(0)) if d.target == target)
+    qdev = f"/machine/peripheral/{alias}/virtio-backend"
+    monitor.hmp(dom, f'qemu-io -d {qdev} "write -P {pattern:#04x} {offset} {length}"')
+    monitor.hmp(dom, f'qemu-io -d {qdev} "flush"')
+
+
+def patched(data: bytes, pattern: int, offset: int, length: int) -> bytes:
+    return data[:offset] + bytes([pattern]) * length + data[offset + length:]
+
+
+def wait_for(what: str, cond, timeout: float = 60.0, every: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def lookup(conn: libvirt.virConnect, name: str) -> Optional[libvirt.virDomain]:
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return None
+
+
+def pulling(dom: libvirt.virDomain, disk: str) -> Optional[Dict]:
+    """The disk's running pull job, once it has copied something."""
+    try:
+        info = dom.blockJobInfo(disk, 0)
+    except libvirt.libvirtError:
+        return None
+    return info if info and info.get("cur", 0) > 0 else None
+
+
+def header_backing(image: Path) -> Optional[str]:
+    return qemuimg.info(image, force_share=True).get("backing-filename")
+
+
+def stop(dom: libvirt.virDomain) -> None:
+    """SIGTERM only: QEMU closes the images in order (no OS inside to shut down)."""
+    dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+
+
+def assert_reads(image: Path, want: bytes) -> None:
+    diff = scratch.first_difference(scratch.read_raw(image), want)
+    assert diff is None, f"{image}: first difference at byte {diff}"
+
+
+def test_live_restore_runs_at_once_keeps_guest_writes_and_frees_itself(make_domain, conn, live_names,
+                                                                       procs, tmp_path):
+    d = make_domain({"vda": 32 * MiB, "vdb": 16 * MiB})
+    d.write("vda", 0x11, 0, 4 * MiB)
+    d.write("vdb", 0x21, 2 * MiB, 2 * MiB)
+    bdir = tmp_path / "bk"
+    take_backup(d.name, bdir, "full")
+    d.write("vda", 0x12, 24 * MiB, 4 * MiB)
+    take_backup(d.name, bdir, "inc")          # vda reads through a two-image chain
+    want = d.expected()
+    before = snapshot_dir(bdir)
+    name = f"vblive-{secrets.token_hex(3)}"
+    live_names.append(name)
+    out = tmp_path / "live"
+
+    t0 = time.monotonic()
+    p = cli_bg(procs, "restore", bdir, out, "--live", "--define", name, "--max-speed", 2 * MiB)
+    dom = wait_for("the restored domain to run", lambda: (lambda x: x if x and x.isActive() else None)(
+        lookup(conn, name)), every=0.01)
+    running = time.monotonic() - t0
+    wait_for("the pull to copy something", lambda: pulling(dom, "vda"))
+    print(f"\nlive restore: domain running {running:.2f}s after the command started "
+          "(32 + 16 MiB disks, 10 MiB of data)")
+
+    # guest writes during the copy, one where the pull has not been yet (vda 26 MiB)
+    hmp_write(dom, "vda", 0x5a, 26 * MiB, 512 * KiB)
+    hmp_write(dom, "vdb", 0x5b, 0, 256 * KiB)
+    want["vda"] = patched(want["vda"], 0x5a, 26 * MiB, 512 * KiB)
+    want["vdb"] = patched(want["vdb"], 0x5b, 0, 256 * KiB)
+    # the backup dir is read-only and protected while the domain reads from it
+    v = cli("verify", bdir, "--json")
+    assert v.rc == 0 and v.json()["ok"], v
+    r = cli("prune", bdir, "--keep", "1")
+    assert r.rc == 1 and "open in a running QEMU" in r.err, r
+    assert pulling(dom, "vda"), "the copy ended before the checks ran; they proved nothing"
+
+    stdout, stderr = p.communicate(timeout=120)
+    independent = time.monotonic() - t0
+    assert p.returncode == 0, (stdout, stderr)
+    assert f"domain {name} running after" in stdout and "independent of" in stdout, stdout
+    assert "copying vda" in stderr, stderr           # progress was shown
+    print(f"live restore: independent {independent:.2f}s after the command started (2 MiB/s per disk)")
+    for disk in ("vda", "vdb"):
+        assert header_backing(out / f"{disk}.qcow2") is None
+    assert dom.isActive()
+    assert snapshot_dir(bdir) == before
+    assert cli("verify", bdir).rc == 0
+    assert cli("restore", "--resume-live", name).rc == 2     # nothing left to resume
+
+    # the backup can go away: the domain's data is all in its own images
+    moved = tmp_path / "bk-moved"
+    bdir.rename(moved)
+    hmp_write(dom, "vda", 0x5c, 30 * MiB, 64 * KiB)
+    want["vda"] = patched(want["vda"], 0x5c, 30 * MiB, 64 * KiB)
+    stop(dom)
+    for disk in ("vda", "vdb"):
+        assert scratch.backing_chain(out / f"{disk}.qcow2") == [str(out / f"{disk}.qcow2")]
+        assert_reads(out / f"{disk}.qcow2", want[disk])
+    dom.create()                                   # and it starts without the backup dir
+    assert dom.isActive()
+
+
+def test_live_restore_interrupted_then_resumed(make_domain, conn, live_names, procs, tmp_path):
+    d = make_domain({"vda": 32 * MiB})
+    d.write("vda", 0x31, 0, 8 * MiB)
+    bdir = tmp_path / "bk"
+    take_backup(d.name, bdir, "full")
+    want = d.expected()["vda"]
+    name = f"vblive-{secrets.token_hex(3)}"
+    live_names.append(name)
+    out = tmp_path / "live"
+    img = out / "vda.qcow2"
+
+    p = cli_bg(procs, "restore", bdir, out, "--live", "--define", name, "--max-speed", 1 * MiB)
+    dom = wait_for("the restored domain", lambda: lookup(conn, name))
+    wait_for("the pull to copy something", lambda: pulling(dom, "vda"))
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 1, (stdout, stderr)
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("virtbackup: error:")]
+    assert len(lines) == 1 and "interrupted by SIGINT" in lines[0], stderr
+    assert f"virtbackup restore --resume-live {name}" in lines[0], stderr
+    # the domain runs on a valid overlay that still reads from the backup; the pull stopped
+    assert dom.isActive() and not dom.blockJobInfo("vda", 0)
+    assert header_backing(img) == str((bdir / "points/0001/vda.qcow2").resolve())
+    copied = qemuimg.info(img, force_share=True)["actual-size"]
+    assert 0 < copied < 8 * MiB, copied                 # part of the data came over, not all
+    assert cli("verify", bdir).rc == 0
+    assert cli("prune", bdir, "--keep", "1").rc in (0, 1)  # one point: nothing to drop either way
+    hmp_write(dom, "vda", 0x3a, 6 * MiB, 1 * MiB)       # the guest goes on writing
+    want = patched(want, 0x3a, 6 * MiB, 1 * MiB)
+
+    r = cli("restore", "--resume-live", name, "--json")
+    assert r.rc == 0, r
+    assert r.json()["resumed"] and not r.json()["offline"] and r.json()["domain"]["name"] == name
+    assert header_backing(img) is None
+    stop(dom)
+    bdir.rename(tmp_path / "bk-moved")
+    assert scratch.backing_chain(img) == [str(img)]
+    assert_reads(img, want)
+
+
+def test_live_restore_domain_stopped_midway_finishes_offline(make_domain, conn, live_names, procs, tmp_path):
+    d = make_domain({"vda": 16 * MiB})
+    d.write("vda", 0x41, 1 * MiB, 6 * MiB)
+    bdir = tmp_path / "bk"
+    take_backup(d.name, bdir, "full")
+    want = d.expected()["vda"]
+    name = f"vblive-{secrets.token_hex(3)}"
+    live_names.append(name)
+    out = tmp_path / "live"
+
+    p = cli_bg(procs, "restore", bdir, out, "--live", "--define", name, "--max-speed", 1 * MiB)
+    dom = wait_for("the restored domain", lambda: lookup(conn, name))
+    wait_for("the pull to copy something", lambda: pulling(dom, "vda"))
+    hmp_write(dom, "vda", 0x4a, 0, 2 * MiB)
+    want = patched(want, 0x4a, 0, 2 * MiB)
+    stop(dom)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 1, (stdout, stderr)
+    assert "the domain stopped during the live restore" in stderr, stderr
+    assert f"--resume-live {name}" in stderr and "offline" in stderr, stderr
+    assert header_backing(out / "vda.qcow2") is not None
+
+    r = cli("restore", "--resume-live", name, "--max-speed", 1 * MiB)   # speed ignored offline
+    assert r.rc == 0 and "flattened offline" in r.out, r
+    assert not dom.isActive()
+    bdir.rename(tmp_path / "bk-moved")
+    assert scratch.backing_chain(out / "vda.qcow2") == [str(out / "vda.qcow2")]
+    assert_reads(out / "vda.qcow2", want)
+
+
+def test_live_restore_refusals(make_domain, conn, live_names, tmp_path):
+    d = make_domain({"vda": 16 * MiB})
+    bdir = tmp_path / "bk"
+    take_backup(d.name, bdir, "full")
+    out = tmp_path / "out"
+    cases = [
+        (("restore", bdir, out, "--live"), "--live needs --define"),
+        (("restore", bdir, out, "--max-speed", 1000), "--max-speed only applies"),
+        (("restore", bdir, out, "--live", "--define", "x", "--max-speed", 0), "--max-speed must be"),
+        (("restore", "--live", "--define", "x"), "needs BACKUP_DIR and OUTPUT_DIR"),
+        (("restore", bdir, "--resume-live", "x"), "takes no BACKUP_DIR"),
+        (("restore", "--resume-live", f"vbnone-{secrets.token_hex(3)}"), "not found"),
+        (("restore", "--resume-live", d.name), "has no live restore to resume"),
+        (("restore", bdir, out, "--live", "--define", d.name), "exists"),
+    ]
+    for args, msg in cases:
+        r = cli(*args)
+        assert r.rc == 2, (args, r)
+        assert r.err.startswith("virtbackup: error:") and msg in r.err and len(r.err.splitlines()) == 1, (args, r)
+    assert not out.exists() or not any(out.iterdir())
