@@ -188,7 +188,7 @@ class Engine:
             self._say(f"skipping disk {disk}: {why}")
         for dp in plan.disks:
             if dp.why_full and plan.level != "full":
-                self._say(f"disk {dp.disk.target} copied in full: {dp.why_full}")
+                self._say(f"disk {dp.disk.target} copied whole: {dp.why_full}")
 
         self._prepare(chain, plan)
         created = now_iso()
@@ -199,7 +199,8 @@ class Engine:
             for dp in plan.disks:
                 images[dp.disk.target] = DiskImage(
                     image=dp.target.image, backing=dp.target.backing, virtual_size=dp.virtual_size, size=0,
-                    sha256="", source=dp.disk.source or "", copied_full=dp.backing is None)
+                    sha256="", source=dp.disk.source or "", copied_full=dp.backing is None,
+                    full_reason=dp.why_full if dp.backing is None and plan.level != "full" else None)
             job_started = time.monotonic()
             with host.signals_noted(self.runner.interrupt):   # wake the wait: abort, roll back
                 self.runner.start(plan)

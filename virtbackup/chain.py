@@ -115,6 +115,7 @@ class DiskImage:
     sha256: str
     source: str = ""                # the domain's disk source when it was backed up
     copied_full: bool = True        # this image holds the whole disk (no backing)
+    full_reason: Optional[str] = None   # why a disk of an inc/diff point was copied whole
 
 
 @dataclass

@@ -51,20 +51,35 @@ def delete(dom: libvirt.virDomain, name: str, sources: Iterable[str] = ()) -> Op
                 try:
                     call(cp.delete, 0)
                 except libvirt.libvirtError as e:
-                    # QEMU was killed before it stored a bitmap made in that run: the bitmap is
-                    # gone, and libvirt refuses the delete for ever ("not found in backing chain").
-                    # Nothing is left to remove in QEMU: drop the metadata (a bitmap of that name
-                    # still on another disk is an orphan the next run's repair removes).
+                    # libvirt 9.0 refuses the delete for ever ("not found in backing chain") when a
+                    # bitmap of it is gone on some disk: QEMU killed before it stored a bitmap made in
+                    # that run, or one removed behind libvirt's back. Remove the bitmaps of that name
+                    # that are left ourselves, then drop the metadata.
                     if "not found in backing chain" not in libvirt_message(e):
                         raise
-                    cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+                    log.info("checkpoint %s lacks a bitmap on some disk (%s): removing the others "
+                             "and its metadata", name, libvirt_message(e))
+                    _remove_bitmaps_live(dom, name)
+                    call(cp.delete, libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
             return None
         if cp is not None:
             call(cp.delete, libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
     except libvirt.libvirtError as e:
         return f"could not delete checkpoint {name}: {libvirt_message(e)}"
+    except VirtBackupError as e:
+        return f"could not delete checkpoint {name}: {e}"
     warnings = [w for w in (remove_bitmap_offline(src, name) for src in sources) if w]
     return "; ".join(warnings) or None
+
+
+def _remove_bitmaps_live(dom: libvirt.virDomain, bitmap: str) -> None:
+    """Remove bitmap `bitmap` (one of ours) from every disk of a running domain that has it."""
+    from . import host, monitor
+    disks = [d for d in host.domain_disks(dom.XMLDesc(0)) if d.node_name]
+    for target, bms in bitmaps.live(dom, disks).items():
+        if any(b.name == bitmap for b in bms):
+            node = next(d.node_name for d in disks if d.target == target)
+            monitor.qmp(dom, "block-dirty-bitmap-remove", {"node": node, "name": bitmap})
 
 
 def remove_bitmap_offline(image: str, bitmap: str) -> Optional[str]:

@@ -216,6 +216,9 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
         if p.consistency:
             frozen = f", guest frozen {p.frozen_seconds:.2f}s" if p.frozen_seconds is not None else ""
             print(f"point {p.id}: {p.consistency}-consistent ({p.consistency_reason}{frozen})")
+        for name, img in sorted(p.disks.items()):
+            if img.full_reason:
+                print(f"  disk {name} copied whole ({_human_size(img.size)}): {img.full_reason}")
 
     def call() -> Any:
         from . import progress
@@ -239,8 +242,11 @@ def list_cmd(backup_dir: str = typer.Argument(...),
         for p in chain.points:
             size = _human_size(sum(i.size for i in p.disks.values()))
             # consistency: application | crash | - (recorded before virtbackup knew); why: list --json
+            note = "; ".join([p.reason or ""][:1 if p.reason else 0]
+                             + [f"{n} copied whole: {i.full_reason}" for n, i in sorted(p.disks.items())
+                                if i.full_reason])
             print(f"{p.id:<6} {p.level:<5} {p.created:<26} {p.parent or '-':<6} "
-                  f"{','.join(sorted(p.disks)):<16} {size:>10}  {p.consistency or '-':<11}  {p.reason or ''}".rstrip())
+                  f"{','.join(sorted(p.disks)):<16} {size:>10}  {p.consistency or '-':<11}  {note}".rstrip())
 
     _run(as_json, lambda: api.list_points(backup_dir), render)
 

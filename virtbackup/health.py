@@ -159,9 +159,12 @@ def plan_repair(view: DomainView, chain: Chain, fix_broken: bool = True,
         tracked = _tracked(view, bdir, point, name)
         disks = sorted(set(point.disks) & present & (set(tracked) if tracked is not None else set(point.disks)))
         problem = bitmap_problem(bitmaps, disks, name) if disks else "none of its disks is attached"
+        # broken on some disks only, it still serves the others (a backup copies those disks
+        # whole); only a checkpoint that no disk can use is worth deleting
+        useless = not disks or all(bitmap_problem(bitmaps, [t], name) for t in disks)
         if name in known:
             keep_bitmaps.add(name)
-            if problem and fix_broken:
+            if problem and useless and fix_broken:
                 actions.append(Action("delete-checkpoint", name, f"{problem}; the next backup starts a new chain"))
         elif not problem:
             parent = redefined[-1] if redefined else None

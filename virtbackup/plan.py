@@ -114,12 +114,21 @@ def _choose_disks(view: DomainView, only: Sequence[str]) -> Tuple[List[Disk], Di
     return chosen, skipped
 
 
-def _bitmap_problem(view: DomainView, disks: Sequence[Disk], name: str) -> Optional[str]:
+def _bitmap_problems(view: DomainView, disks: Sequence[Disk], name: str) -> Dict[str, str]:
+    """Per disk, why bitmap `name` can't serve an incremental on it (disks absent are fine).
+
+    Per disk, so that one lost bitmap costs a whole copy of that disk, not a new chain.
+    """
     try:
         by_disk = view.bitmaps(disks)
     except VirtBackupError as e:
-        return f"cannot inspect bitmaps: {e}"
-    return problem(by_disk, [d.target for d in disks], name)
+        return {d.target: f"cannot inspect bitmaps: {e}" for d in disks}
+    out: Dict[str, str] = {}
+    for d in disks:
+        why = problem(by_disk, [d.target], name)
+        if why:
+            out[d.target] = why
+    return out
 
 
 def plan_backup(view: DomainView, chain: Chain, bdir: BackupDir, level: RequestedLevel,
@@ -127,7 +136,9 @@ def plan_backup(view: DomainView, chain: Chain, bdir: BackupDir, level: Requeste
     """Decide level, base and per-disk targets. Never plans an incremental from a doubtful bitmap.
 
     `level` auto takes an incremental when the chain can be continued safely and a full
-    otherwise (the plan's `reason` says why); inc/diff raise LevelNotPossible instead.
+    otherwise (the plan's `reason` says why); inc/diff raise LevelNotPossible instead. A disk
+    whose base bitmap alone is unusable is copied whole inside the inc/diff (`why_full`); only
+    when it is unusable on every continuing disk is the chain not continued.
     """
     if level not in REQUESTED_LEVELS:
         raise UsageError(f"unknown level '{level}' (auto, full, inc, diff)")
@@ -160,6 +171,7 @@ def plan_backup(view: DomainView, chain: Chain, bdir: BackupDir, level: Requeste
     found: Optional[str] = None
     base: Optional[Point] = None
     tracked: List[str] = []
+    unusable: Dict[str, str] = {}      # disk -> why its base bitmap can't be used: copied whole
     if last is None:
         found = "there is no previous backup in this directory"
     else:
@@ -170,8 +182,12 @@ def plan_backup(view: DomainView, chain: Chain, bdir: BackupDir, level: Requeste
         else:
             tracked = cp_disks
             continuing = [d for d in chosen if d.target in base.disks and d.target in tracked]
-            found = _bitmap_problem(view, continuing, base.checkpoint) if continuing else \
-                "no disk of the previous point takes part in this backup"
+            if not continuing:
+                found = "no disk of the previous point takes part in this backup"
+            else:
+                unusable = _bitmap_problems(view, continuing, base.checkpoint)
+                if len(unusable) == len(continuing):     # nothing to continue from: a new chain
+                    found = "; ".join(unusable[d.target] for d in continuing)
     if found:
         if level == "auto":
             return full(f"new chain: {found}")
@@ -190,6 +206,10 @@ def plan_backup(view: DomainView, chain: Chain, bdir: BackupDir, level: Requeste
             why_full = f"checkpoint {base.checkpoint} does not track it"
         elif prev.virtual_size != sizes[d.target]:
             why_full = f"disk was resized ({prev.virtual_size} -> {sizes[d.target]} bytes)"
+        elif d.target in unusable:
+            # complete in this point, so nothing is silently missing; the new checkpoint gives
+            # the disk a good bitmap again, so its next incremental is small
+            why_full = unusable[d.target]
         if why_full is not None:
             plans.append(DiskPlan(d, "full", None, None, target(d, None), why_full))
         else:
