@@ -13,7 +13,7 @@ from typing import Dict
 
 import libvirt
 
-from tests.conftest import assert_point_restores, cli, snapshot_dir, take_backup
+from tests.conftest import assert_point_restores, checkpoint_names, cli, our_bitmaps, snapshot_dir, take_backup
 from tests.integration.test_offline import image_held
 from virtbackup import host, monitor, scratch
 
@@ -102,6 +102,10 @@ def test_online_lost_and_inconsistent_bitmaps_copy_only_that_disk(make_domain, t
     assert not p5["disks"]["vda"]["copied_full"]
     assert data_bytes(image(bdir, p5, "vda")) == 1 * MiB + 128 * KiB + 64 * KiB   # all since 0001
     want["0005"] = d.expected()
+    # the full's checkpoint, broken on vdb only, still serves vda: repair keeps it
+    rep = cli("repair", d.name, bdir, "--dry-run", "--json")
+    assert rep.rc == 0, rep
+    assert not [a for a in rep.json()["actions"] if a["kind"] == "delete-checkpoint"], rep
 
     # 5. one disk's bitmaps inconsistent (its image left in-use by a killed QEMU), the other fine
     scratch.stop_cleanly(d)
@@ -111,7 +115,7 @@ def test_online_lost_and_inconsistent_bitmaps_copy_only_that_disk(make_domain, t
     d.write("vda", 0x15, 5 * MiB, 64 * KiB)
     d.write("vdb", 0x26, 11 * MiB, 64 * KiB)
     p6 = take_backup(d.name, bdir, "auto")["point"]
-    assert p6["level"] == "inc" and p6["parent"] == "0005"
+    assert p6["level"] == "inc" and p6["parent"] == "0005"   # vdb continues from 0005's bitmap
     assert p6["disks"]["vda"]["copied_full"] and "inconsistent" in p6["disks"]["vda"]["full_reason"]
     assert data_bytes(image(bdir, p6, "vdb")) == 64 * KiB
     want["0006"] = d.expected()
@@ -127,8 +131,14 @@ def test_online_lost_and_inconsistent_bitmaps_copy_only_that_disk(make_domain, t
     r = cli("backup", d.name, bdir, "--level", "inc")
     assert r.rc == 2 and "missing on disk vda" in r.err and "missing on disk vdb" in r.err, r
     assert snapshot_dir(bdir) == files
-    p7 = take_backup(d.name, bdir, "auto")["point"]
+    r7 = take_backup(d.name, bdir, "auto")
+    p7 = r7["point"]
     assert p7["level"] == "full" and "new chain" in p7["reason"] and "vdb" in p7["reason"]
+    # the old chain's checkpoints are retired although some of their bitmaps were gone
+    prefix = p7["checkpoint"][:-4]
+    assert not r7["warnings"], r7
+    assert [n for n in checkpoint_names(d.dom) if n.startswith(prefix)] == [p7["checkpoint"]]
+    assert our_bitmaps(d.dom, prefix) == {"vda": [p7["checkpoint"]], "vdb": [p7["checkpoint"]]}
     assert_point_restores(bdir, "0007", d.expected(), tmp_path / "r0007")
 
     # 7. prune handles whole-copy disks (standalone images stay as they are)
