@@ -176,6 +176,8 @@ def test_live_restore_interrupted_then_resumed(make_domain, conn, live_names, pr
     d.write("vda", 0x31, 0, 8 * MiB)
     bdir = tmp_path / "bk"
     take_backup(d.name, bdir, "full")
+    d.write("vda", 0x32, 16 * MiB, 64 * KiB)
+    take_backup(d.name, bdir, "inc")
     want = d.expected()["vda"]
     name = f"vblive-{secrets.token_hex(3)}"
     live_names.append(name)
@@ -193,11 +195,15 @@ def test_live_restore_interrupted_then_resumed(make_domain, conn, live_names, pr
     assert f"virtbackup restore --resume-live {name}" in lines[0], stderr
     # the domain runs on a valid overlay that still reads from the backup; the pull stopped
     assert dom.isActive() and not dom.blockJobInfo("vda", 0)
-    assert header_backing(img) == str((bdir / "points/0001/vda.qcow2").resolve())
+    assert header_backing(img) == str((bdir / "points/0002/vda.qcow2").resolve())
     copied = qemuimg.info(img, force_share=True)["actual-size"]
     assert 0 < copied < 8 * MiB, copied                 # part of the data came over, not all
     assert cli("verify", bdir).rc == 0
-    assert cli("prune", bdir, "--keep", "1").rc in (0, 1)  # one point: nothing to drop either way
+    # dropping 0001 would rewrite the images the running domain still reads: refused
+    before = snapshot_dir(bdir)
+    r = cli("prune", bdir, "--keep", "1")
+    assert r.rc == 1 and "open in a running QEMU" in r.err, r
+    assert snapshot_dir(bdir) == before
     hmp_write(dom, "vda", 0x3a, 6 * MiB, 1 * MiB)       # the guest goes on writing
     want = patched(want, 0x3a, 6 * MiB, 1 * MiB)
 
