@@ -8,7 +8,7 @@ backing data into them while the guest runs, with libvirt's block pull (QEMU's s
   they are (the stream copies only clusters the overlay does not hold yet), and an
   interrupted pull keeps every cluster it copied, so a resume copies only the rest. When the
   job completes QEMU drops the backing link from the overlay's header and closes the backup
-  image. libvirt 9.0 allows it on a persistent domain (measured: ~25 % slower than blockcopy
+  image. libvirt 9.0 allows it on a persistent domain (measured: slower than blockcopy
   on an idle host, see scripts/bench_live_restore.py).
 - blockcopy + pivot: on a persistent domain libvirt 9.0 refuses it ("domain is not transient")
   unless VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB (a job libvirt does not keep across its restart),
