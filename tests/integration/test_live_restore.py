@@ -267,3 +267,28 @@ def test_live_restore_refusals(make_domain, conn, live_names, tmp_path):
         assert r.rc == 2, (args, r)
         assert r.err.startswith("virtbackup: error:") and msg in r.err and len(r.err.splitlines()) == 1, (args, r)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_live_restore_domain_that_cannot_start_leaves_nothing(make_domain, conn, live_names, tmp_path):
+    """libvirt defines it but QEMU can't start it (hand-edited saved XML: 64 TiB of RAM, refused
+    with ENOMEM on this host): undefined again, overlays removed, exit 1, one line."""
+    d = make_domain({"vda": 16 * MiB})
+    bdir = tmp_path / "bk"
+    p = take_backup(d.name, bdir, "full")["point"]
+    xml = bdir / p["domain_xml"]
+    text = xml.read_text()
+    start, end = text.index("<memory"), text.index("</memory>") + len("</memory>")
+    text = text[:start] + "<memory unit='TiB'>64</memory>" + text[end:]
+    if "<currentMemory" in text:
+        start, end = text.index("<currentMemory"), text.index("</currentMemory>") + len("</currentMemory>")
+        text = text[:start] + text[end:]
+    xml.write_text(text)
+    name = f"vblive-{secrets.token_hex(3)}"
+    live_names.append(name)
+    out = tmp_path / "out"
+    r = cli("restore", bdir, out, "--live", "--define", name)
+    assert r.rc == 1, r
+    assert r.err.startswith("virtbackup: error:") and len(r.err.splitlines()) == 1, r
+    assert f"domain '{name}' did not start" in r.err and "undefined and its overlays removed" in r.err, r
+    assert lookup(conn, name) is None
+    assert not list(out.iterdir())
