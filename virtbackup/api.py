@@ -27,6 +27,9 @@ from .drill import DrillResult
 from .drill import drill as _drill
 from .errors import HostError, OperationFailed, VirtBackupError
 from .health import RepairReport, StatusReport
+from .liverestore import LiveResult, Progress
+from .liverestore import live_restore as _live_restore
+from .liverestore import resume_live as _resume_live
 from .plan import RequestedLevel
 from .quiesce import ThawResult
 from .quiesce import thaw as _thaw
@@ -45,10 +48,10 @@ if TYPE_CHECKING:
 __all__ = [
     # operations
     "backup", "list_points", "restore", "restore_point", "verify", "verify_backup", "prune", "flatten",
-    "status", "repair", "load_job", "run_job", "plan_job", "thaw", "drill",
+    "status", "repair", "load_job", "run_job", "plan_job", "thaw", "drill", "live_restore", "resume_live",
     "files_filesystems", "files_ls", "files_get", "files_cat", "open_point_files",
     # results and helpers
-    "BackupResult", "PointList", "RestoreResult", "VerifyResult", "PruneResult", "FlattenResult",
+    "BackupResult", "PointList", "RestoreResult", "VerifyResult", "PruneResult", "FlattenResult", "LiveResult",
     "StatusReport", "RepairReport", "ThawResult", "DrillResult", "Notify", "RequestedLevel", "point_json", "chain_json",
 ]
 
@@ -266,11 +269,6 @@ def open_point_files(backup_dir: Path, point: Optional[str] = None, status: Opti
 
 
 # --- live restore ------------------------------------------------------------------------------
-from .liverestore import LiveResult, Progress  # noqa: E402
-from .liverestore import live_restore as _live_restore  # noqa: E402
-from .liverestore import resume_live as _resume_live  # noqa: E402
-
-
 @_boundary
 def live_restore(backup_dir: Path, output_dir: Path, define: str, point: Optional[str] = None,
                  disks: Sequence[str] = (), uri: Optional[str] = None, max_speed: Optional[int] = None,

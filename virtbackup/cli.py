@@ -360,11 +360,7 @@ def _live(backup_dir: Optional[str], output_dir: Optional[str], point: Optional[
         if tty and show_progress:
             print(file=sys.stderr)
         if as_json:
-            print(json.dumps({"domain": {"name": r.domain, "uuid": r.uuid}, "point": r.point,
-                              "backup_dir": r.backup_dir, "images": {k: str(v) for k, v in r.images.items()},
-                              "live": True, "resumed": r.resumed, "offline": r.offline,
-                              "time_to_running": r.time_to_running,
-                              "time_to_independent": r.time_to_independent, "notes": r.notes}))
+            print(json.dumps(r.to_json()))
             return
         for note in r.notes:
             _err(f"note: {note}")

@@ -25,19 +25,21 @@ that are not live restores of virtbackup (it never pulls another tool's disks).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import libvirt
 from lxml import etree
 
 from . import host, qemuimg
-from .errors import (DomainNotFound, Interrupted, OperationFailed, RestoreFailed, UsageError,
-                     VirtBackupError)
+from .errors import DomainNotFound, Interrupted, OperationFailed, RestoreFailed, UsageError, VirtBackupError
+
+log = logging.getLogger(__name__)
 
 LIVE_NS = "https://virtbackup.invalid/xmlns/live-restore/1"
 LIVE_KEY = "virtbackup-live"
@@ -58,6 +60,16 @@ class LiveResult:
     resumed: bool = False
     offline: bool = False               # resumed on a shut-off domain: flattened with qemu-img
     notes: List[str] = field(default_factory=list)
+
+    def to_json(self) -> Dict[str, Any]:
+        """{"domain": {"name", "uuid"}, "point", "backup_dir", "images": {disk: path}, "live": true,
+        "resumed", "offline", "time_to_running", "time_to_independent", "notes"} (the
+        `restore --live --json` and `restore --resume-live --json` output)."""
+        return {"domain": {"name": self.domain, "uuid": self.uuid}, "point": self.point,
+                "backup_dir": self.backup_dir, "images": {k: str(v) for k, v in self.images.items()},
+                "live": True, "resumed": self.resumed, "offline": self.offline,
+                "time_to_running": self.time_to_running, "time_to_independent": self.time_to_independent,
+                "notes": self.notes}
 
 
 def resume_hint(name: str) -> str:
@@ -117,7 +129,8 @@ def _backing_of(dom: libvirt.virDomain, disk: str) -> Optional[str]:
 
 def _header_backing(path: Path) -> Optional[str]:
     """The backing link in the image header (read with -U: QEMU has the image open)."""
-    return qemuimg.info(path, force_share=True).get("backing-filename")
+    link = qemuimg.info(path, force_share=True).get("backing-filename")
+    return None if link is None else str(link)
 
 
 class Puller:
@@ -173,6 +186,7 @@ class Puller:
                 if info.get("type") != libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL:
                     raise OperationFailed(f"disk {disk} of domain '{self.dom.name()}' has another block job "
                                           f"running (type {info.get('type')}); wait for it to end")
+                log.info("adopting the block pull already running on disk %s", disk)
                 if self.max_speed is not None:
                     host.call(self.dom.blockJobSetSpeed, disk, self.max_speed,
                               libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES)
@@ -180,6 +194,8 @@ class Puller:
                 continue
             if _backing_of(self.dom, disk) is None:
                 continue
+            log.info("block pull of disk %s of %s (max speed %s)", disk, self.dom.name(),
+                     self.max_speed or "unlimited")
             try:
                 host.call(self.dom.blockPull, disk, self.max_speed or 0,
                           libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES)
@@ -238,6 +254,7 @@ class Puller:
     def abort(self, disks: Sequence[str]) -> None:
         """Cancel the pulls (synchronously). What they copied stays in the overlays, valid."""
         for disk in disks:
+            log.info("aborting the block pull of disk %s", disk)
             try:
                 if self.dom.blockJobInfo(disk, 0):
                     self.dom.blockJobAbort(disk, 0)

@@ -16,8 +16,9 @@ from typing import Dict, Iterator, List, Optional
 import libvirt
 import pytest
 
-from tests.conftest import ROOT, cli, snapshot_dir, take_backup
-from virtbackup import host, monitor, qemuimg, scratch
+from tests.support import scratch
+from tests.support.helpers import ROOT, cli, snapshot_dir, take_backup
+from virtbackup import host, monitor, qemuimg
 
 MiB = 1 << 20
 KiB = 1 << 10

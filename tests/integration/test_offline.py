@@ -6,7 +6,6 @@ the persistent bitmaps, as guest writes would); the scratch model follows them b
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from tests.support.helpers import (
     assert_point_restores,
     checkpoint_names,
     cli,
+    image_held,
     one_error_line,
     snapshot_dir,
     take_backup,
@@ -43,34 +43,6 @@ def times_started(d) -> int:
     """How often libvirt started the domain, from its log (the line QEMU start-up writes)."""
     log = Path(f"/var/log/libvirt/qemu/{d.name}.log")
     return log.read_text(errors="replace").count("starting up") if log.exists() else 0
-
-
-@contextlib.contextmanager
-def image_held(image: Path, kill: bool = False) -> Iterator[None]:
-    """Another QEMU process (qemu-io reading commands from a pipe) holding the image open.
-
-    Closing its stdin makes it exit cleanly, storing the bitmaps again; `kill=True` SIGKILLs it
-    instead, which leaves the bitmaps it loaded flagged in-use (= inconsistent).
-    """
-    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", str(image)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert holder.stdin is not None and holder.stdout is not None
-    try:
-        # its answer to a read means the open is complete (bitmaps loaded and flagged in-use):
-        # killed earlier, QEMU may have been halfway through rewriting the bitmap directory
-        holder.stdin.write(b"read 0 512\n")
-        holder.stdin.flush()
-        assert b"read 512/512" in holder.stdout.readline()
-        yield
-    finally:
-        if kill:
-            holder.kill()
-        holder.stdin.close()
-        try:
-            holder.wait(30)
-        except subprocess.TimeoutExpired:
-            holder.kill()
-            holder.wait()
 
 
 @pytest.fixture

@@ -13,9 +13,17 @@ from typing import Dict
 
 import libvirt
 
-from tests.conftest import assert_point_restores, checkpoint_names, cli, our_bitmaps, snapshot_dir, take_backup
-from tests.integration.test_offline import image_held
-from virtbackup import host, monitor, scratch
+from tests.support import scratch
+from tests.support.helpers import (
+    assert_point_restores,
+    checkpoint_names,
+    cli,
+    image_held,
+    our_bitmaps,
+    snapshot_dir,
+    take_backup,
+)
+from virtbackup import host, monitor
 
 MiB = 1 << 20
 KiB = 1 << 10

@@ -108,3 +108,31 @@ def image_bitmaps(image: Path) -> Dict[str, List[str]]:
     """Persistent bitmaps in an image's qcow2 header: name -> flags."""
     from virtbackup import bitmaps
     return bitmaps.header_flags(Path(image))
+
+
+@contextlib.contextmanager
+def image_held(image: Path, kill: bool = False) -> Iterator[None]:
+    """Another QEMU process (qemu-io reading commands from a pipe) holding the image open.
+
+    Closing its stdin makes it exit cleanly, storing the bitmaps again; `kill=True` SIGKILLs it
+    instead, which leaves the bitmaps it loaded flagged in-use (= inconsistent).
+    """
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", str(image)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        # its answer to a read means the open is complete (bitmaps loaded and flagged in-use):
+        # killed earlier, QEMU may have been halfway through rewriting the bitmap directory
+        holder.stdin.write(b"read 0 512\n")
+        holder.stdin.flush()
+        assert b"read 512/512" in holder.stdout.readline()
+        yield
+    finally:
+        if kill:
+            holder.kill()
+        holder.stdin.close()
+        try:
+            holder.wait(30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()

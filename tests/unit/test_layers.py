@@ -29,7 +29,7 @@ LAYERS: List[List[str]] = [
     ["runner"],                                         # the runner protocol
     ["pushjob", "offline"],                             # the runners
     ["backup", "restore", "files"],                     # the engine; restore; single files (libguestfs)
-    ["jobs", "drill"],                                  # whole-host runs (child processes); restore drills
+    ["jobs", "drill", "liverestore"],                   # whole-host runs; restore drills; restore --live
     ["api", "progress"],                                # progress: the CLI's bars
     ["cli"],
 ]

@@ -93,6 +93,40 @@ def test_a_doubtful_bitmap_never_serves_an_incremental(bm, why):
     assert plan.level == "full" and why in (plan.reason or "") and plan.reason.startswith("new chain:")
 
 
+@pytest.mark.parametrize("level", ["auto", "inc", "diff"])
+@pytest.mark.parametrize("bm, why", [
+    (None, "is missing on disk vdb"),
+    (dict(inconsistent=True), "inconsistent"),
+    (dict(recording=False), "not recording"),
+])
+def test_one_disks_unusable_bitmap_copies_only_that_disk_whole(level, bm, why):
+    c = chain_with(["full", "inc"], disks=("vda", "vdb"))
+    dom = healthy(c, disks=("vda", "vdb"))
+    base = c.checkpoint_name("0002" if level != "diff" else "0001")
+    dom.disk_bitmaps["vdb"] = [b for b in dom.disk_bitmaps["vdb"] if b.name != base]
+    if bm is not None:
+        dom.disk_bitmaps["vdb"].append(bitmap(base, **bm))
+    plan = plan_backup(dom, c, BDIR, level)  # type: ignore[arg-type]
+    assert plan.level == ("inc" if level == "auto" else level) and plan.reason is None
+    modes = {dp.disk.target: dp for dp in plan.disks}
+    assert modes["vda"].mode == "bitmap" and modes["vda"].base_bitmap == base
+    assert modes["vdb"].mode == "full" and why in (modes["vdb"].why_full or "")
+    assert modes["vdb"].target.backing is None and modes["vdb"].base_bitmap is None
+
+
+def test_every_disks_bitmap_unusable_means_a_new_chain_naming_each():
+    c = chain_with(["full", "inc"], disks=("vda", "vdb"))
+    dom = healthy(c, disks=("vda", "vdb"))
+    base = c.checkpoint_name("0002")
+    dom.disk_bitmaps["vda"] = [b for b in dom.disk_bitmaps["vda"] if b.name != base]
+    dom.disk_bitmaps["vdb"] = [bitmap(base, inconsistent=True) if b.name == base else b
+                               for b in dom.disk_bitmaps["vdb"]]
+    with pytest.raises(LevelNotPossible, match="missing on disk vda.*vdb is inconsistent"):
+        plan_backup(dom, c, BDIR, "inc")
+    plan = plan_backup(dom, c, BDIR, "auto")
+    assert plan.level == "full" and "vda" in (plan.reason or "") and "vdb" in (plan.reason or "")
+
+
 def test_unknown_checkpoint_or_uninspectable_bitmaps_mean_a_full():
     c = chain_with(["full"])
     dom = healthy(c)
@@ -164,6 +198,17 @@ def test_repair_deletes_unneeded_and_broken_checkpoints_and_orphans_only_of_this
     assert "inconsistent" in actions[1].reason
     # a backup's own cleanup keeps broken needed checkpoints (planning reports them)
     assert ("delete-checkpoint", latest) not in kinds(plan_repair(dom, c, fix_broken=False))
+
+
+def test_repair_keeps_a_needed_checkpoint_broken_on_some_disks_only():
+    c = chain_with(["full", "inc"], disks=("vda", "vdb"))
+    dom = healthy(c, disks=("vda", "vdb"))
+    full = c.checkpoint_name("0001")
+    dom.disk_bitmaps["vdb"] = [b for b in dom.disk_bitmaps["vdb"] if b.name != full]
+    assert plan_repair(dom, c) == []                # it still serves vda's differentials
+    dom.disk_bitmaps["vda"] = [bitmap(full, inconsistent=True) if b.name == full else b
+                               for b in dom.disk_bitmaps["vda"]]
+    assert kinds(plan_repair(dom, c)) == [("delete-checkpoint", full)]   # now it serves no disk
 
 
 def test_repair_redefines_lost_checkpoints_parent_first_when_bitmaps_are_intact():
