@@ -18,6 +18,7 @@ import pytest
 
 from tests.support import scratch
 from tests.support.helpers import ROOT, cli, snapshot_dir, take_backup
+from tests.support.schemas import validate
 from virtbackup import host, monitor, qemuimg
 
 MiB = 1 << 20
@@ -210,6 +211,7 @@ def test_live_restore_interrupted_then_resumed(make_domain, conn, live_names, pr
 
     r = cli("restore", "--resume-live", name, "--json")
     assert r.rc == 0, r
+    validate("live-restore", r.json())
     assert r.json()["resumed"] and not r.json()["offline"] and r.json()["domain"]["name"] == name
     assert header_backing(img) is None
     stop(dom)

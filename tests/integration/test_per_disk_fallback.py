@@ -23,6 +23,7 @@ from tests.support.helpers import (
     snapshot_dir,
     take_backup,
 )
+from tests.support.schemas import validate
 from virtbackup import host, monitor
 
 MiB = 1 << 20
@@ -62,7 +63,7 @@ def test_online_lost_and_inconsistent_bitmaps_copy_only_that_disk(make_domain, t
     r = cli("backup", d.name, bdir, "--level", "auto")
     assert r.rc == 0, r
     assert "disk vdb copied whole" in r.out and "missing on disk vdb" in r.out, r
-    p2 = cli("list", bdir, "--json").json()["points"][1]
+    p2 = validate("list", cli("list", bdir, "--json").json())["points"][1]
     assert p2["level"] == "inc" and p2["parent"] == "0001" and p2["reason"] is None
     assert p2["disks"]["vdb"]["copied_full"] and p2["disks"]["vdb"]["backing"] is None
     assert "bitmap" in p2["disks"]["vdb"]["full_reason"] and "missing" in p2["disks"]["vdb"]["full_reason"]
