@@ -527,6 +527,8 @@ class FileLock:
             if stat.S_ISLNK(st.st_mode) and self.path.name != LOCKFILE:
                 raise UnsafePath(f"{self.path.parent} is a symlink; not using it for locks")
         except FileNotFoundError:
+            if self.shared:      # a reader never creates the directory it was asked to read
+                raise UsageError(f"backup directory {self.path.parent} does not exist") from None
             os.makedirs(self.path.parent, mode=0o700, exist_ok=True)
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:

@@ -140,7 +140,9 @@ def drill(backup_dir: Path, point_id: Optional[str] = None, timeout: float = 300
         raise UsageError(f"--timeout must be a positive number of seconds, not {timeout}")
     if check is not None and not check.strip():
         raise UsageError("--check needs a command")
-    with shared_lock(BackupDir(Path(backup_dir))):
+    bdir = BackupDir(Path(backup_dir))
+    bdir.load()          # a backup dir (exit 2 otherwise) before a lock file is made in it
+    with shared_lock(bdir):
         return _drill(backup_dir, point_id, timeout, check, uri, notify)
 
 

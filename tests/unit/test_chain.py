@@ -150,3 +150,14 @@ def test_shared_lock_readers_share_and_writer_waits_bounded(tmp_path):
         with pytest.raises(LockBusy):
             with shared_lock(bd, wait=0.2):
                 pass
+
+
+def test_shared_lock_never_creates_the_directory(tmp_path):
+    """A reader (restore, verify, a drill, files) asked for a missing dir must not create it."""
+    from virtbackup.chain import BackupDir, shared_lock
+    from virtbackup.errors import UsageError
+    missing = tmp_path / "nope"
+    with pytest.raises(UsageError, match="does not exist"):
+        with shared_lock(BackupDir(missing)):
+            pass
+    assert not missing.exists()
