@@ -88,6 +88,68 @@ def backup_xml(disks: Iterable[BackupDisk], incremental: Optional[str]) -> str:
     return to_string(root)
 
 
+@dataclass(frozen=True)
+class PullDisk:
+    """One disk's part in a pull backup."""
+
+    name: str                       # target dev, e.g. "vda"; also its NBD export name
+    scratch: Optional[str] = None   # scratch file on the hypervisor; None = libvirt's default
+    full: bool = False              # whole disk inside an incremental backup (no bitmap export)
+
+    @property
+    def export_bitmap(self) -> str:
+        return f"backup-{self.name}"
+
+
+@dataclass(frozen=True)
+class NbdServer:
+    """Where libvirt's NBD server listens: a unix socket, or TCP name and port."""
+
+    socket: Optional[str] = None
+    host: Optional[str] = None
+    port: Optional[int] = None
+    tls: bool = False
+
+
+def pull_backup_xml(disks: Iterable[PullDisk], incremental: Optional[str], server: NbdServer) -> str:
+    """Pull-mode <domainbackup>; `incremental` names the base checkpoint (None = full).
+
+    Export names and bitmap names are set explicitly (they are what the NBD client asks for),
+    even where they equal libvirt's defaults.
+    """
+    root = _fresh("domainbackup-pull.xml")
+    if incremental is not None:
+        inc = etree.Element("incremental")
+        inc.text = incremental
+        root.insert(0, inc)
+    srv = root.find("server")
+    assert srv is not None
+    if server.socket:
+        srv.set("socket", server.socket)
+    else:
+        srv.set("transport", "tcp")
+        srv.set("name", server.host or "localhost")
+        srv.set("port", str(server.port))
+    if server.tls:
+        srv.set("tls", "yes")
+    disks_el = root.find("disks")
+    assert disks_el is not None
+    for d in disks:
+        el = _fresh("domainbackup-pull-disk.xml")
+        el.set("name", d.name)
+        el.set("exportname", d.name)
+        if incremental is not None:
+            if d.full:
+                el.set("backupmode", "full")
+            else:
+                el.set("exportbitmap", d.export_bitmap)
+        if d.scratch:   # the schema allows <driver> only together with <scratch>
+            etree.SubElement(el, "scratch", file=d.scratch)
+            etree.SubElement(el, "driver", type="qcow2")
+        disks_el.append(el)
+    return to_string(root)
+
+
 def checkpoint_xml(name: str, description: str, disks: Mapping[str, bool]) -> str:
     """<domaincheckpoint> with a bitmap on each disk mapped to True and checkpoint='no' elsewhere."""
     root = _fresh("domaincheckpoint.xml")

@@ -1,0 +1,98 @@
+"""Pull-mode backup XML validates against libvirt's schema; extent planning of the NBD copy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lxml import etree
+
+from tests.unit.test_xml import GOLDEN, rng, valid
+from virtbackup import nbdcopy, xmlbuild
+
+MiB = 1 << 20
+
+
+def test_pull_full_over_unix_socket_with_scratch_dir():
+    xml = xmlbuild.pull_backup_xml(
+        [xmlbuild.PullDisk("vda", "/var/tmp/s/virtbackup-0a1b2c3d-0001-vda.scratch"), xmlbuild.PullDisk("vdb")],
+        None, xmlbuild.NbdServer(socket="/run/virtbackup/nbd-x.sock"))
+    valid(rng("domainbackup.rng"), xml)
+    assert xml == (GOLDEN / "backup-pull-full.xml").read_text()
+
+
+def test_pull_incremental_over_tcp_with_tls_and_a_disk_copied_whole():
+    xml = xmlbuild.pull_backup_xml([xmlbuild.PullDisk("vda"), xmlbuild.PullDisk("vdb", full=True)],
+                                   "virtbackup-0a1b2c3d-0001",
+                                   xmlbuild.NbdServer(host="hv1.example.org", port=10809, tls=True))
+    valid(rng("domainbackup.rng"), xml)
+    assert xml == (GOLDEN / "backup-pull-inc.xml").read_text()
+    root = etree.fromstring(xml.encode())
+    assert root.find("server").attrib == {"transport": "tcp", "name": "hv1.example.org", "port": "10809",
+                                          "tls": "yes"}
+    vda, vdb = root.findall("disks/disk")
+    assert vda.get("exportbitmap") == "backup-vda" and vda.get("exportname") == "vda"
+    assert vdb.get("backupmode") == "full" and vdb.get("exportbitmap") is None
+
+
+def test_scratch_paths_are_escaped():
+    xml = xmlbuild.pull_backup_xml([xmlbuild.PullDisk("vda", "/s/a \"b\" & <c>.scratch")], None,
+                                   xmlbuild.NbdServer(socket="/run/x.sock"))
+    valid(rng("domainbackup.rng"), xml)
+    assert etree.fromstring(xml.encode()).find("disks/disk/scratch").get("file") == "/s/a \"b\" & <c>.scratch"
+
+
+class FakeStatus:
+    """Answers block_status from fixed extent lists (pure logic; the real server is tested in
+    tests/integration/test_pull.py)."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def block_status(self, count, offset, cb, flags=0):
+        for ctx, runs in self.answers.items():
+            entries, start = [], None
+            for s, n, f in runs:
+                if s + n <= offset:
+                    continue
+                if start is None:
+                    start = max(s, offset)
+                    n -= start - s
+                entries += [n, f]
+            cb(ctx, start, entries, 0)
+
+
+def test_full_copy_skips_zero_extents():
+    h = FakeStatus({"base:allocation": [(0, 1 * MiB, 0), (1 * MiB, 7 * MiB, 3), (8 * MiB, 8 * MiB, 0)]})
+    runs, end = nbdcopy.extents(h, 16 * MiB, None)
+    assert runs == [(0, 1 * MiB, False), (8 * MiB, 8 * MiB, False)] and end == 16 * MiB
+
+
+def test_incremental_copies_dirty_runs_split_into_data_and_zero():
+    h = FakeStatus({
+        "base:allocation": [(0, 4 * MiB, 0), (4 * MiB, 4 * MiB, 2), (8 * MiB, 8 * MiB, 0)],
+        "qemu:dirty-bitmap:backup-vda": [(0, 3 * MiB, 0), (3 * MiB, 2 * MiB, 1), (5 * MiB, 11 * MiB, 0)],
+    })
+    runs, end = nbdcopy.extents(h, 16 * MiB, "qemu:dirty-bitmap:backup-vda")
+    assert runs == [(3 * MiB, 1 * MiB, False), (4 * MiB, 1 * MiB, True)] and end == 16 * MiB
+
+
+def test_a_short_answer_ends_the_window_where_the_shortest_context_ended():
+    h = FakeStatus({
+        "base:allocation": [(0, 2 * MiB, 0)],                                  # answered 2 MiB only
+        "qemu:dirty-bitmap:backup-vda": [(0, 16 * MiB, 1)],
+    })
+    runs, end = nbdcopy.extents(h, 16 * MiB, "qemu:dirty-bitmap:backup-vda")
+    assert runs == [(0, 2 * MiB, False)] and end == 2 * MiB
+    runs, end = nbdcopy.extents(FakeStatus({"base:allocation": [(4 * MiB, 12 * MiB, 0)]}), 16 * MiB, None,
+                                offset=4 * MiB)
+    assert runs == [(4 * MiB, 12 * MiB, False)] and end == 16 * MiB
+
+
+def test_missing_context_answer_is_an_error():
+    h = FakeStatus({"base:allocation": [(0, 16 * MiB, 0)]})
+    try:
+        nbdcopy.extents(h, 16 * MiB, "qemu:dirty-bitmap:backup-vda")
+    except nbdcopy.NbdError as e:
+        assert "no block status" in str(e)
+    else:
+        raise AssertionError("an incremental without bitmap status must not copy")

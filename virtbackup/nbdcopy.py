@@ -1,0 +1,379 @@
+"""Copy an NBD export into a qcow2 image: the data path of pull-mode backups.
+
+The source is libvirt's NBD server (a unix socket or TCP); the target is a pre-created qcow2
+(with its relative backing link for incrementals) that `qemu-nbd` serves to us, started by
+libnbd through socket activation: qcow2 stays in QEMU's block layer, and the server process
+ends with our connection (also when we are killed). Only what is needed travels:
+- full copy (no bitmap): the source's allocated extents that do not read as zeroes;
+- incremental (a `qemu:dirty-bitmap:...` meta context): the dirty extents only; dirty extents
+  that read as zeroes become NBD write-zeroes on the target (no data moved, and the backing
+  image's old data below them is masked).
+Several requests stay in flight on both connections (one event loop over both sockets).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+from .errors import OperationFailed
+
+log = logging.getLogger(__name__)
+
+ALLOCATION = "base:allocation"
+STATE_ZERO = 2          # base:allocation: the extent reads as zeroes
+DIRTY = 1               # qemu:dirty-bitmap:*: the extent changed since the bitmap's checkpoint
+REQUEST_SIZE = 4 << 20  # per read/write; QEMU's NBD server allows 32 MiB
+MAX_IN_FLIGHT = 16      # requests on the wire, reads and writes together (64 MiB of buffers)
+STATUS_WINDOW = 1 << 30  # block status asked for this much at a time
+QEMU_NBD = os.environ.get("VIRTBACKUP_QEMU_NBD", "qemu-nbd")
+
+# What the copy can be told to stop for: returns a reason (e.g. "SIGINT") or None.
+StopCheck = Callable[[], Optional[str]]
+Progress = Callable[[int, int], None]   # (bytes done, bytes to do)
+
+
+class NbdError(OperationFailed):
+    """The NBD copy failed: the source connection broke, the target could not be written..."""
+
+    kind = "nbd"
+
+
+class CopyStopped(OperationFailed):
+    """`should_stop` asked the copy to end early (a signal)."""
+
+    kind = "interrupted"
+
+    def __init__(self, why: str):
+        super().__init__(f"copy stopped by {why}")
+        self.why = why
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where an NBD export is: a unix socket, or TCP host and port."""
+
+    export: str
+    socket: Optional[str] = None
+    host: Optional[str] = None
+    port: Optional[int] = None
+    tls: bool = False
+    tls_certificates: Optional[str] = None   # directory with ca-cert.pem, client-cert.pem, client-key.pem
+
+    def describe(self) -> str:
+        where = self.socket if self.socket else f"{self.host}:{self.port}"
+        return f"export '{self.export}' at {where}"
+
+
+@dataclass
+class CopyStats:
+    size: int = 0           # virtual size of the export
+    read: int = 0           # bytes read from the source (what travelled over NBD)
+    written: int = 0        # data bytes written to the target
+    zeroed: int = 0         # bytes written as zeroes (no data moved)
+    extents: int = 0        # extents copied or zeroed
+    seconds: float = 0.0
+
+
+def _nbd() -> Any:
+    try:
+        import nbd
+    except ImportError:
+        raise OperationFailed("pull mode needs libnbd's Python binding: apt-get install python3-libnbd "
+                              "(and a Python that sees Debian's packages; see README)") from None
+    return nbd
+
+
+def _message(e: BaseException) -> str:
+    """libnbd's error text, without its 'nbd_xxx: ' prefix noise when errno says it all."""
+    msg = getattr(e, "string", None) or str(e)
+    err = getattr(e, "errno", None)
+    if err and os.strerror(err) not in msg:
+        msg = f"{msg} ({os.strerror(err)})"
+    return " ".join(msg.split())
+
+
+def open_source(src: Endpoint, contexts: List[str]) -> Any:
+    """Connect to the export with the meta contexts asked for; refuse one that lacks any."""
+    nbd = _nbd()
+    h = nbd.NBD()
+    h.set_handle_name("virtbackup-src")
+    for c in contexts:
+        h.add_meta_context(c)
+    h.set_export_name(src.export)
+    if src.tls:
+        h.set_tls(nbd.TLS_REQUIRE)
+        if src.tls_certificates:
+            h.set_tls_certificates(src.tls_certificates)
+    try:
+        if src.socket:
+            h.connect_unix(src.socket)
+        else:
+            h.connect_tcp(src.host or "localhost", str(src.port))
+    except nbd.Error as e:
+        raise NbdError(f"cannot connect to NBD {src.describe()}: {_message(e)}") from None
+    for c in contexts:
+        if not h.can_meta_context(c):
+            raise NbdError(f"NBD {src.describe()} does not offer meta context {c}")
+    return h
+
+
+def open_target(image: Path) -> Any:
+    """Serve `image` (qcow2, with its backing link) with qemu-nbd over socket activation.
+
+    --detect-zeroes=on: data that is all zeroes is stored as zero clusters, not written.
+    """
+    nbd = _nbd()
+    exe = shutil.which(QEMU_NBD)
+    if exe is None:
+        raise OperationFailed(f"{QEMU_NBD} not found; install qemu-utils")
+    argv = [exe, "--format=qcow2", "--cache=writeback", "--detect-zeroes=on", "--discard=ignore",
+            str(image)]
+    log.debug("target server: %s", argv)
+    h = nbd.NBD()
+    h.set_handle_name("virtbackup-dst")
+    try:
+        h.connect_systemd_socket_activation(argv)
+    except nbd.Error as e:
+        raise NbdError(f"cannot serve {image} with qemu-nbd: {_message(e)}") from None
+    if h.is_read_only():
+        raise NbdError(f"qemu-nbd serves {image} read-only")
+    return h
+
+
+def close(h: Any) -> None:
+    """Disconnect cleanly when possible; the handle's end also ends a socket-activated server."""
+    nbd = _nbd()
+    try:
+        h.shutdown()
+    except nbd.Error:
+        pass
+    # nbd_close() runs when the last reference goes: it closes the socket and waits for the
+    # qemu-nbd child (which exits when its only client is gone)
+    del h
+
+
+def extents(h: Any, size: int, bitmap: Optional[str],
+            offset: int = 0, window: int = STATUS_WINDOW) -> Tuple[List[Tuple[int, int, bool]], int]:
+    """(offset, length, zero) runs to copy from [offset, end), and `end`: see the module doc.
+
+    `end` is where every meta context answered up to (the server may answer less than asked);
+    the caller asks again from there.
+    """
+    nbd = _nbd()
+    count = min(window, size - offset)
+    answers: Dict[str, List[Tuple[int, int, int]]] = {}
+
+    def cb(ctx: str, off: int, entries: List[int], err: Any) -> int:
+        runs = []
+        pos = off
+        for i in range(0, len(entries) - 1, 2):
+            runs.append((pos, entries[i], entries[i + 1]))
+            pos += entries[i]
+        answers[ctx] = runs
+        return 0
+
+    try:
+        h.block_status(count, offset, cb)
+    except nbd.Error as e:
+        raise NbdError(f"block status of NBD export at {offset} failed: {_message(e)}") from None
+    if ALLOCATION not in answers or (bitmap and bitmap not in answers):
+        raise NbdError(f"NBD server returned no block status for {ALLOCATION}"
+                       f"{' and ' + bitmap if bitmap else ''} at offset {offset}")
+    end = min(offset + count, *(r[-1][0] + r[-1][1] for r in answers.values() if r))
+    if end <= offset:
+        raise NbdError(f"NBD server returned an empty block status at offset {offset}")
+    alloc = answers[ALLOCATION]
+    if bitmap is None:
+        wanted = [(s, min(s + n, end)) for s, n, f in alloc if not f & STATE_ZERO and s < end]
+        return _merge([(s, e - s, False) for s, e in wanted if e > s]), end
+    out: List[Tuple[int, int, bool]] = []
+    for ds, dn, df in answers[bitmap]:
+        if not df & DIRTY:
+            continue
+        de = min(ds + dn, end)
+        for s, n, f in alloc:       # split the dirty run where allocation says zero/data
+            lo, hi = max(s, ds), min(s + n, de)
+            if lo < hi:
+                out.append((lo, hi - lo, bool(f & STATE_ZERO)))
+    return _merge(out), end
+
+
+def _merge(runs: List[Tuple[int, int, bool]]) -> List[Tuple[int, int, bool]]:
+    merged: List[Tuple[int, int, bool]] = []
+    for s, n, z in sorted(runs):
+        if merged and merged[-1][2] == z and merged[-1][0] + merged[-1][1] == s:
+            ps, pn, _ = merged[-1]
+            merged[-1] = (ps, pn + n, z)
+        else:
+            merged.append((s, n, z))
+    return merged
+
+
+class _Pump:
+    """One event loop over the source and target sockets, several requests in flight.
+
+    Reads complete into a queue that the loop turns into writes of the same buffer; zero runs
+    go to the target directly. Completion callbacks only record: libnbd forbids calls on a
+    handle from inside its own callbacks, and errors are raised from the loop.
+    """
+
+    def __init__(self, src: Any, dst: Any, src_name: str, dst_name: str, stats: CopyStats):
+        self.nbd = _nbd()
+        self.src, self.dst = src, dst
+        self.src_name, self.dst_name = src_name, dst_name
+        self.stats = stats
+        self.in_flight = 0
+        self.to_write: Deque[Tuple[Any, int]] = deque()
+        self.error: Optional[str] = None
+        self.done_bytes = 0
+
+    def _fail(self, what: str, err: int) -> None:
+        if self.error is None:
+            self.error = f"{what}: {os.strerror(err) if err else 'failed'}"
+
+    def read(self, offset: int, length: int) -> None:
+        buf = self.nbd.Buffer(length)
+
+        def done(err: Any) -> int:
+            if err.value:
+                self.in_flight -= 1
+                self._fail(f"reading {length} bytes at {offset} from {self.src_name}", err.value)
+            else:
+                self.stats.read += length
+                self.to_write.append((buf, offset))
+            return 1
+        self.src.aio_pread(buf, offset, completion=done)
+        self.in_flight += 1
+
+    def _write(self, buf: Any, offset: int) -> None:
+        n = len(buf)
+
+        def done(err: Any) -> int:
+            self.in_flight -= 1
+            if err.value:
+                self._fail(f"writing {n} bytes at {offset} to {self.dst_name}", err.value)
+            else:
+                self.stats.written += n
+                self.done_bytes += n
+            return 1
+        self.dst.aio_pwrite(buf, offset, completion=done)
+
+    def zero(self, offset: int, length: int) -> None:
+        def done(err: Any) -> int:
+            self.in_flight -= 1
+            if err.value:
+                self._fail(f"zeroing {length} bytes at {offset} in {self.dst_name}", err.value)
+            else:
+                self.stats.zeroed += length
+                self.done_bytes += length
+            return 1
+        self.dst.aio_zero(length, offset, completion=done)
+        self.in_flight += 1
+
+    def step(self, timeout: float) -> None:
+        """Hand finished reads to the target, then wait (at most `timeout` s) for socket events."""
+        while self.to_write:
+            buf, off = self.to_write.popleft()
+            self._write(buf, off)
+        if self.error:
+            return
+        nbd = self.nbd
+        fds = {}
+        poller = select.poll()
+        for h in (self.src, self.dst):
+            d = h.aio_get_direction()
+            ev = (select.POLLIN if d & nbd.AIO_DIRECTION_READ else 0) | \
+                 (select.POLLOUT if d & nbd.AIO_DIRECTION_WRITE else 0)
+            if ev:
+                fd = h.aio_get_fd()
+                fds[fd] = h
+                poller.register(fd, ev)
+        if not fds:
+            return
+        for fd, ev in poller.poll(int(timeout * 1000)):
+            h = fds[fd]
+            name = self.src_name if h is self.src else self.dst_name
+            try:
+                if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    h.aio_notify_read()
+                if ev & select.POLLOUT:
+                    h.aio_notify_write()
+            except nbd.Error as e:
+                if self.error is None:
+                    self.error = f"connection to {name} lost: {_message(e)}"
+
+
+def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
+         should_stop: Optional[StopCheck] = None, progress: Optional[Progress] = None,
+         request_size: int = REQUEST_SIZE, max_in_flight: int = MAX_IN_FLIGHT) -> CopyStats:
+    """Copy the export into `target` (see the module doc); flushed before returning.
+
+    `bitmap` is the dirty-bitmap meta context (e.g. `qemu:dirty-bitmap:backup-vda`): given, only
+    dirty extents are copied and the target must have the previous image as backing; not
+    given, the target must be empty and unbacked. Raises NbdError (with what failed and where)
+    or CopyStopped; the target's content is then undefined and the caller discards it.
+    """
+    nbd = _nbd()
+    started = time.monotonic()
+    contexts = [ALLOCATION] + ([bitmap] if bitmap else [])
+    s = open_source(src, contexts)
+    d: Any = None
+    try:
+        d = open_target(target)
+        size = s.get_size()
+        if d.get_size() < size:
+            raise NbdError(f"target {target} ({d.get_size()} bytes) is smaller than "
+                           f"{src.describe()} ({size} bytes)")
+        stats = CopyStats(size=size)
+        pump = _Pump(s, d, f"NBD {src.describe()}", str(target), stats)
+        pending: Deque[Tuple[int, int, bool]] = deque()
+        status_at = 0           # block status known up to here
+        todo = 0                # bytes found to copy so far (grows as status is read)
+        while True:
+            why = should_stop() if should_stop else None
+            if why:
+                raise CopyStopped(why)
+            if pump.error:
+                raise NbdError(pump.error)
+            # keep the queue fed from block status, a window at a time
+            if not pending and status_at < size:
+                runs, status_at = extents(s, size, bitmap, status_at)
+                for off, n, zero in runs:
+                    stats.extents += 1
+                    todo += n
+                    for o in range(off, off + n, request_size):
+                        pending.append((o, min(request_size, off + n - o), zero))
+                continue
+            while pending and pump.in_flight < max_in_flight:
+                off, n, zero = pending.popleft()
+                (pump.zero if zero else pump.read)(off, n)
+            if not pending and status_at >= size and pump.in_flight == 0 and not pump.to_write:
+                break
+            pump.step(0.2)
+            if progress:
+                progress(pump.done_bytes, todo)
+        try:
+            d.flush()
+        except nbd.Error as e:
+            raise NbdError(f"flushing {target} failed: {_message(e)}") from None
+        stats.seconds = round(time.monotonic() - started, 3)
+        log.debug("copied %s into %s: %s", src.describe(), target, stats)
+        return stats
+    except nbd.Error as e:     # a synchronous call on a broken connection
+        raise NbdError(f"NBD copy from {src.describe()} failed: {_message(e)}") from None
+    finally:
+        close(s)
+        if d is not None:
+            close(d)
+
+
+__all__ = ["Endpoint", "CopyStats", "NbdError", "CopyStopped", "copy", "extents", "open_source",
+           "open_target"]
