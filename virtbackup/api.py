@@ -96,7 +96,8 @@ def chain_json(chain: Chain) -> Dict[str, Any]:
 @_boundary
 def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[str] = (),
            uri: Optional[str] = None, notify: Optional[Notify] = None,
-           reason: Optional[str] = None, quiesce: str = "auto") -> BackupResult:
+           reason: Optional[str] = None, quiesce: str = "auto", mode: Optional[str] = None,
+           scratch_dir: Optional[str] = None) -> BackupResult:
     """Take one backup of DOMAIN (name or UUID; running or shut off) into BACKUP_DIR.
 
     `level`: auto | full | inc | diff (see plan.plan_backup); `disks`: only these targets;
@@ -104,8 +105,11 @@ def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[s
     level (e.g. a job's max_chain), recorded with the point. `quiesce`: auto (freeze the guest's
     filesystems through its agent when it has an agent channel, else crash-consistent),
     require (fail, nothing recorded, when the guest can't be frozen), off (see quiesce.py).
+    `mode`: push | pull (None: push for a local libvirtd, pull for a remote URI); `scratch_dir`:
+    where a pull backup's scratch files go on the hypervisor (default: beside each disk image).
     """
-    return _backup(uri, domain, user_path(backup_dir, "BACKUP_DIR"), level, disks, notify, reason, quiesce)
+    return _backup(uri, domain, user_path(backup_dir, "BACKUP_DIR"), level, disks, notify, reason, quiesce,
+                   mode, scratch_dir)
 
 
 @_boundary
@@ -167,7 +171,9 @@ def flatten(image: Path) -> FlattenResult:
 def status(domain: str, uri: Optional[str] = None) -> StatusReport:
     """Each disk's bitmaps (flags, dirty bytes, owner) and every checkpoint of DOMAIN."""
     with host.connection(uri) as conn:
-        return health.status(host.lookup_domain(conn, domain))
+        dom = host.lookup_domain(conn, domain)
+        _refuse_remote_inactive(uri, dom, "status")
+        return health.status(dom)
 
 
 @_boundary
@@ -181,6 +187,7 @@ def repair(domain: str, backup_dir: Path, dry_run: bool = False, uri: Optional[s
     with host.connection(uri) as conn:
         dom = host.lookup_domain(conn, domain)
         bdir.check_owner(chain, dom.name(), dom.UUIDString())
+        _refuse_remote_inactive(uri, dom, "repair")
         report = RepairReport(dom.name(), dry_run=dry_run)
         with domain_lock(dom.UUIDString()), dir_lock(bdir):   # same order as backup
             report.actions = health.plan_repair(LibvirtDomain(dom), chain, bdir=bdir)
@@ -285,3 +292,11 @@ def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] =
                 progress: Optional[Progress] = None) -> LiveResult:
     """Finish an interrupted live restore of domain NAME (running: pull; shut off: flatten)."""
     return _resume_live(name, uri, max_speed, progress)
+
+
+def _refuse_remote_inactive(uri: Optional[str], dom: libvirt.virDomain, what: str) -> None:
+    """A shut-off domain's bitmaps are only in its image headers, on the hypervisor: a remote
+    one's can't be read from here (QMP answers only for a running domain)."""
+    if host.is_remote(uri) and not dom.isActive():
+        from .pull import refuse_remote
+        refuse_remote(uri, f"{what} of a shut-off domain")

@@ -64,12 +64,14 @@ class BackupResult:
     skipped: Dict[str, str]                     # disk -> why it took no part
     removed_checkpoints: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
+    transfer: Dict[str, Dict[str, Any]] = field(default_factory=dict)   # pull: per disk bytes read/written
 
     def to_json(self) -> Dict[str, Any]:
         """{"domain", "point": {...point record, "size"}, "skipped", "removed_checkpoints",
-        "warnings"} (the `backup --json` output)."""
+        "warnings", "transfer"} (the `backup --json` output)."""
         return {"domain": self.domain, "point": point_json(self.point), "skipped": self.skipped,
-                "removed_checkpoints": self.removed_checkpoints, "warnings": self.warnings}
+                "removed_checkpoints": self.removed_checkpoints, "warnings": self.warnings,
+                "transfer": self.transfer}
 
 
 def point_json(p: Point) -> Dict[str, Any]:
@@ -243,7 +245,7 @@ class Engine:
             chain=plan.point_id if base is None else chain.chain_full(base).id,
             disks=images, domain_xml=f"{POINTS_DIR}/{plan.point_id}/domain.xml",
             checkpoint_xml=f"{POINTS_DIR}/{plan.point_id}/checkpoint.xml", reason=plan.reason,
-            duration=round(time.monotonic() - started, 3))
+            duration=round(time.monotonic() - started, 3), transport=self.runner.transport)
         if self.quiesce is not None:
             self.quiesce.record(point)
             self.warnings.extend(self.quiesce.warnings)
@@ -263,7 +265,7 @@ class Engine:
             self._warn(f"{held[0]} arrived while point {point.id} was being recorded; the point is complete")
         removed = self._retire(chain, point)
         return BackupResult(self.handle.dom.name(), point, dict(plan.skipped), removed,
-                            self.warnings + self.runner.warnings)
+                            self.warnings + self.runner.warnings, dict(getattr(self.runner, "transfer", {})))
 
     def _retire(self, chain: Chain, point: Point) -> List[str]:
         """Delete this directory's checkpoints no future backup needs. The point is recorded:
@@ -317,22 +319,38 @@ class Engine:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: Optional[Quiescer] = None) -> Runner:
-    """The push job for a running domain (frozen around its start by `quiesce`), a private QEMU
-    for a shut-off one (consistent by nature)."""
+def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: Optional[Quiescer] = None,
+               mode: str = "push", scratch_dir: Optional[str] = None) -> Runner:
+    """The push job (or the pull job, `mode` pull) for a running domain, frozen around its start
+    by `quiesce`; a private QEMU for a shut-off one (consistent by nature)."""
     if handle.dom.isActive():
+        if mode == "pull":   # libvirt exports the disks over NBD, we copy (pull.py)
+            from .pull import PullRunner
+            return PullRunner(handle, bdir.path / POINTS_DIR, notify, scratch_dir, quiesce)
         return PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce)
+    if mode == "pull":
+        notify("domain is shut off: backing up its images offline, not over NBD")
     return OfflineRunner(handle, notify)
 
 
 def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto",
            disks: Sequence[str] = (), notify: Optional[Notify] = None,
-           reason: Optional[str] = None, quiesce: str = "auto") -> BackupResult:
+           reason: Optional[str] = None, quiesce: str = "auto", mode: Optional[str] = None,
+           scratch_dir: Optional[str] = None) -> BackupResult:
     """Take one backup of DOMAIN (running or shut off) into BACKUP_DIR; see api.backup."""
     if level not in REQUESTED_LEVELS:
         raise UsageError(f"unknown level '{level}' (auto, full, inc, diff)")
     if quiesce not in ("auto", "require", "off"):
         raise UsageError(f"unknown quiesce mode '{quiesce}' (auto, require, off)")
+    remote = host.is_remote(uri)
+    mode = mode or ("pull" if remote else "push")
+    if mode not in ("push", "pull"):
+        raise UsageError(f"unknown mode '{mode}' (push, pull)")
+    if scratch_dir is not None:
+        if mode != "pull":
+            raise UsageError("--scratch-dir is for pull mode (--mode pull)")
+        if not os.path.isabs(scratch_dir):
+            raise UsageError(f"--scratch-dir must be an absolute path on the hypervisor, not '{scratch_dir}'")
     say: Notify = notify or (lambda _m: None)
     bdir = BackupDir(backup_dir)
     must_create = bdir.check_usable()
@@ -342,6 +360,9 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
         uuid = dom.UUIDString()
         if existing is not None:
             bdir.check_owner(existing, dom.name(), uuid)
+        if remote and not dom.isActive():
+            from .pull import refuse_remote
+            refuse_remote(uri, "an offline backup")
         quiescer = Quiescer(dom, quiesce, say)
         quiescer.check()        # --quiesce=require without an agent channel: refused before anything
         with domain_lock(uuid):
@@ -351,8 +372,8 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
             if must_create:
                 bdir.create()
             with dir_lock(bdir), runlog.run_log(bdir.path, "backup"):
-                log.info("backup of domain %s (%s) into %s, level %s%s", dom.name(), uuid, bdir.path, level,
-                         f", disks {', '.join(disks)}" if disks else "")
+                log.info("backup of domain %s (%s) into %s, level %s, mode %s%s", dom.name(), uuid, bdir.path,
+                         level, mode, f", disks {', '.join(disks)}" if disks else "")
                 chain = bdir.load_or_none()
                 if chain is None:
                     # The chain id names this directory's checkpoints: record it (no points yet)
@@ -365,7 +386,8 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                 chain.path = str(bdir.path)
                 handle = DomainHandle(conn, dom)
                 try:
-                    engine = Engine(handle, bdir, runner_for(handle, bdir, say, quiescer), say, quiescer)
+                    engine = Engine(handle, bdir, runner_for(handle, bdir, say, quiescer, mode, scratch_dir), say,
+                                    quiescer)
                     engine.cleanup_leftovers(chain)
                     result = engine.run(chain, cast(RequestedLevel, level), disks, reason)
                     log.info("done: point %s, %s bytes written, %.3fs", result.point.id,

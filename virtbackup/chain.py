@@ -137,6 +137,7 @@ class Point:
     consistency: Optional[str] = None
     consistency_reason: Optional[str] = None
     frozen_seconds: Optional[float] = None      # how long the guest's filesystems were frozen
+    transport: str = "push"         # how the data travelled: push | pull | offline (older points: push)
 
 
 @dataclass

@@ -200,6 +200,12 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
                help="freeze the guest's filesystems through its agent for the job start: auto (default: when "
                     "the domain has an agent channel, else crash-consistent), require (fail if it can't; a "
                     "bare --quiesce means require), off"),
+           mode: Optional[str] = typer.Option(
+               None, "--mode", help="push (QEMU writes the backup dir) | pull (virtbackup reads the disks "
+               "over NBD); default: push for a local libvirtd, pull for a remote URI"),
+           scratch_dir: Optional[str] = typer.Option(
+               None, "--scratch-dir", help="pull: directory on the hypervisor for the scratch files "
+               "(default: beside each disk image)"),
            as_json: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
     """Back up a domain, running or shut off: full, inc (since the last point) or diff (since the full)."""
     def notify(msg: str) -> None:
@@ -211,7 +217,7 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
             return
         p = r.point
         size = _human_size(sum(i.size for i in p.disks.values()))
-        print(f"point {p.id}: {p.level} backup of {r.domain} ({', '.join(sorted(p.disks))}), "
+        print(f"point {p.id}: {p.level} {p.transport} backup of {r.domain} ({', '.join(sorted(p.disks))}), "
               f"{size} written in {p.duration:.2f}s, checkpoint {p.checkpoint}")
         if p.consistency:
             frozen = f", guest frozen {p.frozen_seconds:.2f}s" if p.frozen_seconds is not None else ""
@@ -223,7 +229,8 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
     def call() -> Any:
         from . import progress
         with progress.backup(_state["uri"], domain, progress.wanted(as_json, no_progress)):
-            return api.backup(domain, backup_dir, level, disk, _state["uri"], notify, reason=reason, quiesce=quiesce)
+            return api.backup(domain, backup_dir, level, disk, _state["uri"], notify, reason=reason, quiesce=quiesce,
+                              mode=mode, scratch_dir=scratch_dir)
 
     _run(as_json, call, render)
 

@@ -107,6 +107,19 @@ def libvirt_message(exc: BaseException) -> str:
     return str(exc)
 
 
+def is_remote(uri: Optional[str]) -> bool:
+    """A URI naming a host (qemu+ssh://h/system, qemu+tcp://h/system, qemu://h/system) reaches
+    a libvirtd elsewhere, even when h is this machine: its files are not ours to open."""
+    from urllib.parse import urlsplit
+    uri = uri or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+    return bool(urlsplit(uri).hostname)
+
+
+def uri_host(uri: str) -> Optional[str]:
+    from urllib.parse import urlsplit
+    return urlsplit(uri).hostname
+
+
 @transient_retry
 def _open(uri: str) -> libvirt.virConnect:
     return libvirt.open(uri)

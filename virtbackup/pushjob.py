@@ -38,16 +38,27 @@ def job_gone(dom: libvirt.virDomain) -> bool:
         return False   # daemon unreachable for now; keep waiting for its answer
 
 
-def job_writes_into(dom: libvirt.virDomain, points_dir: Path) -> bool:
-    """True when the domain's running backup job writes into points_dir/*.partial: a job of ours."""
+def job_writes_into(dom: libvirt.virDomain, points_dir: Path, prefix: Optional[str] = None) -> bool:
+    """True when the domain's running backup job is one of ours: a push job writing into
+    points_dir/*.partial, or (given the chain's checkpoint `prefix`) a pull job whose scratch
+    files carry one of the chain's checkpoint names (pull.scratch_path)."""
     try:
         if job_gone(dom):
             return False
         xml = dom.backupGetXMLDesc(0)
     except libvirt.libvirtError:
         return False
-    dirs = [Path(t.get("file") or "/").parent for t in etree.fromstring(xml.encode()).iterfind("./disks/disk/target")]
+    root = etree.fromstring(xml.encode())
+    if root.get("mode") == "pull":
+        return bool(prefix) and any(str(prefix) in Path(s.get("file") or "").name
+                                    for s in root.iterfind("./disks/disk/scratch"))
+    dirs = [Path(t.get("file") or "/").parent for t in root.iterfind("./disks/disk/target")]
     return any(d.parent == points_dir and d.name.endswith(PARTIAL_SUFFIX) for d in dirs)
+
+
+def checkpoint_prefix(checkpoint: str) -> str:
+    """The chain's checkpoint prefix (`virtbackup-<dir id>-`) of one of its checkpoint names."""
+    return checkpoint[:len(checkpoint) - len(checkpoint.rsplit("-", 1)[-1])]
 
 
 def abort_job(conn: libvirt.virConnect, dom: libvirt.virDomain, timeout: float = 60.0,
@@ -113,7 +124,8 @@ class PushRunner:
         dom = self.handle.dom
         if job_gone(dom):
             return
-        if job_writes_into(dom, self.points_dir):
+        prefix = checkpoint_prefix(self._plan.checkpoint) if self._plan else None
+        if job_writes_into(dom, self.points_dir, prefix):
             # Left by a run of this directory that was killed mid-job (we hold its locks now):
             # nobody will read what it writes, and it blocks ours.
             self.notify("aborting the backup job left by an interrupted run")
@@ -186,6 +198,6 @@ class PushRunner:
             log.warning("cannot reconnect to abort the job: %s", host.libvirt_message(e))
             return False
         dom = self.handle.dom
-        if job_writes_into(dom, self.points_dir):
+        if job_writes_into(dom, self.points_dir, checkpoint_prefix(self._plan.checkpoint) if self._plan else None):
             return abort_job(self.handle.conn, dom)
         return True

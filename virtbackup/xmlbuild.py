@@ -93,7 +93,7 @@ class PullDisk:
     """One disk's part in a pull backup."""
 
     name: str                       # target dev, e.g. "vda"; also its NBD export name
-    scratch: Optional[str] = None   # scratch file on the hypervisor; None = libvirt's default
+    scratch: str                    # scratch file on the hypervisor (absolute)
     full: bool = False              # whole disk inside an incremental backup (no bitmap export)
 
     @property
@@ -143,9 +143,11 @@ def pull_backup_xml(disks: Iterable[PullDisk], incremental: Optional[str], serve
                 el.set("backupmode", "full")
             else:
                 el.set("exportbitmap", d.export_bitmap)
-        if d.scratch:   # the schema allows <driver> only together with <scratch>
-            etree.SubElement(el, "scratch", file=d.scratch)
-            etree.SubElement(el, "driver", type="qcow2")
+        # libvirt 9.0 has no default scratch file for pull mode (it fails with "argument key
+        # 'filename' must not have null value"): there always is one
+        scratch = el.find("scratch")
+        assert scratch is not None
+        scratch.set("file", d.scratch)
         disks_el.append(el)
     return to_string(root)
 

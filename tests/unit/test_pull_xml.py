@@ -12,16 +12,18 @@ from virtbackup import nbdcopy, xmlbuild
 MiB = 1 << 20
 
 
-def test_pull_full_over_unix_socket_with_scratch_dir():
+def test_pull_full_over_unix_socket():
     xml = xmlbuild.pull_backup_xml(
-        [xmlbuild.PullDisk("vda", "/var/tmp/s/virtbackup-0a1b2c3d-0001-vda.scratch"), xmlbuild.PullDisk("vdb")],
+        [xmlbuild.PullDisk("vda", "/var/tmp/s/virtbackup-0a1b2c3d-0001-vda.scratch"),
+         xmlbuild.PullDisk("vdb", "/var/tmp/s/virtbackup-0a1b2c3d-0001-vdb.scratch")],
         None, xmlbuild.NbdServer(socket="/run/virtbackup/nbd-x.sock"))
     valid(rng("domainbackup.rng"), xml)
     assert xml == (GOLDEN / "backup-pull-full.xml").read_text()
 
 
 def test_pull_incremental_over_tcp_with_tls_and_a_disk_copied_whole():
-    xml = xmlbuild.pull_backup_xml([xmlbuild.PullDisk("vda"), xmlbuild.PullDisk("vdb", full=True)],
+    xml = xmlbuild.pull_backup_xml([xmlbuild.PullDisk("vda", "/i/c-vda.scratch"),
+                                    xmlbuild.PullDisk("vdb", "/i/c-vdb.scratch", full=True)],
                                    "virtbackup-0a1b2c3d-0001",
                                    xmlbuild.NbdServer(host="hv1.example.org", port=10809, tls=True))
     valid(rng("domainbackup.rng"), xml)
