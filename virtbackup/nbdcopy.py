@@ -94,8 +94,8 @@ def _nbd() -> Any:
 def _message(e: BaseException) -> str:
     """libnbd's error text, without its 'nbd_xxx: ' prefix noise when errno says it all."""
     msg = getattr(e, "string", None) or str(e)
-    err = getattr(e, "errno", None)
-    if err and os.strerror(err) not in msg:
+    err = getattr(e, "errnum", None)      # nbd.Error: .errno is a name ('EIO'), .errnum the number
+    if isinstance(err, int) and err and os.strerror(err) not in msg:
         msg = f"{msg} ({os.strerror(err)})"
     return " ".join(msg.split())
 

@@ -117,8 +117,9 @@ class PullBackup(Backup):
         sources = {d.target: d.source or "" for d in host.domain_disks(self.dom.XMLDesc(0))}
         pdisks = [xmlbuild.PullDisk(name, scratch_path(self.scratch_dir, sources.get(name, ""), cp_name, name),
                                     full=whole) for name, _t, whole in targets]
-        self.transfer: Dict[str, Dict[str, Any]] = {}
+        self.transfer = {}
         watch = host.JobWatch(self.conn, self.dom)
+        server: Optional[xmlbuild.NbdServer] = None
 
         def should_stop() -> Optional[str]:
             if watch.interrupted:
@@ -163,6 +164,12 @@ class PullBackup(Backup):
             stats = _completed_stats(self.dom, watch)
         finally:
             watch.close()
+            if server is not None and server.socket:
+                # QEMU removes its socket when the job ends, but not when it dies with it
+                try:
+                    os.unlink(server.socket)
+                except FileNotFoundError:
+                    pass
         # libvirt reports an ended pull job as completed (errmsg 'Operation canceled'); a failed
         # copy-before-write on the host (e.g. its scratch file's storage filled up) as failed
         if stats.get("type") not in (None, libvirt.VIR_DOMAIN_JOB_COMPLETED) or not stats.get("success", True):
@@ -199,14 +206,14 @@ class PullBackup(Backup):
 
 
 def refuse_remote(uri: Optional[str], what: str) -> None:
-    """Exit 2 up front for what needs the hypervisor's files on this host."""
-    if uri and host.is_remote(uri):
+    """Exit 2 up front for what needs the hypervisor's files on this host (or ours on it)."""
+    if host.is_remote(uri):
         raise UsageError(f"{what} is not possible with a remote libvirt URI ({uri}): {_WHY[what]}")
 
 
 _WHY = {
     "an offline backup": "it reads the shut-off domain's image files, which are on that host; start the "
                          "domain (pull mode backs it up over NBD) or run virtbackup on that host",
-    "restore --instant": "the overlays' backing files would be this host's backup directory, which "
-                         "that host cannot see; restore without --instant",
+    "restore --instant": "the new domain would run on that host on overlays backed by this host's "
+                         "backup directory, which it cannot see; restore without --instant",
 }

@@ -163,6 +163,12 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
     for n in disks:
         if not n:
             raise UsageError("--disk needs a disk name, not an empty string")
+    if instant and define:
+        # the domain would run on that host with backing files in this host's backup directory
+        from .host import is_remote
+        from .pull import refuse_remote
+        if is_remote(uri):
+            refuse_remote(uri or "", "restore --instant")
     bdir = BackupDir(backup_dir)
     bdir.load()                                     # exit 2 on a missing/corrupt dir before locking
     with shared_lock(bdir):

@@ -1,0 +1,332 @@
+"""Pull mode (issue 14): backups read over NBD into a directory only virtbackup can see.
+
+Most tests keep the backup directory on a tmpfs in a private mount namespace (tests/hiddenns.py):
+libvirtd and QEMU see an empty directory there, so push mode fails, and a pull backup that
+restores bit-exact proves every byte travelled over NBD. Restores write to a directory outside
+the tmpfs and are compared byte for byte with what the guest saw. Remote URIs go through a
+private sshd on 127.0.0.1 (tests/sshd.py).
+
+Faults are injected while the pull job is open: the test stops the virtbackup process
+(SIGSTOP) as soon as libvirt shows its job, acts (drops the NBD export, destroys the domain,
+signals the process), and lets it go on (SIGCONT). A pull job stays open until virtbackup ends
+it, so the fault always lands before the point is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import libvirt
+import pytest
+
+from tests.conftest import checkpoint_names, cli
+from tests.hiddenns import HiddenDir
+from tests.integration.test_failures import one_error_line
+from tests.sshd import PrivateSshd
+
+MiB = 1 << 20
+KiB = 1 << 10
+GRANULARITY = 64 * KiB      # the checkpoints' bitmap granularity (qcow2 cluster size)
+
+
+@pytest.fixture
+def hidden(tmp_path):
+    made: List[HiddenDir] = []
+
+    def make(size: str = "512m") -> HiddenDir:
+        h = HiddenDir(tmp_path / f"hidden{len(made)}", size).start()
+        made.append(h)
+        return h
+    yield make
+    for h in made:
+        h.stop()
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    s = PrivateSshd(Path("/tmp") / f"vbsshd-{os.getpid()}-{time.monotonic_ns()}").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def procs():
+    started: List[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+            p.wait()
+
+
+def point_of(r) -> dict:
+    assert r.rc == 0, r
+    return r.json()["point"]
+
+
+def leftovers(d, bdir: Optional[Path] = None) -> Dict[str, List[str]]:
+    """What a pull run may leave on the host: scratch files, NBD sockets, a job, qemu-nbd."""
+    scratch = sorted(str(p) for p in Path(d.workdir).glob("*.scratch"))
+    run_dir = Path(os.environ.get("VIRTBACKUP_RUN_DIR", "/run/virtbackup"))
+    prefix = ""
+    for cp in checkpoint_names(d.dom):
+        if cp.startswith("virtbackup-"):
+            prefix = cp[:-4]
+    socks = sorted(str(p) for p in run_dir.glob(f"nbd-{prefix}*.sock")) if prefix else []
+    job = []
+    if d.dom.isActive() and job_open(d):
+        job = ["a job is running"]
+    nbd = subprocess.run(["pgrep", "-f", f"qemu-nbd.*{bdir}"], capture_output=True,
+                         text=True).stdout.split() if bdir else []
+    return {k: v for k, v in {"scratch": scratch, "sockets": socks, "job": job, "qemu-nbd": nbd}.items() if v}
+
+
+def restore_and_compare(h: HiddenDir, bdir: Path, pid: str, expected: Dict[str, bytes], out: Path) -> None:
+    """Restore inside the namespace (the only place the backup exists) into `out` (visible
+    outside), then compare every disk byte for byte."""
+    from virtbackup import scratch
+    r = h.cli("restore", bdir, out, "--point", pid)
+    assert r.rc == 0, r
+    for disk, want in expected.items():
+        got = scratch.read_raw(out / f"{disk}.qcow2")
+        assert scratch.first_difference(got, want) is None, f"point {pid} disk {disk} differs"
+    subprocess.run(["rm", "-rf", str(out)], check=False)
+
+
+def job_open(d) -> bool:
+    try:
+        return bool(d.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE)
+    except libvirt.libvirtError:    # "backup job data missing": libvirt is still setting it up
+        return False
+
+
+def stop_when_job_open(d, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGSTOP the virtbackup run as soon as libvirt shows its (pull) job."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if job_open(d):
+            os.kill(proc.pid, signal.SIGSTOP)
+            assert job_open(d), "job ended before the run was stopped"
+            return
+        time.sleep(0.01)
+    out, err = proc.communicate()
+    pytest.fail(f"the pull job never showed up (rc={proc.returncode}, err={err!r})")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120):
+    from tests.conftest import CLIResult
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=timeout)
+    return CLIResult(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+
+
+# -------------------------------------------------------------------------------------------------
+def test_pull_chain_into_a_dir_only_virtbackup_sees(make_domain, hidden, tmp_path):
+    """full -> inc -> diff -> inc in pull mode restore bit-exact; push mode can't even start there."""
+    d = make_domain({"vda": 64 * MiB, "vdb": 32 * MiB})
+    h = hidden()
+    bdir = h.path / "bk"
+    expected = {}
+
+    d.write("vda", 0x11, 0, 2 * MiB)
+    d.write("vda", 0x12, 40 * MiB, 256 * KiB)
+    d.write("vdb", 0x21, 1 * MiB, 2 * MiB)
+
+    # the proof that the directory is invisible to the hypervisor: push mode fails there
+    r = h.cli("backup", d.name, bdir, "--mode", "push", "--level", "full")
+    assert r.rc == 1 and "backup could not start" in one_error_line(r), r
+    print(f"\npush into the hidden directory: {one_error_line(r)}")
+    assert not any(n.startswith("virtbackup-") for n in checkpoint_names(d.dom))
+    assert not [f for f in h.listing() if not f.endswith("virtbackup.json")], h.listing()
+
+    p = point_of(h.cli("backup", d.name, bdir, "--mode", "pull", "--level", "full", "--json"))
+    assert p["level"] == "full" and p["transport"] == "pull"
+    expected[p["id"]] = d.expected()
+
+    # G1: writes of known size; the incremental must read about that much, not the disk
+    dirty = [("vda", 0x31, 512 * KiB, 1 * MiB), ("vda", 0x32, 20 * MiB, 128 * KiB), ("vdb", 0x41, 30 * MiB, 64 * KiB)]
+    for w in dirty:
+        d.write(*w)
+    d.write("vda", 0, 40 * MiB, 64 * KiB)           # zeroes over old data: a write-zeroes, no data read
+    r = h.cli("backup", d.name, bdir, "--level", "inc", "--mode", "pull", "--json")
+    p = point_of(r)
+    assert p["level"] == "inc" and p["parent"] == "0001" and p["transport"] == "pull"
+    expected[p["id"]] = d.expected()
+    transfer = r.json()["transfer"]
+    read = sum(t["read"] for t in transfer.values())
+    want = sum(w[3] for w in dirty)
+    print(f"\nincremental pull: dirtied {want} bytes of data + 64 KiB of zeroes; read {read} bytes "
+          f"over NBD ({transfer})")
+    assert want <= read <= want + len(dirty) * 2 * GRANULARITY, transfer
+    assert transfer["vda"]["zeroed"] >= 64 * KiB
+
+    # G2 then a differential: everything since the full
+    d.write("vda", 0x51, 63 * MiB, 1 * MiB)
+    d.write("vdb", 0, 1 * MiB, 512 * KiB)
+    p = point_of(h.cli("backup", d.name, bdir, "--level", "diff", "--mode", "pull", "--json"))
+    assert p["level"] == "diff" and p["parent"] == "0001"
+    expected[p["id"]] = d.expected()
+
+    d.write("vdb", 0x71, 16 * MiB, 1 * MiB)
+    p = point_of(h.cli("backup", d.name, bdir, "--level", "inc", "--mode", "pull", "--json"))
+    assert p["parent"] == "0003"
+    expected[p["id"]] = d.expected()
+
+    lst = h.cli("list", bdir, "--json")
+    assert lst.rc == 0 and [q["transport"] for q in lst.json()["points"]] == ["pull"] * 4
+    assert h.cli("verify", bdir).rc == 0
+    assert leftovers(d, bdir) == {}
+    for pid, exp in expected.items():
+        restore_and_compare(h, bdir, pid, exp, tmp_path / f"out-{pid}")
+
+
+def test_mixed_push_and_pull_chain_restores(make_domain, tmp_path):
+    """push full, pull inc, push inc, pull diff, push inc: one chain, every point bit-exact."""
+    from tests.conftest import assert_point_restores
+    d = make_domain({"vda": 32 * MiB})
+    bdir = tmp_path / "bk"
+    expected = {}
+    modes = ["push", "pull", "push", "pull", "push"]
+    levels = ["full", "inc", "inc", "diff", "inc"]
+    for i, (mode, level) in enumerate(zip(modes, levels)):
+        d.write("vda", 0x10 + i, i * 3 * MiB + 4096 * i, 1 * MiB + 8192)
+        if i == 3:
+            d.write("vda", 0, 0, 64 * KiB)
+        p = point_of(cli("backup", d.name, bdir, "--mode", mode, "--level", level, "--json"))
+        assert (p["transport"], p["level"]) == (mode, level)
+        expected[p["id"]] = d.expected()
+    assert cli("verify", bdir).rc == 0
+    for pid, exp in expected.items():
+        assert_point_restores(bdir, pid, exp, tmp_path / f"r{pid}")
+    assert leftovers(d, bdir) == {}
+
+
+def test_remote_uri_over_ssh_backup_status_repair_and_refusals(make_domain, hidden, sshd, tmp_path):
+    """qemu+ssh://root@127.0.0.1: backups default to pull, status/repair work, the rest is refused."""
+    d = make_domain({"vda": 32 * MiB})
+    off = make_domain({"vda": 16 * MiB}, start=False)
+    h = hidden()
+    bdir = h.path / "bk"
+    uri = sshd.uri
+
+    d.write("vda", 0x11, 0, 3 * MiB)
+    p = point_of(h.cli("backup", d.name, bdir, "--json", uri=uri))     # no --mode: pull for remote
+    assert p["transport"] == "pull" and p["level"] == "full"
+    e1 = d.expected()
+    d.write("vda", 0x22, 8 * MiB, 1 * MiB)
+    r = h.cli("backup", d.name, bdir, "--json", uri=uri)
+    p = point_of(r)
+    assert p["transport"] == "pull" and p["level"] == "inc"
+    assert r.json()["transfer"]["vda"]["read"] == 1 * MiB
+    e2 = d.expected()
+
+    st = h.cli("status", d.name, "--json", uri=uri)
+    assert st.rc == 0, st
+    names = [b["name"] for b in st.json()["disks"]["vda"]["bitmaps"]]
+    assert p["checkpoint"] in names
+    rp = h.cli("repair", d.name, bdir, "--json", uri=uri)
+    assert rp.rc == 0 and rp.json()["ok"], rp
+
+    # refused up front, exit 2, nothing changed: what needs this host's files on the hypervisor
+    before = h.listing()
+    r = h.cli("backup", off.name, h.path / "off", uri=uri)
+    assert r.rc == 2 and "offline backup is not possible with a remote libvirt URI" in one_error_line(r), r
+    r = h.cli("restore", bdir, tmp_path / "inst", "--instant", "--define", f"{d.name}-i", uri=uri)
+    assert r.rc == 2 and "restore --instant is not possible with a remote libvirt URI" in one_error_line(r), r
+    assert not (tmp_path / "inst").exists()
+    assert h.listing() == before
+    assert leftovers(d, bdir) == {}
+
+    restore_and_compare(h, bdir, "0001", e1, tmp_path / "o1")
+    restore_and_compare(h, bdir, "0002", e2, tmp_path / "o2")
+
+
+def test_pull_faults_leave_the_chain_intact(make_domain, hidden, tmp_path, procs):
+    """SIGTERM, SIGINT and a dropped NBD export mid-copy: exit 1, one line, nothing left or lost."""
+    from virtbackup import monitor
+    d = make_domain({"vda": 128 * MiB})
+    h = hidden()
+    bdir = h.path / "bk"
+    d.write("vda", 0x11, 0, 1 * MiB)
+    point_of(h.cli("backup", d.name, bdir, "--mode", "pull", "--json"))
+    expected = {"0001": d.expected()}
+
+    def drop_export() -> None:
+        for e in monitor.qmp(d.dom, "query-block-exports"):
+            monitor.qmp(d.dom, "block-export-del", {"id": e["id"], "mode": "hard"})
+
+    faults = [
+        ("SIGTERM", lambda p: os.kill(p.pid, signal.SIGTERM), "backup interrupted by SIGTERM; nothing was recorded"),
+        ("export dropped", lambda p: drop_export(), "backup failed: "),
+        ("SIGINT", lambda p: os.kill(p.pid, signal.SIGINT), "backup interrupted by SIGINT; nothing was recorded"),
+    ]
+    for i, (name, act, message) in enumerate(faults):
+        d.write("vda", 0x20 + i, 0, 96 * MiB)        # a copy that takes a while
+        files, cps = h.listing(), checkpoint_names(d.dom)
+        p = h.popen("backup", d.name, bdir, "--mode", "pull", "--level", "inc", "--json")
+        procs.append(p)
+        stop_when_job_open(d, p)
+        act(p)
+        r = finish(p)
+        assert r.rc == 1, (name, r)
+        assert message in one_error_line(r), (name, r)
+        print(f"\n{name}: {one_error_line(r)}")
+        assert h.listing() == files, name
+        assert checkpoint_names(d.dom) == cps, name
+        assert leftovers(d, bdir) == {}, name
+
+    d.write("vda", 0x31, 100 * MiB, 1 * MiB)
+    r = h.cli("backup", d.name, bdir, "--mode", "pull", "--level", "inc", "--json")
+    p2 = point_of(r)
+    assert p2["parent"] == "0001"      # retried from the last good checkpoint: every write since it
+    expected[p2["id"]] = d.expected()
+    for pid, exp in expected.items():
+        restore_and_compare(h, bdir, pid, exp, tmp_path / f"o{pid}")
+
+
+def test_pull_domain_destroyed_mid_copy(make_domain, hidden, tmp_path, procs):
+    d = make_domain({"vda": 128 * MiB})
+    h = hidden()
+    bdir = h.path / "bk"
+    d.write("vda", 0x11, 0, 1 * MiB)
+    point_of(h.cli("backup", d.name, bdir, "--mode", "pull", "--json"))
+    e1 = d.expected()
+    d.write("vda", 0x22, 0, 96 * MiB)
+    files, cps = h.listing(), checkpoint_names(d.dom)
+    p = h.popen("backup", d.name, bdir, "--mode", "pull", "--level", "inc")
+    procs.append(p)
+    stop_when_job_open(d, p)
+    d.dom.destroy()
+    r = finish(p)
+    assert r.rc == 1, r
+    assert "backup job failed: the domain stopped during the backup" in one_error_line(r), r
+    assert h.listing() == files and checkpoint_names(d.dom) == cps
+    assert leftovers(d, bdir) == {}
+    restore_and_compare(h, bdir, "0001", e1, tmp_path / "o1")
+
+
+def test_pull_local_target_full_enospc(make_domain, hidden, tmp_path):
+    """The backup directory's filesystem fills up during the copy: exit 1, nothing recorded or left."""
+    d = make_domain({"vda": 64 * MiB})
+    h = hidden("12m")
+    bdir = h.path / "bk"
+    d.write("vda", 0x11, 0, 2 * MiB)
+    point_of(h.cli("backup", d.name, bdir, "--mode", "pull", "--json"))
+    e1 = d.expected()
+    d.write("vda", 0x22, 8 * MiB, 24 * MiB)
+    files, cps = h.listing(), checkpoint_names(d.dom)
+    r = h.cli("backup", d.name, bdir, "--mode", "pull", "--level", "inc")
+    assert r.rc == 1, r
+    line = one_error_line(r)
+    assert "No space left on device" in line and "writing" in line, r
+    print(f"\nENOSPC: {line}")
+    assert h.listing() == files and checkpoint_names(d.dom) == cps
+    assert leftovers(d, bdir) == {}
+    restore_and_compare(h, bdir, "0001", e1, tmp_path / "o1")
