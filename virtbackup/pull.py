@@ -212,6 +212,10 @@ def refuse_remote(uri: Optional[str], what: str) -> None:
 
 
 _WHY = {
+    "status of a shut-off domain": "its bitmaps are only in its image files on that host; start the "
+                                   "domain or run virtbackup on that host",
+    "repair of a shut-off domain": "its bitmaps are only in its image files on that host; start the "
+                                   "domain or run virtbackup on that host",
     "an offline backup": "it reads the shut-off domain's image files, which are on that host; start the "
                          "domain (pull mode backs it up over NBD) or run virtbackup on that host",
     "restore --instant": "the new domain would run on that host on overlays backed by this host's "

@@ -238,6 +238,8 @@ def test_remote_uri_over_ssh_backup_status_repair_and_refusals(make_domain, hidd
     before = h.listing()
     r = h.cli("backup", off.name, h.path / "off", uri=uri)
     assert r.rc == 2 and "offline backup is not possible with a remote libvirt URI" in one_error_line(r), r
+    r = h.cli("status", off.name, uri=uri)
+    assert r.rc == 2 and "status of a shut-off domain is not possible" in one_error_line(r), r
     r = h.cli("restore", bdir, tmp_path / "inst", "--instant", "--define", f"{d.name}-i", uri=uri)
     assert r.rc == 2 and "restore --instant is not possible with a remote libvirt URI" in one_error_line(r), r
     assert not (tmp_path / "inst").exists()
@@ -246,6 +248,16 @@ def test_remote_uri_over_ssh_backup_status_repair_and_refusals(make_domain, hidd
 
     restore_and_compare(h, bdir, "0001", e1, tmp_path / "o1")
     restore_and_compare(h, bdir, "0002", e2, tmp_path / "o2")
+
+    # restore --define defines the domain on the host the URI names
+    from virtbackup import scratch
+    name = f"{d.name}-r"
+    try:
+        r = h.cli("restore", bdir, tmp_path / "def", "--define", name, uri=uri)
+        assert r.rc == 0, r
+        assert str(tmp_path / "def" / "vda.qcow2") in d.conn.lookupByName(name).XMLDesc(0)
+    finally:
+        scratch.remove_domain(d.conn, name)
 
 
 def test_pull_faults_leave_the_chain_intact(make_domain, hidden, tmp_path, procs):
