@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -28,6 +30,7 @@ from .errors import BackupFailed, Interrupted, OperationFailed, UsageError
 # these are tried in random order until one is free on the host (NBD's own port first).
 PORT_RANGE = os.environ.get("VIRTBACKUP_NBD_PORTS", "10809-10872")
 PORT_ATTEMPTS = 8
+COPY_THREADS = 4        # disks copied side by side (each: one NBD connection, 16 requests in flight)
 
 
 def run_dir() -> Path:
@@ -131,24 +134,7 @@ class PullBackup(Backup):
         try:
             with host.signals_noted(watch.interrupt):   # wake the copy: abort, roll back
                 server = self._begin(pdisks, base, cxml, cp_name)
-                exports = self._exports()
-                for name, target, whole in targets:
-                    export, bitmap = exports.get(name, (name, None))
-                    if not whole and not bitmap:
-                        raise BackupFailed(f"libvirt exported disk {name} without its dirty bitmap")
-                    ep = nbdcopy.Endpoint(export, socket=server.socket, host=server.host, port=server.port)
-                    try:
-                        st = nbdcopy.copy(ep, target, None if whole else f"qemu:dirty-bitmap:{bitmap}",
-                                          should_stop=should_stop)
-                    except nbdcopy.CopyStopped:
-                        raise self._stopped(watch) from None
-                    except nbdcopy.NbdError as e:
-                        raise self._stopped(watch, f"lost the NBD connection: {e}"
-                                            if "connect" in str(e) or "lost" in str(e) else str(e)) from None
-                    self.transfer[name] = {"read": st.read, "written": st.written, "zeroed": st.zeroed,
-                                           "seconds": st.seconds}
-                    self.notify(f"disk {name}: {st.read} bytes read over NBD, {st.written} written, "
-                                f"{st.zeroed} zeroed in {st.seconds:.2f}s")
+                self._copy_all(targets, self._exports(), server, should_stop, watch)
                 # every export read: the job must still be running, or what we read may be torn
                 if should_stop() is not None or _job_gone(self.dom):
                     raise self._stopped(watch)
@@ -174,6 +160,51 @@ class PullBackup(Backup):
         # copy-before-write on the host (e.g. its scratch file's storage filled up) as failed
         if stats.get("type") not in (None, libvirt.VIR_DOMAIN_JOB_COMPLETED) or not stats.get("success", True):
             raise BackupFailed(f"backup job failed: {stats.get('errmsg') or 'libvirt reported a failure'}")
+
+    def _copy_all(self, targets: List[Tuple[str, Path, bool]], exports: Dict[str, Tuple[str, Optional[str]]],
+                  server: xmlbuild.NbdServer, should_stop: nbdcopy.StopCheck, watch: host.JobWatch) -> None:
+        """Copy every disk's export into its target, the disks side by side (one thread each,
+        at most COPY_THREADS); the first failure stops the others. Returns once all ended."""
+        failed = threading.Event()
+
+        def stop() -> Optional[str]:
+            return should_stop() or ("another disk's copy failed" if failed.is_set() else None)
+
+        def one(name: str, target: Path, whole: bool) -> nbdcopy.CopyStats:
+            try:
+                export, bitmap = exports.get(name, (name, None))
+                if not whole and not bitmap:
+                    raise BackupFailed(f"libvirt exported disk {name} without its dirty bitmap")
+                ep = nbdcopy.Endpoint(export, socket=server.socket, host=server.host, port=server.port)
+                return nbdcopy.copy(ep, target, None if whole else f"qemu:dirty-bitmap:{bitmap}", should_stop=stop)
+            except BaseException:
+                failed.set()
+                raise
+
+        errors: List[BaseException] = []
+        with ThreadPoolExecutor(max_workers=max(1, min(len(targets), COPY_THREADS))) as pool:
+            futures = {name: pool.submit(one, name, target, whole) for name, target, whole in targets}
+            for name, fut in futures.items():
+                try:
+                    st = fut.result()
+                except BaseException as exc:      # collected; the most telling one is raised below
+                    errors.append(exc)
+                    continue
+                self.transfer[name] = {"read": st.read, "written": st.written, "zeroed": st.zeroed,
+                                       "seconds": st.seconds}
+                self.notify(f"disk {name}: {st.read} bytes read over NBD, {st.written} written, "
+                            f"{st.zeroed} zeroed in {st.seconds:.2f}s")
+        if not errors:
+            return
+        for err in errors:    # a real failure beats the copies it stopped
+            if isinstance(err, nbdcopy.NbdError):
+                msg = str(err)
+                raise self._stopped(watch, f"lost the NBD connection: {msg}"
+                                    if "connect" in msg or "lost" in msg else msg) from None
+        for err in errors:
+            if not isinstance(err, nbdcopy.CopyStopped):
+                raise err
+        raise self._stopped(watch)
 
     def _stopped(self, watch: host.JobWatch, detail: Optional[str] = None) -> OperationFailed:
         """The error for a copy that ended early, by the most telling cause."""
