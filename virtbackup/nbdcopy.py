@@ -128,6 +128,9 @@ def open_source(src: Endpoint, contexts: List[str]) -> Any:
 def open_target(image: Path) -> Any:
     """Serve `image` (qcow2, with its backing link) with qemu-nbd over socket activation.
 
+    Call it from the thread that will close the handle: the server gets SIGTERM when the
+    thread that started it ends (PR_SET_PDEATHSIG), which is what cleans up after a SIGKILL.
+
     --detect-zeroes=on: data that is all zeroes is stored as zero clusters, not written.
     """
     nbd = _nbd()
@@ -136,6 +139,12 @@ def open_target(image: Path) -> Any:
         raise OperationFailed(f"{QEMU_NBD} not found; install qemu-utils")
     argv = [exe, "--format=qcow2", "--cache=writeback", "--detect-zeroes=on", "--discard=ignore",
             str(image)]
+    # qemu-nbd exits when its client disconnects, but one whose client was killed before it
+    # connected would wait forever: tie it to this thread's life (setpriv execs qemu-nbd in
+    # place, so the socket-activation pid check still holds)
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        argv = [setpriv, "--pdeathsig", "TERM", *argv]
     log.debug("target server: %s", argv)
     h = nbd.NBD()
     h.set_handle_name("virtbackup-dst")

@@ -104,6 +104,12 @@ class PullBackup(Backup):
                 last = host.libvirt_message(e)
                 if server.port and "in use" in last.lower():
                     continue            # that port is taken on the host: try the next one
+                try:
+                    stopped = not self.dom.isActive()
+                except libvirt.libvirtError:
+                    stopped = False
+                if stopped:
+                    raise BackupFailed("backup job failed: the domain stopped during the backup") from None
                 raise BackupFailed(f"backup could not start: {last}") from None
         raise BackupFailed(f"backup could not start: no free NBD port in {PORT_RANGE} on the host ({last})")
 

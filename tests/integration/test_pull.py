@@ -120,6 +120,25 @@ def stop_when_job_open(d, proc: subprocess.Popen, timeout: float = 60) -> None:
     pytest.fail(f"the pull job never showed up (rc={proc.returncode}, err={err!r})")
 
 
+def exported(d, timeout: float = 10) -> list:
+    """QEMU's NBD exports of the domain, once libvirt has added them (at the end of backupBegin,
+    which may still run while the test acts)."""
+    from virtbackup import monitor
+    deadline = time.monotonic() + timeout
+    while not (exports := monitor.qmp(d.dom, "query-block-exports")):
+        assert time.monotonic() < deadline, "libvirt never exported the disks"
+        time.sleep(0.02)
+    return exports
+
+
+def wait_no_qemu_nbd(bdir: Path, timeout: float = 10) -> None:
+    """qemu-nbd serving a target ends with its only client (also a killed one): bounded wait."""
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["pgrep", "-f", f"qemu-nbd.*{bdir}"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "qemu-nbd outlived the killed run"
+        time.sleep(0.05)
+
+
 def finish(proc: subprocess.Popen, timeout: float = 120):
     from tests.conftest import CLIResult
     os.kill(proc.pid, signal.SIGCONT)
@@ -261,7 +280,8 @@ def test_remote_uri_over_ssh_backup_status_repair_and_refusals(make_domain, hidd
 
 
 def test_pull_faults_leave_the_chain_intact(make_domain, hidden, tmp_path, procs):
-    """SIGTERM, SIGINT and a dropped NBD export mid-copy: exit 1, one line, nothing left or lost."""
+    """SIGTERM, SIGINT and a dropped NBD export mid-copy: exit 1, one line, nothing left or lost;
+    after SIGKILL the next run cleans up."""
     from virtbackup import monitor
     d = make_domain({"vda": 128 * MiB})
     h = hidden()
@@ -271,7 +291,7 @@ def test_pull_faults_leave_the_chain_intact(make_domain, hidden, tmp_path, procs
     expected = {"0001": d.expected()}
 
     def drop_export() -> None:
-        for e in monitor.qmp(d.dom, "query-block-exports"):
+        for e in exported(d):
             monitor.qmp(d.dom, "block-export-del", {"id": e["id"], "mode": "hard"})
 
     faults = [
@@ -294,9 +314,21 @@ def test_pull_faults_leave_the_chain_intact(make_domain, hidden, tmp_path, procs
         assert checkpoint_names(d.dom) == cps, name
         assert leftovers(d, bdir) == {}, name
 
+    # SIGKILL: nothing can clean up in the run itself; its job stays open on the host (export,
+    # scratch file) and its checkpoint stays. The next run of this directory aborts and removes them.
+    d.write("vda", 0x30, 0, 96 * MiB)
+    p = h.popen("backup", d.name, bdir, "--mode", "pull", "--level", "inc")
+    procs.append(p)
+    stop_when_job_open(d, p)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert job_open(d), "the killed run's pull job should still be open"
+    wait_no_qemu_nbd(bdir)
+
     d.write("vda", 0x31, 100 * MiB, 1 * MiB)
     r = h.cli("backup", d.name, bdir, "--mode", "pull", "--level", "inc", "--json")
     p2 = point_of(r)
+    assert "aborting the backup job left by an interrupted run" in r.err, r
     assert p2["parent"] == "0001"      # retried from the last good checkpoint: every write since it
     expected[p2["id"]] = d.expected()
     for pid, exp in expected.items():
@@ -315,6 +347,7 @@ def test_pull_domain_destroyed_mid_copy(make_domain, hidden, tmp_path, procs):
     p = h.popen("backup", d.name, bdir, "--mode", "pull", "--level", "inc")
     procs.append(p)
     stop_when_job_open(d, p)
+    exported(d)
     d.dom.destroy()
     r = finish(p)
     assert r.rc == 1, r
