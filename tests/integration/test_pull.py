@@ -300,7 +300,7 @@ def test_pull_faults_leave_the_chain_intact(make_domain, hidden, tmp_path, procs
         ("SIGINT", lambda p: os.kill(p.pid, signal.SIGINT), "backup interrupted by SIGINT; nothing was recorded"),
     ]
     for i, (name, act, message) in enumerate(faults):
-        d.write("vda", 0x20 + i, 0, 96 * MiB)        # a copy that takes a while
+        d.write("vda", 0x20 + i, 0, 64 * MiB)        # a copy that takes a while
         files, cps = h.listing(), checkpoint_names(d.dom)
         p = h.popen("backup", d.name, bdir, "--mode", "pull", "--level", "inc", "--json")
         procs.append(p)
@@ -316,7 +316,7 @@ def test_pull_faults_leave_the_chain_intact(make_domain, hidden, tmp_path, procs
 
     # SIGKILL: nothing can clean up in the run itself; its job stays open on the host (export,
     # scratch file) and its checkpoint stays. The next run of this directory aborts and removes them.
-    d.write("vda", 0x30, 0, 96 * MiB)
+    d.write("vda", 0x30, 0, 64 * MiB)
     p = h.popen("backup", d.name, bdir, "--mode", "pull", "--level", "inc")
     procs.append(p)
     stop_when_job_open(d, p)

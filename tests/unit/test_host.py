@@ -125,3 +125,20 @@ def test_jobwatch_wait_returns_on_event_check_or_timeout():
     threading.Timer(0.05, w.interrupt, ("SIGINT",)).start()
     assert w.wait(lambda: False, check_every=10) is True and w.interrupted == "SIGINT"
     w.close()
+
+
+@pytest.mark.parametrize("uri,remote", [
+    ("qemu:///system", False), ("qemu+unix:///system", False), ("qemu:///embed?root=/x", False),
+    ("qemu+ssh://root@127.0.0.1:2222/system?keyfile=/k", True), ("qemu+tcp://hv1/system", True),
+    ("qemu://hv1.example.org/system", True), ("qemu+ssh://hv1/system", True),
+])
+def test_remote_uris_are_those_naming_a_host(uri, remote):
+    assert host.is_remote(uri) is remote
+    assert (host.uri_host(uri) is not None) is remote
+
+
+def test_no_uri_means_the_default_which_is_local(monkeypatch):
+    monkeypatch.delenv("LIBVIRT_DEFAULT_URI", raising=False)
+    assert host.is_remote(None) is False
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "qemu+ssh://hv1/system")
+    assert host.is_remote(None) is True
