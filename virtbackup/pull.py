@@ -15,8 +15,9 @@ import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import libvirt
 from lxml import etree
@@ -67,30 +68,128 @@ def _parse_push_xml(bxml: str) -> Tuple[Optional[str], List[Tuple[str, Path, boo
     return base, disks
 
 
-class PullBackup(Backup):
-    """Backup.run with the pull job: NBD export on the host, the copy in this process."""
+@dataclass(frozen=True)
+class PullTarget:
+    """One disk of a pull job: where its export is copied to, and how."""
+
+    name: str               # target dev, e.g. "vda"
+    target: Path            # pre-created qcow2 (with its backing link when not whole)
+    whole: bool             # copy the whole disk (full, or a disk new since the base point)
+    source: str             # the disk's image on the hypervisor (the default scratch dir)
+
+
+class PullJob:
+    """The pull job in the shape of a job runner: start (the point in time), wait (copy every
+    export, flush, end the job), abort (bounded, never raises), interrupt (from a signal
+    handler). It never plans, creates targets or touches the chain: its caller does."""
 
     transport = "pull"
 
-    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, bdir: Any, notify: Any = None,
-                 scratch_dir: Optional[str] = None):
-        super().__init__(conn, dom, bdir, notify)
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, points_dir: Path,
+                 notify: Callable[[str], None], scratch_dir: Optional[str] = None):
+        self.conn = conn
+        self.dom = dom
+        self.points_dir = points_dir
+        self.notify = notify
         self.scratch_dir = scratch_dir
-        self.remote = host.is_remote(conn.getURI())
+        self.interrupted: Optional[str] = None
+        self.warnings: List[str] = []
+        self.transfer: Dict[str, Dict[str, Any]] = {}   # per disk: bytes read, written, zeroed; seconds
+        self._watch: Optional[host.JobWatch] = None
+        self._server: Optional[xmlbuild.NbdServer] = None
+        self._targets: List[PullTarget] = []
+        self._prefix = ""
 
-    def _server(self, cp_name: str) -> List[xmlbuild.NbdServer]:
+    # -- the runner protocol ---------------------------------------------------------------------
+    def interrupt(self, signal_name: str) -> None:
+        self.interrupted = signal_name
+        if self._watch is not None:
+            self._watch.interrupt(signal_name)
+
+    def start(self, targets: Sequence[PullTarget], base: Optional[str], checkpoint: str, cxml: str) -> None:
+        """backupBegin in pull mode: fixes the point in time and creates `checkpoint`."""
+        self._targets = list(targets)
+        self._prefix = checkpoint[:len(checkpoint) - len(checkpoint.rsplit("-", 1)[-1])]
+        self._clear_leftover_job()
+        pdisks = [xmlbuild.PullDisk(t.name, scratch_path(self.scratch_dir, t.source, checkpoint, t.name),
+                                    full=t.whole) for t in self._targets]
+        if self.interrupted:
+            raise Interrupted(f"backup interrupted by {self.interrupted}; nothing was recorded")
+        self._watch = host.JobWatch(self.conn, self.dom)
+        if self.interrupted:
+            self._watch.interrupt(self.interrupted)
+        try:
+            self._server = self._begin(pdisks, base, cxml, checkpoint)
+        except BaseException:
+            self._watch.close()
+            self._watch = None
+            raise
+
+    def wait(self) -> None:
+        """Copy every export into its target, then end the job; raise unless all are complete."""
+        assert self._watch is not None and self._server is not None
+        watch = self._watch
+
+        def should_stop() -> Optional[str]:
+            if watch.interrupted:
+                return watch.interrupted
+            if watch.done.is_set():
+                return watch.reason or "the backup job ended before its data was read"
+            return None
+
+        try:
+            self._copy_all(self._exports(), should_stop)
+            # every export read: the job must still be running, or what we read may be torn
+            if should_stop() is not None or _job_gone(self.dom):
+                raise self._stopped()
+            watch.done.clear()
+            try:
+                self.dom.abortJob()      # ends a pull job: the normal way to finish it
+            except libvirt.libvirtError as e:
+                raise BackupFailed(f"could not end the backup job: {host.libvirt_message(e)}") from None
+            if not watch.wait(lambda: _job_gone(self.dom), check_every=0.5, timeout=60):
+                raise BackupFailed("the backup job did not end within 60 s after all data was read")
+            if watch.interrupted:
+                raise Interrupted(f"backup interrupted by {watch.interrupted}; nothing was recorded")
+            stats = _completed_stats(self.dom, watch)
+        finally:
+            watch.close()
+            self._watch = None
+            self._remove_socket()
+        # libvirt reports an ended pull job as completed (errmsg 'Operation canceled'); a failed
+        # copy-before-write on the host (e.g. its scratch file's storage filled up) as failed
+        if stats.get("type") not in (None, libvirt.VIR_DOMAIN_JOB_COMPLETED) or not stats.get("success", True):
+            raise BackupFailed(f"backup job failed: {stats.get('errmsg') or 'libvirt reported a failure'}")
+
+    def abort(self) -> bool:
+        """End our job if it still runs (libvirt then deletes the scratch files); False when it
+        did not end in time. Never raises."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        self._remove_socket()
+        try:
+            if _job_writes_into(self.dom, self.points_dir, self._prefix or None):
+                return _abort_job(self.conn, self.dom)
+        except (libvirt.libvirtError, OSError):
+            return False
+        return True
+
+    # -- the parts ---------------------------------------------------------------------------------
+    def _servers(self, checkpoint: str) -> List[xmlbuild.NbdServer]:
         """Servers to try in order: the unix socket, or TCP ports on the remote host."""
-        if not self.remote:
+        uri = self.conn.getURI()
+        if not host.is_remote(uri):
             rd = run_dir()
             rd.mkdir(mode=0o700, parents=True, exist_ok=True)
-            return [xmlbuild.NbdServer(socket=str(rd / f"nbd-{cp_name}.sock"))]
-        name = host.uri_host(self.conn.getURI()) or "localhost"
+            return [xmlbuild.NbdServer(socket=str(rd / f"nbd-{checkpoint}.sock"))]
+        name = host.uri_host(uri) or "localhost"
         return [xmlbuild.NbdServer(host=name, port=p) for p in _ports()]
 
     def _begin(self, disks: List[xmlbuild.PullDisk], base: Optional[str], cxml: str,
-               cp_name: str) -> xmlbuild.NbdServer:
+               checkpoint: str) -> xmlbuild.NbdServer:
         last = ""
-        for server in self._server(cp_name):
+        for server in self._servers(checkpoint):
             if server.socket:
                 try:
                     os.unlink(server.socket)   # a stale socket of a killed run of ours
@@ -113,83 +212,49 @@ class PullBackup(Backup):
                 raise BackupFailed(f"backup could not start: {last}") from None
         raise BackupFailed(f"backup could not start: no free NBD port in {PORT_RANGE} on the host ({last})")
 
+    def _remove_socket(self) -> None:
+        """QEMU removes its socket when the job ends, but not when it dies with the domain."""
+        if self._server is not None and self._server.socket:
+            try:
+                os.unlink(self._server.socket)
+            except FileNotFoundError:
+                pass
+
     def _exports(self) -> Dict[str, Tuple[str, Optional[str]]]:
         """disk -> (export name, bitmap export) as libvirt actually set them up."""
-        root = etree.fromstring(self.dom.backupGetXMLDesc(0).encode())
+        try:
+            xml = self.dom.backupGetXMLDesc(0)
+        except libvirt.libvirtError:
+            raise self._stopped("the backup job vanished before its data was read") from None
+        root = etree.fromstring(xml.encode())
         return {el.get("name") or "": (el.get("exportname") or el.get("name") or "", el.get("exportbitmap"))
                 for el in root.iterfind("disks/disk") if el.get("backup") != "no"}
 
-    def _run_job(self, bxml: str, cxml: str, cp_name: str) -> None:
-        base, targets = _parse_push_xml(bxml)
-        prefix = cp_name[:len(cp_name) - len(cp_name.rsplit("-", 1)[-1])]
-        self._clear_leftover_job(prefix)
-        sources = {d.target: d.source or "" for d in host.domain_disks(self.dom.XMLDesc(0))}
-        pdisks = [xmlbuild.PullDisk(name, scratch_path(self.scratch_dir, sources.get(name, ""), cp_name, name),
-                                    full=whole) for name, _t, whole in targets]
-        self.transfer = {}
-        watch = host.JobWatch(self.conn, self.dom)
-        server: Optional[xmlbuild.NbdServer] = None
-
-        def should_stop() -> Optional[str]:
-            if watch.interrupted:
-                return watch.interrupted
-            if watch.done.is_set():
-                return watch.reason or "the backup job ended before its data was read"
-            return None
-
-        try:
-            with host.signals_noted(watch.interrupt):   # wake the copy: abort, roll back
-                server = self._begin(pdisks, base, cxml, cp_name)
-                self._copy_all(targets, self._exports(), server, should_stop, watch)
-                # every export read: the job must still be running, or what we read may be torn
-                if should_stop() is not None or _job_gone(self.dom):
-                    raise self._stopped(watch)
-                watch.done.clear()
-                try:
-                    self.dom.abortJob()      # ends a pull job: the normal way to finish it
-                except libvirt.libvirtError as e:
-                    raise BackupFailed(f"could not end the backup job: {host.libvirt_message(e)}") from None
-                if not watch.wait(lambda: _job_gone(self.dom), check_every=0.5, timeout=60):
-                    raise BackupFailed("the backup job did not end within 60 s after all data was read")
-                if watch.interrupted:
-                    raise Interrupted(f"backup interrupted by {watch.interrupted}; nothing was recorded")
-            stats = _completed_stats(self.dom, watch)
-        finally:
-            watch.close()
-            if server is not None and server.socket:
-                # QEMU removes its socket when the job ends, but not when it dies with it
-                try:
-                    os.unlink(server.socket)
-                except FileNotFoundError:
-                    pass
-        # libvirt reports an ended pull job as completed (errmsg 'Operation canceled'); a failed
-        # copy-before-write on the host (e.g. its scratch file's storage filled up) as failed
-        if stats.get("type") not in (None, libvirt.VIR_DOMAIN_JOB_COMPLETED) or not stats.get("success", True):
-            raise BackupFailed(f"backup job failed: {stats.get('errmsg') or 'libvirt reported a failure'}")
-
-    def _copy_all(self, targets: List[Tuple[str, Path, bool]], exports: Dict[str, Tuple[str, Optional[str]]],
-                  server: xmlbuild.NbdServer, should_stop: nbdcopy.StopCheck, watch: host.JobWatch) -> None:
+    def _copy_all(self, exports: Dict[str, Tuple[str, Optional[str]]], should_stop: nbdcopy.StopCheck) -> None:
         """Copy every disk's export into its target, the disks side by side (one thread each,
         at most COPY_THREADS); the first failure stops the others. Returns once all ended."""
+        server = self._server
+        assert server is not None
         failed = threading.Event()
 
         def stop() -> Optional[str]:
             return should_stop() or ("another disk's copy failed" if failed.is_set() else None)
 
-        def one(name: str, target: Path, whole: bool) -> nbdcopy.CopyStats:
+        def one(t: PullTarget) -> nbdcopy.CopyStats:
             try:
-                export, bitmap = exports.get(name, (name, None))
-                if not whole and not bitmap:
-                    raise BackupFailed(f"libvirt exported disk {name} without its dirty bitmap")
+                export, bitmap = exports.get(t.name, (t.name, None))
+                if not t.whole and not bitmap:
+                    raise BackupFailed(f"libvirt exported disk {t.name} without its dirty bitmap")
                 ep = nbdcopy.Endpoint(export, socket=server.socket, host=server.host, port=server.port)
-                return nbdcopy.copy(ep, target, None if whole else f"qemu:dirty-bitmap:{bitmap}", should_stop=stop)
+                return nbdcopy.copy(ep, t.target, None if t.whole else f"qemu:dirty-bitmap:{bitmap}",
+                                    should_stop=stop)
             except BaseException:
                 failed.set()
                 raise
 
         errors: List[BaseException] = []
-        with ThreadPoolExecutor(max_workers=max(1, min(len(targets), COPY_THREADS))) as pool:
-            futures = {name: pool.submit(one, name, target, whole) for name, target, whole in targets}
+        with ThreadPoolExecutor(max_workers=max(1, min(len(self._targets), COPY_THREADS))) as pool:
+            futures = {t.name: pool.submit(one, t) for t in self._targets}
             for name, fut in futures.items():
                 try:
                     st = fut.result()
@@ -205,41 +270,68 @@ class PullBackup(Backup):
         for err in errors:    # a real failure beats the copies it stopped
             if isinstance(err, nbdcopy.NbdError):
                 msg = str(err)
-                raise self._stopped(watch, f"lost the NBD connection: {msg}"
+                raise self._stopped(f"lost the NBD connection: {msg}"
                                     if "connect" in msg or "lost" in msg else msg) from None
         for err in errors:
             if not isinstance(err, nbdcopy.CopyStopped):
                 raise err
-        raise self._stopped(watch)
+        raise self._stopped()
 
-    def _stopped(self, watch: host.JobWatch, detail: Optional[str] = None) -> OperationFailed:
+    def _stopped(self, detail: Optional[str] = None) -> OperationFailed:
         """The error for a copy that ended early, by the most telling cause."""
-        if watch.interrupted:
-            return Interrupted(f"backup interrupted by {watch.interrupted}; nothing was recorded")
+        watch = self._watch
+        if self.interrupted or (watch is not None and watch.interrupted):
+            return Interrupted(f"backup interrupted by {self.interrupted or watch.interrupted}; "  # type: ignore[union-attr]
+                               "nothing was recorded")
         try:
             stopped = not self.dom.isActive()
         except libvirt.libvirtError:
             stopped = False
         if stopped:
             return BackupFailed("backup job failed: the domain stopped during the backup")
-        if watch.reason:
+        if watch is not None and watch.reason:
             return BackupFailed(f"backup job failed: {watch.reason}")
-        if watch.done.is_set() or _job_gone(self.dom):
-            errmsg = _completed_stats(self.dom, watch).get("errmsg")
+        if (watch is not None and watch.done.is_set()) or _job_gone(self.dom):
+            errmsg = _completed_stats(self.dom, watch).get("errmsg") if watch is not None else None
             return BackupFailed("backup job failed: the job ended before its data was read"
                                 + (f" ({errmsg})" if errmsg else ""))
         return BackupFailed(f"backup failed: {detail or 'the NBD copy stopped'}")
 
-    def _clear_leftover_job(self, prefix: str) -> None:
+    def _clear_leftover_job(self) -> None:
         """A job of this directory left by a killed run is aborted; anyone else's refuses the run."""
         if _job_gone(self.dom):
             return
-        if _job_writes_into(self.dom, self.bdir.path / POINTS_DIR, prefix):
+        if _job_writes_into(self.dom, self.points_dir, self._prefix):
             self.notify("aborting the backup job left by an interrupted run")
             if not _abort_job(self.conn, self.dom):
                 raise BackupFailed("the backup job left by an interrupted run did not end within 60 s")
             return
         raise BackupFailed(f"another job is running on domain '{self.dom.name()}'; try again when it has ended")
+
+
+class PullBackup(Backup):
+    """Backup.run with the pull job (PullJob) in place of libvirt's push job."""
+
+    transport = "pull"
+
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, bdir: Any, notify: Any = None,
+                 scratch_dir: Optional[str] = None):
+        super().__init__(conn, dom, bdir, notify)
+        self.scratch_dir = scratch_dir
+
+    def _run_job(self, bxml: str, cxml: str, cp_name: str) -> None:
+        base, disks = _parse_push_xml(bxml)
+        sources = {d.target: d.source or "" for d in host.domain_disks(self.dom.XMLDesc(0))}
+        job = PullJob(self.conn, self.dom, self.bdir.path / POINTS_DIR, self.notify, self.scratch_dir)
+        with host.signals_noted(job.interrupt):   # wake the copy: abort, roll back
+            try:
+                job.start([PullTarget(n, t, w, sources.get(n, "")) for n, t, w in disks], base, cp_name, cxml)
+                job.wait()
+            except BaseException:
+                job.abort()     # Backup._rollback then deletes the checkpoint (and retries the abort)
+                raise
+            finally:
+                self.transfer = job.transfer
 
 
 def refuse_remote(uri: Optional[str], what: str) -> None:
