@@ -83,6 +83,9 @@ def leftovers(d, bdir: Optional[Path] = None) -> Dict[str, List[str]]:
     job = []
     if d.dom.isActive() and job_open(d):
         job = ["a job is running"]
+    if d.dom.isActive():
+        from virtbackup import monitor
+        job += [f"NBD export {e['id']}" for e in monitor.qmp(d.dom, "query-block-exports")]
     nbd = subprocess.run(["pgrep", "-f", f"qemu-nbd.*{bdir}"], capture_output=True,
                          text=True).stdout.split() if bdir else []
     return {k: v for k, v in {"scratch": scratch, "sockets": socks, "job": job, "qemu-nbd": nbd}.items() if v}
@@ -186,10 +189,19 @@ def test_pull_chain_into_a_dir_only_virtbackup_sees(make_domain, hidden, tmp_pat
     assert want <= read <= want + len(dirty) * 2 * GRANULARITY, transfer
     assert transfer["vda"]["zeroed"] >= 64 * KiB
 
-    # G2 then a differential: everything since the full
+    # G2 then a differential: everything since the full; scratch files in a directory of our choice
     d.write("vda", 0x51, 63 * MiB, 1 * MiB)
     d.write("vdb", 0, 1 * MiB, 512 * KiB)
-    p = point_of(h.cli("backup", d.name, bdir, "--level", "diff", "--mode", "pull", "--json"))
+    sdir = tmp_path / "scratch"
+    r = h.cli("backup", d.name, bdir, "--mode", "pull", "--scratch-dir", sdir)    # does not exist yet
+    assert r.rc == 1 and "backup could not start" in one_error_line(r) and str(sdir) in r.err, r
+    for bad in (["--scratch-dir", "rel/dir"], ["--scratch-dir", sdir, "--mode", "push"]):
+        r = h.cli("backup", d.name, bdir, *bad)
+        assert r.rc == 2 and "--scratch-dir" in one_error_line(r), r
+    sdir.mkdir()
+    p = point_of(h.cli("backup", d.name, bdir, "--level", "diff", "--mode", "pull", "--scratch-dir", sdir,
+                       "--json"))
+    assert list(sdir.iterdir()) == []       # libvirt made them there and removed them at the job's end
     assert p["level"] == "diff" and p["parent"] == "0001"
     expected[p["id"]] = d.expected()
 
