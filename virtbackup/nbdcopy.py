@@ -336,13 +336,9 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
     s = open_source(src, contexts)
     d: Any = None
     try:
-        d = open_target(target)
         size = s.get_size()
-        if d.get_size() < size:
-            raise NbdError(f"target {target} ({d.get_size()} bytes) is smaller than "
-                           f"{src.describe()} ({size} bytes)")
         stats = CopyStats(size=size)
-        pump = _Pump(s, d, f"NBD {src.describe()}", str(target), stats)
+        pump: Optional[_Pump] = None     # and the target server: started at the first run found
         pending: Deque[Tuple[int, int, bool]] = deque()
         status_at = 0           # block status known up to here
         todo = 0                # bytes found to copy so far (grows as status is read)
@@ -350,7 +346,7 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
             why = should_stop() if should_stop else None
             if why:
                 raise CopyStopped(why)
-            if pump.error:
+            if pump is not None and pump.error:
                 raise NbdError(pump.error)
             # keep the queue fed from block status, a window at a time
             if not pending and status_at < size:
@@ -361,6 +357,14 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
                     for o in range(off, off + n, request_size):
                         pending.append((o, min(request_size, off + n - o), zero))
                 continue
+            if pump is None:
+                if not pending:
+                    break       # nothing to copy: the target stays as created (reads as its backing)
+                d = open_target(target)
+                if d.get_size() < size:
+                    raise NbdError(f"target {target} ({d.get_size()} bytes) is smaller than "
+                                   f"{src.describe()} ({size} bytes)")
+                pump = _Pump(s, d, f"NBD {src.describe()}", str(target), stats)
             while pending and pump.in_flight < max_in_flight:
                 off, n, zero = pending.popleft()
                 (pump.zero if zero else pump.read)(off, n)
@@ -369,10 +373,11 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
             pump.step(0.2)
             if progress:
                 progress(pump.done_bytes, todo)
-        try:
-            d.flush()
-        except nbd.Error as e:
-            raise NbdError(f"flushing {target} failed: {_message(e)}") from None
+        if d is not None:
+            try:
+                d.flush()
+            except nbd.Error as e:
+                raise NbdError(f"flushing {target} failed: {_message(e)}") from None
         stats.seconds = round(time.monotonic() - started, 3)
         log.debug("copied %s into %s: %s", src.describe(), target, stats)
         return stats

@@ -219,7 +219,8 @@ def test_pull_chain_into_a_dir_only_virtbackup_sees(make_domain, hidden, tmp_pat
 
 
 def test_mixed_push_and_pull_chain_restores(make_domain, tmp_path):
-    """push full, pull inc, push inc, pull diff, push inc: one chain, every point bit-exact."""
+    """push full, pull inc, push inc, pull diff, push inc, pull inc of nothing: one chain, every
+    point bit-exact."""
     from tests.conftest import assert_point_restores
     d = make_domain({"vda": 32 * MiB})
     bdir = tmp_path / "bk"
@@ -233,6 +234,11 @@ def test_mixed_push_and_pull_chain_restores(make_domain, tmp_path):
         p = point_of(cli("backup", d.name, bdir, "--mode", mode, "--level", level, "--json"))
         assert (p["transport"], p["level"]) == (mode, level)
         expected[p["id"]] = d.expected()
+    # nothing dirty: nothing read, no target server started, the point reads as its parent
+    r = cli("backup", d.name, bdir, "--mode", "pull", "--level", "inc", "--json")
+    p = point_of(r)
+    assert r.json()["transfer"]["vda"] == {**r.json()["transfer"]["vda"], "read": 0, "written": 0, "zeroed": 0}
+    expected[p["id"]] = d.expected()
     assert cli("verify", bdir).rc == 0
     for pid, exp in expected.items():
         assert_point_restores(bdir, pid, exp, tmp_path / f"r{pid}")
