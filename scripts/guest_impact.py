@@ -31,7 +31,10 @@ from typing import Dict, List, Optional
 
 import libvirt
 
-from virtbackup import host, scratch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo: tests.support
+
+from tests.support import scratch  # noqa: E402
+from virtbackup import host  # noqa: E402
 
 MiB = 1 << 20
 CLI = [sys.executable, "-m", "virtbackup.cli"]

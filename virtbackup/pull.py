@@ -1,31 +1,36 @@
 """Pull-mode backups: libvirt exports the disks over NBD and virtbackup reads them itself.
 
 The backup directory then only has to be reachable by this process, not by the hypervisor's
-QEMU: another host (remote libvirt URIs), or storage the hypervisor does not mount. Planning,
-target images, metadata, checkpoints and rollback are the push runner's (backup.Backup); only
-the job differs: `<domainbackup mode='pull'>` with libvirt's NBD server (a unix socket for a
-local libvirtd, TCP on the host's name for a remote one) and copy-before-write scratch files on
-the hypervisor, then nbdcopy.copy() per disk into the pre-created qcow2 target, then the job is
-ended (libvirt deletes the scratch files it created).
+QEMU: another host (remote libvirt URIs), or storage the hypervisor does not mount. PullRunner
+is a job runner (runner.py) beside the push and offline ones: planning, target images, metadata,
+checkpoints and rollback are the engine's (backup.Engine). The job: `<domainbackup mode='pull'>`
+with libvirt's NBD server (a unix socket for a local libvirtd, TCP on the host's name for a
+remote one) and copy-before-write scratch files on the hypervisor, then nbdcopy.copy() per disk
+into the pre-created qcow2 target, then the job is ended (libvirt deletes the scratch files).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import libvirt
 from lxml import etree
 
 from . import host, nbdcopy, xmlbuild
-from .backup import Backup, _abort_job, _completed_stats, _job_gone, _job_writes_into
-from .chain import POINTS_DIR
 from .errors import BackupFailed, Interrupted, OperationFailed, UsageError
+from .host import DomainHandle
+from .plan import BackupPlan, Transport
+from .pushjob import _completed_stats, abort_job, checkpoint_prefix, job_gone, job_writes_into
+from .runner import Notify
+
+log = logging.getLogger(__name__)
 
 # libvirt 9.0 needs an explicit TCP port for a pull backup's NBD server (it has no allocator);
 # these are tried in random order until one is free on the host (NBD's own port first).
@@ -54,20 +59,6 @@ def scratch_path(scratch_dir: Optional[str], source: str, cp_name: str, disk: st
     return str(Path(where) / f"{cp_name}-{disk}.scratch")
 
 
-def _parse_push_xml(bxml: str) -> Tuple[Optional[str], List[Tuple[str, Path, bool]]]:
-    """(base checkpoint, [(disk, target image, copied whole)]) from the push XML Backup.run built."""
-    root = etree.fromstring(bxml.encode())
-    base = root.findtext("incremental")
-    disks = []
-    for el in root.iterfind("disks/disk"):
-        target = el.find("target")
-        if el.get("backup") == "no" or target is None:
-            continue
-        disks.append((el.get("name") or "", Path(target.get("file") or ""),
-                      base is None or el.get("backupmode") == "full"))
-    return base, disks
-
-
 @dataclass(frozen=True)
 class PullTarget:
     """One disk of a pull job: where its export is copied to, and how."""
@@ -78,17 +69,16 @@ class PullTarget:
     source: str             # the disk's image on the hypervisor (the default scratch dir)
 
 
-class PullJob:
-    """The pull job in the shape of a job runner: start (the point in time), wait (copy every
-    export, flush, end the job), abort (bounded, never raises), interrupt (from a signal
-    handler). It never plans, creates targets or touches the chain: its caller does."""
+class PullRunner:
+    """The pull job as a job runner (runner.py): start fixes the point in time, wait copies
+    every export, flushes and ends the job, abort is bounded and never raises, interrupt comes
+    from the signal handler. It never plans, creates targets or touches the chain."""
 
-    transport = "pull"
+    transport: Transport = "pull"
 
-    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, points_dir: Path,
-                 notify: Callable[[str], None], scratch_dir: Optional[str] = None):
-        self.conn = conn
-        self.dom = dom
+    def __init__(self, handle: DomainHandle, points_dir: Path, notify: Notify,
+                 scratch_dir: Optional[str] = None):
+        self.handle = handle
         self.points_dir = points_dir
         self.notify = notify
         self.scratch_dir = scratch_dir
@@ -106,10 +96,30 @@ class PullJob:
         if self._watch is not None:
             self._watch.interrupt(signal_name)
 
-    def start(self, targets: Sequence[PullTarget], base: Optional[str], checkpoint: str, cxml: str) -> None:
-        """backupBegin in pull mode: fixes the point in time and creates `checkpoint`."""
+    @property
+    def conn(self) -> libvirt.virConnect:
+        return self.handle.conn
+
+    @property
+    def dom(self) -> libvirt.virDomain:
+        return self.handle.dom
+
+    def preflight(self) -> None:
+        """Nothing to refuse before planning: a foreign job is refused at start."""
+
+    def start(self, plan: BackupPlan) -> None:
+        """backupBegin in pull mode: fixes the point in time and creates the plan's checkpoint."""
+        for dp in plan.disks:
+            if dp.target.encryption is not None:
+                raise UsageError("encrypted targets are not supported in pull mode yet")
+        cxml = xmlbuild.checkpoint_xml(plan.checkpoint, plan.description,
+                                       {dp.disk.target: True for dp in plan.disks})
+        self._start([PullTarget(dp.disk.target, dp.target.path, dp.mode == "full", dp.disk.source or "")
+                     for dp in plan.disks], plan.base_checkpoint, plan.checkpoint, cxml)
+
+    def _start(self, targets: Sequence[PullTarget], base: Optional[str], checkpoint: str, cxml: str) -> None:
         self._targets = list(targets)
-        self._prefix = checkpoint[:len(checkpoint) - len(checkpoint.rsplit("-", 1)[-1])]
+        self._prefix = checkpoint_prefix(checkpoint)
         self._clear_leftover_job()
         pdisks = [xmlbuild.PullDisk(t.name, scratch_path(self.scratch_dir, t.source, checkpoint, t.name),
                                     full=t.whole) for t in self._targets]
@@ -140,14 +150,14 @@ class PullJob:
         try:
             self._copy_all(self._exports(), should_stop)
             # every export read: the job must still be running, or what we read may be torn
-            if should_stop() is not None or _job_gone(self.dom):
+            if should_stop() is not None or job_gone(self.dom):
                 raise self._stopped()
             watch.done.clear()
             try:
                 self.dom.abortJob()      # ends a pull job: the normal way to finish it
             except libvirt.libvirtError as e:
                 raise BackupFailed(f"could not end the backup job: {host.libvirt_message(e)}") from None
-            if not watch.wait(lambda: _job_gone(self.dom), check_every=0.5, timeout=60):
+            if not watch.wait(lambda: job_gone(self.dom), check_every=0.5, timeout=60):
                 raise BackupFailed("the backup job did not end within 60 s after all data was read")
             if watch.interrupted:
                 raise Interrupted(f"backup interrupted by {watch.interrupted}; nothing was recorded")
@@ -163,14 +173,19 @@ class PullJob:
 
     def abort(self) -> bool:
         """End our job if it still runs (libvirt then deletes the scratch files); False when it
-        did not end in time. Never raises."""
+        did not end in time. After a libvirtd restart: reconnect first. Never raises."""
         if self._watch is not None:
             self._watch.close()
             self._watch = None
         self._remove_socket()
         try:
-            if _job_writes_into(self.dom, self.points_dir, self._prefix or None):
-                return _abort_job(self.conn, self.dom)
+            self.handle.reconnect_if_lost()
+        except Exception as e:   # noqa: BLE001 - abort never raises; the caller reports
+            log.warning("cannot reconnect to abort the job: %s", host.libvirt_message(e))
+            return False
+        try:
+            if job_writes_into(self.dom, self.points_dir, self._prefix or None):
+                return abort_job(self.conn, self.dom)
         except (libvirt.libvirtError, OSError):
             return False
         return True
@@ -258,7 +273,7 @@ class PullJob:
             for name, fut in futures.items():
                 try:
                     st = fut.result()
-                except BaseException as exc:      # collected; the most telling one is raised below
+                except BaseException as exc:  # noqa: BLE001 - collected; the most telling one is raised below
                     errors.append(exc)
                     continue
                 self.transfer[name] = {"read": st.read, "written": st.written, "zeroed": st.zeroed,
@@ -291,7 +306,7 @@ class PullJob:
             return BackupFailed("backup job failed: the domain stopped during the backup")
         if watch is not None and watch.reason:
             return BackupFailed(f"backup job failed: {watch.reason}")
-        if (watch is not None and watch.done.is_set()) or _job_gone(self.dom):
+        if (watch is not None and watch.done.is_set()) or job_gone(self.dom):
             errmsg = _completed_stats(self.dom, watch).get("errmsg") if watch is not None else None
             return BackupFailed("backup job failed: the job ended before its data was read"
                                 + (f" ({errmsg})" if errmsg else ""))
@@ -299,39 +314,14 @@ class PullJob:
 
     def _clear_leftover_job(self) -> None:
         """A job of this directory left by a killed run is aborted; anyone else's refuses the run."""
-        if _job_gone(self.dom):
+        if job_gone(self.dom):
             return
-        if _job_writes_into(self.dom, self.points_dir, self._prefix):
+        if job_writes_into(self.dom, self.points_dir, self._prefix):
             self.notify("aborting the backup job left by an interrupted run")
-            if not _abort_job(self.conn, self.dom):
+            if not abort_job(self.conn, self.dom):
                 raise BackupFailed("the backup job left by an interrupted run did not end within 60 s")
             return
         raise BackupFailed(f"another job is running on domain '{self.dom.name()}'; try again when it has ended")
-
-
-class PullBackup(Backup):
-    """Backup.run with the pull job (PullJob) in place of libvirt's push job."""
-
-    transport = "pull"
-
-    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, bdir: Any, notify: Any = None,
-                 scratch_dir: Optional[str] = None):
-        super().__init__(conn, dom, bdir, notify)
-        self.scratch_dir = scratch_dir
-
-    def _run_job(self, bxml: str, cxml: str, cp_name: str) -> None:
-        base, disks = _parse_push_xml(bxml)
-        sources = {d.target: d.source or "" for d in host.domain_disks(self.dom.XMLDesc(0))}
-        job = PullJob(self.conn, self.dom, self.bdir.path / POINTS_DIR, self.notify, self.scratch_dir)
-        with host.signals_noted(job.interrupt):   # wake the copy: abort, roll back
-            try:
-                job.start([PullTarget(n, t, w, sources.get(n, "")) for n, t, w in disks], base, cp_name, cxml)
-                job.wait()
-            except BaseException:
-                job.abort()     # Backup._rollback then deletes the checkpoint (and retries the abort)
-                raise
-            finally:
-                self.transfer = job.transfer
 
 
 def refuse_remote(uri: Optional[str], what: str) -> None:

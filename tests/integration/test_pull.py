@@ -1,10 +1,10 @@
 """Pull mode (issue 14): backups read over NBD into a directory only virtbackup can see.
 
-Most tests keep the backup directory on a tmpfs in a private mount namespace (tests/hiddenns.py):
+Most tests keep the backup directory on a tmpfs in a private mount namespace (tests/support/hiddenns.py):
 libvirtd and QEMU see an empty directory there, so push mode fails, and a pull backup that
 restores bit-exact proves every byte travelled over NBD. Restores write to a directory outside
 the tmpfs and are compared byte for byte with what the guest saw. Remote URIs go through a
-private sshd on 127.0.0.1 (tests/sshd.py).
+private sshd on 127.0.0.1 (tests/support/sshd.py).
 
 Faults are injected while the pull job is open: the test stops the virtbackup process
 (SIGSTOP) as soon as libvirt shows its job, acts (drops the NBD export, destroys the domain,
@@ -14,7 +14,6 @@ it, so the fault always lands before the point is recorded.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -25,10 +24,9 @@ from typing import Dict, List, Optional
 import libvirt
 import pytest
 
-from tests.conftest import checkpoint_names, cli
-from tests.hiddenns import HiddenDir
-from tests.integration.test_failures import one_error_line
-from tests.sshd import PrivateSshd
+from tests.support.helpers import CLIResult, assert_point_restores, checkpoint_names, cli, one_error_line
+from tests.support.hiddenns import HiddenDir
+from tests.support.sshd import PrivateSshd
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -94,7 +92,7 @@ def leftovers(d, bdir: Optional[Path] = None) -> Dict[str, List[str]]:
 def restore_and_compare(h: HiddenDir, bdir: Path, pid: str, expected: Dict[str, bytes], out: Path) -> None:
     """Restore inside the namespace (the only place the backup exists) into `out` (visible
     outside), then compare every disk byte for byte."""
-    from virtbackup import scratch
+    from tests.support import scratch
     r = h.cli("restore", bdir, out, "--point", pid)
     assert r.rc == 0, r
     for disk, want in expected.items():
@@ -143,7 +141,6 @@ def wait_no_qemu_nbd(bdir: Path, timeout: float = 10) -> None:
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120):
-    from tests.conftest import CLIResult
     os.kill(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=timeout)
     return CLIResult(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
@@ -221,7 +218,6 @@ def test_pull_chain_into_a_dir_only_virtbackup_sees(make_domain, hidden, tmp_pat
 def test_mixed_push_and_pull_chain_restores(make_domain, tmp_path):
     """push full, pull inc, push inc, pull diff, push inc, pull inc of nothing: one chain, every
     point bit-exact."""
-    from tests.conftest import assert_point_restores
     d = make_domain({"vda": 32 * MiB})
     bdir = tmp_path / "bk"
     expected = {}
@@ -287,7 +283,7 @@ def test_remote_uri_over_ssh_backup_status_repair_and_refusals(make_domain, hidd
     restore_and_compare(h, bdir, "0002", e2, tmp_path / "o2")
 
     # restore --define defines the domain on the host the URI names
-    from virtbackup import scratch
+    from tests.support import scratch
     name = f"{d.name}-r"
     try:
         r = h.cli("restore", bdir, tmp_path / "def", "--define", name, uri=uri)

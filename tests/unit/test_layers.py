@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent.parent / "virtbackup"
 # Lowest first. A module may import modules of earlier layers only (never its own layer).
 LAYERS: List[List[str]] = [
     ["errors", "observe"],                              # observe: progress reports, no imports
-    ["__init__", "runlog", "xmlbuild", "qemuimg", "metrics"],   # no libvirt: logs, XML, qemu-img, metrics
+    ["__init__", "runlog", "xmlbuild", "qemuimg", "metrics", "nbdcopy"],   # no libvirt: logs, XML, qemu-img,
+                                                                            # metrics, the NBD copy
     ["chain"],                                          # the model and its metadata file
     ["integrity"],                                      # images checked against the record
     ["restoredom", "retention", "verify"],              # pure XML / image work on a backup dir
@@ -28,6 +29,7 @@ LAYERS: List[List[str]] = [
     ["health", "quiesce"],                              # status, repair planning; guest freeze/thaw
     ["runner"],                                         # the runner protocol
     ["pushjob", "offline"],                             # the runners
+    ["pull"],                                           # the pull runner (shares pushjob's job helpers)
     ["backup", "restore", "files"],                     # the engine; restore; single files (libguestfs)
     ["jobs", "drill", "liverestore"],                   # whole-host runs; restore drills; restore --live
     ["api", "progress"],                                # progress: the CLI's bars
@@ -35,7 +37,7 @@ LAYERS: List[List[str]] = [
 ]
 # Modules that must work without libvirt (a backup dir is restorable with qemu-img alone).
 NO_LIBVIRT = {"errors", "runlog", "xmlbuild", "qemuimg", "chain", "integrity", "restoredom", "retention", "verify",
-              "qmp", "cli", "__init__", "observe", "metrics", "files"}
+              "qmp", "cli", "__init__", "observe", "metrics", "files", "nbdcopy"}
 
 
 def imports_of(path: Path, package: str) -> Set[str]:

@@ -64,3 +64,34 @@ def test_redefine_xml_replaces_parent():
     assert [p.findtext("name") for p in out.findall("parent")] == ["c1"]
     valid(rng("domaincheckpoint.rng"), xmlbuild.redefine_xml(saved, "c1"))
     assert etree.fromstring(xmlbuild.redefine_xml(saved, None).encode()).find("parent") is None
+
+
+def test_pull_full_over_unix_socket():
+    xml = xmlbuild.pull_backup_xml(
+        [xmlbuild.PullDisk("vda", "/var/tmp/s/virtbackup-0a1b2c3d-0001-vda.scratch"),
+         xmlbuild.PullDisk("vdb", "/var/tmp/s/virtbackup-0a1b2c3d-0001-vdb.scratch")],
+        None, xmlbuild.NbdServer(socket="/run/virtbackup/nbd-x.sock"))
+    valid(rng("domainbackup.rng"), xml)
+    assert xml == (GOLDEN / "backup-pull-full.xml").read_text()
+
+
+def test_pull_incremental_over_tcp_with_tls_and_a_disk_copied_whole():
+    xml = xmlbuild.pull_backup_xml([xmlbuild.PullDisk("vda", "/i/c-vda.scratch"),
+                                    xmlbuild.PullDisk("vdb", "/i/c-vdb.scratch", full=True)],
+                                   "virtbackup-0a1b2c3d-0001",
+                                   xmlbuild.NbdServer(host="hv1.example.org", port=10809, tls=True))
+    valid(rng("domainbackup.rng"), xml)
+    assert xml == (GOLDEN / "backup-pull-inc.xml").read_text()
+    root = etree.fromstring(xml.encode())
+    assert root.find("server").attrib == {"transport": "tcp", "name": "hv1.example.org", "port": "10809",
+                                          "tls": "yes"}
+    vda, vdb = root.findall("disks/disk")
+    assert vda.get("exportbitmap") == "backup-vda" and vda.get("exportname") == "vda"
+    assert vdb.get("backupmode") == "full" and vdb.get("exportbitmap") is None
+
+
+def test_scratch_paths_are_escaped():
+    xml = xmlbuild.pull_backup_xml([xmlbuild.PullDisk("vda", "/s/a \"b\" & <c>.scratch")], None,
+                                   xmlbuild.NbdServer(socket="/run/x.sock"))
+    valid(rng("domainbackup.rng"), xml)
+    assert etree.fromstring(xml.encode()).find("disks/disk/scratch").get("file") == "/s/a \"b\" & <c>.scratch"

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional
 
-from tests.conftest import ROOT, CLIResult
+from tests.support.helpers import ROOT, CLIResult
 
 
 class HiddenDir:
@@ -34,7 +34,7 @@ class HiddenDir:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.holder.stdout.readline()  # type: ignore[union-attr]
         if line.strip() != "ready":
-            err = self.holder.stderr.read() if self.holder.stderr else ""  # type: ignore[union-attr]
+            err = self.holder.stderr.read() if self.holder.stderr else ""
             self.stop()
             raise RuntimeError(f"cannot make a private mount namespace: {err.strip()}")
         return self
@@ -61,11 +61,13 @@ class HiddenDir:
                                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
     def listing(self) -> Dict[str, bytes]:
-        """Every file under `path` as seen inside the namespace, with its content."""
+        """Every file under `path` as seen inside the namespace, with its content (run logs, which
+        a failed run is meant to leave, and locks left out)."""
         r = self.run(sys.executable, "-c",
                      "import sys,json,base64,pathlib;p=pathlib.Path(sys.argv[1]);"
                      "print(json.dumps({str(f.relative_to(p)):base64.b64encode(f.read_bytes()).decode() "
-                     "for f in sorted(p.rglob('*')) if f.is_file() and f.name!='.virtbackup.lock'}))",
+                     "for f in sorted(p.rglob('*')) if f.is_file() and f.name!='.virtbackup.lock' "
+                     "and 'logs' not in f.relative_to(p).parts[:-1]}))",
                      self.path, check=True)
         import base64
         import json
