@@ -4,7 +4,7 @@ One engine for every way the copy runs (runner.py): planning (plan.py), target p
 the commit protocol (images complete -> checkpoint XML and domain XML saved -> hashed, fsynced ->
 partial directory renamed -> metadata written atomically), rollback and retiring old
 checkpoints happen here, once. Which runner: a running domain gets the libvirt push job
-(pushjob.py), a shut-off one a private QEMU (offline.py).
+(pushjob.py) or, in pull mode, the pull job (pull.py); a shut-off one a private QEMU (offline.py).
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
 The engine (backup.py) plans, pre-creates the targets, commits or rolls back and retires old
 checkpoints; a runner only runs the copy for a `BackupPlan`. Runners today: `pushjob.PushRunner`
-(libvirt push job, running domains) and `offline.OfflineRunner` (a private QEMU, shut-off
-domains). A pull-mode runner (libvirt's NBD export read with libnbd) implements the same
-protocol and needs no change to planning or commit.
+(libvirt push job, running domains), `pull.PullRunner` (libvirt pull job: its NBD export read
+with libnbd, `--mode pull`) and `offline.OfflineRunner` (a private QEMU, shut-off domains).
 
 The contract:
 - `preflight()` runs before anything changes (leftover cleanup, planning) and refuses what
