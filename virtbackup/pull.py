@@ -153,6 +153,7 @@ class PullRunner:
             if should_stop() is not None or job_gone(self.dom):
                 raise self._stopped()
             watch.done.clear()
+            log.debug("libvirt abortJob(%s): every export read, ending the pull job", self.dom.name())
             try:
                 self.dom.abortJob()      # ends a pull job: the normal way to finish it
             except libvirt.libvirtError as e:
@@ -211,8 +212,10 @@ class PullRunner:
                 except FileNotFoundError:
                     pass
             bxml = xmlbuild.pull_backup_xml(disks, base, server)
+            log.debug("libvirt backupBegin(%s) pull:\n%s%s", self.dom.name(), bxml, cxml)
             try:
                 host.call(self.dom.backupBegin, bxml, cxml, 0)
+                log.info("pull job started; NBD server %s", server.socket or f"{server.host}:{server.port}")
                 return server
             except libvirt.libvirtError as e:
                 last = host.libvirt_message(e)
@@ -278,6 +281,8 @@ class PullRunner:
                     continue
                 self.transfer[name] = {"read": st.read, "written": st.written, "zeroed": st.zeroed,
                                        "seconds": st.seconds}
+                log.info("disk %s: %d bytes read over NBD, %d written, %d zeroed, %d extents in %.3fs",
+                         name, st.read, st.written, st.zeroed, st.extents, st.seconds)
                 self.notify(f"disk {name}: {st.read} bytes read over NBD, {st.written} written, "
                             f"{st.zeroed} zeroed in {st.seconds:.2f}s")
         if not errors:
