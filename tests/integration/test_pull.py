@@ -344,6 +344,9 @@ def test_pull_faults_leave_the_chain_intact(make_domain, hidden, tmp_path, procs
     p2 = point_of(r)
     assert "aborting the backup job left by an interrupted run" in r.err, r
     assert p2["parent"] == "0001"      # retried from the last good checkpoint: every write since it
+    prefix = p2["checkpoint"][:-4]
+    assert [n for n in checkpoint_names(d.dom) if n.startswith(prefix)] == [prefix + "0001", p2["checkpoint"]]
+    assert leftovers(d, bdir) == {}
     expected[p2["id"]] = d.expected()
     for pid, exp in expected.items():
         restore_and_compare(h, bdir, pid, exp, tmp_path / f"o{pid}")
