@@ -26,6 +26,7 @@ import pytest
 
 from tests.support.helpers import CLIResult, assert_point_restores, checkpoint_names, cli, one_error_line
 from tests.support.hiddenns import HiddenDir
+from tests.support.schemas import validate
 from tests.support.sshd import PrivateSshd
 
 MiB = 1 << 20
@@ -178,6 +179,7 @@ def test_pull_chain_into_a_dir_only_virtbackup_sees(make_domain, hidden, tmp_pat
     p = point_of(r)
     assert p["level"] == "inc" and p["parent"] == "0001" and p["transport"] == "pull"
     expected[p["id"]] = d.expected()
+    validate("backup", r.json())            # the --json contract holds for pull points too
     transfer = r.json()["transfer"]
     read = sum(t["read"] for t in transfer.values())
     want = sum(w[3] for w in dirty)
@@ -209,6 +211,7 @@ def test_pull_chain_into_a_dir_only_virtbackup_sees(make_domain, hidden, tmp_pat
 
     lst = h.cli("list", bdir, "--json")
     assert lst.rc == 0 and [q["transport"] for q in lst.json()["points"]] == ["pull"] * 4
+    validate("list", lst.json())
     assert h.cli("verify", bdir).rc == 0
     assert leftovers(d, bdir) == {}
     for pid, exp in expected.items():
