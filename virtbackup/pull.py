@@ -16,9 +16,10 @@ import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import libvirt
 from lxml import etree
@@ -29,6 +30,9 @@ from .host import DomainHandle
 from .plan import BackupPlan, Transport
 from .pushjob import _completed_stats, abort_job, checkpoint_prefix, job_gone, job_writes_into
 from .runner import Notify
+
+if TYPE_CHECKING:
+    from .quiesce import Quiescer
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +81,12 @@ class PullRunner:
     transport: Transport = "pull"
 
     def __init__(self, handle: DomainHandle, points_dir: Path, notify: Notify,
-                 scratch_dir: Optional[str] = None):
+                 scratch_dir: Optional[str] = None, quiesce: Optional["Quiescer"] = None):
         self.handle = handle
         self.points_dir = points_dir
         self.notify = notify
         self.scratch_dir = scratch_dir
+        self.quiesce = quiesce          # freezes the guest for backupBegin, as in push mode
         self.interrupted: Optional[str] = None
         self.warnings: List[str] = []
         self.transfer: Dict[str, Dict[str, Any]] = {}   # per disk: bytes read, written, zeroed; seconds
@@ -214,7 +219,8 @@ class PullRunner:
             bxml = xmlbuild.pull_backup_xml(disks, base, server)
             log.debug("libvirt backupBegin(%s) pull:\n%s%s", self.dom.name(), bxml, cxml)
             try:
-                host.call(self.dom.backupBegin, bxml, cxml, 0)
+                with self.quiesce.frozen(self.dom) if self.quiesce else nullcontext():
+                    host.call(self.dom.backupBegin, bxml, cxml, 0)
                 log.info("pull job started; NBD server %s", server.socket or f"{server.host}:{server.port}")
                 return server
             except libvirt.libvirtError as e:
