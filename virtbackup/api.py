@@ -53,6 +53,7 @@ __all__ = [
     # results and helpers
     "BackupResult", "PointList", "RestoreResult", "VerifyResult", "PruneResult", "FlattenResult", "LiveResult",
     "StatusReport", "RepairReport", "ThawResult", "DrillResult", "Notify", "RequestedLevel", "point_json", "chain_json",
+    "FilesystemList", "ListResult", "GetResult", "PointFiles",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -238,20 +239,21 @@ def drill(backup_dir: Path, point: Optional[str] = None, timeout: float = 300, c
 
 # --- single-file restore (libguestfs; virtbackup.files) ----------------------------------------
 from . import files as _files  # noqa: E402
-from .files import Filesystem, GetResult, Listing, PointFiles, Status  # noqa: E402,F401
+from .files import Filesystem, FilesystemList, GetResult, Listing, ListResult, PointFiles, Status  # noqa: E402,F401
 
 
 @_boundary
 def files_filesystems(backup_dir: Path, point: Optional[str] = None,
-                      status: Optional[Status] = None) -> "tuple[str, list[Filesystem]]":
-    """The filesystems in a point's disks (vda, vda1, vg/lv): (point id, filesystems)."""
+                      status: Optional[Status] = None) -> FilesystemList:
+    """The filesystems in a point's disks (vda, vda1, vg/lv): (point id, filesystems), with to_json()."""
     return _files.filesystems(Path(backup_dir), point, status)
 
 
 @_boundary
 def files_ls(backup_dir: Path, paths: Sequence[str], point: Optional[str] = None,
-             status: Optional[Status] = None) -> "tuple[str, list[Listing]]":
-    """List FS:PATH directories (or files) of a point, symlinks not followed."""
+             status: Optional[Status] = None) -> ListResult:
+    """List FS:PATH directories (or files) of a point, symlinks not followed: (point id, listings),
+    with to_json()."""
     return _files.ls(Path(backup_dir), paths, point, status)
 
 

@@ -614,7 +614,6 @@ def files(backup_dir: Path = typer.Argument(..., help="the backup directory"),
     (15-60 s under TCG; see README for LIBGUESTFS_BACKEND settings).
     """
     import signal
-    from dataclasses import asdict
     args = list(args or [])
     lo_hi = _FILES_ACTIONS.get(action)
     problem = None
@@ -635,7 +634,7 @@ def files(backup_dir: Path = typer.Argument(..., help="the backup directory"),
         if action == "fs":
             pid, fss = r
             if as_json:
-                print(json.dumps({"point": pid, "filesystems": [asdict(f) for f in fss]}))
+                print(json.dumps(r.to_json()))
                 return
             print(f"{'NAME':<16} {'TYPE':<12} {'LABEL':<16} {'SIZE':>10}  NOTE")
             for f in fss:
@@ -644,7 +643,7 @@ def files(backup_dir: Path = typer.Argument(..., help="the backup directory"),
         elif action == "ls":
             pid, listings = r
             if as_json:
-                print(json.dumps({"point": pid, "listings": [asdict(x) for x in listings]}))
+                print(json.dumps(r.to_json()))
                 return
             for i, lst in enumerate(listings):
                 if len(listings) > 1:
@@ -654,7 +653,7 @@ def files(backup_dir: Path = typer.Argument(..., help="the backup directory"),
                     print(f"{e.type:<9} {e.mode} {e.size:>12} {e.mtime:<25} {e.name}{link}")
         elif action == "get":
             if as_json:
-                print(json.dumps(asdict(r)))
+                print(json.dumps(r.to_json()))
             else:
                 for c in r.copied:
                     what = (f"{c.files} file(s), {c.directories} dir(s), {c.symlinks} symlink(s), "

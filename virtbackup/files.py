@@ -23,10 +23,10 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Callable, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from .chain import BackupDir, Chain, Point, shared_lock
 from .errors import (
@@ -102,6 +102,7 @@ def parse_guest_path(spec: str) -> GuestPath:
 
 
 # --- results -----------------------------------------------------------------------------------
+# Every result has to_json(): the `files ... --json` output (schemas/files-fs, files-ls, files-get).
 @dataclass
 class Filesystem:
     name: str               # vda, vda1, vg/lv
@@ -111,6 +112,10 @@ class Filesystem:
     size: int               # bytes of the device or volume
     disk: Optional[str]     # the domain disk it is on (None for LVM and other stacked volumes)
     readable: bool          # virtbackup can mount it (not encrypted, swap or unknown)
+
+    def to_json(self) -> Dict[str, Any]:
+        """{"name", "type", "label", "uuid", "size", "disk", "readable"}."""
+        return asdict(self)
 
 
 @dataclass
@@ -122,11 +127,39 @@ class Entry:
     mtime: str              # ISO 8601, UTC
     target: Optional[str] = None    # a symlink's target, as stored in the guest
 
+    def to_json(self) -> Dict[str, Any]:
+        """{"name", "type", "size", "mode", "mtime", "target"} (target: null unless a symlink)."""
+        return asdict(self)
+
 
 @dataclass
 class Listing:
     path: str               # FS:PATH as given (normalised)
     entries: List[Entry]
+
+    def to_json(self) -> Dict[str, Any]:
+        """{"path", "entries": [Entry.to_json()]}."""
+        return {"path": self.path, "entries": [e.to_json() for e in self.entries]}
+
+
+class FilesystemList(NamedTuple):
+    """What `fs` found (a tuple, so `point, filesystems = files_filesystems(...)` works)."""
+    point: str
+    filesystems: List[Filesystem]
+
+    def to_json(self) -> Dict[str, Any]:
+        """{"point", "filesystems": [Filesystem.to_json()]} (the `files fs --json` output)."""
+        return {"point": self.point, "filesystems": [f.to_json() for f in self.filesystems]}
+
+
+class ListResult(NamedTuple):
+    """What `ls` listed (a tuple, so `point, listings = files_ls(...)` works)."""
+    point: str
+    listings: List[Listing]
+
+    def to_json(self) -> Dict[str, Any]:
+        """{"point", "listings": [Listing.to_json()]} (the `files ls --json` output)."""
+        return {"point": self.point, "listings": [x.to_json() for x in self.listings]}
 
 
 @dataclass
@@ -139,12 +172,21 @@ class Copied:
     symlinks: int = 0
     bytes: int = 0
 
+    def to_json(self) -> Dict[str, Any]:
+        """{"source", "dest", "type", "files", "directories", "symlinks", "bytes"}."""
+        return asdict(self)
+
 
 @dataclass
 class GetResult:
     point: str
     copied: List[Copied] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)     # special files in a tree, not copied
+
+    def to_json(self) -> Dict[str, Any]:
+        """{"point", "copied": [Copied.to_json()], "skipped": ["FS:PATH (kind)"]} (the `files get
+        --json` output)."""
+        return {"point": self.point, "copied": [c.to_json() for c in self.copied], "skipped": list(self.skipped)}
 
 
 def _mode_type(mode: int) -> str:
@@ -463,15 +505,53 @@ class PointFiles:
         if not stat.S_ISREG(st["st_mode"]):
             raise GuestPathError(f"{gp} is a {_mode_type(st['st_mode'])}, not a file")
         out.flush()
-        self._download(path, out.fileno(), gp)
+        self._download_through_pipe(path, out.fileno(), gp)
         return int(st["st_size"])
 
     def _download(self, path: str, fd: int, gp: GuestPath) -> None:
-        # to the descriptor we opened (O_EXCL, O_NOFOLLOW), never to a name libguestfs would open
+        """Into a file we just created (O_EXCL, O_NOFOLLOW), never to a name libguestfs would
+        open. libguestfs opens `/dev/fd/N` anew with O_TRUNC: harmless on that empty file only."""
         try:
             self._g.download(path, f"/dev/fd/{fd}")
         except RuntimeError as e:
             raise self._path_error(gp, e) from None
+
+    def _download_through_pipe(self, path: str, fd: int, gp: GuestPath) -> None:
+        """Append one file to `fd` at its own offset. Not `/dev/fd/N` directly: libguestfs would
+        reopen it with O_TRUNC, so `cat a b > out` kept only b and `cat a >> log` emptied the log
+        first. libguestfs writes into a pipe instead and a thread copies it on (the binding
+        releases the GIL during the download)."""
+        import threading
+        r, w = os.pipe()
+        failed: List[OSError] = []
+
+        def pump() -> None:
+            try:
+                while True:
+                    buf = os.read(r, 1 << 20)
+                    if not buf:
+                        return
+                    view = memoryview(buf)
+                    while view:
+                        view = view[os.write(fd, view):]
+            except OSError as e:        # e.g. EPIPE: the reader of stdout went away
+                failed.append(e)
+                while os.read(r, 1 << 20):  # keep draining: libguestfs must not block on a full pipe
+                    pass
+
+        t = threading.Thread(target=pump, name="virtbackup-cat", daemon=True)
+        t.start()
+        try:
+            try:
+                self._g.download(path, f"/dev/fd/{w}")
+            finally:
+                os.close(w)
+                t.join()
+                os.close(r)
+        except RuntimeError as e:
+            raise self._path_error(gp, e) from None
+        if failed:
+            raise failed[0]
 
     # -- get -------------------------------------------------------------------------------------
     def get(self, plan: Sequence[Tuple[GuestPath, Path]]) -> GetResult:
@@ -577,19 +657,19 @@ def _precheck(backup_dir: Path, point: Optional[str], paths: Sequence[GuestPath]
 
 
 def filesystems(backup_dir: Path, point: Optional[str] = None,
-                status: Optional[Status] = None) -> Tuple[str, List[Filesystem]]:
+                status: Optional[Status] = None) -> FilesystemList:
     with PointFiles(backup_dir, point, status) as pf:
         assert pf.point is not None
-        return pf.point.id, pf.filesystems()
+        return FilesystemList(pf.point.id, pf.filesystems())
 
 
 def ls(backup_dir: Path, specs: Sequence[str], point: Optional[str] = None,
-       status: Optional[Status] = None) -> Tuple[str, List[Listing]]:
+       status: Optional[Status] = None) -> ListResult:
     paths = [parse_guest_path(s) for s in specs]
     _precheck(backup_dir, point, paths)
     with PointFiles(backup_dir, point, status) as pf:
         assert pf.point is not None
-        return pf.point.id, [pf.ls(gp) for gp in paths]
+        return ListResult(pf.point.id, [pf.ls(gp) for gp in paths])
 
 
 def get(backup_dir: Path, specs: Sequence[str], dest: Path, point: Optional[str] = None,

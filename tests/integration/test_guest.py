@@ -28,6 +28,7 @@ from lxml import etree
 
 from tests.support import guest as guestlib
 from tests.support.helpers import ROOT, checkpoint_names, cli, one_error_line, snapshot_dir, tmpfs
+from tests.support.schemas import validate, validate_output
 
 MiB = 1 << 20
 AGENT_TIMEOUT = 900        # TCG on 2 loaded cores: the reference's 8 s can become minutes
@@ -91,7 +92,7 @@ def points(bdir: Path) -> List[dict]:
         return []
     r = cli("list", bdir, "--json")
     assert r.rc == 0, r
-    return r.json()["points"]
+    return validate_output("list", r.out, r.rc)["points"]
 
 
 def ours(dom: libvirt.virDomain) -> List[str]:
@@ -181,7 +182,7 @@ def test_quiesced_backup_holds_a_file_that_was_only_in_the_page_cache(g, dom, tm
 
     r = cli("backup", g.name, bdir, "--quiesce", "--json")
     assert r.rc == 0, r
-    p = r.json()["point"]
+    p = validate_output("backup", r.out, r.rc)["point"]
     assert p["consistency"] == "application", p
     assert "froze 1 filesystem" in p["consistency_reason"]
     assert p["frozen_seconds"] is not None and 0 < p["frozen_seconds"] < 60
@@ -208,7 +209,7 @@ def test_crash_consistent_backup_records_crash_and_claims_nothing_more(g, dom, t
     content = write_unsynced(g, "crash.txt")
     r = cli("backup", g.name, bdir, "--quiesce=off", "--json")
     assert r.rc == 0, r
-    p = r.json()["point"]
+    p = validate_output("backup", r.out, r.rc)["point"]
     assert (p["consistency"], p["consistency_reason"], p["frozen_seconds"]) == ("crash", "quiesce off", None)
     assert "froze" not in r.err
     seen = restored_file(bdir, p["id"], "/data/crash.txt", tmp_path / "r")
@@ -374,6 +375,10 @@ def test_guest_frozen_by_another_tool_is_left_to_it_and_thaw_command(g, dom, tmp
         assert r.rc == 0, r
         assert r.out.startswith("thawed 1 filesystem(s)"), r
         assert freeze_status(dom) == "thawed"
+        r = cli("thaw", g.name, "--json")   # nothing left frozen: still a result, no marker
+        assert r.rc == 0, r
+        t = validate("thaw", json.loads(r.out))
+        assert (t["domain"], t["marker"], t["marker_removed"]) == (g.name, None, False)
     finally:
         dom.fsThaw()
 
@@ -434,9 +439,11 @@ def test_agent_not_answering_require_fails_clean_auto_is_crash_drill_fails_at_ag
 
     drills_before = set(glob.glob("/tmp/virtbackup-drill-*"))
     before = snapshot_dir(bdir)
-    r = cli("verify", bdir, "--boot", "--timeout", "5")
+    r = cli("verify", bdir, "--boot", "--timeout", "5", "--json")
     assert r.rc == 1, r
     assert "drill failed at agent: the guest agent did not answer within 5s" in one_error_line(r)
+    drill = validate_output("verify-boot", r.out, r.rc)
+    assert (drill["ok"], drill["stage"], drill["error"]["kind"]) == (False, "agent", "drill-failed")
     assert no_drill_domains(conn)
     assert set(glob.glob("/tmp/virtbackup-drill-*")) == drills_before
     assert snapshot_dir(bdir) == before
@@ -475,7 +482,7 @@ def test_drill_boots_point_passes_check_fails_bad_check_and_leaves_nothing(g, do
         assert r.rc == 1, r
         assert one_error_line(r) == ("virtbackup: error: drill failed at check: check 'test -f /data/not-there' "
                                      "exited with 1")
-        out = r.json()
+        out = validate_output("verify-boot", r.out, r.rc)
         assert (out["ok"], out["stage"], out["check_exit"]) == (False, "check", 1)
         assert out["agent_seconds"] > 0 and out["error"]["exit_code"] == 1
     finally:

@@ -16,7 +16,10 @@ from tests.support.schemas import SCHEMAS, validate, validate_output
 
 MiB = 1 << 20
 
-COMMANDS = ("backup", "list", "restore", "verify", "prune", "flatten", "status", "repair", "run")
+COMMANDS = ("backup", "list", "restore", "verify", "prune", "flatten", "status", "repair", "run",
+            "thaw", "verify-boot", "files-fs", "files-ls", "files-get")
+# validated elsewhere, with what they need: thaw and verify-boot with the real guest (test_guest.py),
+# files-* with the libguestfs appliance (test_files.py); here only their error objects
 
 
 def test_every_command_has_a_schema():
@@ -36,6 +39,7 @@ def test_json_outputs_validate(make_domain, tmp_path):
     d.write("vda", 0x41, 0, MiB)
     first = j("backup", d.name, bdir)
     assert first["point"]["level"] == "full"
+    assert (first["point"]["consistency"], first["point"]["frozen_seconds"]) == ("crash", None)
     d.write("vda", 0x42, MiB, MiB)
     assert j("backup", d.name, bdir, "--level", "inc")["point"]["level"] == "inc"
     assert len(j("list", bdir)["points"]) == 2
@@ -72,6 +76,13 @@ def test_json_outputs_validate(make_domain, tmp_path):
     r = cli("list", bdir, "--bogus", "--json")
     assert r.rc == 2
     assert validate("error", json.loads(r.out))["error"]["kind"] == "usage"
+    # thaw, a drill and files refused before anything starts (no agent channel, bad FS:PATH)
+    assert j("thaw", d.name, rc=2)["error"]["kind"] == "usage"
+    r = cli("verify", bdir, "--boot", "--json")
+    assert r.rc == 2 and validate_output("verify-boot", r.out, r.rc)["error"]["exit_code"] == 2
+    for action in (["fs", "extra"], ["ls", "nocolon"], ["get", "vda:/x"]):
+        r = cli("files", bdir, *action, "--json")
+        assert r.rc == 2 and validate_output(f"files-{action[0]}", r.out, r.rc)["error"]["exit_code"] == 2, r
     r = cli("restore", bdir, tmp_path / "r1", "--json")          # exists: refused
     assert r.rc == 2 and validate("error", json.loads(r.out))["error"]["kind"] == "output-exists"
     assert Path(tmp_path / "r1" / "vda.qcow2").exists()

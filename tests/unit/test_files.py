@@ -53,7 +53,7 @@ def test_plan_get(tmp_path):
     (dest / "a").write_text("x")
     with pytest.raises(OutputExists):
         plan_get(["vda:/etc/a"], dest, bdir)
-    os.symlink("/nonexistent", dest / "dangling")
+    os.symlink(tmp_path / "missing", dest / "dangling")   # not /nonexistent: a host may have one
     with pytest.raises(OutputExists):              # a dangling symlink is there too: never written through
         plan_get(["vda:/x"], dest / "dangling", bdir)
     with pytest.raises(UsageError, match="not an existing directory"):
@@ -95,3 +95,27 @@ def test_spinner_only_on_a_terminal(monkeypatch):
     assert b"starting the appliance" in out and out.endswith(b"\r\x1b[K")
     sys.stderr.close()
     os.close(master)
+
+
+def test_results_to_json_match_their_schemas():
+    """Every files result renders with to_json() to what its schema (schemas/files-*.schema.json)
+    describes; `fs` and `ls` results still unpack as (point, items)."""
+    import json
+
+    from tests.support.schemas import validate
+    from virtbackup.files import Copied, Entry, Filesystem, FilesystemList, GetResult, Listing, ListResult
+    fss = FilesystemList("0003", [Filesystem("vda1", "ext4", "boot", "u-1", 1 << 20, "vda", True),
+                                  Filesystem("vg/lv", "crypto_LUKS", "", "", 0, None, False)])
+    point, items = fss
+    assert point == "0003" and items[1].disk is None
+    out = validate("files-fs", json.loads(json.dumps(fss.to_json())))
+    assert out["filesystems"][0] == {"name": "vda1", "type": "ext4", "label": "boot", "uuid": "u-1",
+                                     "size": 1 << 20, "disk": "vda", "readable": True}
+    ls = ListResult("0001", [Listing("vda:/etc", [Entry("a", "file", 3, "0644", "2020-01-02T03:04:05+00:00"),
+                                                  Entry("l", "symlink", 4, "0777", "2020-01-02T03:04:05.5+00:00",
+                                                        "/etc")])])
+    out = validate("files-ls", json.loads(json.dumps(ls.to_json())))
+    assert out["listings"][0]["entries"][0]["target"] is None and out["listings"][0]["entries"][1]["target"] == "/etc"
+    got = GetResult("0001", [Copied("vda:/srv", "/tmp/x/srv", "directory", 2, 1, 1, 10)], ["vda:/srv/f (fifo)"])
+    out = validate("files-get", json.loads(json.dumps(got.to_json())))
+    assert out["copied"][0]["bytes"] == 10 and out["skipped"] == ["vda:/srv/f (fifo)"]
