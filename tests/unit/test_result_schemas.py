@@ -45,7 +45,8 @@ def test_point_records_with_consistency():
               consistency="application", consistency_reason="froze 1 filesystem(s)", frozen_seconds=0.25)
     rec = as_cli(point_json(p))
     validate("list", {"domain": "d", "uuid": "u", "points": [rec]})
-    validate("backup", {"domain": "d", "point": rec, "skipped": {}, "removed_checkpoints": [], "warnings": []})
+    validate("backup", {"domain": "d", "point": rec, "skipped": {}, "removed_checkpoints": [], "warnings": [],
+                        "transfer": {}})
     old = as_cli(point_json(Point(**{**p.__dict__, "consistency": None, "consistency_reason": None,
                                      "frozen_seconds": None})))
     validate("list", {"domain": "d", "uuid": "u", "points": [old]})
