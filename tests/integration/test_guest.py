@@ -45,8 +45,16 @@ def g(tmp_path_factory, request) -> Iterator[guestlib.Guest]:
         gu.create(agent_timeout=AGENT_TIMEOUT)
         yield gu
     finally:
-        gu.remove()
-        conn.close()
+        try:
+            gu.conn = host.connect()    # `dom` swapped in per-test connections and closed them
+        except libvirt.libvirtError:
+            gu.conn = conn
+        gu.remove()                     # (on a closed connection it found nothing: the guest ran on)
+        for c in {id(x): x for x in (gu.conn, conn)}.values():
+            try:
+                c.close()
+            except libvirt.libvirtError:
+                pass
 
 
 @pytest.fixture
