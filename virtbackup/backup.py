@@ -30,7 +30,6 @@ from .chain import (
     Point,
     dir_lock,
     domain_lock,
-    file_sha256,
     fsync_path,
     now_iso,
     write_private,
@@ -218,16 +217,18 @@ class Engine:
             log.debug("checkpoint XML of %s:\n%s", plan.checkpoint, cp_xml)
             write_private(plan.work_dir / "checkpoint.xml", cp_xml)
             write_private(plan.work_dir / "domain.xml", self.handle.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            # plain SHA-256 of each image file (checkable with sha256sum); disks hashed in
-            # parallel threads (hashlib releases the GIL), one per core at most
+            # Seal the images: fsync (the flush to disk) runs in threads while the main thread
+            # hashes each file from the page cache (BLAKE3 on every core, digest.py); both
+            # read the final file, and both finish before the rename and the commit.
             hashing = time.monotonic()
             paths = {dp.disk.target: dp.target.path for dp in plan.disks}
-            with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
-                digests = dict(zip(paths, pool.map(file_sha256, paths.values())))
-            for t, img in images.items():
-                fsync_path(paths[t])
-                img.size = paths[t].stat().st_size
-                img.sha256 = digests[t]
+            with ThreadPoolExecutor(max_workers=max(1, len(paths))) as pool:
+                flushed = [pool.submit(fsync_path, p) for p in paths.values()]
+                for t, img in images.items():
+                    img.record_hash(paths[t])
+                    img.size = paths[t].stat().st_size
+                for f in flushed:
+                    f.result()
             log.debug("hashing and fsync took %.3fs", time.monotonic() - hashing)
             os.rename(plan.work_dir, plan.final_dir)
             fsync_path(plan.final_dir.parent)
@@ -320,23 +321,24 @@ class Engine:
 
 
 def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: Optional[Quiescer] = None,
-               mode: str = "push", scratch_dir: Optional[str] = None) -> Runner:
+               mode: str = "push", scratch_dir: Optional[str] = None, max_speed: Optional[int] = None) -> Runner:
     """The push job (or the pull job, `mode` pull) for a running domain, frozen around its start
-    by `quiesce`; a private QEMU for a shut-off one (consistent by nature)."""
+    by `quiesce`; a private QEMU for a shut-off one (consistent by nature). `max_speed`: bytes/s
+    per disk (push and offline)."""
     if handle.dom.isActive():
         if mode == "pull":   # libvirt exports the disks over NBD, we copy (pull.py)
             from .pull import PullRunner
             return PullRunner(handle, bdir.path / POINTS_DIR, notify, scratch_dir, quiesce)
-        return PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce)
+        return PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce, max_speed)
     if mode == "pull":
         notify("domain is shut off: backing up its images offline, not over NBD")
-    return OfflineRunner(handle, notify)
+    return OfflineRunner(handle, notify, max_speed)
 
 
 def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto",
            disks: Sequence[str] = (), notify: Optional[Notify] = None,
            reason: Optional[str] = None, quiesce: str = "auto", mode: Optional[str] = None,
-           scratch_dir: Optional[str] = None) -> BackupResult:
+           scratch_dir: Optional[str] = None, max_speed: Optional[int] = None) -> BackupResult:
     """Take one backup of DOMAIN (running or shut off) into BACKUP_DIR; see api.backup."""
     if level not in REQUESTED_LEVELS:
         raise UsageError(f"unknown level '{level}' (auto, full, inc, diff)")
@@ -351,6 +353,10 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
             raise UsageError("--scratch-dir is for pull mode (--mode pull)")
         if not os.path.isabs(scratch_dir):
             raise UsageError(f"--scratch-dir must be an absolute path on the hypervisor, not '{scratch_dir}'")
+    if max_speed is not None and max_speed <= 0:
+        raise UsageError(f"--max-speed must be a positive number of bytes per second, not {max_speed}")
+    if max_speed is not None and mode == "pull":
+        raise UsageError("--max-speed is for push mode and offline backups, not --mode pull")
     say: Notify = notify or (lambda _m: None)
     bdir = BackupDir(backup_dir)
     must_create = bdir.check_usable()
@@ -386,8 +392,8 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                 chain.path = str(bdir.path)
                 handle = DomainHandle(conn, dom)
                 try:
-                    engine = Engine(handle, bdir, runner_for(handle, bdir, say, quiescer, mode, scratch_dir), say,
-                                    quiescer)
+                    engine = Engine(handle, bdir, runner_for(handle, bdir, say, quiescer, mode, scratch_dir, max_speed),
+                                    say, quiescer)
                     engine.cleanup_leftovers(chain)
                     result = engine.run(chain, cast(RequestedLevel, level), disks, reason)
                     log.info("done: point %s, %s bytes written, %.3fs", result.point.id,

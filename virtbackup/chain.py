@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Literal, Optional, Tuple, cast
 
+from .digest import DEFAULT as DEFAULT_HASH
+from .digest import file_digest
 from .errors import BackupDirError, ChainCorrupt, LockBusy, OperationFailed, PointNotFound, UnsafePath, UsageError
 
 SCHEMA_VERSION = 1
@@ -96,14 +97,7 @@ def fsync_path(path: Path) -> None:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            buf = f.read(4 << 20)
-            if not buf:
-                break
-            h.update(buf)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 @dataclass
@@ -112,10 +106,29 @@ class DiskImage:
     backing: Optional[str]          # image this one is layered on (relative to BACKUP_DIR), None = standalone
     virtual_size: int
     size: int                       # bytes of the image file at backup time
-    sha256: str
+    sha256: str                     # hash of the image file: SHA-256 (older images), else ""
     source: str = ""                # the domain's disk source when it was backed up
     copied_full: bool = True        # this image holds the whole disk (no backing)
     full_reason: Optional[str] = None   # why a disk of an inc/diff point was copied whole
+    blake3: str = ""                # hash of the image file: BLAKE3 (images since 0.2), else ""
+
+    @property
+    def hash_alg(self) -> str:
+        """Which algorithm the recorded hash is: each image records its own (digest.py)."""
+        return "blake3" if self.blake3 else "sha256"
+
+    @property
+    def digest(self) -> str:
+        return self.blake3 or self.sha256
+
+    def record_hash(self, path: Path, alg: str = DEFAULT_HASH) -> None:
+        """Hash the final image file and record the digest under its algorithm's name."""
+        value = file_digest(path, alg)
+        self.sha256, self.blake3 = (value, "") if alg == "sha256" else ("", value)
+
+    def hash_matches(self, path: Path) -> bool:
+        """The file's bytes hash to the recorded digest, with the recorded algorithm."""
+        return bool(self.digest) and file_digest(path, self.hash_alg) == self.digest
 
 
 @dataclass
@@ -264,7 +277,7 @@ class Chain:
                 if not isinstance(name, str) or not DISK_NAME.match(name):
                     raise ValueError(f"point {p.id}: disk name {name!r} is not a disk target name "
                                      "(letters and digits)")
-                if not isinstance(d.image, str) or not isinstance(d.sha256, str) \
+                if not isinstance(d.image, str) or not isinstance(d.sha256, str) or not isinstance(d.blake3, str) \
                         or not isinstance(d.size, int) or not isinstance(d.virtual_size, int):
                     raise ValueError(f"point {p.id} disk {name}: wrong field types")
                 check_relative(d.image)

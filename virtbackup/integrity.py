@@ -1,15 +1,14 @@
 """Check images against what the metadata recorded before anything reads them for a restore or
-a prune: size, backing link and SHA-256 of the file.
+a prune: size, backing link and hash of the file (with the algorithm each image recorded).
 
 Damage must be refused, never restored and never laundered: a prune that rewrote kept points
 from a damaged image would record fresh hashes of wrong data, and from then on nobody could see
 the damage. Each image is read once (hash and header in the same pass), images in parallel
-threads (hashlib and file reads release the GIL), one per core.
+threads (hashlib, blake3 and file reads release the GIL), one per core.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import struct
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .chain import BackupDir, Chain, DiskImage, Point
+from .digest import hasher
 
 CHUNK = 4 << 20
 QCOW2_MAGIC = b"QFI\xfb"
@@ -67,7 +67,7 @@ def image_problem(bdir: BackupDir, img: DiskImage) -> Optional[str]:
     if quick:
         return quick
     path = bdir.resolve(img.image)
-    h = hashlib.sha256()
+    h = hasher(img.hash_alg)
     head = b""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -87,8 +87,8 @@ def image_problem(bdir: BackupDir, img: DiskImage) -> Optional[str]:
     expected = bdir.backing_link(img.image, img.backing)
     if backing != expected:
         return f"backing link is {backing!r}, expected {expected!r}"
-    if h.hexdigest() != img.sha256:
-        return "content hash differs from the one recorded at backup time"
+    if not img.digest or h.hexdigest() != img.digest:
+        return f"content hash ({img.hash_alg}) differs from the one recorded at backup time"
     return None
 
 

@@ -35,7 +35,6 @@ from .chain import (
     Point,
     create_new,
     dir_lock,
-    file_sha256,
     fsync_path,
     open_new,
     point_time,
@@ -216,7 +215,7 @@ def plan_prune(chain: Chain, decisions: List[Decision]) -> PrunePlan:
             if o is not None:
                 img.image, img.backing = o.new, o.backing
                 img.copied_full = o.backing is None
-                img.size, img.sha256 = 0, ""      # filled in once the file is written
+                img.size, img.sha256, img.blake3 = 0, "", ""      # filled in once the file is written
         base = new_base.get(p.chain)
         if base is not None:
             old_full = chain.point(p.chain)
@@ -438,7 +437,8 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False) -> PruneResul
             for op in plan.ops:
                 path = bdir.resolve(op.new)
                 img = images[(op.point, op.disk)]
-                img.size, img.sha256 = path.stat().st_size, file_sha256(path)
+                img.size = path.stat().st_size
+                img.record_hash(path)
             for pid in {o.point for o in plan.ops} | {PurePosixPath(d).parts[1] for _, d in plan.xml_copies}:
                 fsync_path(bdir.point_dir(pid))
         except BaseException as exc:

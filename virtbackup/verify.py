@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Set
 
 from . import observe, qemuimg
-from .chain import BackupDir, file_sha256, shared_lock
+from .chain import BackupDir, DiskImage, shared_lock
 from .errors import VirtBackupError
 
 
@@ -51,7 +51,7 @@ class VerifyResult:
                 "damaged_points": self.damaged_points, "damage": [asdict(d) for d in self.damage]}
 
 
-def _image_problem(bdir: BackupDir, rel: str, backing: Optional[str], sha256: str) -> Optional[str]:
+def _image_problem(bdir: BackupDir, rel: str, img: DiskImage) -> Optional[str]:
     path = bdir.resolve(rel)
     if path.is_symlink() or (path.exists() and not path.is_file()):
         return "not a regular file"
@@ -62,15 +62,15 @@ def _image_problem(bdir: BackupDir, rel: str, backing: Optional[str], sha256: st
         info = qemuimg.info(path)
     except VirtBackupError as e:
         return f"qemu-img check failed: {e}"
-    expected = bdir.backing_link(rel, backing)
+    expected = bdir.backing_link(rel, img.backing)
     if info.get("backing-filename") != expected:
         return f"backing link is {info.get('backing-filename')!r}, expected {expected!r}"
     try:
-        digest = file_sha256(path)
+        same = img.hash_matches(path)
     except OSError as e:
         return f"cannot read the image: {e.strerror}"
-    if digest != sha256:
-        return "content hash differs from the one recorded at backup time"
+    if not same:
+        return f"content hash ({img.hash_alg}) differs from the one recorded at backup time"
     return None
 
 
@@ -100,7 +100,7 @@ def _verify_locked(bdir: BackupDir, point_id: Optional[str], deep: bool) -> Veri
                 if rel not in checked:
                     checked.add(rel)
                     owner, name, img = by_image[rel]
-                    problem = _image_problem(bdir, rel, img.backing, img.sha256)
+                    problem = _image_problem(bdir, rel, img)
                     if problem:
                         bad.add(rel)
                         result.damage.append(Damage(owner, name, rel, problem))

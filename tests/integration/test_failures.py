@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tests.support.helpers import (
     snapshot_dir,
     tmpfs,
 )
+from virtbackup.digest import file_digest
 
 MiB = 1 << 20
 
@@ -157,8 +159,22 @@ def test_verify_names_damaged_image_and_restore_refuses_missing(make_domain, tmp
     d.write("vdb", 0x22, 0, 1 * MiB)
     assert cli("backup", d.name, bdir).rc == 0
     assert cli("verify", bdir).rc == 0
+    # new images record a BLAKE3 hash of the final file (b3sum checks it by hand); a record
+    # written with SHA-256 (before BLAKE3) still verifies with SHA-256
+    meta_path = bdir / "virtbackup.json"
+    meta = json.loads(meta_path.read_text())
+    rec = meta["points"][1]["disks"]["vdb"]
+    assert rec["sha256"] == "" and rec["blake3"] == file_digest(bdir / rec["image"], "blake3")
+    if shutil.which("b3sum"):
+        out = subprocess.run(["b3sum", "--no-names", str(bdir / rec["image"])], capture_output=True, text=True)
+        assert out.stdout.strip() == rec["blake3"]
+    rec = meta["points"][0]["disks"]["vda"]
+    rec["sha256"] = file_digest(bdir / rec["image"], "sha256")
+    del rec["blake3"]
+    meta_path.write_text(json.dumps(meta))
+    assert cli("verify", bdir).rc == 0
 
-    # flip one byte of guest data inside the full's vda image
+    # flip one byte of guest data inside the full's vda image (its record: SHA-256)
     img = bdir / "points/0001/vda.qcow2"
     extents = json.loads(subprocess.run([qemuimg.QEMU_IMG, "map", "--output=json", str(img)],
                                         capture_output=True, text=True, check=True).stdout)
@@ -171,8 +187,21 @@ def test_verify_names_damaged_image_and_restore_refuses_missing(make_domain, tmp
     r = cli("verify", bdir, "--json")
     assert r.rc == 1, r
     line = one_error_line(r)
-    assert "points/0001/vda.qcow2" in line and "point 0001" in line and "hash" in line
+    assert "points/0001/vda.qcow2" in line and "point 0001" in line and "hash (sha256)" in line
     assert r.json()["damaged_points"] == ["0001", "0002"]
+    # and in an image recorded with BLAKE3 (point 0002's vdb)
+    img = bdir / "points/0002/vdb.qcow2"
+    extents = json.loads(subprocess.run([qemuimg.QEMU_IMG, "map", "--output=json", str(img)],
+                                        capture_output=True, text=True, check=True).stdout)
+    off = next(e["offset"] for e in extents if e.get("data") and "offset" in e and e["depth"] == 0)
+    with open(img, "r+b") as f:
+        f.seek(off + 100)
+        b = f.read(1)
+        f.seek(off + 100)
+        f.write(bytes([b[0] ^ 0x01]))
+    r = cli("verify", bdir, "--point", "0002", "--json")
+    assert r.rc == 1 and any(x["image"] == "points/0002/vdb.qcow2" and "hash (blake3)" in x["problem"]
+                             for x in r.json()["damage"]), r
     r = cli("verify", bdir, "--point", "0002")
     assert r.rc == 1
     # the other disk's chain is fine; verify still names only the damaged image

@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent.parent / "virtbackup"
 # Lowest first. A module may import modules of earlier layers only (never its own layer).
 LAYERS: List[List[str]] = [
     ["errors", "observe"],                              # observe: progress reports, no imports
-    ["__init__", "runlog", "xmlbuild", "qemuimg", "metrics", "nbdcopy"],   # no libvirt: logs, XML, qemu-img,
-                                                                            # metrics, the NBD copy
+    ["__init__", "runlog", "xmlbuild", "qemuimg", "metrics", "nbdcopy", "digest"],   # no libvirt: logs, XML,
+                                                                            # qemu-img, metrics, the NBD copy, hashes
     ["chain"],                                          # the model and its metadata file
     ["integrity"],                                      # images checked against the record
     ["restoredom", "retention", "verify"],              # pure XML / image work on a backup dir
@@ -37,7 +37,7 @@ LAYERS: List[List[str]] = [
 ]
 # Modules that must work without libvirt (a backup dir is restorable with qemu-img alone).
 NO_LIBVIRT = {"errors", "runlog", "xmlbuild", "qemuimg", "chain", "integrity", "restoredom", "retention", "verify",
-              "qmp", "cli", "__init__", "observe", "metrics", "files", "nbdcopy"}
+              "qmp", "cli", "__init__", "observe", "metrics", "files", "nbdcopy", "digest"}
 
 
 def imports_of(path: Path, package: str) -> Set[str]:
