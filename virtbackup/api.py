@@ -98,7 +98,7 @@ def chain_json(chain: Chain) -> Dict[str, Any]:
 def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[str] = (),
            uri: Optional[str] = None, notify: Optional[Notify] = None,
            reason: Optional[str] = None, quiesce: str = "auto", mode: Optional[str] = None,
-           scratch_dir: Optional[str] = None) -> BackupResult:
+           scratch_dir: Optional[str] = None, max_speed: Optional[int] = None) -> BackupResult:
     """Take one backup of DOMAIN (name or UUID; running or shut off) into BACKUP_DIR.
 
     `level`: auto | full | inc | diff (see plan.plan_backup); `disks`: only these targets;
@@ -108,9 +108,10 @@ def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[s
     require (fail, nothing recorded, when the guest can't be frozen), off (see quiesce.py).
     `mode`: push | pull (None: push for a local libvirtd, pull for a remote URI); `scratch_dir`:
     where a pull backup's scratch files go on the hypervisor (default: beside each disk image).
+    `max_speed`: bytes/s per disk, push and offline (bounds the backup's storage bandwidth).
     """
     return _backup(uri, domain, user_path(backup_dir, "BACKUP_DIR"), level, disks, notify, reason, quiesce,
-                   mode, scratch_dir)
+                   mode, scratch_dir, max_speed)
 
 
 @_boundary

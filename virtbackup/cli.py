@@ -206,6 +206,8 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
            scratch_dir: Optional[str] = typer.Option(
                None, "--scratch-dir", help="pull: directory on the hypervisor for the scratch files "
                "(default: beside each disk image)"),
+           max_speed: Optional[int] = typer.Option(None, "--max-speed", metavar="BYTES",
+                                                   help="copy at most BYTES per second per disk"),
            as_json: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
     """Back up a domain, running or shut off: full, inc (since the last point) or diff (since the full)."""
     def notify(msg: str) -> None:
@@ -230,7 +232,7 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
         from . import progress
         with progress.backup(_state["uri"], domain, progress.wanted(as_json, no_progress)):
             return api.backup(domain, backup_dir, level, disk, _state["uri"], notify, reason=reason, quiesce=quiesce,
-                              mode=mode, scratch_dir=scratch_dir)
+                              mode=mode, scratch_dir=scratch_dir, max_speed=max_speed)
 
     _run(as_json, call, render)
 

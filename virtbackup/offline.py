@@ -70,9 +70,10 @@ class OfflineRunner:
 
     transport: Transport = "offline"
 
-    def __init__(self, handle: DomainHandle, notify: Notify):
+    def __init__(self, handle: DomainHandle, notify: Notify, max_speed: Optional[int] = None):
         self.handle = handle
         self.notify = notify
+        self.max_speed = max_speed
         self.interrupted: Optional[str] = None
         self.warnings: List[str] = []
         self._qemu: Optional[PrivateQemu] = None
@@ -182,9 +183,10 @@ class OfflineRunner:
 
         bitmap-mode=never: the base bitmap is only read, as libvirt's backups leave it.
         """
-        # Optional copy-rate limit in bytes/s per disk (spares a busy host's storage; tests use it
-        # to keep a job running long enough to interrupt it).
-        speed = int(os.environ.get("VIRTBACKUP_OFFLINE_SPEED", "0") or 0)
+        # Optional copy-rate limit in bytes/s per disk: `backup --max-speed` (spares a busy host's
+        # storage); tests also set it through the environment to keep a job running long enough
+        # to interrupt it.
+        speed = self.max_speed or int(os.environ.get("VIRTBACKUP_OFFLINE_SPEED", "0") or 0)
         actions: List[Dict[str, Any]] = []
         for d in disks:
             actions.append({"type": "block-dirty-bitmap-add",

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 import libvirt
 from lxml import etree
 
-from . import host, qemuimg, xmlbuild
+from . import host, monitor, qemuimg, xmlbuild
 from .chain import PARTIAL_SUFFIX
-from .errors import BackupFailed, Interrupted
+from .errors import BackupFailed, HostError, Interrupted
 from .host import DomainHandle
 from .plan import BackupPlan, Transport
 from .runner import Notify
@@ -102,11 +102,13 @@ class PushRunner:
 
     transport: Transport = "push"
 
-    def __init__(self, handle: DomainHandle, points_dir: Path, notify: Notify, quiesce: Optional["Quiescer"] = None):
+    def __init__(self, handle: DomainHandle, points_dir: Path, notify: Notify, quiesce: Optional["Quiescer"] = None,
+                 max_speed: Optional[int] = None):
         self.handle = handle
         self.points_dir = points_dir
         self.notify = notify
         self.quiesce = quiesce          # freezes the guest for backupBegin (quiesce.py)
+        self.max_speed = max_speed      # bytes/s per disk (block-job-set-speed)
         self.interrupted: Optional[str] = None
         self.warnings: List[str] = []
         self._watch: Optional[host.JobWatch] = None
@@ -157,6 +159,28 @@ class PushRunner:
                 host.call(self.handle.dom.backupBegin, bxml, cxml, libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
         except libvirt.libvirtError as e:
             raise BackupFailed(f"backup could not start: {host.libvirt_message(e)}") from e
+        if self.max_speed:
+            self._limit_speed(self.max_speed)
+
+    def _limit_speed(self, speed: int) -> None:
+        """Bound each disk's copy to `speed` bytes/s: libvirt has no speed in its backup API, so
+        QMP `block-job-set-speed` on the backup jobs it started (found through
+        `query-block-jobs`; only backup jobs run while our backup does: libvirt allows one job
+        per domain). QEMU applies it from the next chunk on: what it copied in the few ms before
+        (and the rate limiter's first slice) goes at full speed. A job that already finished
+        needs no limit."""
+        dom = self.handle.dom
+        try:
+            jobs = monitor.qmp(dom, "query-block-jobs") or []
+            for j in jobs:
+                if j.get("type") == "backup":
+                    monitor.qmp(dom, "block-job-set-speed", {"device": j["device"], "speed": speed})
+                    log.info("copy of %s limited to %d bytes/s", j["device"], speed)
+        except HostError as e:
+            if job_gone(dom):
+                return
+            self.warnings.append(f"could not limit the copy speed: {e}")
+            log.warning("could not limit the copy speed: %s", e)
 
     def wait(self) -> None:
         assert self._watch is not None and self._plan is not None
