@@ -1,19 +1,35 @@
 #!/usr/bin/env python3
 """Side-by-side speed measurements of virtbackup on this machine (ratios, not absolute times).
 
-Targets from DESIGN.md: full backup <= 1.0x `qemu-img convert -O qcow2` of the same disk;
-incremental with nothing dirty <= 0.3 s for the whole command; incremental cost grows with
-dirty bytes, not disk size or chain length; restore of a 50-link chain <= 1.3x converting the
-flattened image; full + 3 inc + restore >= 5x faster than virtnbdbackup (if installed:
-`apt-get install virtnbdbackup`, then pass --virtnbdbackup).
+Every figure is measured REPS times (default 5), interleaved with its baseline (the baseline, then
+virtbackup, then the baseline again, ...), and reported as min/median/max; targets compare medians.
+The machine's noise is shown as the spread of the baseline (max/min of `qemu-img convert -t
+writeback` of the same disk) and the load average before and after.
 
-Run as root after scripts/setup-host.sh:  .venv/bin/python scripts/benchmark.py [--quick]
+Targets (DESIGN.md "Performance targets"):
+- full backup <= 1.5x a flushed `qemu-img convert -t writeback` of the same disk (768 MiB of data
+  on a 4 GiB disk), hashing included;
+- incremental with nothing dirty <= 0.2 s for the whole command; `list` <= 0.1 s;
+- restore of a 50-link chain <= 1.0x converting the flattened image;
+- full + 3 incrementals + restore >= 5x faster than virtnbdbackup (`--virtnbdbackup`; Debian
+  package virtnbdbackup) on twin domains;
+- `run` over 8 domains with parallel = 2 >= 1.6x parallel = 1 (`--jobs`, only that);
+- `--restore-check` (only that): what checking every image costs a restore (reported);
+- guest impact (`--guest-impact`): the guest's write throughput while a full backup of its disk
+  runs, as a fraction of its idle write throughput, without and with `--max-speed` (reported).
+
+Run as root after scripts/setup-host.sh:
+    .venv/bin/python scripts/benchmark.py [--quick] [--reps N] [--virtnbdbackup] [--guest-impact] [--json]
+    .venv/bin/python scripts/benchmark.py --jobs | --restore-check [--quick] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import secrets
 import shutil
 import statistics
@@ -22,7 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo: tests.support
 
@@ -33,6 +49,7 @@ MiB = 1 << 20
 CLI = [sys.executable, "-m", "virtbackup.cli"]
 
 
+# -- measuring ---------------------------------------------------------------------------------
 def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
@@ -43,218 +60,355 @@ def run(*cmd: object) -> None:
     subprocess.run([str(c) for c in cmd], check=True, capture_output=True)
 
 
-def median(xs: List[float]) -> float:
-    return statistics.median(xs)
+def stats(xs: List[float]) -> Dict[str, Any]:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs),
+            "runs": [round(x, 4) for x in xs]}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="smaller disk and fewer repeats")
-    ap.add_argument("--virtnbdbackup", action="store_true", help="also time virtnbdbackup on a twin domain")
-    ap.add_argument("--jobs", action="store_true", help="only time `run` over 8 domains: parallel = 2 vs 1")
-    ap.add_argument("--restore-check", action="store_true",
-                    help="only the restore figures with and without the image check (full, 50-link chain)")
-    args = ap.parse_args()
-    if args.jobs:
-        print(json.dumps(compare_parallel(quick=args.quick), indent=2))
-        return 0
-    disk = (256 if args.quick else 1024) * MiB
-    data = (64 if args.quick else 512) * MiB
-    reps = 2 if args.quick else 3
-    conn = host.connect()
-    work = Path(tempfile.mkdtemp(prefix="virtbackup-bench-"))
-    results: Dict[str, object] = {"disk_bytes": disk, "data_bytes": data}
-    d = scratch.ScratchDomain(conn, f"vbbench-{secrets.token_hex(3)}", work / "disks", {"vda": disk})
-    try:
+def load() -> List[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+class Bench:
+    """The figures (name -> list of runs), the targets, and where the scratch files go."""
+
+    def __init__(self, reps: int, work: Path):
+        self.reps = reps
+        self.work = work
+        self.conn = host.connect()
+        self.runs: Dict[str, List[float]] = {}
+        self.targets: List[Dict[str, Any]] = []
+        self.notes: Dict[str, Any] = {}
+        self.domains: List[scratch.ScratchDomain] = []
+
+    def add(self, name: str, seconds: float) -> None:
+        self.runs.setdefault(name, []).append(seconds)
+
+    def median(self, name: str) -> float:
+        return float(statistics.median(self.runs[name]))
+
+    def target(self, name: str, value: float, target: float, unit: str, at_most: bool = True) -> None:
+        """One target: value against target; ratio_to_target <= 1 means met (for an `at least`
+        target the ratio is target/value, so <= 1 means met there too)."""
+        ratio = value / target if at_most else target / value
+        self.targets.append({"target": name, "value": round(value, 4), "limit": target, "unit": unit,
+                             "kind": "<=" if at_most else ">=", "ratio_to_target": round(ratio, 3),
+                             "met": ratio <= 1.0})
+
+    def domain(self, disks: Dict[str, int], prefix: str = "vbbench") -> scratch.ScratchDomain:
+        d = scratch.ScratchDomain(self.conn, f"{prefix}-{secrets.token_hex(3)}", self.work / "disks", disks)
+        self.domains.append(d)
         d.create()
-        for off in range(0, data, 64 * MiB):
-            d.write("vda", 0x40 + off // (64 * MiB), off, min(64 * MiB, data - off))
+        return d
 
-        if args.restore_check:
-            bdir = work / "full-rc"
-            run(*CLI, "backup", d.name, bdir, "--level", "full")
-            chain_dir = work / "chain50"
-            run(*CLI, "backup", d.name, chain_dir, "--level", "full")
-            for i in range(49):
-                d.write("vda", 0x10 + i % 64, (i * 7 % (disk // MiB - 1)) * MiB, 1 * MiB)
-                run(*CLI, "backup", d.name, chain_dir, "--level", "inc")
-            reps = 5
-            restore_check_figures(results, work, bdir, chain_dir, reps)
-            print(json.dumps(results, indent=2))
-            print_restore_check(results)
-            return 0
-
-        # 1. full backup vs qemu-img convert of the same disk, alternating, median of reps.
-        # A backup is flushed to disk before it is recorded; plain `qemu-img convert` is not
-        # (its default target cache mode is 'unsafe'), so `-t writeback` (flushes at the end) is
-        # the fair baseline; both are reported. `sync` first, so each starts with no dirty pages.
-        t_full, t_conv, t_conv_flush = [], [], []
-        for i in range(reps):
-            out = work / f"conv{i}.qcow2"
-            run("sync")
-            t_conv.append(timed(lambda: run("qemu-img", "convert", "-U", "-O", "qcow2", d.disk_path("vda"), out)))
-            out.unlink()
-            run("sync")
-            t_conv_flush.append(timed(lambda: run("qemu-img", "convert", "-U", "-t", "writeback", "-O", "qcow2",
-                                                  d.disk_path("vda"), out)))
-            out.unlink()
-            b = work / f"full{i}"
-            run("sync")
-            t_full.append(timed(lambda: run(*CLI, "backup", d.name, b, "--level", "full")))
-            if i < reps - 1:
-                shutil.rmtree(b)
-        results["full_s"] = median(t_full)
-        results["convert_s"] = median(t_conv)
-        results["convert_flushed_s"] = median(t_conv_flush)
-        results["full_vs_convert"] = median(t_full) / median(t_conv)
-        results["full_vs_convert_flushed"] = median(t_full) / median(t_conv_flush)
-        bdir = work / f"full{reps - 1}"
-
-        # 2. incremental with nothing dirty: the whole command
-        t_empty = [timed(lambda: run(*CLI, "backup", d.name, bdir, "--level", "inc")) for _ in range(5)]
-        results["inc_nothing_dirty_s"] = median(t_empty)
-
-        # 3. incremental cost vs dirty bytes
-        per_dirty = {}
-        for mib in (4, 32, 128):
-            d.write("vda", 0x90, 0, mib * MiB)
-            per_dirty[mib] = timed(lambda: run(*CLI, "backup", d.name, bdir, "--level", "inc"))
-        results["inc_s_by_dirty_mib"] = per_dirty
-
-        # 4. restore of a 50-link chain vs converting the flattened image
-        chain_dir = work / "chain50"
-        run(*CLI, "backup", d.name, chain_dir, "--level", "full")
-        for i in range(49):
-            d.write("vda", 0x10 + i % 64, (i * 7 % (disk // MiB - 1)) * MiB, 1 * MiB)
-            run(*CLI, "backup", d.name, chain_dir, "--level", "inc")
-        r1 = work / "restore50"
-        t_restore = timed(lambda: run(*CLI, "restore", chain_dir, r1))
-        flat = r1 / "vda.qcow2"
-        t_flat = timed(lambda: run("qemu-img", "convert", "-O", "qcow2", flat, work / "flat-again.qcow2"))
-        results["restore50_s"] = t_restore
-        results["convert_flat_s"] = t_flat
-        results["restore50_vs_convert"] = t_restore / t_flat
-        restore_check_figures(results, work, bdir, chain_dir, reps)
-
-        # chain length must not make incrementals slower
-        d.write("vda", 0x77, 0, 4 * MiB)
-        results["inc_4mib_after_50_links_s"] = timed(lambda: run(*CLI, "backup", d.name, chain_dir, "--level", "inc"))
-
-        if args.virtnbdbackup and shutil.which("virtnbdbackup"):
-            results.update(compare_virtnbdbackup(conn, work))
-    finally:
+    def drop(self, d: scratch.ScratchDomain) -> None:
         d.remove()
-        shutil.rmtree(work, ignore_errors=True)
+        self.domains.remove(d)
 
-    print(json.dumps(results, indent=2))
-    print(f"full backup / qemu-img convert: {results['full_vs_convert']:.2f}x (target <= 1.0); "
-          f"/ convert -t writeback: {results['full_vs_convert_flushed']:.2f}x")
-    print(f"incremental, nothing dirty:    {results['inc_nothing_dirty_s']:.3f} s (target <= 0.3)")
-    print(f"restore 50 links / convert:    {results['restore50_vs_convert']:.2f}x (target <= 1.3)")
-    print_restore_check(results)
-    return 0
+    def close(self) -> None:
+        for d in list(self.domains):
+            self.drop(d)
+        self.conn.close()
 
 
-def compare_parallel(quick: bool) -> Dict[str, float]:
-    """`run` of one job over 8 domains (full backups), parallel = 2 against parallel = 1.
+def fill(d: scratch.ScratchDomain, disk: str, data: int, first_pattern: int = 0x40) -> None:
+    for off in range(0, data, 64 * MiB):
+        d.write(disk, first_pattern + off // (64 * MiB) % 0x80, off, min(64 * MiB, data - off))
 
-    Target (DESIGN.md): >= 1.6x on 2 cores. Interleaved, fresh backup roots each time, medians.
-    """
-    conn = host.connect()
-    work = Path(tempfile.mkdtemp(prefix="virtbackup-bench-jobs-"))
+
+# -- sections ----------------------------------------------------------------------------------
+def full_vs_convert(b: Bench, disk: int, data: int) -> Path:
+    """Full backup vs `qemu-img convert` of the same disk, interleaved; `sync` before each, so
+    each starts with no dirty pages. A backup is flushed before it is recorded; plain convert is
+    not (its default target cache mode is 'unsafe'), so `-t writeback` (flushes at the end) is the
+    baseline of the target, plain convert is shown beside it."""
+    d = b.domain({"vda": disk})
+    fill(d, "vda", data)
+    src = d.disk_path("vda")
+    last = b.work / "full-none"
+    for i in range(b.reps):
+        out = b.work / "conv.qcow2"
+        run("sync")
+        b.add("convert_flushed_s", timed(lambda: run("qemu-img", "convert", "-U", "-t", "writeback", "-O", "qcow2",
+                                                     src, out)))
+        out.unlink()
+        run("sync")
+        last = b.work / f"full{i}"
+        b.add("full_backup_s", timed(lambda: run(*CLI, "backup", d.name, last, "--level", "full")))
+        run("sync")
+        b.add("convert_unflushed_s", timed(lambda: run("qemu-img", "convert", "-U", "-O", "qcow2", src, out)))
+        out.unlink()
+        if i < b.reps - 1:
+            shutil.rmtree(last)
+    b.target("full backup / flushed qemu-img convert (medians)",
+             b.median("full_backup_s") / b.median("convert_flushed_s"), 1.5, "x")
+    conv = b.runs["convert_flushed_s"]
+    b.notes["noise_baseline_max_over_min"] = round(max(conv) / min(conv), 2)
+
+    # the fixed costs on the incremental path, on the last full's chain
+    for _ in range(b.reps):
+        b.add("inc_nothing_dirty_s", timed(lambda: run(*CLI, "backup", d.name, last, "--level", "inc")))
+        b.add("list_s", timed(lambda: run(*CLI, "list", last)))
+        b.add("help_s", timed(lambda: run(*CLI, "--help")))
+    b.target("incremental, nothing dirty (whole command)", b.median("inc_nothing_dirty_s"), 0.2, "s")
+    b.target("list (whole command)", b.median("list_s"), 0.1, "s")
+
+    # incremental cost grows with dirty bytes, not disk size
+    for mib in (4, 32, 128):
+        for _ in range(max(1, b.reps // 2)):
+            d.write("vda", 0x90, 0, mib * MiB)
+            b.add(f"inc_{mib}mib_dirty_s", timed(lambda: run(*CLI, "backup", d.name, last, "--level", "inc")))
+    b.drop(d)
+    return last
+
+
+def restore_chain(b: Bench, disk: int, links: int = 50) -> None:
+    """Restore of a 50-link chain vs converting the flattened image (interleaved)."""
+    d = b.domain({"vda": disk})
+    fill(d, "vda", min(disk // 4, 256 * MiB))
+    chain_dir = b.work / "chain50"
+    run(*CLI, "backup", d.name, chain_dir, "--level", "full")
+    for i in range(links - 1):
+        d.write("vda", 0x10 + i % 64, (i * 7 % (disk // MiB - 1)) * MiB, 1 * MiB)
+        run(*CLI, "backup", d.name, chain_dir, "--level", "inc")
+    flat = b.work / "flat.qcow2"
+    run("qemu-img", "convert", "-O", "qcow2", chain_dir / "points" / f"{links:04d}" / "vda.qcow2", flat)
+    for _ in range(b.reps):
+        out = b.work / "restore50"
+        run("sync")
+        b.add("convert_flattened_s", timed(lambda: run("qemu-img", "convert", "-O", "qcow2", flat,
+                                                       b.work / "flat-again.qcow2")))
+        (b.work / "flat-again.qcow2").unlink()
+        run("sync")
+        b.add(f"restore_{links}_links_s", timed(lambda: run(*CLI, "restore", chain_dir, out)))
+        shutil.rmtree(out)
+    b.target(f"restore of a {links}-link chain / convert of the flattened image (medians)",
+             b.median(f"restore_{links}_links_s") / b.median("convert_flattened_s"), 1.0, "x")
+    # chain length must not make incrementals slower
+    for _ in range(max(1, b.reps // 2)):
+        d.write("vda", 0x77, 0, 4 * MiB)
+        b.add(f"inc_4mib_dirty_after_{links}_links_s",
+              timed(lambda: run(*CLI, "backup", d.name, chain_dir, "--level", "inc")))
+    b.drop(d)
+
+
+def virtnbdbackup_cycle(b: Bench) -> None:
+    """full + 3 inc + restore on twin domains (1 GiB disk, 100 MiB data, 20 MiB per inc), the two
+    tools alternating, each rep on fresh twins; only the tools' commands are timed."""
+    if not shutil.which("virtnbdbackup"):
+        b.notes["virtnbdbackup"] = "not installed (apt-get install virtnbdbackup); skipped"
+        return
+    b.notes["virtnbdbackup"] = subprocess.run(["virtnbdbackup", "--version"], capture_output=True,
+                                              text=True).stdout.strip()
+    for rep in range(b.reps):
+        for tool in ("virtbackup", "virtnbdbackup"):
+            d = b.domain({"vda": 1024 * MiB}, "vbtwin")
+            d.write("vda", 0x21, 0, 100 * MiB)
+            bdir = b.work / f"twin-{tool}-{rep}"
+            spent = 0.0
+            for i in range(4):
+                if i:
+                    d.write("vda", 0x30 + i, (200 + 20 * i) * MiB, 20 * MiB)
+                if tool == "virtbackup":
+                    cmd: List[object] = [*CLI, "backup", d.name, bdir, "--level", "full" if i == 0 else "inc"]
+                else:
+                    cmd = ["virtnbdbackup", "-d", d.name, "-l", "full" if i == 0 else "inc", "-o", bdir,
+                           "--noprogress"]
+                spent += timed(lambda: run(*cmd))
+            out = b.work / f"twin-restore-{tool}-{rep}"
+            if tool == "virtbackup":
+                cmd = [*CLI, "restore", bdir, out]
+            else:
+                cmd = ["virtnbdrestore", "-i", bdir, "-o", out, "--noprogress"]
+            spent += timed(lambda: run(*cmd))
+            b.add(f"cycle_{tool}_s", spent)
+            b.drop(d)
+            shutil.rmtree(bdir, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+    b.target("full+3 inc+restore: virtnbdbackup / virtbackup (medians)",
+             b.median("cycle_virtnbdbackup_s") / b.median("cycle_virtbackup_s"), 5.0, "x", at_most=False)
+
+
+def guest_impact(b: Bench, disk: int, data: int, speeds: List[int]) -> None:
+    """The guest's write throughput (HMP `qemu-io` write of 64 MiB over data the backup still has
+    to copy, timed) idle vs while a full backup of the disk runs, without and with --max-speed.
+    Each during-backup write starts once libvirt reports the job running."""
+    d = b.domain({"vda": disk}, "vbguest")
+    fill(d, "vda", data)
+    chunk = 64 * MiB
+    off = data - chunk                       # the end of the data: copied last by the job
+
+    def guest_write() -> float:
+        return timed(lambda: d.qemu_io("vda", f"write -P 0x66 {off} {chunk}"))
+
+    def during(extra: List[object]) -> Optional[float]:
+        bdir = b.work / f"gi-{secrets.token_hex(3)}"
+        run("sync")
+        proc = subprocess.Popen([str(c) for c in (*CLI, "backup", d.name, bdir, "--level", "full", *extra)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        t: Optional[float] = None
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if d.dom is not None and d.dom.jobInfo()[0] != 0:
+                t = guest_write()
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=600)
+        shutil.rmtree(bdir, ignore_errors=True)
+        return t
+
+    for _ in range(b.reps):
+        run("sync")
+        b.add("guest_write_64mib_idle_s", guest_write())
+        t = during([])
+        if t is not None:
+            b.add("guest_write_64mib_during_full_s", t)
+        for sp in speeds:
+            t = during(["--max-speed", sp])
+            if t is not None:
+                b.add(f"guest_write_64mib_during_full_max_speed_{sp // MiB}mib_s", t)
+    idle = b.median("guest_write_64mib_idle_s")
+    for name in sorted(b.runs):
+        if name.startswith("guest_write_64mib_during"):
+            b.notes[f"guest_throughput_fraction_{name[len('guest_write_64mib_during_'):-2]}"] = \
+                round(idle / b.median(name), 3)
+    b.drop(d)
+
+
+def parallel_jobs(b: Bench, quick: bool) -> None:
+    """`run` of one job over 8 domains (full backups), parallel = 2 against parallel = 1,
+    interleaved, fresh backup roots each time. Target (DESIGN.md): >= 1.6x on 2 cores."""
     prefix = f"vbbenchjob-{secrets.token_hex(3)}"
-    size, data, reps = (64 * MiB, 32 * MiB, 2) if quick else (256 * MiB, 128 * MiB, 5)
-    doms = [scratch.ScratchDomain(conn, f"{prefix}-{i}", work / "disks", {"vda": size}) for i in range(8)]
-    times: Dict[int, List[float]] = {1: [], 2: []}
-    try:
-        for d in doms:
-            d.create()
-            d.write("vda", 0x50, 0, data)
-        for rep in range(reps):
-            for par in (1, 2):
-                root = work / f"root-{par}-{rep}"
-                root.mkdir()
-                job = work / f"job{par}.toml"
-                job.write_text(f'backup_root = "{root}"\ndomains = ["{prefix}-*"]\nlevel = "full"\n'
-                               f"parallel = {par}\n")
-                run("sync")
-                times[par].append(timed(lambda: run(*CLI, "run", job)))
-                shutil.rmtree(root)
-    finally:
-        for d in doms:
-            d.remove()
-        shutil.rmtree(work, ignore_errors=True)
-    one, two = median(times[1]), median(times[2])
-    return {"run_8_domains_parallel1_s": one, "run_8_domains_parallel2_s": two, "parallel2_speedup": one / two}
+    size, data = (64 * MiB, 32 * MiB) if quick else (256 * MiB, 128 * MiB)
+    doms = [scratch.ScratchDomain(b.conn, f"{prefix}-{i}", b.work / "disks", {"vda": size}) for i in range(8)]
+    for d in doms:
+        b.domains.append(d)
+        d.create()
+        d.write("vda", 0x50, 0, data)
+    for rep in range(b.reps):
+        for par in (1, 2):
+            root = b.work / f"root-{par}-{rep}"
+            root.mkdir()
+            job = b.work / f"job{par}.toml"
+            job.write_text(f'backup_root = "{root}"\ndomains = ["{prefix}-*"]\nlevel = "full"\n'
+                           f"parallel = {par}\n")
+            run("sync")
+            b.add(f"run_8_domains_parallel{par}_s", timed(lambda: run(*CLI, "run", job)))
+            shutil.rmtree(root)
+    for d in doms:
+        b.drop(d)
+    b.target("run over 8 domains: parallel=1 / parallel=2 (medians)",
+             b.median("run_8_domains_parallel1_s") / b.median("run_8_domains_parallel2_s"), 1.6, "x", at_most=False)
 
-def restore_check_figures(results: Dict[str, object], work: Path, bdir: Path, chain_dir: Path, reps: int) -> None:
-    """What checking every image before a restore costs (size, backing link and SHA-256 of each
+
+def restore_check(b: Bench, disk: int, data: int) -> None:
+    """What checking every image before a restore costs (size, backing link and hash of each
     image, hashed while the copy is made): the restore command with the check, the plain
     `qemu-img convert` of the point's image (a restore without any check), and the check alone
-    (in-process); medians of interleaved runs, `sync` before each."""
+    (in-process); interleaved, `sync` before each; for a full and for a 50-link chain."""
     from virtbackup import integrity
     from virtbackup.chain import BackupDir
+    d = b.domain({"vda": disk})
+    fill(d, "vda", data)
+    bdir = b.work / "full-rc"
+    run(*CLI, "backup", d.name, bdir, "--level", "full")
+    chain_dir = b.work / "chain50-rc"
+    run(*CLI, "backup", d.name, chain_dir, "--level", "full")
+    for i in range(49):
+        d.write("vda", 0x10 + i % 64, (i * 7 % (disk // MiB - 1)) * MiB, 1 * MiB)
+        run(*CLI, "backup", d.name, chain_dir, "--level", "inc")
+    b.drop(d)
     for label, bd, point in (("full", bdir, "0001"), ("chain50", chain_dir, "latest")):
         bobj = BackupDir(bd)
         ch = bobj.load()
         pt = ch.point(point)
         rels = integrity.chain_images(ch, pt, ["vda"])
-        t_with, t_plain, t_check = [], [], []
-        for i in range(reps):
-            out = work / f"r-{label}-{i}"
+        for i in range(b.reps):
+            out = b.work / f"r-{label}-{i}"
             run("sync")
-            t_with.append(timed(lambda: run(*CLI, "restore", bd, out, "--point", pt.id)))
+            b.add(f"restore_{label}_checked_s", timed(lambda: run(*CLI, "restore", bd, out, "--point", pt.id)))
             shutil.rmtree(out)
             run("sync")
-            t_plain.append(timed(lambda: run("qemu-img", "convert", "-O", "qcow2", bd / pt.disks["vda"].image,
-                                             work / f"plain-{label}.qcow2")))
-            (work / f"plain-{label}.qcow2").unlink()
-            t_check.append(timed(lambda: integrity.check_images(bobj, ch, rels)))
-        results[f"restore_{label}_checked_s"] = median(t_with)
-        results[f"restore_{label}_unchecked_convert_s"] = median(t_plain)
-        results[f"restore_{label}_check_only_s"] = median(t_check)
-        results[f"restore_{label}_images"] = len(rels)
-        results[f"restore_{label}_image_bytes"] = sum((bd / r).stat().st_size for r in rels)
+            plain = b.work / f"plain-{label}.qcow2"
+            b.add(f"restore_{label}_unchecked_convert_s",
+                  timed(lambda: run("qemu-img", "convert", "-O", "qcow2", bd / pt.disks["vda"].image, plain)))
+            plain.unlink()
+            b.add(f"restore_{label}_check_only_s", timed(lambda: integrity.check_images(bobj, ch, rels)))
+        b.notes[f"restore_{label}_images"] = len(rels)
+        b.notes[f"restore_{label}_image_mib"] = round(sum((bd / r).stat().st_size for r in rels) / MiB)
 
 
-def print_restore_check(results: Dict[str, object]) -> None:
-    for label in ("full", "chain50"):
-        print(f"restore {label}: {results[f'restore_{label}_checked_s']:.2f} s with the image check "
-              f"(the check alone {results[f'restore_{label}_check_only_s']:.2f} s for "
-              f"{results[f'restore_{label}_images']} image(s), "
-              f"{results[f'restore_{label}_image_bytes'] / MiB:.0f} MiB); plain qemu-img convert "  # type: ignore[operator]
-              f"{results[f'restore_{label}_unchecked_convert_s']:.2f} s")
+# -- output ------------------------------------------------------------------------------------
+def human(result: Dict[str, Any]) -> str:
+    lines = [f"virtbackup benchmark {result['date']} on {result['machine']}",
+             f"load average before {result['load_before']}, after {result['load_after']}; "
+             f"{result['reps']} interleaved runs per figure", "",
+             f"{'figure':<52} {'min':>8} {'median':>8} {'max':>8}"]
+    for name, s in result["figures"].items():
+        lines.append(f"{name:<52} {s['min']:>8.3f} {s['median']:>8.3f} {s['max']:>8.3f}")
+    lines += ["", f"{'target':<62} {'value':>8} {'target':>9} {'ratio':>6}  met"]
+    for t in result["targets"]:
+        lines.append(f"{t['target']:<62} {t['value']:>8.3f} {t['kind'] + str(t['limit']) + t['unit']:>9} "
+                     f"{t['ratio_to_target']:>6.2f}  {'yes' if t['met'] else 'NO'}")
+    lines += ["", "notes:"] + [f"  {k}: {v}" for k, v in result["notes"].items()]
+    return "\n".join(lines)
 
 
-def compare_virtnbdbackup(conn: object, work: Path) -> Dict[str, float]:
-    """full + 3 inc + restore on twin domains (1 GiB disk, 100 MiB data, 20 MiB per inc)."""
-    out: Dict[str, float] = {}
-    for tool in ("virtbackup", "virtnbdbackup"):
-        d = scratch.ScratchDomain(conn, f"vbtwin-{secrets.token_hex(3)}", work / "twin", {"vda": 1024 * MiB})
-        try:
-            d.create()
-            d.write("vda", 0x21, 0, 100 * MiB)
-            bdir = work / f"twin-{tool}"
-            spent = 0.0     # the tools' commands only; the guest writes are the same for both
-            for i in range(4):
-                if i:
-                    d.write("vda", 0x30 + i, (200 + 20 * i) * MiB, 20 * MiB)
-                if tool == "virtbackup":
-                    cmd = [*CLI, "backup", d.name, bdir, "--level", "full" if i == 0 else "inc"]
-                else:
-                    cmd = ["virtnbdbackup", "-d", d.name, "-l", "full" if i == 0 else "inc", "-o", bdir,
-                           "--noprogress"]
-                spent += timed(lambda: run(*cmd))
-            if tool == "virtbackup":
-                cmd = [*CLI, "restore", bdir, work / f"twin-restore-{tool}"]
-            else:
-                cmd = ["virtnbdrestore", "-i", bdir, "-o", work / f"twin-restore-{tool}", "--noprogress"]
-            spent += timed(lambda: run(*cmd))
-            out[f"cycle_{tool}_s"] = spent
-        finally:
-            d.remove()
-    out["virtnbdbackup_vs_virtbackup"] = out["cycle_virtnbdbackup_s"] / out["cycle_virtbackup_s"]
-    return out
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small disks (a smoke run; figures not comparable)")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved runs per figure (default 5)")
+    ap.add_argument("--only", choices=["full", "restore", "virtnbdbackup", "guest", "jobs", "restore-check"],
+                    action="append", help="run only these sections (repeatable)")
+    ap.add_argument("--virtnbdbackup", action="store_true", help="also time virtnbdbackup on twin domains")
+    ap.add_argument("--guest-impact", action="store_true",
+                    help="also measure the guest's write throughput during a full backup")
+    ap.add_argument("--jobs", action="store_true", help="only time `run` over 8 domains: parallel = 2 vs 1")
+    ap.add_argument("--restore-check", action="store_true",
+                    help="only the restore figures with and without the image check (full, 50-link chain)")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON (else a table)")
+    args = ap.parse_args()
+    disk = (256 if args.quick else 4096) * MiB
+    data = (64 if args.quick else 768) * MiB
+    sections = set(args.only or ["full", "restore"]
+                   + (["virtnbdbackup"] if args.virtnbdbackup else [])
+                   + (["guest"] if args.guest_impact else []))
+    if args.jobs or args.restore_check:
+        sections = set(args.only or []) | ({"jobs"} if args.jobs else set()) \
+            | ({"restore-check"} if args.restore_check else set())
+    work = Path(tempfile.mkdtemp(prefix="virtbackup-bench-"))
+    load_before = load()
+    b = Bench(max(1, args.reps), work)
+    try:
+        if "full" in sections:
+            full_vs_convert(b, disk, data)
+        if "restore" in sections:
+            restore_chain(b, (256 if args.quick else 1024) * MiB)
+        if "virtnbdbackup" in sections:
+            virtnbdbackup_cycle(b)
+        if "guest" in sections:
+            guest_impact(b, (256 if args.quick else 2048) * MiB, (128 if args.quick else 1024) * MiB,
+                         [32 * MiB, 128 * MiB])
+        if "jobs" in sections:
+            parallel_jobs(b, args.quick)
+        if "restore-check" in sections:
+            restore_check(b, (256 if args.quick else 1024) * MiB, (64 if args.quick else 512) * MiB)
+    finally:
+        b.close()
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {platform.release()}",
+        "load_before": load_before, "load_after": load(), "reps": b.reps, "quick": args.quick,
+        "disk_bytes": disk, "data_bytes": data,
+        "figures": {k: stats(v) for k, v in b.runs.items()},
+        "targets": b.targets, "notes": b.notes,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(human(result))
+    return 0
 
 
 if __name__ == "__main__":
