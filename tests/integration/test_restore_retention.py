@@ -19,6 +19,7 @@ from tests.support import scratch
 from tests.support.helpers import ROOT, assert_point_restores, checkpoint_names, cli, snapshot_dir
 from virtbackup import host, monitor, qemuimg
 from virtbackup.chain import file_sha256
+from virtbackup.digest import file_digest
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -320,7 +321,7 @@ def test_deep_verify_finds_unreadable_data(make_domain, tmp_path):
     img = bdir / "points/0001/vda.qcow2"
     _corrupt_compressed_cluster(img)
     meta = json.loads((bdir / "virtbackup.json").read_text())
-    meta["points"][0]["disks"]["vda"].update(sha256=file_sha256(img), size=img.stat().st_size)
+    meta["points"][0]["disks"]["vda"].update(blake3=file_digest(img, "blake3"), size=img.stat().st_size)
     (bdir / "virtbackup.json").write_text(json.dumps(meta))
     assert cli("verify", bdir).rc == 0                  # recorded, hashed, consistent metadata...
     v = cli("verify", bdir, "--deep", "--json")         # ...but it can't be read back
