@@ -52,4 +52,6 @@ def test_max_speed_must_be_positive(make_domain, tmp_path):
     for bad in ("0", "-5"):
         r = cli("backup", d.name, tmp_path / "bk", "--max-speed", bad)
         assert r.rc == 2 and "--max-speed must be a positive" in one_error_line(r), r
+    r = cli("backup", d.name, tmp_path / "bk", "--mode", "pull", "--max-speed", 1 << 20)
+    assert r.rc == 2 and "--max-speed is for push mode" in one_error_line(r), r
     assert not (tmp_path / "bk").exists()
