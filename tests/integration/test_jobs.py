@@ -336,7 +336,7 @@ def test_progress_bars_on_a_terminal_never_in_a_pipe(make_domain, tmp_path):
     rc, out = _pty_run(["backup", d.name, str(bdir)])
     assert rc == 0, out
     assert f"backup {d.name}" in out and BAR in out and "\x1b[" in out, out
-    assert "point 0001: full backup" in out
+    assert "point 0001: full push backup" in out
     rc, out = _pty_run(["restore", str(bdir), str(tmp_path / "r1")])
     assert rc == 0 and "restore vda.qcow2" in out and BAR in out, out
     rc, out = _pty_run(["verify", str(bdir)])
