@@ -23,6 +23,8 @@ from . import health, host
 from .backup import BackupResult, point_json
 from .backup import backup as _backup
 from .chain import BackupDir, Chain, Point, dir_lock, domain_lock, user_path
+from .crypto import ChainEncryption, Key
+from .crypto import read_key as _read_key
 from .drill import DrillResult
 from .drill import drill as _drill
 from .errors import HostError, OperationFailed, VirtBackupError
@@ -54,6 +56,8 @@ __all__ = [
     "BackupResult", "PointList", "RestoreResult", "VerifyResult", "PruneResult", "FlattenResult", "LiveResult",
     "StatusReport", "RepairReport", "ThawResult", "DrillResult", "Notify", "RequestedLevel", "point_json", "chain_json",
     "FilesystemList", "ListResult", "GetResult", "PointFiles",
+    # encrypted backups
+    "read_key", "Key",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -82,23 +86,37 @@ class PointList:
     domain: str
     uuid: str
     points: List[Point]
+    encryption: Optional[ChainEncryption] = None
 
     def to_json(self) -> Dict[str, Any]:
-        """{"domain", "uuid", "points": [{"id", "level", "created", "checkpoint", "parent",
-        "disks": {...}, ..., "size"}]} (the `list --json` output)."""
-        return {"domain": self.domain, "uuid": self.uuid, "points": [point_json(p) for p in self.points]}
+        """{"domain", "uuid", "encryption": null | {"format", "cipher", "iter_time_ms"},
+        "points": [{"id", "level", "created", "checkpoint", "parent", "disks": {...}, ...,
+        "encryption", "size"}]} (the `list --json` output; never the key check value)."""
+        enc = self.encryption
+        return {"domain": self.domain, "uuid": self.uuid,
+                "encryption": ({"format": enc.format, "cipher": enc.cipher, "iter_time_ms": enc.iter_time_ms}
+                               if enc is not None else None),
+                "points": [point_json(p) for p in self.points]}
 
 
 def chain_json(chain: Chain) -> Dict[str, Any]:
     """A chain as `list --json` prints it."""
-    return PointList(chain.domain_name, chain.domain_uuid, chain.points).to_json()
+    return PointList(chain.domain_name, chain.domain_uuid, chain.points, chain.encryption).to_json()
+
+
+@_boundary
+def read_key(spec: str) -> Key:
+    """The passphrase of an encrypted backup from a key file (`-`: stdin, never a terminal);
+    UsageError (exit 2) for a symlink, a file others can read, empty or binary content."""
+    return _read_key(spec)
 
 
 @_boundary
 def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[str] = (),
            uri: Optional[str] = None, notify: Optional[Notify] = None,
            reason: Optional[str] = None, quiesce: str = "auto", mode: Optional[str] = None,
-           scratch_dir: Optional[str] = None, max_speed: Optional[int] = None) -> BackupResult:
+           scratch_dir: Optional[str] = None, max_speed: Optional[int] = None, encrypt: bool = False,
+           key: Optional[Key] = None) -> BackupResult:
     """Take one backup of DOMAIN (name or UUID; running or shut off) into BACKUP_DIR.
 
     `level`: auto | full | inc | diff (see plan.plan_backup); `disks`: only these targets;
@@ -109,58 +127,70 @@ def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[s
     `mode`: push | pull (None: push for a local libvirtd, pull for a remote URI); `scratch_dir`:
     where a pull backup's scratch files go on the hypervisor (default: beside each disk image).
     `max_speed`: bytes/s per disk, push and offline (bounds the backup's storage bandwidth).
+    `encrypt` with `key` starts an encrypted chain (LUKS qcow2); every later point of an
+    encrypted directory needs that `key` (push mode only: pull refuses an encrypted chain).
     """
     return _backup(uri, domain, user_path(backup_dir, "BACKUP_DIR"), level, disks, notify, reason, quiesce,
-                   mode, scratch_dir, max_speed)
+                   mode, scratch_dir, max_speed, encrypt=encrypt, key=key)
 
 
 @_boundary
 def list_points(backup_dir: Path) -> PointList:
     """The restore points recorded in BACKUP_DIR."""
     chain = BackupDir(user_path(backup_dir, "BACKUP_DIR")).load()
-    return PointList(chain.domain_name, chain.domain_uuid, chain.points)
+    return PointList(chain.domain_name, chain.domain_uuid, chain.points, chain.encryption)
 
 
 @_boundary
 def restore(backup_dir: Path, output_dir: Path, point: Optional[str] = None,
-            disks: Sequence[str] = ()) -> RestoreResult:
-    """Restore a point (id, `latest`, ISO 8601 time) as standalone OUTPUT_DIR/<disk>.qcow2."""
-    return _restore(user_path(backup_dir, "BACKUP_DIR"), user_path(output_dir, "OUTPUT_DIR"), point, disks)
+            disks: Sequence[str] = (), key: Optional[Key] = None) -> RestoreResult:
+    """Restore a point (id, `latest`, ISO 8601 time) as standalone OUTPUT_DIR/<disk>.qcow2
+    (decrypted; an encrypted backup needs its `key`)."""
+    return _restore(user_path(backup_dir, "BACKUP_DIR"), user_path(output_dir, "OUTPUT_DIR"), point, disks,
+                    key=key)
 
 
 @_boundary
 def restore_point(backup_dir: Path, output_dir: Path, point: Optional[str] = None, disks: Sequence[str] = (),
                   instant: bool = False, define: Optional[str] = None, start: bool = False,
-                  uri: Optional[str] = None, salvage: bool = False) -> RestoreResult:
+                  uri: Optional[str] = None, salvage: bool = False, key: Optional[Key] = None,
+                  encrypt: bool = False) -> RestoreResult:
     """`restore` plus: `instant` (overlays on the backup images, no copy) and `define` NAME
     (a new domain on the restored disks: new UUID and MACs), `start` it.
 
     `point` is an id, `latest`, or an ISO 8601 time (the newest point at or before it).
     `salvage`: when images are damaged, restore the disks whose images are intact (the result's
     `missing` says which are not) instead of refusing.
+    An encrypted backup needs its `key`; the images come out decrypted unless `encrypt`
+    (LUKS, same key). `instant`, and `define` with `encrypt`, are refused for encrypted backups
+    (the domain would need the key stored in libvirt).
     """
     return _restore(user_path(backup_dir, "BACKUP_DIR"), user_path(output_dir, "OUTPUT_DIR"), point, disks,
-                    instant=instant, define=define, start=start, uri=uri, salvage=salvage)
+                    instant=instant, define=define, start=start, uri=uri, salvage=salvage, key=key,
+                    encrypt=encrypt)
 
 
 @_boundary
-def verify(backup_dir: Path, point: Optional[str] = None) -> VerifyResult:
+def verify(backup_dir: Path, point: Optional[str] = None, key: Optional[Key] = None) -> VerifyResult:
     """Check every image (or one point's chain): qemu-img check, backing links, hashes.
-    Damage is reported in the result (`ok`, `damage`), not raised."""
-    return _verify(user_path(backup_dir, "BACKUP_DIR"), point)
+    Damage is reported in the result (`ok`, `damage`), not raised. `key`: of an encrypted backup."""
+    return _verify(user_path(backup_dir, "BACKUP_DIR"), point, key=key)
 
 
 @_boundary
-def verify_backup(backup_dir: Path, point: Optional[str] = None, deep: bool = False) -> VerifyResult:
+def verify_backup(backup_dir: Path, point: Optional[str] = None, deep: bool = False,
+                  key: Optional[Key] = None) -> VerifyResult:
     """`verify`; `deep` also reads every point's whole chain through qemu."""
-    return _verify(user_path(backup_dir, "BACKUP_DIR"), point, deep=deep)
+    return _verify(user_path(backup_dir, "BACKUP_DIR"), point, deep=deep, key=key)
 
 
 @_boundary
 def prune(backup_dir: Path, keep: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
-          dry_run: bool = False, keep_monthly: int = 0) -> PruneResult:
-    """Drop the points the policy does not keep, merging them into kept points that depend on them."""
-    return _prune(user_path(backup_dir, "BACKUP_DIR"), Policy(keep, keep_daily, keep_weekly, keep_monthly), dry_run)
+          dry_run: bool = False, keep_monthly: int = 0, key: Optional[Key] = None) -> PruneResult:
+    """Drop the points the policy does not keep, merging them into kept points that depend on them.
+    An encrypted backup needs its `key` (unless `dry_run`); rewritten images stay encrypted."""
+    return _prune(user_path(backup_dir, "BACKUP_DIR"), Policy(keep, keep_daily, keep_weekly, keep_monthly),
+                  dry_run, key)
 
 
 @_boundary

@@ -13,14 +13,16 @@ import logging
 import os
 import shutil
 import time
+import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, cast
+from typing import Any, Dict, Iterator, List, Optional, Sequence, cast
 
 import libvirt
 
-from . import checkpoints, health, host, qemuimg, runlog
+from . import checkpoints, crypto, health, host, keysecret, qemuimg, runlog, xmlbuild
 from .chain import (
     PARTIAL_SUFFIX,
     POINTS_DIR,
@@ -84,13 +86,38 @@ class Engine:
     """One run: plan, pre-create targets, let the runner copy, commit or roll back."""
 
     def __init__(self, handle: DomainHandle, bdir: BackupDir, runner: Runner, notify: Optional[Notify] = None,
-                 quiesce: Optional[Quiescer] = None):
+                 quiesce: Optional[Quiescer] = None, key: Optional[crypto.Key] = None,
+                 iter_time: int = crypto.DEFAULT_ITER_TIME_MS):
         self.handle = handle
         self.bdir = bdir
         self.runner = runner
         self.notify: Notify = notify or (lambda _m: None)
         self.warnings: List[str] = []
         self.quiesce = quiesce          # records the point's consistency (the runner freezes)
+        self.key = key                  # set: every target is LUKS-encrypted with it
+        self.iter_time = iter_time      # the chain's LUKS key derivation time
+
+    def _encrypted(self, plan: BackupPlan) -> BackupPlan:
+        """The plan with every target LUKS-encrypted, keyed by a libvirt secret of this UUID
+        (defined only while the job runs, see _job_secret)."""
+        if self.key is None:
+            return plan
+        enc = xmlbuild.Encryption(crypto.FORMAT, str(uuidlib.uuid4()), self.iter_time)
+        return replace(plan, disks=tuple(replace(dp, target=replace(dp.target, encryption=enc))
+                                         for dp in plan.disks))
+
+    @contextmanager
+    def _job_secret(self, plan: BackupPlan) -> Iterator[None]:
+        """The ephemeral libvirt secret a push job opens the encrypted targets with: defined
+        just before the job starts, undefined when it has ended, whatever happened."""
+        enc = plan.disks[0].target.encryption if plan.disks else None
+        if self.key is None or enc is None or self.runner.transport != "push":
+            yield
+            return
+        with keysecret.libvirt_secret(self.handle.conn, self.key,
+                                      f"backup {plan.point_id} of {self.handle.name} into {self.bdir.path}",
+                                      secret_uuid=enc.secret_uuid):
+            yield
 
     def _say(self, msg: str) -> None:
         log.info("%s", msg)
@@ -166,16 +193,24 @@ class Engine:
             raise OperationFailed(f"cannot create {plan.work_dir}: {e.strerror}") from e
 
     def _create_targets(self, plan: BackupPlan) -> None:
-        for dp in plan.disks:
+        """Empty target images. An encrypted one costs ~2 s of CPU in qemu-img's LUKS set-up
+        whatever the iter-time (it calibrates PBKDF2 first): one per core then."""
+        def create(dp: Any) -> None:
             t = dp.target
-            if t.encryption is not None:
-                raise UsageError("encrypted targets are not supported yet")
-            qemuimg.create(t.path, t.virtual_size, t.backing_link)
+            enc = t.encryption
+            if enc is not None and self.key is None:
+                raise UsageError("an encrypted target needs the key")
+            qemuimg.create(t.path, t.virtual_size, t.backing_link, key=self.key if enc is not None else None,
+                           iter_time=enc.iter_time_ms if enc is not None else None)
             os.chmod(t.path, 0o600)
+        encrypted = any(dp.target.encryption is not None for dp in plan.disks)
+        workers = max(1, min(len(plan.disks), os.cpu_count() or 1)) if encrypted else 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(create, plan.disks))
 
     def _run(self, chain: Chain, level: RequestedLevel, only: Sequence[str], reason: Optional[str]) -> BackupResult:
         started_plan = time.monotonic()
-        plan = plan_backup(LibvirtDomain(self.handle.dom), chain, self.bdir, level, only, reason)
+        plan = self._encrypted(plan_backup(LibvirtDomain(self.handle.dom), chain, self.bdir, level, only, reason))
         log.info("plan: point %s, %s backup%s, transport %s, checkpoint %s", plan.point_id, plan.level,
                  f" from checkpoint {plan.base_checkpoint}" if plan.base_checkpoint else "",
                  self.runner.transport, plan.checkpoint)
@@ -203,7 +238,7 @@ class Engine:
                     sha256="", source=dp.disk.source or "", copied_full=dp.backing is None,
                     full_reason=dp.why_full if dp.backing is None and plan.level != "full" else None)
             job_started = time.monotonic()
-            with host.signals_noted(self.runner.interrupt):   # wake the wait: abort, roll back
+            with self._job_secret(plan), host.signals_noted(self.runner.interrupt):   # wake the wait: abort, roll back
                 self.runner.start(plan)
                 self.runner.wait()
             if self.runner.interrupted:
@@ -246,7 +281,8 @@ class Engine:
             chain=plan.point_id if base is None else chain.chain_full(base).id,
             disks=images, domain_xml=f"{POINTS_DIR}/{plan.point_id}/domain.xml",
             checkpoint_xml=f"{POINTS_DIR}/{plan.point_id}/checkpoint.xml", reason=plan.reason,
-            duration=round(time.monotonic() - started, 3), transport=self.runner.transport)
+            duration=round(time.monotonic() - started, 3), transport=self.runner.transport,
+            encryption=chain.encryption.format if chain.encryption is not None else None)
         if self.quiesce is not None:
             self.quiesce.record(point)
             self.warnings.extend(self.quiesce.warnings)
@@ -321,10 +357,12 @@ class Engine:
 
 
 def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: Optional[Quiescer] = None,
-               mode: str = "push", scratch_dir: Optional[str] = None, max_speed: Optional[int] = None) -> Runner:
+               mode: str = "push", scratch_dir: Optional[str] = None, max_speed: Optional[int] = None,
+               key: Optional[crypto.Key] = None) -> Runner:
     """The push job (or the pull job, `mode` pull) for a running domain, frozen around its start
-    by `quiesce`; a private QEMU for a shut-off one (consistent by nature). `max_speed`: bytes/s
-    per disk (push and offline)."""
+    by `quiesce`; a private QEMU for a shut-off one (consistent by nature; it gets the key of an
+    encrypted chain). `max_speed`: bytes/s per disk (push and offline). Pull mode never gets an
+    encrypted chain (`_refuse_encrypted_pull`)."""
     if handle.dom.isActive():
         if mode == "pull":   # libvirt exports the disks over NBD, we copy (pull.py)
             from .pull import PullRunner
@@ -332,14 +370,42 @@ def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: O
         return PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce, max_speed)
     if mode == "pull":
         notify("domain is shut off: backing up its images offline, not over NBD")
-    return OfflineRunner(handle, notify, max_speed)
+    return OfflineRunner(handle, notify, max_speed, key)
+
+
+def _check_encryption(bdir: BackupDir, chain: Optional[Chain], encrypt: bool, key: Optional[crypto.Key]) -> None:
+    """Refuse (exit 2, nothing touched) a backup whose key does not fit the directory."""
+    if encrypt and key is None:
+        raise UsageError("--encrypt needs the key: --key-file FILE (or - for stdin)")
+    if chain is None or not chain.points:
+        if key is not None and not encrypt:
+            raise UsageError(f"{bdir.path} holds no backups yet; to start an encrypted chain give "
+                             "--encrypt with --key-file")
+        return
+    if encrypt and chain.encryption is None:
+        raise UsageError(f"{bdir.path} holds unencrypted backups; an encrypted chain needs a new "
+                         "backup directory")
+    crypto.check_key(chain.encryption, key, f"backup directory {bdir.path}")
+
+
+def _refuse_encrypted_pull(bdir: BackupDir, chain: Optional[Chain], encrypt: bool, mode: str) -> None:
+    """Pull mode writes the targets through qemu-nbd, which does not open LUKS targets yet: exit 2."""
+    if mode == "pull" and (encrypt or (chain is not None and chain.encryption is not None)):
+        raise UsageError(f"pull mode can't write an encrypted chain yet ({bdir.path}); nothing was changed; "
+                         "back up with --mode push on the hypervisor (pull is the default for a remote URI)")
 
 
 def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto",
            disks: Sequence[str] = (), notify: Optional[Notify] = None,
            reason: Optional[str] = None, quiesce: str = "auto", mode: Optional[str] = None,
-           scratch_dir: Optional[str] = None, max_speed: Optional[int] = None) -> BackupResult:
-    """Take one backup of DOMAIN (running or shut off) into BACKUP_DIR; see api.backup."""
+           scratch_dir: Optional[str] = None, max_speed: Optional[int] = None,
+           encrypt: bool = False,
+           key: Optional[crypto.Key] = None) -> BackupResult:
+    """Take one backup of DOMAIN (running or shut off) into BACKUP_DIR; see api.backup.
+
+    `encrypt` with `key` starts an encrypted chain; an encrypted chain's later points need the
+    same `key`, checked against the metadata before anything is touched. Pull mode refuses an
+    encrypted chain (exit 2)."""
     if level not in REQUESTED_LEVELS:
         raise UsageError(f"unknown level '{level}' (auto, full, inc, diff)")
     if quiesce not in ("auto", "require", "off"):
@@ -361,6 +427,9 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
     bdir = BackupDir(backup_dir)
     must_create = bdir.check_usable()
     existing = bdir.load_or_none()          # corrupt metadata -> exit 2 before libvirt is touched
+    _check_encryption(bdir, existing, encrypt, key)
+    _refuse_encrypted_pull(bdir, existing, encrypt, mode)
+    iter_time = crypto.iter_time_ms() if key is not None else crypto.DEFAULT_ITER_TIME_MS
     with host.connection(uri) as conn:
         dom = host.lookup_domain(conn, domain)
         uuid = dom.UUIDString()
@@ -388,12 +457,22 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                     chain = Chain(domain_name=dom.name(), domain_uuid=uuid, path=str(bdir.path))
                     bdir.save(chain)
                 bdir.check_owner(chain, dom.name(), uuid)
+                if existing is None or chain.encryption != existing.encryption:
+                    _check_encryption(bdir, chain, encrypt, key)   # changed before we got the lock
+                    _refuse_encrypted_pull(bdir, chain, encrypt, mode)
+                if key is not None and chain.encryption is None:
+                    chain.encryption = crypto.ChainEncryption.new(key, iter_time)
+                if chain.encryption is not None:
+                    iter_time = chain.encryption.iter_time_ms    # the whole chain alike
+                    log.info("encrypted chain: %s %s, iter-time %d ms", chain.encryption.format,
+                             chain.encryption.cipher, iter_time)
                 chain.domain_name = dom.name()
                 chain.path = str(bdir.path)
                 handle = DomainHandle(conn, dom)
                 try:
-                    engine = Engine(handle, bdir, runner_for(handle, bdir, say, quiescer, mode, scratch_dir, max_speed),
-                                    say, quiescer)
+                    engine = Engine(handle, bdir, runner_for(handle, bdir, say, quiescer, mode, scratch_dir, max_speed,
+                                                           key),
+                                    say, quiescer, key, iter_time)
                     engine.cleanup_leftovers(chain)
                     result = engine.run(chain, cast(RequestedLevel, level), disks, reason)
                     log.info("done: point %s, %s bytes written, %.3fs", result.point.id,

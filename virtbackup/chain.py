@@ -20,11 +20,15 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Literal, Optional, Tuple, cast
 
+from .crypto import ChainEncryption
 from .digest import DEFAULT as DEFAULT_HASH
 from .digest import file_digest
 from .errors import BackupDirError, ChainCorrupt, LockBusy, OperationFailed, PointNotFound, UnsafePath, UsageError
 
 SCHEMA_VERSION = 1
+# Encrypted chains are written as schema 2: a virtbackup that does not know encryption refuses
+# them ("unsupported schema version") instead of adding plaintext points or skipping the key.
+SCHEMA_ENCRYPTED = 2
 METADATA = "virtbackup.json"
 LOCKFILE = ".virtbackup.lock"
 POINTS_DIR = "points"
@@ -151,6 +155,7 @@ class Point:
     consistency_reason: Optional[str] = None
     frozen_seconds: Optional[float] = None      # how long the guest's filesystems were frozen
     transport: str = "push"         # how the data travelled: push | pull | offline (older points: push)
+    encryption: Optional[str] = None    # "luks": every image of the point is LUKS-encrypted
 
 
 @dataclass
@@ -162,6 +167,7 @@ class Chain:
     next_seq: int = 1
     schema: int = SCHEMA_VERSION
     path: str = ""      # where the dir was at its last backup: a copy elsewhere must not share the chain
+    encryption: Optional[ChainEncryption] = None    # set at the first point; never the key
 
     # -- queries -------------------------------------------------------------------------------
     def point(self, point_id: Optional[str]) -> Point:
@@ -225,14 +231,23 @@ class Chain:
 
     # -- (de)serialisation ---------------------------------------------------------------------
     def to_json(self) -> Dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["schema"] = SCHEMA_ENCRYPTED if self.encryption is not None else SCHEMA_VERSION
+        if self.encryption is None:
+            del data["encryption"]      # plain chains stay readable by earlier versions
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> "Chain":
         if not isinstance(data, dict):
             raise ValueError("top level is not an object")
-        if data.get("schema") != SCHEMA_VERSION:
+        if data.get("schema") not in (SCHEMA_VERSION, SCHEMA_ENCRYPTED):
             raise ValueError(f"unsupported schema version {data.get('schema')!r}")
+        encryption = None
+        if data.get("encryption") is not None:
+            encryption = ChainEncryption.from_json(data["encryption"])
+        if (encryption is not None) != (data["schema"] == SCHEMA_ENCRYPTED):
+            raise ValueError("schema version and encryption do not match")
         points = []
         for p in data["points"]:
             p = dict(p)
@@ -241,7 +256,7 @@ class Chain:
             points.append(Point(**p))
         chain = cls(domain_name=str(data["domain_name"]), domain_uuid=str(data["domain_uuid"]),
                     dir_id=str(data["dir_id"]), points=points, next_seq=int(data["next_seq"]),
-                    schema=int(data["schema"]), path=str(data.get("path", "")))
+                    schema=int(data["schema"]), path=str(data.get("path", "")), encryption=encryption)
         chain.validate()
         return chain
 
@@ -267,6 +282,11 @@ class Chain:
                 raise ValueError(f"point {p.id}: unknown consistency {p.consistency!r}")
             if not p.disks:
                 raise ValueError(f"point {p.id}: no disks")
+            want = self.encryption.format if self.encryption is not None else None
+            if p.encryption != want:
+                # one chain, one key: a plaintext point in an encrypted chain (or the reverse)
+                # is tampering or a bug, never something to restore from silently
+                raise ValueError(f"point {p.id}: encryption {p.encryption!r}, the chain's is {want!r}")
             if p.chain not in seen and p.chain != p.id:
                 raise ValueError(f"point {p.id}: chain {p.chain} is not an earlier point")
             if p.parent is not None and p.parent not in seen:

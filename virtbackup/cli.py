@@ -117,6 +117,11 @@ def _fail(as_json: bool, out: Dict[str, Any], message: Optional[str], kind: str)
         raise typer.Exit(EXIT_FAILED)
 
 
+def _key(spec: Optional[str]) -> Any:
+    """The key from --key-file, read before anything else happens (None: no --key-file)."""
+    return api.read_key(spec) if spec is not None else None
+
+
 def _human_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -208,6 +213,10 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
                "(default: beside each disk image)"),
            max_speed: Optional[int] = typer.Option(None, "--max-speed", metavar="BYTES",
                                                    help="copy at most BYTES per second per disk"),
+           encrypt: bool = typer.Option(False, "--encrypt", help="start an encrypted chain (LUKS qcow2); "
+                                        "needs --key-file; push mode only"),
+           key_file: Optional[str] = typer.Option(None, "--key-file", metavar="FILE",
+                                                  help="passphrase of the encrypted chain ('-': stdin)"),
            as_json: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
     """Back up a domain, running or shut off: full, inc (since the last point) or diff (since the full)."""
     def notify(msg: str) -> None:
@@ -230,9 +239,10 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
 
     def call() -> Any:
         from . import progress
+        key = _key(key_file)             # read first: a refused key file changes nothing
         with progress.backup(_state["uri"], domain, progress.wanted(as_json, no_progress)):
             return api.backup(domain, backup_dir, level, disk, _state["uri"], notify, reason=reason, quiesce=quiesce,
-                              mode=mode, scratch_dir=scratch_dir, max_speed=max_speed)
+                              mode=mode, scratch_dir=scratch_dir, max_speed=max_speed, encrypt=encrypt, key=key)
 
     _run(as_json, call, render)
 
@@ -246,6 +256,9 @@ def list_cmd(backup_dir: str = typer.Argument(...),
             print(json.dumps(chain.to_json()))
             return
         print(f"domain {chain.domain} ({chain.uuid})")
+        if chain.encryption is not None:
+            print(f"encrypted: {chain.encryption.format} {chain.encryption.cipher} (restore, verify, prune "
+                  "and further backups need --key-file)")
         print(f"{'ID':<6} {'LEVEL':<5} {'CREATED':<26} {'PARENT':<6} {'DISKS':<16} {'SIZE':>10}  "
               f"{'CONSISTENCY':<11}  NOTE")
         for p in chain.points:
@@ -282,9 +295,16 @@ def restore(backup_dir: Optional[str] = typer.Argument(None, show_default=False)
             no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars on a terminal"),
             salvage: bool = typer.Option(False, "--salvage", help="when images are damaged, restore the disks "
                                          "whose images are intact and say which are missing"),
+            key_file: Optional[str] = typer.Option(None, "--key-file", metavar="FILE",
+                                                   help="passphrase of an encrypted backup ('-': stdin)"),
+            encrypt: bool = typer.Option(False, "--encrypt", help="keep the restored images encrypted "
+                                         "(same key); default: decrypted"),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Restore a point as one standalone qcow2 per disk: OUTPUT_DIR/<disk>.qcow2."""
     if resume_live is not None or live:
+        if key_file is not None or encrypt:
+            _usage(as_json, "--key-file/--encrypt don't apply to --live or --resume-live: an encrypted backup "
+                            "can't be restored live; restore it without --live (with --key-file FILE)")
         _live(backup_dir, output_dir, point, disk, define, live, resume_live, max_speed,
               not (no_progress or as_json), as_json)
         return
@@ -311,9 +331,10 @@ def restore(backup_dir: Optional[str] = typer.Argument(None, show_default=False)
 
     def call() -> Any:
         from . import progress
+        key = _key(key_file)
         with progress.observed("restore", progress.wanted(as_json, no_progress)):
             return api.restore_point(backup_dir, output_dir, point, disk, instant, define, start, _state["uri"],
-                                     salvage)
+                                     salvage, key=key, encrypt=encrypt)
 
     _run(as_json, call, render)
 
@@ -397,6 +418,8 @@ def verify(backup_dir: str = typer.Argument(...),
                                          "answer (and for --check to finish)"),
            check: Optional[str] = typer.Option(None, "--check", metavar="CMD", help="--boot: a shell command run "
                                                "in the booted guest through its agent; must exit 0"),
+           key_file: Optional[str] = typer.Option(None, "--key-file", metavar="FILE",
+                                                  help="passphrase of an encrypted backup ('-': stdin)"),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Check every image: qemu-img check, backing links, content hashes recorded at backup time."""
     if boot:
@@ -417,8 +440,9 @@ def verify(backup_dir: str = typer.Argument(...),
 
     def call() -> Any:
         from . import progress
+        key = _key(key_file)
         with progress.observed("verify", progress.wanted(as_json, no_progress)):
-            return api.verify_backup(backup_dir, point, deep)
+            return api.verify_backup(backup_dir, point, deep, key=key)
 
     _run(as_json, call, render)
 
@@ -467,6 +491,8 @@ def prune(backup_dir: str = typer.Argument(...),
           keep_monthly: int = typer.Option(0, "--keep-monthly", metavar="N",
                                            help="keep the newest point of each of the last N months with points (UTC)"),
           dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be kept, dropped and merged"),
+          key_file: Optional[str] = typer.Option(None, "--key-file", metavar="FILE",
+                                                 help="passphrase of an encrypted backup ('-': stdin)"),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Drop old points; kept points that depend on dropped ones are merged so they restore unchanged."""
     def render(r: Any) -> None:
@@ -484,7 +510,7 @@ def prune(backup_dir: str = typer.Argument(...),
         print(f"{'dry run: ' if r.dry_run else ''}{len(plan.keep)} point(s) kept, {len(plan.drop)} dropped")
 
     _run(as_json, lambda: api.prune(backup_dir, keep, keep_daily, keep_weekly, dry_run,
-                                    keep_monthly=keep_monthly), render)
+                                    keep_monthly=keep_monthly, key=_key(key_file)), render)
 
 
 @app.command()

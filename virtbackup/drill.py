@@ -155,6 +155,11 @@ def _drill(backup_dir: Path, point_id: Optional[str], timeout: float, check: Opt
     bdir = BackupDir(Path(backup_dir))
     chain = bdir.load()
     point = chain.point(point_id)
+    if chain.encryption is not None:
+        # the drill boots overlays on the backup images: the domain would need the key in libvirt
+        raise UsageError(f"a restore drill of an encrypted backup would need its key stored in libvirt; "
+                         f"restore a decrypted copy and boot that: virtbackup restore {bdir.path} OUTPUT_DIR "
+                         "--key-file FILE --define NAME --start")
     try:
         saved_xml = bdir.resolve(point.domain_xml).read_text()
         agent = has_agent_channel(saved_xml)

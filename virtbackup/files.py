@@ -296,6 +296,9 @@ class PointFiles:
 
     def _open(self) -> None:
         chain = self.chain = self.bdir.load()      # again, under the lock: what we read is current
+        if chain.encryption is not None:
+            raise UsageError(f"{self.bdir.path} is encrypted; 'files' cannot read encrypted backups yet: restore "
+                             f"a decrypted copy first (virtbackup restore {self.bdir.path} OUTPUT_DIR --key-file FILE)")
         point = self.point = chain.point(self.point_spec)
         self.disks = sorted(point.disks)
         tops = [self._check_sizes(chain, point, disk) for disk in self.disks]

@@ -37,6 +37,7 @@ import libvirt
 from lxml import etree
 
 from . import host, qemuimg
+from .chain import BackupDir
 from .errors import DomainNotFound, Interrupted, OperationFailed, RestoreFailed, UsageError, VirtBackupError
 
 log = logging.getLogger(__name__)
@@ -316,6 +317,17 @@ def check_speed(max_speed: Optional[int]) -> None:
 
 
 # --- the two entry points ------------------------------------------------------------------------
+def refuse_encrypted(backup_dir: Path) -> None:
+    """Exit 2 before anything for an encrypted backup, like `restore --instant`: the running
+    domain would read the LUKS backup images through its overlays, so libvirt would have to
+    keep the key as a persistent secret on this host."""
+    chain = BackupDir(backup_dir).load()
+    if chain.encryption is not None:
+        raise UsageError(f"restore --live of an encrypted backup would need its key stored in libvirt; "
+                         f"nothing was changed; restore decrypted copies instead: virtbackup restore "
+                         f"{backup_dir} OUTPUT_DIR --key-file FILE --define NAME")
+
+
 def live_restore(backup_dir: Path, output_dir: Path, define: Optional[str], point: Optional[str] = None,
                  disks: Sequence[str] = (), uri: Optional[str] = None, max_speed: Optional[int] = None,
                  progress: Optional[Progress] = None,
@@ -330,6 +342,7 @@ def live_restore(backup_dir: Path, output_dir: Path, define: Optional[str], poin
     if not define:
         raise UsageError("--live needs --define NAME (the domain to run on the restored disks)")
     check_speed(max_speed)
+    refuse_encrypted(Path(backup_dir))
     t0 = time.monotonic()
     res = restore_mod.restore(Path(backup_dir), Path(output_dir), point, disks, instant=True,
                               define=define, start=False, uri=uri)

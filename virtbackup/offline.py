@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 import libvirt
 from lxml import etree
 
-from . import bitmaps, checkpoints, host, qemuimg, xmlbuild
+from . import bitmaps, checkpoints, crypto, host, qemuimg, xmlbuild
 from .errors import BackupFailed, Interrupted, LevelNotPossible, OperationFailed
 from .host import DomainHandle
 from .plan import BackupPlan, Transport
@@ -46,6 +46,7 @@ class JobDisk:
     driver: str          # QEMU protocol driver for the image: file | host_device
     dest: Path           # pre-created qcow2 in the .partial point dir
     full: bool           # sync=full (else sync=bitmap from the base checkpoint's bitmap)
+    encrypted: bool = False     # the target is LUKS: opened with the key's secret object
 
     @property
     def src_node(self) -> str:
@@ -70,10 +71,12 @@ class OfflineRunner:
 
     transport: Transport = "offline"
 
-    def __init__(self, handle: DomainHandle, notify: Notify, max_speed: Optional[int] = None):
+    def __init__(self, handle: DomainHandle, notify: Notify, max_speed: Optional[int] = None,
+                 key: Optional[crypto.Key] = None):
         self.handle = handle
         self.notify = notify
         self.max_speed = max_speed
+        self.key = key                  # of an encrypted chain: the targets are LUKS
         self.interrupted: Optional[str] = None
         self.warnings: List[str] = []
         self._qemu: Optional[PrivateQemu] = None
@@ -122,8 +125,11 @@ class OfflineRunner:
                 raise BackupFailed(f"disk {name} is no longer part of the domain")
             if d.skip_reason():
                 raise BackupFailed(f"disk {name} cannot be backed up offline: {d.skip_reason()}")
+            if dp.target.encryption is not None and self.key is None:
+                raise BackupFailed(f"disk {name}: the target is encrypted but the runner has no key")
             out.append(JobDisk(name, d.source, "host_device" if d.type == "block" else "file",
-                               dp.target.path, full=dp.mode == "full"))
+                               dp.target.path, full=dp.mode == "full",
+                               encrypted=dp.target.encryption is not None))
         if not out:
             raise BackupFailed("no disk takes part in the backup")
         return out
@@ -205,7 +211,22 @@ class OfflineRunner:
         except QMPError as e:
             raise BackupFailed(f"backup could not start: {e.desc}") from e
 
+    def _add_key(self, qemu: PrivateQemu) -> None:
+        """The key as a QEMU secret object, read from a 0600 file that exists only for the
+        object-add (QMP runs over a pipe that can't pass a descriptor; the logged QMP command
+        names the file, never the key)."""
+        if self.key is None:
+            return
+        with crypto.key_file(self.key) as path:
+            try:
+                qemu.execute("object-add", {"qom-type": "secret", "id": crypto.SECRET_ID,
+                                            "file": str(path), "format": "raw"})
+            except QMPError as e:
+                raise BackupFailed(f"cannot give the private QEMU the key: {e.desc}") from e
+
     def _open_images(self, qemu: PrivateQemu, disks: List[JobDisk]) -> None:
+        if any(d.encrypted for d in disks):
+            self._add_key(qemu)
         for d in disks:
             try:
                 qemu.execute("blockdev-add", {"driver": "qcow2", "node-name": d.src_node,
@@ -216,9 +237,12 @@ class OfflineRunner:
                     raise OperationFailed(f"disk {d.target} image {d.image} is in use by another process "
                                           f"({e.desc}); it cannot be backed up offline now") from e
                 raise BackupFailed(f"cannot open disk {d.target} image {d.image}: {e.desc}") from e
+            dest: Dict[str, Any] = {"driver": "qcow2", "node-name": d.dest_node, "backing": None,
+                                    "file": {"driver": "file", "filename": str(d.dest)}}
+            if d.encrypted:
+                dest["encrypt"] = {"format": crypto.FORMAT, "key-secret": crypto.SECRET_ID}
             try:
-                qemu.execute("blockdev-add", {"driver": "qcow2", "node-name": d.dest_node, "backing": None,
-                                              "file": {"driver": "file", "filename": str(d.dest)}})
+                qemu.execute("blockdev-add", dest)
             except QMPError as e:
                 raise BackupFailed(f"cannot open backup target {d.dest}: {e.desc}") from e
 

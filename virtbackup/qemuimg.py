@@ -1,4 +1,9 @@
-"""Small wrappers around the `qemu-img` binary. Argument lists only, never a shell string."""
+"""Small wrappers around the `qemu-img` binary. Argument lists only, never a shell string.
+
+Functions that read or write image data take an optional `key` (crypto.Key): the images are
+then LUKS-encrypted qcow2, opened with `--image-opts` naming the key's secret object for every
+encrypted layer of the backing chain; the key itself reaches qemu-img through a pipe.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +14,50 @@ import os
 import struct
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import HostError
+
+if TYPE_CHECKING:
+    from .crypto import Key
 
 QEMU_IMG = os.environ.get("VIRTBACKUP_QEMU_IMG", "qemu-img")
 log = logging.getLogger(__name__)
 
 
-def execute(cmd: Sequence[str]) -> "subprocess.CompletedProcess[str]":
-    """Run one program (argv list), logging the argv, exit status and time at debug."""
+def execute(cmd: Sequence[str], pass_fds: Sequence[int] = ()) -> "subprocess.CompletedProcess[str]":
+    """Run one program (argv list), logging the argv, exit status and time at debug.
+
+    `pass_fds`: descriptors the child inherits (the key's pipe; the argv only names it)."""
     log.debug("exec %s", " ".join(cmd))
     started = time.monotonic()
     try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, check=False, pass_fds=tuple(pass_fds))
     except FileNotFoundError as e:
         raise HostError(f"{cmd[0]} not found; install qemu-utils") from e
     log.debug("exit %d after %.3fs: %s", proc.returncode, time.monotonic() - started, cmd[0])
     return proc
 
 
-def run(args: Sequence[str], what: str) -> "subprocess.CompletedProcess[str]":
-    """Run qemu-img; on failure raise HostError with its last stderr line."""
-    proc = execute([QEMU_IMG, *args])
+@contextmanager
+def _key_object(key: Optional["Key"]) -> Iterator[Tuple[List[str], Tuple[int, ...]]]:
+    """`--object secret,...,file=/dev/fd/N` and the fds to pass, or nothing without a key."""
+    if key is None:
+        yield [], ()
+        return
+    from .crypto import key_pipe
+    with key_pipe(key) as (obj, fd):
+        yield obj, (fd,)
+
+
+def run_program(cmd: Sequence[str], args: Sequence[str], what: str,
+                key: Optional["Key"] = None) -> "subprocess.CompletedProcess[str]":
+    """Run `cmd` (e.g. [qemu-img, convert] or [qemu-io]), with the key's secret object (id
+    crypto.SECRET_ID) before `args` when `key` is given; HostError with the last stderr line."""
+    with _key_object(key) as (obj, fds):
+        proc = execute([*cmd, *obj, *args], fds)
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
         reason = lines[-1] if lines else f"exit status {proc.returncode}"
@@ -40,17 +65,47 @@ def run(args: Sequence[str], what: str) -> "subprocess.CompletedProcess[str]":
     return proc
 
 
-def create(path: Path, size: int, backing: Optional[str] = None, cluster_size: Optional[int] = None) -> None:
-    """Create a qcow2 v3 image; `backing` is stored exactly as given (we pass relative paths)."""
+def run(args: Sequence[str], what: str, key: Optional["Key"] = None) -> "subprocess.CompletedProcess[str]":
+    """Run qemu-img; on failure raise HostError with its last stderr line.
+
+    With `key`, the key's secret object is added after the subcommand."""
+    return run_program([QEMU_IMG, args[0]], args[1:], what, key)
+
+
+def create(path: Path, size: int, backing: Optional[str] = None, cluster_size: Optional[int] = None,
+           key: Optional["Key"] = None, iter_time: Optional[int] = None) -> None:
+    """Create a qcow2 v3 image; `backing` is stored exactly as given (we pass relative paths).
+
+    With `key`: LUKS-encrypted with it (`iter_time`: key derivation ms, see crypto.py). The
+    backing is not opened (-u), so it needs no key here.
+    """
+    from . import crypto
     opts = ["compat=1.1"]
     if cluster_size:
         opts.append(f"cluster_size={cluster_size}")
+    if key is not None:
+        opts += crypto.create_options(iter_time or crypto.DEFAULT_ITER_TIME_MS)
     args = ["create", "-q", "-f", "qcow2", "-o", ",".join(opts)]
     if backing is not None:
         # -u: the backing may be resolved relative to the new image; don't open it here (cheap).
         args += ["-u", "-b", backing, "-F", "qcow2"]
     args += [str(path), str(size)]
-    run(args, f"cannot create {path}")
+    run(args, f"cannot create {path}", key)
+
+
+def layers(path: Path) -> List[bool]:
+    """Which layers of the image's backing chain (top first) are encrypted. Needs no key."""
+    return [bool(i.get("encrypted")) for i in info(path, backing_chain=True)]
+
+
+def _source(path: Path, key: Optional["Key"]) -> List[str]:
+    """How to name an image for reading through its chain: a file name, or with a key
+    `--image-opts` options that hand the key to every encrypted layer."""
+    if key is None:
+        return [str(path)]
+    from .crypto import image_opts
+    path = Path(os.path.abspath(path))
+    return ["--image-opts", image_opts(path, layers(path))]
 
 
 def info(path: Path, backing_chain: bool = False, force_share: bool = False) -> Any:
@@ -63,9 +118,21 @@ def info(path: Path, backing_chain: bool = False, force_share: bool = False) -> 
     return json.loads(run(args, f"cannot inspect {path}").stdout)
 
 
-def check(path: Path) -> Any:
-    """`qemu-img check`; returns its JSON report; raises HostError when the image is damaged."""
-    proc = execute([QEMU_IMG, "check", "--output=json", str(path)])
+def check(path: Path, key: Optional["Key"] = None) -> Any:
+    """`qemu-img check`; returns its JSON report; raises HostError when the image is damaged.
+
+    With `key` only this image is opened (its backing is not needed to check it).
+    """
+    if key is not None and not info(path).get("encrypted"):
+        key = None                       # a plain image (verify reports that it should not be)
+    name = str(path)
+    if key is not None:
+        from .crypto import SECRET_ID
+        # this image only ("backing": null): checking it needs no other layer's key
+        name = "json:" + json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": os.path.abspath(path)},
+                                     "encrypt": {"key-secret": SECRET_ID}, "backing": None})
+    with _key_object(key) as (obj, fds):
+        proc = execute([QEMU_IMG, "check", *obj, "--output=json", name], fds)
     # exit 0 clean, 2 corruptions, 3 leaks only (harmless), 1 could not check
     if proc.returncode in (0, 3):
         try:
@@ -79,25 +146,37 @@ def check(path: Path) -> Any:
     raise HostError(f"{path}: {reason}")
 
 
-def convert(src: Path, dst: Path, out_format: str = "qcow2") -> None:
-    """Copy `src` (read through its backing chain) into a standalone image `dst`."""
+def convert(src: Path, dst: Path, out_format: str = "qcow2", key: Optional["Key"] = None,
+            encrypt_iter_time: Optional[int] = None) -> None:
+    """Copy `src` (read through its backing chain) into a standalone image `dst`.
+
+    `key` opens an encrypted chain; `encrypt_iter_time` (with `key`) encrypts `dst` with the
+    same key, else `dst` is plain.
+    """
     from . import observe
+    args = ["-W", "-O", out_format]
+    if key is not None and encrypt_iter_time is not None:
+        from .crypto import create_options
+        args += ["-o", ",".join(create_options(encrypt_iter_time))]
+    args += [*_source(src, key), str(dst)]
     if observe.active():
-        _convert_reporting(src, dst, out_format)
+        _convert_reporting(src, args, key)
         return
-    run(["convert", "-q", "-W", "-O", out_format, str(src), str(dst)], f"cannot convert {src}")
+    run(["convert", "-q", *args], f"cannot convert {src}", key)
 
 
-def _convert_reporting(src: Path, dst: Path, out_format: str) -> None:
+def _convert_reporting(src: Path, args: Sequence[str], key: Optional["Key"]) -> None:
     """`convert -p`: qemu-img's own progress lines ("    (12.50/100%)\r") go to observe.report."""
     import re
 
     from . import observe
-    cmd = [QEMU_IMG, "convert", "-p", "-W", "-O", out_format, str(src), str(dst)]
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except FileNotFoundError:
-        raise HostError(f"{QEMU_IMG} not found; install qemu-utils") from None
+    with _key_object(key) as (obj, fds):
+        cmd = [QEMU_IMG, "convert", *obj, "-p", *args]
+        log.debug("exec %s", " ".join(cmd))
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=fds)
+        except FileNotFoundError:
+            raise HostError(f"{QEMU_IMG} not found; install qemu-utils") from None
     assert proc.stdout is not None and proc.stderr is not None
     buf = b""
     try:
@@ -119,8 +198,13 @@ def _convert_reporting(src: Path, dst: Path, out_format: str) -> None:
         raise HostError(f"cannot convert {src}: {lines[-1] if lines else f'exit status {proc.returncode}'}")
 
 
-def compare(a: Path, b: Path) -> bool:
-    proc = execute([QEMU_IMG, "compare", "-q", str(a), str(b)])
+def compare(a: Path, b: Path, key: Optional["Key"] = None) -> bool:
+    if key is not None:
+        names = ["--image-opts", _source(a, key)[-1], _source(b, key)[-1]]
+    else:
+        names = [str(a), str(b)]
+    with _key_object(key) as (obj, fds):
+        proc = execute([QEMU_IMG, "compare", *obj, "-q", *names], fds)
     if proc.returncode in (0, 1):
         return proc.returncode == 0
     raise HostError(f"cannot compare {a} and {b}: {proc.stderr.strip()}")
@@ -131,7 +215,7 @@ def bitmap_remove(image: Path, bitmap: str) -> None:
     run(["bitmap", "--remove", str(image), bitmap], f"could not remove bitmap {bitmap} from {image}")
 
 
-def rebase(path: Path, backing: Optional[str], safe: bool = True) -> None:
+def rebase(path: Path, backing: Optional[str], safe: bool = True, key: Optional["Key"] = None) -> None:
     """Point `path` at `backing` (stored exactly as given; None = standalone).
 
     Safe mode (the default) copies into `path` every cluster where the old and the new backing
@@ -139,6 +223,9 @@ def rebase(path: Path, backing: Optional[str], safe: bool = True) -> None:
     interrupted run leaves the old backing link and unchanged content. `safe=False` rewrites only
     the header, for when the new backing reads exactly like the old one.
     """
+    if key is not None:
+        _rebase_encrypted(path, backing, safe, key)
+        return
     args = ["rebase", "-q", "-f", "qcow2"]
     if not safe:
         args.append("-u")
@@ -150,14 +237,36 @@ def rebase(path: Path, backing: Optional[str], safe: bool = True) -> None:
     run(args, f"cannot rebase {path}")
 
 
-def read_all(path: Path, virtual_size: int) -> None:
+def _rebase_encrypted(path: Path, backing: Optional[str], safe: bool, key: "Key") -> None:
+    """`rebase` for LUKS images. qemu-img opens a safe rebase's new backing by file name only,
+    with no way to give it the key: it is given as a `json:` name carrying the key's secret id
+    (absolute), and a second, header-only rebase then writes the relative name we record."""
+    from .crypto import image_opts, json_image
+    path = Path(os.path.abspath(path))
+    what = f"cannot rebase {path}"
+    if not safe:
+        if backing is None:
+            raise ValueError("an unsafe rebase needs a backing file")
+        run(["rebase", "-q", "-u", "--image-opts", image_opts(path, [True]), "-F", "qcow2", "-b", backing],
+            what, key)
+        return
+    top = image_opts(path, layers(path))
+    if backing is None:
+        run(["rebase", "-q", "--image-opts", top, "-b", ""], what, key)
+        return
+    new = Path(os.path.normpath(path.parent / backing))
+    run(["rebase", "-q", "--image-opts", top, "-F", "qcow2", "-b", json_image(new, layers(new))], what, key)
+    run(["rebase", "-q", "-u", "--image-opts", image_opts(path, [True]), "-F", "qcow2", "-b", backing], what, key)
+
+
+def read_all(path: Path, virtual_size: int, key: Optional["Key"] = None) -> None:
     """Read every guest-visible byte of `path` through its backing chain (output discarded).
 
     Finds what `check` and a file hash can't: data that qemu can't read back (a broken
     compressed cluster, an I/O error under the file). Copies into QEMU's null driver.
     """
-    run(["convert", "-q", "-n", "--target-image-opts", str(path), f"driver=null-co,size={virtual_size}"],
-        f"cannot read {path}")
+    run(["convert", "-q", "-n", *_source(path, key), "--target-image-opts", f"driver=null-co,size={virtual_size}"],
+        f"cannot read {path}", key)
 
 
 # --- QEMU's image locks (no qemu-img involved: asked of the kernel) ---------------------------

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from lxml import etree
 
-from . import host, integrity, qemuimg, restoredom
+from . import crypto, host, integrity, qemuimg, restoredom
 from .chain import BackupDir, Chain, Point, create_new, open_new, shared_lock
 from .errors import DamageFound, DiskNotFound, OutputExists, RestoreFailed, UsageError, VirtBackupError
 
@@ -143,9 +143,29 @@ def _place(tmp: Path, out: Path) -> None:
     os.rename(tmp, out)
 
 
+def _check_encrypted_restore(bdir: BackupDir, chain: Chain, key: Optional[crypto.Key], encrypt: bool,
+                             instant: bool, define: Optional[str]) -> None:
+    """Exit 2 before anything is written when the key or the options don't fit the chain."""
+    if encrypt and key is None:
+        raise UsageError("restore --encrypt needs the key: --key-file FILE")
+    crypto.check_key(chain.encryption, key, f"backup directory {bdir.path}")
+    if chain.encryption is None:
+        return
+    how = f"virtbackup restore {bdir.path} OUTPUT_DIR --key-file FILE"
+    if instant:
+        # The overlays would run on the encrypted backup images: the domain would need the key
+        # as a persistent libvirt secret, i.e. stored on this host beside the backups.
+        raise UsageError("an instant restore of an encrypted backup would need its key stored in libvirt; "
+                         f"restore decrypted copies instead: {how} [--define NAME]")
+    if define and encrypt:
+        raise UsageError("--define with --encrypt: the new domain would need the key stored in libvirt; "
+                         f"restore decrypted disks to define a domain on: {how} --define NAME")
+
+
 def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
             disks: Sequence[str] = (), instant: bool = False, define: Optional[str] = None,
-            start: bool = False, uri: Optional[str] = None, salvage: bool = False) -> RestoreResult:
+            start: bool = False, uri: Optional[str] = None, salvage: bool = False,
+            key: Optional[crypto.Key] = None, encrypt: bool = False) -> RestoreResult:
     """Restore a point into OUTPUT_DIR; optionally define (and start) a new domain on the result.
 
     `instant`: no copy; each disk gets a qcow2 overlay whose backing is the point's image in the
@@ -155,6 +175,8 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
     its recorded size, backing link and hash (else exit 1 naming it; `salvage` restores the disks
     whose chains are intact and says which are missing). A failed define removes the images again.
     The backup dir's shared lock is held throughout: a prune can't change what is being read.
+    An encrypted chain needs its `key` (checked before anything else, exit 2); the restored
+    images are plain unless `encrypt` (then LUKS with the same key).
     """
     if start and not define:
         raise UsageError("--start needs --define NAME")
@@ -170,11 +192,15 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
         if is_remote(uri):
             refuse_remote(uri or "", "restore --instant")
     bdir = BackupDir(backup_dir)
-    bdir.load()                                     # exit 2 on a missing/corrupt dir before locking
+    # exit 2 on a missing/corrupt dir, a missing or wrong key, before locking
+    first = bdir.load()
+    _check_encrypted_restore(bdir, first, key, encrypt, instant, define)
     with shared_lock(bdir):
         chain = bdir.load()                         # what is recorded now (a prune may have just ended)
+        if chain.encryption != first.encryption:    # replaced meanwhile: the key check again
+            _check_encrypted_restore(bdir, chain, key, encrypt, instant, define)
         return _restore_locked(bdir, chain, Path(output_dir), point_id, disks, instant, define, start,
-                               uri, salvage)
+                               uri, salvage, key, encrypt)
 
 
 def _damage_error(chain: Chain, point: Point, damage: List[integrity.ImageDamage]) -> DamageFound:
@@ -199,7 +225,8 @@ def _missing(chain: Chain, point: Point, names: Sequence[str],
 
 def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: Optional[str],
                     disks: Sequence[str], instant: bool, define: Optional[str], start: bool,
-                    uri: Optional[str], salvage: bool) -> RestoreResult:
+                    uri: Optional[str], salvage: bool, key: Optional[crypto.Key] = None,
+                    encrypt: bool = False) -> RestoreResult:
     point = chain.point(point_id)
     names = list(dict.fromkeys(disks)) or sorted(point.disks)
     for n in names:
@@ -267,7 +294,8 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
                     if instant:
                         qemuimg.create(tmp, point.disks[n].virtual_size, backing=str(src.resolve()))
                     else:
-                        qemuimg.convert(src, tmp)
+                        qemuimg.convert(src, tmp, key=key, encrypt_iter_time=(
+                            chain.encryption.iter_time_ms if encrypt and chain.encryption else None))
                 except VirtBackupError as e:
                     if not _missing(chain, point, [n], check.result()):
                         raise RestoreFailed(f"restore of disk {n} from point {point.id} failed: {e}") from None

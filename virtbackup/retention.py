@@ -39,6 +39,7 @@ from .chain import (
     open_new,
     point_time,
 )
+from .crypto import Key, check_key
 from .errors import DamageFound, OperationFailed, UnsafePath, UsageError, VirtBackupError
 
 log = logging.getLogger(__name__)
@@ -371,12 +372,14 @@ def _in_use(paths: List[Path]) -> List[str]:
     return [str(p) for p in paths if p.is_file() and qemuimg.image_in_use(str(p))]
 
 
-def _write_image(bdir: BackupDir, op: ImageOp) -> None:
+def _write_image(bdir: BackupDir, op: ImageOp, key: Optional[Key] = None,
+                 iter_time: Optional[int] = None) -> None:
+    """Write one rewritten image; in an encrypted chain it stays encrypted with the same key."""
     old, new = bdir.resolve(op.old), bdir.resolve(op.new)
     create_new(new)                 # O_EXCL|O_NOFOLLOW: never through a symlink put at the name
     try:
         if op.action == "standalone":
-            qemuimg.convert(old, new)
+            qemuimg.convert(old, new, key=key, encrypt_iter_time=iter_time if key is not None else None)
         else:
             # A copy in the same directory: its relative backing link resolves like the original's.
             proc = qemuimg.execute(["cp", "--reflink=auto", "--", str(old), str(new)])
@@ -384,7 +387,7 @@ def _write_image(bdir: BackupDir, op: ImageOp) -> None:
                 raise OperationFailed(f"cannot copy {old}: {proc.stderr.strip()}")
             assert op.backing is not None
             qemuimg.rebase(new, bdir.backing_link(op.new, op.backing),
-                           safe=op.action == "rebase")
+                           safe=op.action == "rebase", key=key)
         os.chmod(new, 0o600)
         fsync_path(new)
     except BaseException:
@@ -395,14 +398,19 @@ def _write_image(bdir: BackupDir, op: ImageOp) -> None:
         raise
 
 
-def prune(backup_dir: Path, policy: Policy, dry_run: bool = False) -> PruneResult:
+def prune(backup_dir: Path, policy: Policy, dry_run: bool = False, key: Optional[Key] = None) -> PruneResult:
+    """An encrypted chain needs its `key` (unless `dry_run`): rewritten images are encrypted too."""
     bdir = BackupDir(Path(backup_dir))
     policy.check()
-    bdir.load()                                   # exit 2 on a missing/corrupt dir before locking
+    first = bdir.load()                           # exit 2 on a missing/corrupt dir before locking
+    if key is not None or not dry_run:
+        check_key(first.encryption, key, f"backup directory {bdir.path}")
     # a dry run changes nothing in the directory, not even a log
     with dir_lock(bdir), (contextlib.nullcontext() if dry_run else runlog.run_log(bdir.path, "prune")):
         log.info("prune of %s: %s%s", bdir.path, policy, " (dry run)" if dry_run else "")
         chain = bdir.load()
+        if chain.encryption != first.encryption and (key is not None or not dry_run):
+            check_key(chain.encryption, key, f"backup directory {bdir.path}")
         if not chain.points:
             raise UsageError(f"{backup_dir} has no restore points")
         plan = plan_prune(chain, decide(chain.points, policy))
@@ -423,7 +431,7 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False) -> PruneResul
         written: List[Path] = []
         try:
             for op in plan.ops:
-                _write_image(bdir, op)
+                _write_image(bdir, op, key, chain.encryption.iter_time_ms if chain.encryption else None)
                 written.append(bdir.resolve(op.new))
             for src, dst in plan.xml_copies:
                 target = bdir.resolve(dst)

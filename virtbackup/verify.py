@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set
 
-from . import observe, qemuimg
+from . import crypto, observe, qemuimg
 from .chain import BackupDir, DiskImage, shared_lock
 from .errors import VirtBackupError
 
@@ -51,15 +51,21 @@ class VerifyResult:
                 "damaged_points": self.damaged_points, "damage": [asdict(d) for d in self.damage]}
 
 
-def _image_problem(bdir: BackupDir, rel: str, img: DiskImage) -> Optional[str]:
+def _image_problem(bdir: BackupDir, rel: str, img: DiskImage,
+                   key: Optional[crypto.Key] = None) -> Optional[str]:
     path = bdir.resolve(rel)
     if path.is_symlink() or (path.exists() and not path.is_file()):
         return "not a regular file"
     if not path.is_file():
         return "image is missing"
     try:
-        qemuimg.check(path)
         info = qemuimg.info(path)
+    except VirtBackupError as e:
+        return f"qemu-img check failed: {e}"
+    if key is not None and not info.get("encrypted"):
+        return "image is not encrypted, but the chain is"
+    try:
+        qemuimg.check(path, key)
     except VirtBackupError as e:
         return f"qemu-img check failed: {e}"
     expected = bdir.backing_link(rel, img.backing)
@@ -74,7 +80,8 @@ def _image_problem(bdir: BackupDir, rel: str, img: DiskImage) -> Optional[str]:
     return None
 
 
-def verify(backup_dir: Path, point_id: Optional[str] = None, deep: bool = False) -> VerifyResult:
+def verify(backup_dir: Path, point_id: Optional[str] = None, deep: bool = False,
+           key: Optional[crypto.Key] = None) -> VerifyResult:
     """Check the images of every point (or of one point's chain).
 
     `deep` also reads every point's whole chain through qemu (what a restore reads), which finds
@@ -83,11 +90,15 @@ def verify(backup_dir: Path, point_id: Optional[str] = None, deep: bool = False)
     bdir = BackupDir(Path(backup_dir))
     bdir.load()                         # exit 2 on a missing/corrupt dir before locking
     with shared_lock(bdir):             # a prune must not change what is being checked
-        return _verify_locked(bdir, point_id, deep)
+        return _verify_locked(bdir, point_id, deep, key)
 
 
-def _verify_locked(bdir: BackupDir, point_id: Optional[str], deep: bool) -> VerifyResult:
+def _verify_locked(bdir: BackupDir, point_id: Optional[str], deep: bool,
+                   key: Optional[crypto.Key]) -> VerifyResult:
     chain = bdir.load()
+    # an encrypted chain: qemu-img check and the deep read open the images, so the key is
+    # checked first (exit 2 without it)
+    crypto.check_key(chain.encryption, key, f"backup directory {bdir.path}")
     points = [chain.point(point_id)] if point_id else list(chain.points)
     by_image = {d.image: (p.id, name, d) for p in chain.points for name, d in p.disks.items()}
     result = VerifyResult([p.id for p in points], 0, deep=deep)
@@ -100,7 +111,7 @@ def _verify_locked(bdir: BackupDir, point_id: Optional[str], deep: bool) -> Veri
                 if rel not in checked:
                     checked.add(rel)
                     owner, name, img = by_image[rel]
-                    problem = _image_problem(bdir, rel, img)
+                    problem = _image_problem(bdir, rel, img, key)
                     if problem:
                         bad.add(rel)
                         result.damage.append(Damage(owner, name, rel, problem))
@@ -116,7 +127,7 @@ def _verify_locked(bdir: BackupDir, point_id: Optional[str], deep: bool) -> Veri
                     continue                     # already reported; reading it would only repeat that
                 top = p.disks[disk]
                 try:
-                    qemuimg.read_all(bdir.resolve(top.image), top.virtual_size)
+                    qemuimg.read_all(bdir.resolve(top.image), top.virtual_size, key)
                 except VirtBackupError as e:
                     result.damage.append(Damage(p.id, disk, top.image, f"reading the chain failed: {e}"))
                     if p.id not in result.damaged_points:

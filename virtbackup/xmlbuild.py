@@ -15,9 +15,9 @@ from lxml import etree
 class Encryption:
     """How a target image is encrypted (LUKS in qcow2, through a libvirt secret).
 
-    An extension point, not produced by planning yet: the encryption option fills it in per
-    target (plan.TargetSpec.encryption); runners pass it into the target they open (libvirt's
-    <target><encryption>, QEMU's encrypt.key-secret)."""
+    Set by the backup engine on every target of an encrypted chain (plan.TargetSpec.encryption);
+    runners pass it into the target they open (libvirt's <target><encryption>; the offline
+    runner's blockdev-add with encrypt.key-secret). Never the key itself."""
 
     format: Literal["luks"]
     secret_uuid: str                     # libvirt secret holding the passphrase
@@ -43,8 +43,12 @@ def _template(name: str) -> etree._Element:
     return etree.parse(str(TEMPLATE_DIR / name), parser).getroot()
 
 
-def _fresh(name: str) -> etree._Element:
+def fresh(name: str) -> etree._Element:
+    """A private copy of a template's root element, to fill in."""
     return copy.deepcopy(_template(name))
+
+
+_fresh = fresh
 
 
 def to_string(elem: etree._Element) -> str:
@@ -82,8 +86,13 @@ def backup_xml(disks: Iterable[BackupDisk], incremental: Optional[str]) -> str:
         assert target is not None
         target.set("file", str(d.target))
         if d.encryption is not None:
-            enc = etree.SubElement(target, "encryption", format=d.encryption.format)
-            etree.SubElement(enc, "secret", type="passphrase", uuid=d.encryption.secret_uuid)
+            # the target is a pre-created LUKS qcow2: QEMU opens it with this secret's key
+            enc = _fresh("encryption-luks.xml")
+            enc.set("format", d.encryption.format)
+            sec = enc.find("secret")
+            assert sec is not None
+            sec.set("uuid", d.encryption.secret_uuid)
+            target.append(enc)
         disks_el.append(el)
     return to_string(root)
 

@@ -36,8 +36,10 @@ from tests.support.helpers import (
     cli,
     finish,
     image_bitmaps,
+    job_ids,
     one_error_line,
     our_bitmaps,
+    pause_job,
     snapshot_dir,
     start_cli,
     tmpfs,
@@ -50,31 +52,6 @@ IN_FLIGHT_DATA = (64 * MiB, 96 * MiB, 120 * MiB, 120 * MiB, 120 * MiB)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def job_ids(dom: libvirt.virDomain) -> List[str]:
-    """QEMU block-job ids libvirt gives a backup of each disk: backup-<dst>-libvirt-N-format."""
-    from virtbackup import host
-    return [f"backup-{x.target}-{x.node_name}" for x in host.domain_disks(dom.XMLDesc(0)) if x.node_name]
-
-
-def pause_job(dom: libvirt.virDomain, proc: Optional[subprocess.Popen] = None, timeout: float = 30) -> bool:
-    """Pause every disk job of the backup that `proc` starts (or that runs); False if it ended first."""
-    pending = set(job_ids(dom))
-    deadline = time.monotonic() + timeout
-
-    def alive() -> bool:
-        return proc.poll() is None if proc else True
-
-    while pending and alive() and time.monotonic() < deadline:
-        for jid in sorted(pending):
-            reply = json.loads(libvirt_qemu.qemuMonitorCommand(
-                dom, json.dumps({"execute": "block-job-pause", "arguments": {"device": jid}}), 0))
-            if "error" not in reply:
-                pending.discard(jid)
-            elif "not found" not in reply["error"]["desc"]:
-                return False      # concluded before we got to it
-    return not pending and alive()
-
-
 def job_running(dom: libvirt.virDomain) -> bool:
     return dom.isActive() and dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
 

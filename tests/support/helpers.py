@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -136,3 +137,30 @@ def image_held(image: Path, kill: bool = False) -> Iterator[None]:
         except subprocess.TimeoutExpired:
             holder.kill()
             holder.wait()
+
+
+# -- a backup job held in flight (test_faults, test_encryption) ----------------------------------
+def job_ids(dom: Any) -> List[str]:
+    """QEMU block-job ids libvirt gives a backup of each disk: backup-<dst>-libvirt-N-format."""
+    from virtbackup import host
+    return [f"backup-{x.target}-{x.node_name}" for x in host.domain_disks(dom.XMLDesc(0)) if x.node_name]
+
+
+def pause_job(dom: Any, proc: Optional[subprocess.Popen] = None, timeout: float = 30) -> bool:
+    """Pause every disk job of the backup that `proc` starts (or that runs); False if it ended first."""
+    pending = set(job_ids(dom))
+    deadline = time.monotonic() + timeout
+
+    def alive() -> bool:
+        return proc.poll() is None if proc else True
+
+    import libvirt_qemu
+    while pending and alive() and time.monotonic() < deadline:
+        for jid in sorted(pending):
+            reply = json.loads(libvirt_qemu.qemuMonitorCommand(
+                dom, json.dumps({"execute": "block-job-pause", "arguments": {"device": jid}}), 0))
+            if "error" not in reply:
+                pending.discard(jid)
+            elif "not found" not in reply["error"]["desc"]:
+                return False      # concluded before we got to it
+    return not pending and alive()

@@ -16,13 +16,14 @@ PACKAGE = Path(__file__).resolve().parent.parent.parent / "virtbackup"
 # Lowest first. A module may import modules of earlier layers only (never its own layer).
 LAYERS: List[List[str]] = [
     ["errors", "observe"],                              # observe: progress reports, no imports
+    ["crypto"],                                         # key files, key check, the key for qemu-img
     ["__init__", "runlog", "xmlbuild", "qemuimg", "metrics", "nbdcopy", "digest"],   # no libvirt: logs, XML,
                                                                             # qemu-img, metrics, the NBD copy, hashes
     ["chain"],                                          # the model and its metadata file
     ["integrity"],                                      # images checked against the record
     ["restoredom", "retention", "verify"],              # pure XML / image work on a backup dir
     ["host", "qmp"],                                    # libvirt connection; a private QEMU
-    ["monitor"],                                        # QMP passthrough
+    ["monitor", "keysecret"],                           # QMP passthrough; the key as a libvirt secret
     ["bitmaps"],                                        # which bitmaps, can one serve
     ["checkpoints"],
     ["plan", "domain"],                                 # the typed plan; the libvirt DomainView
@@ -36,8 +37,8 @@ LAYERS: List[List[str]] = [
     ["cli"],
 ]
 # Modules that must work without libvirt (a backup dir is restorable with qemu-img alone).
-NO_LIBVIRT = {"errors", "runlog", "xmlbuild", "qemuimg", "chain", "integrity", "restoredom", "retention", "verify",
-              "qmp", "cli", "__init__", "observe", "metrics", "files", "nbdcopy", "digest"}
+NO_LIBVIRT = {"errors", "crypto", "runlog", "xmlbuild", "qemuimg", "chain", "integrity", "restoredom", "retention",
+              "verify", "qmp", "cli", "__init__", "observe", "metrics", "files", "nbdcopy", "digest"}
 
 
 def imports_of(path: Path, package: str) -> Set[str]:
