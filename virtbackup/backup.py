@@ -429,7 +429,9 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
     existing = bdir.load_or_none()          # corrupt metadata -> exit 2 before libvirt is touched
     _check_encryption(bdir, existing, encrypt, key)
     _refuse_encrypted_pull(bdir, existing, encrypt, mode)
-    iter_time = crypto.iter_time_ms() if key is not None else crypto.DEFAULT_ITER_TIME_MS
+    # the iter-time is chosen when a chain is created (later points keep the chain's)
+    new_chain = existing is None or not existing.points
+    iter_time = crypto.iter_time_ms() if key is not None and new_chain else crypto.DEFAULT_ITER_TIME_MS
     with host.connection(uri) as conn:
         dom = host.lookup_domain(conn, domain)
         uuid = dom.UUIDString()
