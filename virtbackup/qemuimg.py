@@ -90,7 +90,28 @@ def create(path: Path, size: int, backing: Optional[str] = None, cluster_size: O
         # -u: the backing may be resolved relative to the new image; don't open it here (cheap).
         args += ["-u", "-b", backing, "-F", "qcow2"]
     args += [str(path), str(size)]
-    run(args, f"cannot create {path}", key)
+    _luks_retry(lambda: run(args, f"cannot create {path}", key), path if key is not None else None)
+
+
+# QEMU calibrates PBKDF2 for a new LUKS header by timing it in thread CPU time; on a loaded host
+# that measurement can come back as zero and qemu-img gives up ("Unable to get accurate CPU
+# usage", seen here under load ~25 on 2 cores). A transient: retried, a partial file removed.
+_LUKS_TRANSIENT = "Unable to get accurate CPU usage"
+
+
+def _luks_retry(fn: Any, made: Optional[Path], attempts: int = 3) -> None:
+    for attempt in range(attempts):
+        try:
+            fn()
+            return
+        except HostError as e:
+            if made is None or _LUKS_TRANSIENT not in str(e) or attempt == attempts - 1:
+                raise
+            log.info("qemu-img: %s; trying again", _LUKS_TRANSIENT)
+            try:
+                made.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def layers(path: Path) -> List[bool]:
@@ -159,10 +180,11 @@ def convert(src: Path, dst: Path, out_format: str = "qcow2", key: Optional["Key"
         from .crypto import create_options
         args += ["-o", ",".join(create_options(encrypt_iter_time))]
     args += [*_source(src, key), str(dst)]
+    encrypting = key is not None and encrypt_iter_time is not None
     if observe.active():
-        _convert_reporting(src, args, key)
+        _luks_retry(lambda: _convert_reporting(src, args, key), dst if encrypting else None)
         return
-    run(["convert", "-q", *args], f"cannot convert {src}", key)
+    _luks_retry(lambda: run(["convert", "-q", *args], f"cannot convert {src}", key), dst if encrypting else None)
 
 
 def _convert_reporting(src: Path, args: Sequence[str], key: Optional["Key"]) -> None:
