@@ -322,3 +322,39 @@ def test_interrupted_encrypted_backup_removes_its_secret(make_domain, tmp_path, 
     assert "canary" not in r.err
     assert keysecret.our_secrets(conn) == [], "the secret outlived the interrupted run"
     assert snapshot_dir(bdir) == before
+
+
+def test_encrypted_chain_refuses_pull_mode_and_live_restore(make_domain, tmp_path, conn):
+    """Pull mode's qemu-nbd target can't open LUKS yet, and a live restore would run the domain on
+    the encrypted backup images: both refused with exit 2 before anything is touched."""
+    d = make_domain({"vda": 8 * MiB})
+    key = keyfile(tmp_path / "key", b"pull and live\n")
+    bdir = tmp_path / "bk"
+    # a new encrypted chain in pull mode: refused, the directory is not even created
+    r = cli("backup", d.name, bdir, "--mode", "pull", "--encrypt", "--key-file", key)
+    assert r.rc == 2 and "pull mode can't write an encrypted chain" in one_error(r), r
+    assert not bdir.exists()
+    assert d.dom.listAllCheckpoints() == []
+    backup(d.name, bdir, key, "full", "--encrypt")
+    checkpoints = sorted(c.getName() for c in d.dom.listAllCheckpoints())
+    before = snapshot_dir(bdir)
+    # a later point of an encrypted chain in pull mode: refused, nothing changed
+    r = cli("backup", d.name, bdir, "--mode", "pull", "--key-file", key)
+    assert r.rc == 2 and "pull mode can't write an encrypted chain" in one_error(r), r
+    assert snapshot_dir(bdir) == before
+    assert sorted(c.getName() for c in d.dom.listAllCheckpoints()) == checkpoints
+
+    # restore --live: refused like --instant, no overlays, no domain
+    name = f"vbtest-enclive-{os.urandom(3).hex()}"
+    out = tmp_path / "live"
+    try:
+        r = cli("restore", bdir, out, "--live", "--define", name)
+        assert r.rc == 2 and "restore --live of an encrypted backup" in one_error(r), r
+        r = cli("restore", bdir, out, "--live", "--define", name, "--key-file", key)
+        assert r.rc == 2 and "can't be restored live" in one_error(r), r
+        assert not out.exists()
+        with pytest.raises(libvirt.libvirtError):
+            conn.lookupByName(name)
+    finally:
+        scratch.remove_domain(conn, name)
+    assert snapshot_dir(bdir) == before

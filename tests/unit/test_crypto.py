@@ -232,3 +232,36 @@ def test_encrypted_chain_metadata_is_schema_2_and_consistent():
     del bad["encryption"]
     with pytest.raises(ValueError, match="do not match"):
         Chain.from_json(bad)
+
+
+def test_encrypted_points_keep_their_transport():
+    from virtbackup.chain import Chain
+    enc = sample()
+    enc.encryption = crypto.ChainEncryption.new(crypto.Key(KEY, "t"), 10)
+    for p in enc.points:
+        p.encryption, p.transport = "luks", "offline"
+    again = Chain.from_json(json.loads(json.dumps(enc.to_json())))
+    assert [(p.encryption, p.transport) for p in again.points] == [("luks", "offline")] * len(enc.points)
+
+
+def test_pull_mode_and_live_restore_refuse_an_encrypted_chain(tmp_path):
+    from virtbackup.backup import _refuse_encrypted_pull
+    from virtbackup.chain import BackupDir
+    from virtbackup.liverestore import refuse_encrypted
+    bdir = BackupDir(tmp_path)
+    plain, enc = sample(), sample()
+    enc.encryption = crypto.ChainEncryption.new(crypto.Key(KEY, "t"), 10)
+    for p in enc.points:
+        p.encryption = "luks"
+    _refuse_encrypted_pull(bdir, plain, False, "pull")
+    _refuse_encrypted_pull(bdir, None, False, "pull")
+    _refuse_encrypted_pull(bdir, enc, True, "push")
+    for chain, encrypt in ((enc, False), (None, True), (plain, True)):
+        with pytest.raises(UsageError, match="pull mode can't write an encrypted chain") as e:
+            _refuse_encrypted_pull(bdir, chain, encrypt, "pull")
+        assert e.value.exit_code == 2
+    bdir.save(plain)
+    refuse_encrypted(tmp_path)
+    bdir.save(enc)
+    with pytest.raises(UsageError, match="restore --live of an encrypted backup"):
+        refuse_encrypted(tmp_path)
