@@ -207,7 +207,7 @@ def test_encrypted_chain_two_disks_full_inc_inc_diff_restore_verify_prune(make_d
     os.chmod(victim, 0o600)
     victim.write_bytes(bytes(data))
     r = cli("verify", bdir, "--key-file", key)
-    assert r.rc == 1 and "points/0002/vda.qcow2" in one_error(r) and "content hash differs" in r.err, r
+    assert r.rc == 1 and "points/0002/vda.qcow2" in one_error(r) and "content hash (blake3) differs" in r.err, r
     data[off] ^= 0xFF
     victim.write_bytes(bytes(data))
     assert cli("verify", bdir, "--key-file", key).rc == 0
