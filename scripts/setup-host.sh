@@ -14,12 +14,13 @@ PACKAGES=(libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients qemu-system-
 # Installed without recommends (libguestfs-tools would pull in hundreds of MB otherwise):
 # - the real test guest: a Debian kernel, busybox and the QEMU guest agent (README "Test guest");
 # - bindings that exist only as Debian packages: python3-guestfs (files), python3-libnbd (pull mode);
+#   b3sum checks the recorded BLAKE3 image hashes by hand (and in the tests);
 #   the virtualenv is made from Debian's /usr/bin/python3 with --system-site-packages to see them;
 # - openssh-server: only its sshd binary, for the remote-URI tests (qemu+ssh to 127.0.0.1), which
 #   start a private sshd with a throwaway key and config and stop it again. The package's own
 #   service is never started by this script.
 EXTRA_PACKAGES=(linux-image-amd64 busybox-static qemu-guest-agent e2fsprogs cpio
-                libguestfs-tools python3-guestfs python3-libnbd openssh-server)
+                libguestfs-tools python3-guestfs python3-libnbd openssh-server b3sum)
 
 log() { echo "setup-host: $*" >&2; }
 
