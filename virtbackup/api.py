@@ -13,39 +13,35 @@ in BACKUP_DIR/logs/ (see runlog.py).
 from __future__ import annotations
 
 import functools
+import importlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TypeVar, cast
 
-import libvirt
-
-from . import health, host
-from .backup import BackupResult, point_json
-from .backup import backup as _backup
-from .chain import BackupDir, Chain, Point, dir_lock, domain_lock, user_path
+# Only what `list` needs is imported here: every operation imports its module (and libvirt,
+# lxml, tenacity, libguestfs) when it is called, so a command pays only for what it runs
+# (`list` does not load libvirt at all). The result types are importable from here as before,
+# loaded on first access (see __getattr__ at the end).
+from .chain import BackupDir, Chain, Point, dir_lock, domain_lock, point_json, user_path
 from .crypto import ChainEncryption, Key
-from .crypto import read_key as _read_key
-from .drill import DrillResult
-from .drill import drill as _drill
 from .errors import HostError, OperationFailed, VirtBackupError
-from .health import RepairReport, StatusReport
-from .liverestore import LiveResult, Progress
-from .liverestore import live_restore as _live_restore
-from .liverestore import resume_live as _resume_live
-from .plan import RequestedLevel
-from .quiesce import ThawResult
-from .quiesce import thaw as _thaw
-from .restore import FlattenResult, RestoreResult
-from .restore import flatten as _flatten
-from .restore import restore as _restore
-from .retention import Policy, PruneResult
-from .retention import prune as _prune
-from .runner import Notify
-from .verify import VerifyResult
-from .verify import verify as _verify
 
 if TYPE_CHECKING:
+    import libvirt
+
+    from .backup import BackupResult
+    from .drill import DrillResult
+    from .files import FilesystemList, GetResult, ListResult, PointFiles, Status
+    from .health import RepairReport, StatusReport
     from .jobs import Job, JobPlan, RunResult, Watcher
+    from .liverestore import LiveResult, Progress
+    from .plan import RequestedLevel
+    from .quiesce import ThawResult
+    from .restore import FlattenResult, RestoreResult
+    from .retention import PruneResult
+    from .runner import Notify
+    from .verify import VerifyResult
 
 __all__ = [
     # operations
@@ -71,11 +67,15 @@ def _boundary(fn: F) -> F:
             return fn(*args, **kwargs)
         except VirtBackupError:
             raise
-        except libvirt.libvirtError as e:
-            raise HostError(f"libvirt: {host.libvirt_message(e)}") from e
         except OSError as e:
             where = f" {e.filename}" if e.filename else ""
             raise OperationFailed(f"{e.strerror or e}{':' if where else ''}{where}") from e
+        except Exception as e:
+            lv = sys.modules.get("libvirt")     # not imported: no libvirtError can have been raised
+            if lv is not None and isinstance(e, lv.libvirtError):
+                from . import host
+                raise HostError(f"libvirt: {host.libvirt_message(e)}") from e
+            raise
     return cast(F, wrapper)
 
 
@@ -108,6 +108,7 @@ def chain_json(chain: Chain) -> Dict[str, Any]:
 def read_key(spec: str) -> Key:
     """The passphrase of an encrypted backup from a key file (`-`: stdin, never a terminal);
     UsageError (exit 2) for a symlink, a file others can read, empty or binary content."""
+    from .crypto import read_key as _read_key
     return _read_key(spec)
 
 
@@ -130,6 +131,7 @@ def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[s
     `encrypt` with `key` starts an encrypted chain (LUKS qcow2); every later point of an
     encrypted directory needs that `key` (push mode only: pull refuses an encrypted chain).
     """
+    from .backup import backup as _backup
     return _backup(uri, domain, user_path(backup_dir, "BACKUP_DIR"), level, disks, notify, reason, quiesce,
                    mode, scratch_dir, max_speed, encrypt=encrypt, key=key)
 
@@ -146,6 +148,7 @@ def restore(backup_dir: Path, output_dir: Path, point: Optional[str] = None,
             disks: Sequence[str] = (), key: Optional[Key] = None) -> RestoreResult:
     """Restore a point (id, `latest`, ISO 8601 time) as standalone OUTPUT_DIR/<disk>.qcow2
     (decrypted; an encrypted backup needs its `key`)."""
+    from .restore import restore as _restore
     return _restore(user_path(backup_dir, "BACKUP_DIR"), user_path(output_dir, "OUTPUT_DIR"), point, disks,
                     key=key)
 
@@ -165,6 +168,7 @@ def restore_point(backup_dir: Path, output_dir: Path, point: Optional[str] = Non
     (LUKS, same key). `instant`, and `define` with `encrypt`, are refused for encrypted backups
     (the domain would need the key stored in libvirt).
     """
+    from .restore import restore as _restore
     return _restore(user_path(backup_dir, "BACKUP_DIR"), user_path(output_dir, "OUTPUT_DIR"), point, disks,
                     instant=instant, define=define, start=start, uri=uri, salvage=salvage, key=key,
                     encrypt=encrypt)
@@ -174,6 +178,7 @@ def restore_point(backup_dir: Path, output_dir: Path, point: Optional[str] = Non
 def verify(backup_dir: Path, point: Optional[str] = None, key: Optional[Key] = None) -> VerifyResult:
     """Check every image (or one point's chain): qemu-img check, backing links, hashes.
     Damage is reported in the result (`ok`, `damage`), not raised. `key`: of an encrypted backup."""
+    from .verify import verify as _verify
     return _verify(user_path(backup_dir, "BACKUP_DIR"), point, key=key)
 
 
@@ -181,6 +186,7 @@ def verify(backup_dir: Path, point: Optional[str] = None, key: Optional[Key] = N
 def verify_backup(backup_dir: Path, point: Optional[str] = None, deep: bool = False,
                   key: Optional[Key] = None) -> VerifyResult:
     """`verify`; `deep` also reads every point's whole chain through qemu."""
+    from .verify import verify as _verify
     return _verify(user_path(backup_dir, "BACKUP_DIR"), point, deep=deep, key=key)
 
 
@@ -189,6 +195,8 @@ def prune(backup_dir: Path, keep: int = 0, keep_daily: int = 0, keep_weekly: int
           dry_run: bool = False, keep_monthly: int = 0, key: Optional[Key] = None) -> PruneResult:
     """Drop the points the policy does not keep, merging them into kept points that depend on them.
     An encrypted backup needs its `key` (unless `dry_run`); rewritten images stay encrypted."""
+    from .retention import Policy
+    from .retention import prune as _prune
     return _prune(user_path(backup_dir, "BACKUP_DIR"), Policy(keep, keep_daily, keep_weekly, keep_monthly),
                   dry_run, key)
 
@@ -196,12 +204,14 @@ def prune(backup_dir: Path, keep: int = 0, keep_daily: int = 0, keep_weekly: int
 @_boundary
 def flatten(image: Path) -> FlattenResult:
     """Copy an overlay's backing data into it and drop the backing link (e.g. after --instant)."""
+    from .restore import flatten as _flatten
     return _flatten(user_path(image, "IMAGE"))
 
 
 @_boundary
 def status(domain: str, uri: Optional[str] = None) -> StatusReport:
     """Each disk's bitmaps (flags, dirty bytes, owner) and every checkpoint of DOMAIN."""
+    from . import health, host
     with host.connection(uri) as conn:
         dom = host.lookup_domain(conn, domain)
         _refuse_remote_inactive(uri, dom, "status")
@@ -213,6 +223,7 @@ def repair(domain: str, backup_dir: Path, dry_run: bool = False, uri: Optional[s
     """Make this backup dir's libvirt state clean (only its own checkpoints and bitmaps):
     delete unneeded or broken checkpoints, remove orphaned bitmaps, redefine lost checkpoints.
     Failed actions are reported in the result (`ok`, `failure`), not raised."""
+    from . import health, host
     from .domain import LibvirtDomain
     bdir = BackupDir(user_path(backup_dir, "BACKUP_DIR"))
     chain = bdir.load()
@@ -255,6 +266,7 @@ def plan_job(job: "Job", uri: Optional[str] = None, domains: Sequence[str] = ())
 def thaw(domain: str, uri: Optional[str] = None) -> ThawResult:
     """Thaw DOMAIN's filesystems through its guest agent (e.g. a run was killed while it was
     frozen); removes the frozen marker such a run left, unless a run holds the domain now."""
+    from .quiesce import thaw as _thaw
     return _thaw(uri, domain)
 
 
@@ -265,18 +277,18 @@ def drill(backup_dir: Path, point: Optional[str] = None, timeout: float = 300, c
     agent answers within `timeout` s and `check` (a shell command run in the guest) exits 0.
     A failed drill is reported in the result (`ok`, `stage`, `failure`), not raised; bad input
     (e.g. the point's domain has no agent channel) raises (exit 2)."""
+    from .drill import drill as _drill
     return _drill(user_path(backup_dir, "BACKUP_DIR"), point, timeout, check, uri, notify)
 
 
 # --- single-file restore (libguestfs; virtbackup.files) ----------------------------------------
-from . import files as _files  # noqa: E402
-from .files import Filesystem, FilesystemList, GetResult, Listing, ListResult, PointFiles, Status  # noqa: E402,F401
 
 
 @_boundary
 def files_filesystems(backup_dir: Path, point: Optional[str] = None,
                       status: Optional[Status] = None) -> FilesystemList:
     """The filesystems in a point's disks (vda, vda1, vg/lv): (point id, filesystems), with to_json()."""
+    from . import files as _files
     return _files.filesystems(Path(backup_dir), point, status)
 
 
@@ -285,6 +297,7 @@ def files_ls(backup_dir: Path, paths: Sequence[str], point: Optional[str] = None
              status: Optional[Status] = None) -> ListResult:
     """List FS:PATH directories (or files) of a point, symlinks not followed: (point id, listings),
     with to_json()."""
+    from . import files as _files
     return _files.ls(Path(backup_dir), paths, point, status)
 
 
@@ -292,6 +305,7 @@ def files_ls(backup_dir: Path, paths: Sequence[str], point: Optional[str] = None
 def files_get(backup_dir: Path, paths: Sequence[str], dest: Path, point: Optional[str] = None,
               status: Optional[Status] = None) -> GetResult:
     """Copy FS:PATH files/trees out of a point (mode and mtime kept, symlinks as links, no overwrite)."""
+    from . import files as _files
     return _files.get(Path(backup_dir), paths, Path(dest), point, status)
 
 
@@ -299,12 +313,14 @@ def files_get(backup_dir: Path, paths: Sequence[str], dest: Path, point: Optiona
 def files_cat(backup_dir: Path, paths: Sequence[str], out: Any, point: Optional[str] = None,
               status: Optional[Status] = None) -> int:
     """Write FS:PATH files of a point to the binary file object `out`."""
+    from . import files as _files
     return _files.cat(Path(backup_dir), paths, out, point, status)
 
 
 @_boundary
 def open_point_files(backup_dir: Path, point: Optional[str] = None, status: Optional[Status] = None) -> PointFiles:
     """One appliance for many operations: `with open_point_files(d, "0003") as pf: pf.ls(...)`."""
+    from .files import PointFiles
     return PointFiles(Path(backup_dir), point, status)
 
 
@@ -316,6 +332,7 @@ def live_restore(backup_dir: Path, output_dir: Path, define: str, point: Optiona
                  on_running: Optional[Any] = None) -> LiveResult:
     """Define and start NAME on instant overlays, then pull the backup's data into them while it
     runs; returns when no disk depends on the backup. `max_speed`: bytes/s per disk."""
+    from .liverestore import live_restore as _live_restore
     return _live_restore(Path(backup_dir), Path(output_dir), define, point, disks, uri, max_speed,
                          progress, on_running)
 
@@ -324,12 +341,34 @@ def live_restore(backup_dir: Path, output_dir: Path, define: str, point: Optiona
 def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] = None,
                 progress: Optional[Progress] = None) -> LiveResult:
     """Finish an interrupted live restore of domain NAME (running: pull; shut off: flatten)."""
+    from .liverestore import resume_live as _resume_live
     return _resume_live(name, uri, max_speed, progress)
 
 
-def _refuse_remote_inactive(uri: Optional[str], dom: libvirt.virDomain, what: str) -> None:
+def _refuse_remote_inactive(uri: Optional[str], dom: "libvirt.virDomain", what: str) -> None:
     """A shut-off domain's bitmaps are only in its image headers, on the hypervisor: a remote
     one's can't be read from here (QMP answers only for a running domain)."""
+    from . import host
     if host.is_remote(uri) and not dom.isActive():
         from .pull import refuse_remote
         refuse_remote(uri, f"{what} of a shut-off domain")
+
+
+# The result types and helpers of __all__ (and a few more the files API returns), importable
+# from here as before; each module is imported on first access.
+_LAZY = {
+    "BackupResult": "backup", "RestoreResult": "restore", "FlattenResult": "restore", "VerifyResult": "verify",
+    "PruneResult": "retention", "Policy": "retention", "LiveResult": "liverestore", "Progress": "liverestore",
+    "StatusReport": "health", "RepairReport": "health", "ThawResult": "quiesce", "DrillResult": "drill",
+    "Notify": "runner", "RequestedLevel": "plan", "Filesystem": "files", "FilesystemList": "files",
+    "GetResult": "files", "Listing": "files", "ListResult": "files", "PointFiles": "files", "Status": "files",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __package__), name)
+    globals()[name] = value
+    return value

@@ -16,7 +16,7 @@ import time
 import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, cast
 
@@ -34,6 +34,7 @@ from .chain import (
     domain_lock,
     fsync_path,
     now_iso,
+    point_json,
     write_private,
 )
 from .domain import LibvirtDomain, eligible_disks
@@ -73,13 +74,6 @@ class BackupResult:
         return {"domain": self.domain, "point": point_json(self.point), "skipped": self.skipped,
                 "removed_checkpoints": self.removed_checkpoints, "warnings": self.warnings,
                 "transfer": self.transfer}
-
-
-def point_json(p: Point) -> Dict[str, Any]:
-    """A point record as `list --json` and `backup --json` print it (its fields plus "size")."""
-    d = asdict(p)
-    d["size"] = sum(img.size for img in p.disks.values())
-    return d
 
 
 class Engine:

@@ -311,6 +311,13 @@ class Chain:
             seen[p.id] = p
 
 
+def point_json(p: Point) -> Dict[str, Any]:
+    """A point record as `list --json` and `backup --json` print it (its fields plus "size")."""
+    d = asdict(p)
+    d["size"] = sum(img.size for img in p.disks.values())
+    return d
+
+
 def parse_point_time(spec: str) -> Optional[datetime]:
     """An ISO 8601 time (`Z` or an offset; naive means UTC), or None when `spec` is not a time.
 

@@ -31,16 +31,17 @@ def test_every_public_operation_is_wrapped_at_the_boundary():
 
 def test_libvirt_and_os_errors_become_virtbackup_errors_with_the_cause_kept(monkeypatch):
     err = libvirt.libvirtError("boom")
-    monkeypatch.setattr(api.health, "status", lambda dom: (_ for _ in ()).throw(err))
-    monkeypatch.setattr(api.host, "connection", lambda uri: _Conn())
-    monkeypatch.setattr(api.host, "lookup_domain", lambda conn, name: object())
+    from virtbackup import health, host, restore
+    monkeypatch.setattr(health, "status", lambda dom: (_ for _ in ()).throw(err))
+    monkeypatch.setattr(host, "connection", lambda uri: _Conn())
+    monkeypatch.setattr(host, "lookup_domain", lambda conn, name: object())
     with pytest.raises(HostError) as ei:
         api.status("dom")
     assert ei.value.__cause__ is err and ei.value.exit_code == 1
 
     def oserror(*_a, **_k):
         raise PermissionError(13, "Permission denied", "/b/points")
-    monkeypatch.setattr(api, "_flatten", oserror)
+    monkeypatch.setattr(restore, "flatten", oserror)
     with pytest.raises(OperationFailed) as oe:
         api.flatten("/x.qcow2")
     assert isinstance(oe.value.__cause__, PermissionError)
@@ -75,3 +76,19 @@ class _Conn:
 
     def __exit__(self, *a):
         return False
+
+
+def test_list_needs_neither_libvirt_nor_lxml_and_result_types_still_import(tmp_path):
+    """`list` (monitoring runs it often) loads only the chain module: the operations import
+    their modules when called. The result types are still importable from virtbackup.api."""
+    import subprocess
+    import sys
+    code = ("import sys, virtbackup.api as a\n"
+            "heavy = [m for m in ('libvirt', 'lxml', 'tenacity', 'guestfs', 'virtbackup.backup') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "from virtbackup.api import BackupResult, RestoreResult, PointFiles, Notify\n"
+            "assert BackupResult.__module__ == 'virtbackup.backup'\n"
+            "try:\n    a.NoSuchThing\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no AttributeError')\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for name in api.__all__:
+        assert getattr(api, name) is not None, name
