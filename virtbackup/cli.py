@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 
 def _import_typer_without_rich() -> None:
@@ -736,7 +736,36 @@ def optional_quiesce_value(argv: List[str]) -> List[str]:
     return out
 
 
+def _exit_now(code: int) -> NoReturn:
+    """End the process without the interpreter's teardown: finalizing libvirt, lxml and typer's
+    objects took ~40 ms of every command here, after the work was done. Nothing of ours runs at
+    exit (no atexit handlers; files, locks and executors are closed by their `with` blocks), so
+    flushing the output and the log handlers is all the teardown we need."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # e.g. stdout piped into `head`: the pipe is gone
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
 def main() -> None:
+    """The `virtbackup` command. Exits the process (fast, see _exit_now): not for in-process use."""
+    try:
+        _main()
+    except SystemExit as e:
+        code = e.code
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+        _exit_now(code)
+    _exit_now(0)
+
+
+def _main() -> None:
     os.umask(0o077)   # images, metadata and restored disks hold guest data: private from birth
     try:
         rc = app(args=optional_quiesce_value(sys.argv[1:]), prog_name="virtbackup", standalone_mode=False)
