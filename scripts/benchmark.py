@@ -16,11 +16,13 @@ Targets (DESIGN.md "Performance targets"):
 - `run` over 8 domains with parallel = 2 >= 1.6x parallel = 1 (`--jobs`, only that);
 - `--restore-check` (only that): what checking every image costs a restore (reported);
 - guest impact (`--guest-impact`): the guest's write throughput while a full backup of its disk
-  runs, as a fraction of its idle write throughput, without and with `--max-speed` (reported).
+  runs, as a fraction of its idle write throughput: push without and with `--max-speed`, and
+  pull mode (reported).
 
 Run as root after scripts/setup-host.sh:
-    .venv/bin/python scripts/benchmark.py [--quick] [--reps N] [--virtnbdbackup] [--guest-impact] [--json]
-    .venv/bin/python scripts/benchmark.py --jobs | --restore-check [--quick] [--json]
+    .venv/bin/python scripts/benchmark.py [--quick] [--reps N] [--virtnbdbackup] [--guest-impact] [--json|--markdown]
+    .venv/bin/python scripts/benchmark.py --jobs | --restore-check [--quick] [--json|--markdown]
+    .venv/bin/python scripts/benchmark.py --from-json RUN.json --markdown   (a saved run, printed again)
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo: tests.support
+
+import libvirt  # noqa: E402
 
 from tests.support import scratch  # noqa: E402
 from virtbackup import host  # noqa: E402
@@ -273,7 +277,11 @@ def guest_impact(b: Bench, disk: int, data: int, speeds: List[int]) -> None:
         t: Optional[float] = None
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
-            if d.dom is not None and d.dom.jobInfo()[0] != 0:
+            try:
+                running = d.dom is not None and d.dom.jobInfo()[0] != 0
+            except libvirt.libvirtError:   # "backup job data missing": a pull job being set up
+                running = False
+            if running:
                 t = guest_write()
                 break
             time.sleep(0.005)
@@ -291,6 +299,11 @@ def guest_impact(b: Bench, disk: int, data: int, speeds: List[int]) -> None:
             t = during(["--max-speed", sp])
             if t is not None:
                 b.add(f"guest_write_64mib_during_full_max_speed_{sp // MiB}mib_s", t)
+        # pull mode: no copy-before-write into the target in the guest's write path (the old data
+        # goes to a scratch file on the hypervisor while our client reads over NBD)
+        t = during(["--mode", "pull"])
+        if t is not None:
+            b.add("guest_write_64mib_during_full_pull_s", t)
     idle = b.median("guest_write_64mib_idle_s")
     for name in sorted(b.runs):
         if name.startswith("guest_write_64mib_during"):
@@ -378,6 +391,24 @@ def human(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: Dict[str, Any]) -> str:
+    """The README's tables ("Performance"), regenerated from a run."""
+    def fmt(name: str, v: float) -> str:
+        return f"{v:.2f} s" if name.endswith("_s") else f"{v:.2f}"
+    lines = [f"Run {result['date']} on {result['machine']}; load average {result['load_before']} before, "
+             f"{result['load_after']} after; {result['reps']} interleaved runs per figure, median (min–max).", "",
+             "| target | measured (median) | target | ratio to target | met |", "|---|---|---|---|---|"]
+    for t in result["targets"]:
+        unit = " s" if t["unit"] == "s" else "x"
+        lines.append(f"| {t['target']} | {t['value']:.2f}{unit} | {t['kind']} {t['limit']}{unit} | "
+                     f"{t['ratio_to_target']:.2f} | {'yes' if t['met'] else 'no'} |")
+    lines += ["", "| figure | median (min–max) |", "|---|---|"]
+    for name, st in result["figures"].items():
+        lines.append(f"| `{name}` | {fmt(name, st['median'])} ({st['min']:.2f}–{st['max']:.2f}) |")
+    lines += [""] + [f"- {k}: {v}" for k, v in result["notes"].items()]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small disks (a smoke run; figures not comparable)")
@@ -391,7 +422,13 @@ def main() -> int:
     ap.add_argument("--restore-check", action="store_true",
                     help="only the restore figures with and without the image check (full, 50-link chain)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON (else a table)")
+    ap.add_argument("--markdown", action="store_true", help="print the README's tables (Performance)")
+    ap.add_argument("--from-json", metavar="FILE", help="measure nothing: print a saved --json run again")
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        print(markdown(saved) if args.markdown else json.dumps(saved, indent=2) if args.json else human(saved))
+        return 0
     disk = (256 if args.quick else 4096) * MiB
     data = (64 if args.quick else 768) * MiB
     sections = set(args.only or ["full", "restore"]
@@ -406,20 +443,27 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="virtbackup-bench-"))
     load_before = load()
     b = Bench(max(1, args.reps), work)
+    runs: List[tuple] = [
+        ("full", lambda: full_vs_convert(b, disk, data)),
+        ("restore", lambda: restore_chain(b, (256 if args.quick else 1024) * MiB)),
+        ("virtnbdbackup", lambda: virtnbdbackup_cycle(b)),
+        ("guest", lambda: guest_impact(b, (256 if args.quick else 2048) * MiB, (128 if args.quick else 1024) * MiB,
+                                       [32 * MiB, 128 * MiB])),
+        ("jobs", lambda: parallel_jobs(b, args.quick)),
+        ("restore-check", lambda: restore_check(b, (256 if args.quick else 1024) * MiB,
+                                                (64 if args.quick else 512) * MiB)),
+    ]
+    failed = False
     try:
-        if "full" in sections:
-            full_vs_convert(b, disk, data)
-        if "restore" in sections:
-            restore_chain(b, (256 if args.quick else 1024) * MiB)
-        if "virtnbdbackup" in sections:
-            virtnbdbackup_cycle(b)
-        if "guest" in sections:
-            guest_impact(b, (256 if args.quick else 2048) * MiB, (128 if args.quick else 1024) * MiB,
-                         [32 * MiB, 128 * MiB])
-        if "jobs" in sections:
-            parallel_jobs(b, args.quick)
-        if "restore-check" in sections:
-            restore_check(b, (256 if args.quick else 1024) * MiB, (64 if args.quick else 512) * MiB)
+        for name, section in runs:
+            if name not in sections:
+                continue
+            try:
+                section()
+            except Exception as e:   # noqa: BLE001 - the other sections' figures are still worth having
+                failed = True
+                b.notes[f"section_{name}_failed"] = f"{type(e).__name__}: {e}"
+                print(f"benchmark: section {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
         b.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -433,9 +477,11 @@ def main() -> int:
     }
     if args.json:
         print(json.dumps(result, indent=2))
+    elif args.markdown:
+        print(markdown(result))
     else:
         print(human(result))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
+import subprocess
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -51,3 +54,19 @@ def make_domain(conn, tmp_path) -> Iterator[Callable[..., "object"]]:
             d.remove()
     finally:
         fresh.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[List[subprocess.Popen]]:
+    """Background CLI runs of a test; any still alive at the end is resumed (a test may have
+    stopped it) and killed, by pid."""
+    started: List[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            p.kill()
+            p.wait()

@@ -442,7 +442,13 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                 say(f"warning: {left}")
             if must_create:
                 bdir.create()
-            with dir_lock(bdir), runlog.run_log(bdir.path, "backup"):
+            log_problems: List[str] = []
+
+            def log_problem(msg: str) -> None:
+                log_problems.append(msg)
+                say(f"warning: {msg}")
+
+            with dir_lock(bdir), runlog.run_log(bdir.path, "backup", log_problem):
                 log.info("backup of domain %s (%s) into %s, level %s, mode %s%s", dom.name(), uuid, bdir.path,
                          level, mode, f", disks {', '.join(disks)}" if disks else "")
                 chain = bdir.load_or_none()
@@ -471,6 +477,7 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                                     say, quiescer, key, iter_time)
                     engine.cleanup_leftovers(chain)
                     result = engine.run(chain, cast(RequestedLevel, level), disks, reason)
+                    result.warnings[:0] = log_problems
                     log.info("done: point %s, %s bytes written, %.3fs", result.point.id,
                              sum(i.size for i in result.point.disks.values()), result.point.duration)
                     return result

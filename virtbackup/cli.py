@@ -508,6 +508,8 @@ def prune(backup_dir: str = typer.Argument(...),
         for rel in r.leftovers:
             print(f"{'would remove' if r.dry_run else 'removed'} {rel} (left by an interrupted prune)")
         print(f"{'dry run: ' if r.dry_run else ''}{len(plan.keep)} point(s) kept, {len(plan.drop)} dropped")
+        for w in r.warnings:
+            _err(f"warning: {w}")
 
     _run(as_json, lambda: api.prune(backup_dir, keep, keep_daily, keep_weekly, dry_run,
                                     keep_monthly=keep_monthly, key=_key(key_file)), render)

@@ -286,40 +286,39 @@ def call(fn: Callable[..., T], *args: Any) -> T:
         log.debug("libvirt %s took %.3fs", name, time.monotonic() - started)
 
 
-class JobWatch:
-    """Waits for the end of a domain job through libvirt events (no sleep-polling).
-
-    Wakes on JOB_COMPLETED, on the domain stopping or crashing, on the connection closing, and
-    on `interrupt()` (signal handlers). A slow safety check runs every `check_every` seconds in
-    case an event was lost (e.g. libvirtd restarted).
+class DomainEvents:
+    """The libvirt events that end a wait on one domain's job: the job's own event (`job_event`,
+    handled by `on_job(*event args)`, which returns True to wake), the domain stopping or
+    crashing, the connection closing, and `interrupt()` (signal handlers). Each sets `wake`.
+    `close()` deregisters everything (a connection takes one close callback: one watch at a time).
     """
 
-    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain):
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, job_event: int,
+                 on_job: Callable[..., bool]):
         self.conn = conn
         self.dom = dom
-        self.done = threading.Event()
-        self.params: Dict[str, Any] = {}
-        self.reason: Optional[str] = None   # why we woke, if not JOB_COMPLETED
+        self.wake = threading.Event()
+        self.stopped = False            # the domain stopped or crashed
+        self.closed = False             # the connection to libvirtd closed
         self.interrupted: Optional[str] = None
         self._ids: List[int] = []
         uuid = dom.UUIDString()
 
-        def on_job(_c: Any, d: libvirt.virDomain, params: Dict[str, Any], _o: Any) -> None:
-            if d.UUIDString() == uuid:
-                self.params = dict(params)
-                self.done.set()
+        def job(_c: Any, d: libvirt.virDomain, *args: Any) -> None:
+            if d.UUIDString() == uuid and on_job(*args[:-1]):
+                self.wake.set()
 
         def on_life(_c: Any, d: libvirt.virDomain, event: int, _detail: int, _o: Any) -> None:
             if d.UUIDString() == uuid and event in (libvirt.VIR_DOMAIN_EVENT_STOPPED,
                                                      libvirt.VIR_DOMAIN_EVENT_CRASHED):
-                self.reason = "the domain stopped during the backup"
-                self.done.set()
+                self.stopped = True
+                self.wake.set()
 
         def on_close(_c: Any, _reason: int, _o: Any) -> None:
-            self.reason = "the connection to libvirtd was closed during the backup"
-            self.done.set()
+            self.closed = True
+            self.wake.set()
 
-        self._ids.append(conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, on_job, None))
+        self._ids.append(conn.domainEventRegisterAny(dom, job_event, job, None))
         self._ids.append(conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_life, None))
         try:
             conn.registerCloseCallback(on_close, None)
@@ -329,7 +328,47 @@ class JobWatch:
 
     def interrupt(self, why: str) -> None:
         self.interrupted = why
-        self.done.set()
+        self.wake.set()
+
+    def close(self) -> None:
+        for cb in self._ids:
+            try:
+                self.conn.domainEventDeregisterAny(cb)
+            except libvirt.libvirtError:
+                pass
+        if self._close_cb:
+            try:
+                self.conn.unregisterCloseCallback()
+            except libvirt.libvirtError:
+                pass
+
+
+class JobWatch(DomainEvents):
+    """Waits for the end of a domain job through libvirt events (no sleep-polling).
+
+    Wakes on JOB_COMPLETED (its parameters in `params`), on the domain stopping or crashing, on
+    the connection closing, and on `interrupt()` (signal handlers). A slow safety check runs
+    every `check_every` seconds in case an event was lost (e.g. libvirtd restarted).
+    """
+
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain):
+        self.params: Dict[str, Any] = {}
+
+        def on_job(params: Dict[str, Any]) -> bool:
+            self.params = dict(params)
+            return True
+
+        super().__init__(conn, dom, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, on_job)
+        self.done = self.wake
+
+    @property
+    def reason(self) -> Optional[str]:
+        """Why we woke, if not JOB_COMPLETED."""
+        if self.stopped:
+            return "the domain stopped during the backup"
+        if self.closed:
+            return "the connection to libvirtd was closed during the backup"
+        return None
 
     def wait(self, check: Callable[[], bool], check_every: float = 5.0, timeout: Optional[float] = None) -> bool:
         """Block until woken; `check()` returning True also ends the wait (safety net).
@@ -344,18 +383,6 @@ class JobWatch:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
         return True
-
-    def close(self) -> None:
-        for cb in self._ids:
-            try:
-                self.conn.domainEventDeregisterAny(cb)
-            except libvirt.libvirtError:
-                pass
-        if self._close_cb:
-            try:
-                self.conn.unregisterCloseCallback()
-            except libvirt.libvirtError:
-                pass
 
 
 @contextmanager

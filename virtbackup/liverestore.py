@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,48 +133,22 @@ def _header_backing(path: Path) -> Optional[str]:
     return None if link is None else str(link)
 
 
-class Puller:
+class Puller(host.DomainEvents):
     """Block pulls of some disks of one running domain: start (or adopt), watch, abort."""
 
     def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, disks: Sequence[str],
                  max_speed: Optional[int]):
-        self.conn, self.dom, self.disks = conn, dom, list(disks)
+        self.disks = list(disks)
         self.max_speed = max_speed
-        self.wake = threading.Event()
         self.ended: Dict[str, int] = {}        # disk -> VIR_DOMAIN_BLOCK_JOB_{COMPLETED,FAILED,...}
-        self.stopped = False
-        self.closed = False
-        self.interrupted: Optional[str] = None
-        self._ids: List[int] = []
-        uuid = dom.UUIDString()
 
-        def on_job(_c: object, d: libvirt.virDomain, disk: str, jtype: int, status: int, _o: object) -> None:
-            if d.UUIDString() == uuid and jtype == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL \
-                    and status != libvirt.VIR_DOMAIN_BLOCK_JOB_READY:
+        def on_job(disk: str, jtype: int, status: int) -> bool:
+            if jtype == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL and status != libvirt.VIR_DOMAIN_BLOCK_JOB_READY:
                 self.ended[disk] = status
-                self.wake.set()
+                return True
+            return False
 
-        def on_life(_c: object, d: libvirt.virDomain, event: int, _detail: int, _o: object) -> None:
-            if d.UUIDString() == uuid and event in (libvirt.VIR_DOMAIN_EVENT_STOPPED,
-                                                     libvirt.VIR_DOMAIN_EVENT_CRASHED):
-                self.stopped = True
-                self.wake.set()
-
-        def on_close(_c: object, _reason: int, _o: object) -> None:
-            self.closed = True
-            self.wake.set()
-
-        self._ids.append(conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, on_job, None))
-        self._ids.append(conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_life, None))
-        try:
-            conn.registerCloseCallback(on_close, None)
-            self._close_cb = True
-        except libvirt.libvirtError:
-            self._close_cb = False
-
-    def interrupt(self, why: str) -> None:
-        self.interrupted = why
-        self.wake.set()
+        super().__init__(conn, dom, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, on_job)
 
     def start(self) -> List[str]:
         """Start a pull on every disk that still has a backing file; adopt pulls already running
@@ -259,18 +232,6 @@ class Puller:
             try:
                 if self.dom.blockJobInfo(disk, 0):
                     self.dom.blockJobAbort(disk, 0)
-            except libvirt.libvirtError:
-                pass
-
-    def close(self) -> None:
-        for cb in self._ids:
-            try:
-                self.conn.domainEventDeregisterAny(cb)
-            except libvirt.libvirtError:
-                pass
-        if self._close_cb:
-            try:
-                self.conn.unregisterCloseCallback()
             except libvirt.libvirtError:
                 pass
 

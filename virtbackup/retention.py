@@ -345,13 +345,14 @@ class PruneResult:
     removed: List[str] = field(default_factory=list)     # relative paths deleted
     leftovers: List[str] = field(default_factory=list)   # unrecorded files of an interrupted run, deleted
                                                          # first (dry run: would be)
+    warnings: List[str] = field(default_factory=list)    # e.g. no run log could be written
 
     def to_json(self) -> Dict[str, Any]:
         """{"dry_run", "points": [{"point", "keep", "reasons"}], "kept", "dropped", "changes",
-        "removed", "leftovers"} (the `prune --json` output)."""
+        "removed", "leftovers", "warnings"} (the `prune --json` output)."""
         return {"dry_run": self.dry_run, "points": [asdict(d) for d in self.plan.decisions],
                 "kept": self.plan.keep, "dropped": self.plan.drop, "changes": self.plan.notes,
-                "removed": self.removed, "leftovers": self.leftovers}
+                "removed": self.removed, "leftovers": self.leftovers, "warnings": self.warnings}
 
 
 def _remove(bdir: BackupDir, paths: List[Path]) -> List[str]:
@@ -406,7 +407,9 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False, key: Optional
     if key is not None or not dry_run:
         check_key(first.encryption, key, f"backup directory {bdir.path}")
     # a dry run changes nothing in the directory, not even a log
-    with dir_lock(bdir), (contextlib.nullcontext() if dry_run else runlog.run_log(bdir.path, "prune")):
+    log_problems: List[str] = []
+    with dir_lock(bdir), (contextlib.nullcontext() if dry_run else runlog.run_log(bdir.path, "prune",
+                                                                                  log_problems.append)):
         log.info("prune of %s: %s%s", bdir.path, policy, " (dry run)" if dry_run else "")
         chain = bdir.load()
         if chain.encryption != first.encryption and (key is not None or not dry_run):
@@ -414,7 +417,7 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False, key: Optional
         if not chain.points:
             raise UsageError(f"{backup_dir} has no restore points")
         plan = plan_prune(chain, decide(chain.points, policy))
-        result = PruneResult(dry_run, plan)
+        result = PruneResult(dry_run, plan, warnings=log_problems)
         leftovers = unrecorded(bdir, chain)          # refuses symlinks before anything changes
         check_sources(bdir, chain, plan)
         if dry_run:

@@ -17,7 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 LOG_DIR = "logs"
 KEEP = 30
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 _root = logging.getLogger("virtbackup")
 
 
-def _open_dir(backup_dir: Path) -> Optional[int]:
+def _open_dir(backup_dir: Path, warn: Callable[[str], None]) -> Optional[int]:
     """An fd of BACKUP_DIR/logs (created 0700), or None when it is not a real directory."""
     path = backup_dir / LOG_DIR
     try:
@@ -35,13 +35,18 @@ def _open_dir(backup_dir: Path) -> Optional[int]:
     except FileExistsError:
         pass
     except OSError as e:
-        log.warning("no run log: cannot create %s: %s", path, e.strerror)
+        warn(f"no run log: cannot create {path}: {e.strerror}")
         return None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as e:
-        why = "it is a symlink" if e.errno in (errno.ELOOP, errno.ENOTDIR) else e.strerror
-        log.warning("no run log: %s is not usable (%s)", path, why)
+        if e.errno == errno.ELOOP or (e.errno == errno.ENOTDIR and os.path.islink(path)):
+            why = "it is a symlink; not followed"
+        elif e.errno == errno.ENOTDIR:
+            why = "it is not a directory"
+        else:
+            why = e.strerror or str(e)
+        warn(f"no run log: {path} is not usable ({why})")
         return None
     return fd
 
@@ -58,10 +63,17 @@ def _rotate(dir_fd: int, command: str) -> None:
 
 
 @contextmanager
-def run_log(backup_dir: Path, command: str) -> Iterator[Optional[Path]]:
+def run_log(backup_dir: Path, command: str,
+            warn: Optional[Callable[[str], None]] = None) -> Iterator[Optional[Path]]:
     """Attach a file log for one run of `command` in BACKUP_DIR; an error ending the run is
-    logged before it propagates. A log that cannot be written never fails the run."""
-    dir_fd = _open_dir(backup_dir)
+    logged before it propagates. A log that cannot be written never fails the run, but is
+    never silent either: `warn` gets one line saying why (e.g. logs/ is a symlink)."""
+    def problem(msg: str) -> None:
+        log.warning("%s", msg)
+        if warn is not None:
+            warn(msg)
+
+    dir_fd = _open_dir(backup_dir, problem)
     handler: Optional[logging.Handler] = None
     path: Optional[Path] = None
     if dir_fd is not None:
@@ -80,7 +92,7 @@ def run_log(backup_dir: Path, command: str) -> Iterator[Optional[Path]]:
             path = backup_dir / LOG_DIR / name
             _rotate(dir_fd, command)
         except OSError as e:
-            log.warning("no run log in %s: %s", backup_dir / LOG_DIR, e.strerror)
+            problem(f"no run log in {backup_dir / LOG_DIR}: {e.strerror}")
         finally:
             os.close(dir_fd)
     old_level = _root.level

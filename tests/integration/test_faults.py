@@ -142,17 +142,6 @@ class Chain:
             subprocess.run(["rm", "-rf", str(out)], check=False)
 
 
-@pytest.fixture
-def procs():
-    """Background CLI runs of a test; any still alive at the end is killed (by pid)."""
-    started: List[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
 def stop_libvirtd() -> None:
     """Stop the running libvirtd (by the pid in its pid file) and wait until it has exited."""
     pid = int(Path("/run/libvirtd.pid").read_text().strip())

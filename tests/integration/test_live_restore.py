@@ -4,11 +4,8 @@ the result needs no backup dir, interrupted or stopped live restores finish on r
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -17,9 +14,9 @@ import libvirt
 import pytest
 
 from tests.support import scratch
-from tests.support.helpers import ROOT, cli, snapshot_dir, take_backup
+from tests.support.helpers import cli, cli_bg, hmp_write, patched, snapshot_dir, take_backup
 from tests.support.schemas import validate
-from virtbackup import host, monitor, qemuimg
+from virtbackup import host, qemuimg
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -36,37 +33,6 @@ def live_names() -> Iterator[List[str]]:
             scratch.remove_domain(conn, n)
     finally:
         conn.close()
-
-
-@pytest.fixture
-def procs() -> Iterator[List[subprocess.Popen]]:
-    """CLI processes a test starts in the background; killed if still running at the end."""
-    started: List[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def cli_bg(procs: List[subprocess.Popen], *args: object) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "virtbackup.cli", *map(str, args)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    procs.append(p)
-    return p
-
-
-def hmp_write(dom: libvirt.virDomain, target: str, pattern: int, offset: int, length: int) -> None:
-    """A guest write: through the disk's qdev (the guest's path), then flush."""
-    alias = next(d.alias for d in host.domain_disks(dom.XMLDesc(0)) if d.target == target)
-    qdev = f"/machine/peripheral/{alias}/virtio-backend"
-    monitor.hmp(dom, f'qemu-io -d {qdev} "write -P {pattern:#04x} {offset} {length}"')
-    monitor.hmp(dom, f'qemu-io -d {qdev} "flush"')
-
-
-def patched(data: bytes, pattern: int, offset: int, length: int) -> bytes:
-    return data[:offset] + bytes([pattern]) * length + data[offset + length:]
 
 
 def wait_for(what: str, cond, timeout: float = 60.0, every: float = 0.02):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import sys
@@ -80,6 +81,17 @@ def test_run_log_of_a_failed_run_and_a_symlinked_log_dir(make_domain, tmp_path):
     os.symlink(elsewhere, bdir / "logs")
     r = cli("backup", d.name, bdir, "--level", "inc")
     assert r.rc == 0, r
+    assert list(elsewhere.iterdir()) == []
+    # ... and never silently: one warning line on stderr, and in the --json result
+    assert f"warning: no run log: {bdir / 'logs'} is not usable (it is a symlink; not followed)" in r.err, r
+    r = cli("backup", d.name, bdir, "--level", "inc", "--json")
+    assert r.rc == 0, r
+    assert any("it is a symlink" in w for w in json.loads(r.out)["warnings"]), r
+    r = cli("prune", bdir, "--keep", "2", "--json")
+    assert r.rc == 0, r
+    assert any("it is a symlink" in w for w in json.loads(r.out)["warnings"]), r
+    r = cli("prune", bdir, "--keep", "1")
+    assert r.rc == 0 and "warning: no run log" in r.err, r
     assert list(elsewhere.iterdir()) == []
 
 

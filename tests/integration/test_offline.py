@@ -390,7 +390,8 @@ def _disconnect_libvirt_clients_of(pid: int) -> int:
     admin = ["virt-admin", "-c", "libvirtd:///system"]
     out = subprocess.run([*admin, "client-list", "libvirtd"], capture_output=True, text=True, check=True).stdout
     dropped = 0
-    for line in out.splitlines()[2:]:
+    # newest first (ids grow): the backup's connection is among the last opened
+    for line in reversed(out.splitlines()[2:]):
         if not line.split():
             continue
         cid = line.split()[0]
@@ -409,11 +410,14 @@ def test_libvirt_connection_lost_during_offline_copy_reconnects(make_domain, tmp
     scratch.write_offline(d, "vda", 0x11, 0, 1 * MiB)
     backup(d.name, bdir, "full")
     prefix = cli("list", bdir, "--json").json()["points"][0]["checkpoint"][:-4]
-    scratch.write_offline(d, "vda", 0x22, 2 * MiB, 2 * MiB)
+    # ~6 s of copying at 1 MiB/s: virt-admin asks about every client of libvirtd one by one,
+    # which took longer than a 2 s copy on a loaded machine (seen: nothing left to drop)
+    scratch.write_offline(d, "vda", 0x22, 2 * MiB, 6 * MiB)
 
-    proc, _qpid = _start_slow_backup(d, bdir)       # ~2 s of copying
+    proc, _qpid = _start_slow_backup(d, bdir)
     try:
-        assert _disconnect_libvirt_clients_of(proc.pid) >= 1
+        dropped = _disconnect_libvirt_clients_of(proc.pid)
+        assert dropped >= 1, f"no libvirt connection of the backup found (still running: {proc.poll() is None})"
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

@@ -54,17 +54,6 @@ def sshd(tmp_path):
     s.stop()
 
 
-@pytest.fixture
-def procs():
-    started: List[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGCONT)
-            p.kill()
-            p.wait()
-
-
 def point_of(r) -> dict:
     assert r.rc == 0, r
     return r.json()["point"]

@@ -16,8 +16,8 @@ from typing import Dict, Iterator, List
 import pytest
 
 from tests.support import scratch
-from tests.support.helpers import ROOT, assert_point_restores, checkpoint_names, cli, snapshot_dir
-from virtbackup import host, monitor, qemuimg
+from tests.support.helpers import ROOT, assert_point_restores, checkpoint_names, cli, hmp_write, patched, snapshot_dir
+from virtbackup import host, qemuimg
 from virtbackup.chain import file_sha256
 from virtbackup.digest import file_digest
 
@@ -29,18 +29,6 @@ def backup(dom_name: str, bdir: Path, level: str) -> dict:
     r = cli("backup", dom_name, bdir, "--level", level, "--json")
     assert r.rc == 0, r
     return r.json()["point"]
-
-
-def hmp_write(dom, target: str, pattern: int, offset: int, length: int) -> None:
-    """Write into any running domain's disk through its qdev (the guest's path), then flush."""
-    alias = next(d.alias for d in host.domain_disks(dom.XMLDesc(0)) if d.target == target)
-    qdev = f"/machine/peripheral/{alias}/virtio-backend"
-    monitor.hmp(dom, f'qemu-io -d {qdev} "write -P {pattern:#04x} {offset} {length}"')
-    monitor.hmp(dom, f'qemu-io -d {qdev} "flush"')
-
-
-def patched(data: bytes, pattern: int, offset: int, length: int) -> bytes:
-    return data[:offset] + bytes([pattern]) * length + data[offset + length:]
 
 
 def assert_reads(image: Path, want: bytes) -> None:

@@ -164,3 +164,26 @@ def pause_job(dom: Any, proc: Optional[subprocess.Popen] = None, timeout: float 
             elif "not found" not in reply["error"]["desc"]:
                 return False      # concluded before we got to it
     return not pending and alive()
+
+
+def cli_bg(procs: List[subprocess.Popen], *args: object) -> subprocess.Popen:
+    """The CLI started in the background (output piped); `procs` (the fixture) kills it at the end."""
+    cmd = [sys.executable, "-m", "virtbackup.cli", *map(str, args)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    procs.append(p)
+    return p
+
+
+def hmp_write(dom: Any, target: str, pattern: int, offset: int, length: int) -> None:
+    """Write into any running domain's disk through its qdev (the guest's path), then flush."""
+    from virtbackup import host, monitor
+    alias = next(d.alias for d in host.domain_disks(dom.XMLDesc(0)) if d.target == target)
+    qdev = f"/machine/peripheral/{alias}/virtio-backend"
+    monitor.hmp(dom, f'qemu-io -d {qdev} "write -P {pattern:#04x} {offset} {length}"')
+    monitor.hmp(dom, f'qemu-io -d {qdev} "flush"')
+
+
+def patched(data: bytes, pattern: int, offset: int, length: int) -> bytes:
+    """`data` with `length` bytes of `pattern` written at `offset`."""
+    return data[:offset] + bytes([pattern]) * length + data[offset + length:]

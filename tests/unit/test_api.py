@@ -88,7 +88,8 @@ def test_list_needs_neither_libvirt_nor_lxml_and_result_types_still_import(tmp_p
             "assert not heavy, heavy\n"
             "from virtbackup.api import BackupResult, RestoreResult, PointFiles, Notify\n"
             "assert BackupResult.__module__ == 'virtbackup.backup'\n"
-            "try:\n    a.NoSuchThing\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no AttributeError')\n")
+            "try:\n    a.NoSuchThing\nexcept AttributeError:\n    pass\n"
+            "else:\n    raise SystemExit('no AttributeError')\n")
     subprocess.run([sys.executable, "-c", code], check=True)
     for name in api.__all__:
         assert getattr(api, name) is not None, name
