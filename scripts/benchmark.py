@@ -140,23 +140,41 @@ def full_vs_convert(b: Bench, disk: int, data: int) -> Path:
     fill(d, "vda", data)
     src = d.disk_path("vda")
     last = b.work / "full-none"
-    for i in range(b.reps):
-        out = b.work / "conv.qcow2"
+    out = b.work / "conv.qcow2"
+
+    def convert_flushed() -> None:
         run("sync")
         b.add("convert_flushed_s", timed(lambda: run("qemu-img", "convert", "-U", "-t", "writeback", "-O", "qcow2",
                                                      src, out)))
         out.unlink()
-        run("sync")
-        last = b.work / f"full{i}"
-        b.add("full_backup_s", timed(lambda: run(*CLI, "backup", d.name, last, "--level", "full")))
-        job = job_seconds(last)
-        if job is not None:   # QEMU's part (the copy, and the flush when it closes the target)
-            b.add("full_backup_push_job_s", job)
+
+    def convert_unflushed() -> None:
         run("sync")
         b.add("convert_unflushed_s", timed(lambda: run("qemu-img", "convert", "-U", "-O", "qcow2", src, out)))
         out.unlink()
-        if i < b.reps - 1:
+
+    def full_backup(i: int) -> Path:
+        run("sync")
+        bdir = b.work / f"full{i}"
+        b.add("full_backup_s", timed(lambda: run(*CLI, "backup", d.name, bdir, "--level", "full")))
+        job = job_seconds(bdir)
+        if job is not None:   # QEMU's part (the copy, and the flush when it closes the target)
+            b.add("full_backup_push_job_s", job)
+        return bdir
+
+    # the order alternates (ABC, CBA, ...): whatever one run leaves behind (page cache, the
+    # previous file's discards) falls on each figure alike
+    for i in range(b.reps):
+        if i:
             shutil.rmtree(last)
+        if i % 2 == 0:
+            convert_flushed()
+            last = full_backup(i)
+            convert_unflushed()
+        else:
+            convert_unflushed()
+            last = full_backup(i)
+            convert_flushed()
     b.target("full backup / flushed qemu-img convert (medians)",
              b.median("full_backup_s") / b.median("convert_flushed_s"), 1.5, "x")
     if "full_backup_push_job_s" in b.runs:

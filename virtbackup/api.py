@@ -127,7 +127,7 @@ def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[s
     require (fail, nothing recorded, when the guest can't be frozen), off (see quiesce.py).
     `mode`: push | pull (None: push for a local libvirtd, pull for a remote URI); `scratch_dir`:
     where a pull backup's scratch files go on the hypervisor (default: beside each disk image).
-    `max_speed`: bytes/s per disk, push and offline (bounds the backup's storage bandwidth).
+    `max_speed`: bytes/s per disk (push and offline: QEMU's copy job; pull: our NBD reads).
     `encrypt` with `key` starts an encrypted chain (LUKS qcow2); every later point of an
     encrypted directory needs that `key` (push mode only: pull refuses an encrypted chain).
     """
@@ -225,6 +225,7 @@ def repair(domain: str, backup_dir: Path, dry_run: bool = False, uri: Optional[s
     Failed actions are reported in the result (`ok`, `failure`), not raised."""
     from . import health, host
     from .domain import LibvirtDomain
+    from .health import RepairReport
     bdir = BackupDir(user_path(backup_dir, "BACKUP_DIR"))
     chain = bdir.load()
     with host.connection(uri) as conn:

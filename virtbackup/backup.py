@@ -355,12 +355,12 @@ def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: O
                key: Optional[crypto.Key] = None) -> Runner:
     """The push job (or the pull job, `mode` pull) for a running domain, frozen around its start
     by `quiesce`; a private QEMU for a shut-off one (consistent by nature; it gets the key of an
-    encrypted chain). `max_speed`: bytes/s per disk (push and offline). Pull mode never gets an
-    encrypted chain (`_refuse_encrypted_pull`)."""
+    encrypted chain). `max_speed`: bytes/s per disk (push and offline: QEMU's job speed; pull:
+    what our NBD client reads). Pull mode never gets an encrypted chain (`_refuse_encrypted_pull`)."""
     if handle.dom.isActive():
         if mode == "pull":   # libvirt exports the disks over NBD, we copy (pull.py)
             from .pull import PullRunner
-            return PullRunner(handle, bdir.path / POINTS_DIR, notify, scratch_dir, quiesce)
+            return PullRunner(handle, bdir.path / POINTS_DIR, notify, scratch_dir, quiesce, max_speed)
         return PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce, max_speed)
     if mode == "pull":
         notify("domain is shut off: backing up its images offline, not over NBD")
@@ -415,8 +415,6 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
             raise UsageError(f"--scratch-dir must be an absolute path on the hypervisor, not '{scratch_dir}'")
     if max_speed is not None and max_speed <= 0:
         raise UsageError(f"--max-speed must be a positive number of bytes per second, not {max_speed}")
-    if max_speed is not None and mode == "pull":
-        raise UsageError("--max-speed is for push mode and offline backups, not --mode pull")
     say: Notify = notify or (lambda _m: None)
     bdir = BackupDir(backup_dir)
     must_create = bdir.check_usable()

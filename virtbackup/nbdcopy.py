@@ -320,14 +320,41 @@ class _Pump:
                     self.error = f"connection to {name} lost: {_message(e)}"
 
 
+class Pacer:
+    """Reads at no more than `speed` bytes/s: a token bucket that holds at most `burst` bytes
+    (one request: no request ever waits for more than the bucket can hold). Zeroed extents move
+    no data and are not counted."""
+
+    def __init__(self, speed: Optional[int], burst: int):
+        self.speed = speed
+        self.burst = burst
+        self.tokens = float(burst)
+        self.last: Optional[float] = None
+
+    def wait_for(self, n: int) -> float:
+        """Seconds until a read of `n` (<= burst) bytes may start (0: now)."""
+        if not self.speed:
+            return 0.0
+        now = time.monotonic()
+        if self.last is not None:
+            self.tokens = min(float(self.burst), self.tokens + (now - self.last) * self.speed)
+        self.last = now
+        return max(0.0, (n - self.tokens) / self.speed)
+
+    def took(self, n: int) -> None:
+        self.tokens -= n
+
+
 def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
          should_stop: Optional[StopCheck] = None, progress: Optional[Progress] = None,
-         request_size: int = REQUEST_SIZE, max_in_flight: int = MAX_IN_FLIGHT) -> CopyStats:
+         request_size: int = REQUEST_SIZE, max_in_flight: int = MAX_IN_FLIGHT,
+         max_speed: Optional[int] = None) -> CopyStats:
     """Copy the export into `target` (see the module doc); flushed before returning.
 
     `bitmap` is the dirty-bitmap meta context (e.g. `qemu:dirty-bitmap:backup-vda`): given, only
     dirty extents are copied and the target must have the previous image as backing; not
-    given, the target must be empty and unbacked. Raises NbdError (with what failed and where)
+    given, the target must be empty and unbacked. `max_speed`: bytes/s read from the source
+    (a token bucket of one request; see Pacer). Raises NbdError (with what failed and where)
     or CopyStopped; the target's content is then undefined and the caller discards it.
     """
     nbd = _nbd()
@@ -340,6 +367,7 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
         stats = CopyStats(size=size)
         pump: Optional[_Pump] = None     # and the target server: started at the first run found
         pending: Deque[Tuple[int, int, bool]] = deque()
+        pacer = Pacer(max_speed, request_size)
         status_at = 0           # block status known up to here
         todo = 0                # bytes found to copy so far (grows as status is read)
         while True:
@@ -365,12 +393,23 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
                     raise NbdError(f"target {target} ({d.get_size()} bytes) is smaller than "
                                    f"{src.describe()} ({size} bytes)")
                 pump = _Pump(s, d, f"NBD {src.describe()}", str(target), stats)
+            wait = 0.2
             while pending and pump.in_flight < max_in_flight:
-                off, n, zero = pending.popleft()
+                off, n, zero = pending[0]
+                if not zero:
+                    later = pacer.wait_for(n)
+                    if later > 0:
+                        wait = min(wait, later)
+                        break
+                    pacer.took(n)
+                pending.popleft()
                 (pump.zero if zero else pump.read)(off, n)
             if not pending and status_at >= size and pump.in_flight == 0 and not pump.to_write:
                 break
-            pump.step(0.2)
+            if pump.in_flight == 0 and not pump.to_write:
+                time.sleep(wait)        # paced, nothing on the wire to wait for
+            else:
+                pump.step(wait)
             if progress:
                 progress(pump.done_bytes, todo)
         if d is not None:

@@ -81,8 +81,10 @@ class PullRunner:
     transport: Transport = "pull"
 
     def __init__(self, handle: DomainHandle, points_dir: Path, notify: Notify,
-                 scratch_dir: Optional[str] = None, quiesce: Optional["Quiescer"] = None):
+                 scratch_dir: Optional[str] = None, quiesce: Optional["Quiescer"] = None,
+                 max_speed: Optional[int] = None):
         self.handle = handle
+        self.max_speed = max_speed      # bytes/s read per disk (nbdcopy.Pacer)
         self.points_dir = points_dir
         self.notify = notify
         self.scratch_dir = scratch_dir
@@ -271,7 +273,7 @@ class PullRunner:
                     raise BackupFailed(f"libvirt exported disk {t.name} without its dirty bitmap")
                 ep = nbdcopy.Endpoint(export, socket=server.socket, host=server.host, port=server.port)
                 return nbdcopy.copy(ep, t.target, None if t.whole else f"qemu:dirty-bitmap:{bitmap}",
-                                    should_stop=stop)
+                                    should_stop=stop, max_speed=self.max_speed)
             except BaseException:
                 failed.set()
                 raise

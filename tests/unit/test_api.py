@@ -93,3 +93,30 @@ def test_list_needs_neither_libvirt_nor_lxml_and_result_types_still_import(tmp_p
     subprocess.run([sys.executable, "-c", code], check=True)
     for name in api.__all__:
         assert getattr(api, name) is not None, name
+
+
+def test_api_functions_import_at_run_time_what_they_use():
+    """Names api.py imports only for the type checker (TYPE_CHECKING) must be imported in the
+    function body that uses them outside an annotation (a NameError otherwise, which mypy and
+    ruff don't see: it once hit `repair`)."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(api))
+    typing_only = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for imp in ast.walk(node):
+                if isinstance(imp, (ast.Import, ast.ImportFrom)):
+                    typing_only |= {a.asname or a.name.split(".")[0] for a in imp.names}
+    assert "RepairReport" in typing_only
+    problems = []
+    for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+        imported = {a.asname or a.name.split(".")[0] for imp in ast.walk(fn)
+                    if isinstance(imp, (ast.Import, ast.ImportFrom)) for a in imp.names}
+        annotations = {id(a) for n in ast.walk(fn) if isinstance(n, ast.AnnAssign) for a in ast.walk(n.annotation)}
+        for stmt in fn.body:
+            for n in ast.walk(stmt):
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and id(n) not in annotations \
+                        and n.id in typing_only and n.id not in imported:
+                    problems.append(f"{fn.name}: {n.id} (line {n.lineno})")
+    assert not problems, problems

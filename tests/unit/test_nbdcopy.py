@@ -63,3 +63,27 @@ def test_missing_context_answer_is_an_error():
         assert "no block status" in str(e)
     else:
         raise AssertionError("an incremental without bitmap status must not copy")
+
+
+def test_pacer_holds_reads_to_the_speed_with_one_request_of_burst(monkeypatch):
+    from virtbackup import nbdcopy
+    now = [100.0]
+    monkeypatch.setattr(nbdcopy.time, "monotonic", lambda: now[0])
+    p = nbdcopy.Pacer(4 << 20, 4 << 20)           # 4 MiB/s, a bucket of one 4 MiB request
+    assert p.wait_for(4 << 20) == 0.0             # the first request goes at once
+    p.took(4 << 20)
+    assert p.wait_for(4 << 20) == 1.0             # the next one a second later
+    now[0] += 0.5
+    assert p.wait_for(4 << 20) == 0.5
+    now[0] += 0.5
+    assert p.wait_for(4 << 20) == 0.0
+    p.took(4 << 20)
+    now[0] += 10                                  # idle time is not banked beyond one request
+    assert p.wait_for(4 << 20) == 0.0
+    p.took(4 << 20)
+    assert p.wait_for(1 << 20) == 0.25
+    slow = nbdcopy.Pacer(1 << 20, 4 << 20)        # slower than one request per second
+    slow.took(4 << 20)
+    assert slow.wait_for(4 << 20) == 4.0
+    unpaced = nbdcopy.Pacer(None, 4 << 20)
+    assert unpaced.wait_for(1 << 40) == 0.0       # no limit: never waits
