@@ -322,6 +322,9 @@ def guest_impact(b: Bench, disk: int, data: int, speeds: List[int]) -> None:
         t = during(["--mode", "pull"])
         if t is not None:
             b.add("guest_write_64mib_during_full_pull_s", t)
+        t = during(["--mode", "pull", "--max-speed", speeds[0]])   # our reads paced too
+        if t is not None:
+            b.add(f"guest_write_64mib_during_full_pull_max_speed_{speeds[0] // MiB}mib_s", t)
     idle = b.median("guest_write_64mib_idle_s")
     for name in sorted(b.runs):
         if name.startswith("guest_write_64mib_during"):

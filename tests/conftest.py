@@ -12,6 +12,16 @@ from typing import Callable, Dict, Iterator, List, Optional
 import pytest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A run started as a background job of a non-interactive shell (`sh -c 'pytest ... &'`)
+    inherits SIGINT ignored, and so would every CLI the tests start: Python then never raises
+    KeyboardInterrupt and the Ctrl-C tests fail for the wrong reason (seen here). Give this
+    process Python's own handler: a handler is reset to the default across exec, so the children
+    start as from a terminal."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
     """Everything under tests/integration needs libvirtd and QEMU: mark it (`-m "not integration"`
     runs the unit tests alone)."""
