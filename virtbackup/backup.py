@@ -90,6 +90,7 @@ class Engine:
         self.quiesce = quiesce          # records the point's consistency (the runner freezes)
         self.key = key                  # set: every target is LUKS-encrypted with it
         self.iter_time = iter_time      # the chain's LUKS key derivation time
+        self._paused_before = False     # the guest was paused by an I/O error before our job
 
     def _encrypted(self, plan: BackupPlan) -> BackupPlan:
         """The plan with every target LUKS-encrypted, keyed by a libvirt secret of this UUID
@@ -232,6 +233,7 @@ class Engine:
                     sha256="", source=dp.disk.source or "", copied_full=dp.backing is None,
                     full_reason=dp.why_full if dp.backing is None and plan.level != "full" else None)
             job_started = time.monotonic()
+            self._paused_before = _ioerror_paused(self.handle.dom)
             with self._job_secret(plan), host.signals_noted(self.runner.interrupt):   # wake the wait: abort, roll back
                 self.runner.start(plan)
                 self.runner.wait()
@@ -345,9 +347,41 @@ class Engine:
                 warn = f"could not delete checkpoint {plan.checkpoint}: {host.libvirt_message(e)}"
             if warn:
                 self._warn(warn + " (the next run removes it)")
+            self._resume_if_paused_by_us()
         finally:
             for d in (plan.work_dir, plan.final_dir):
                 shutil.rmtree(d, ignore_errors=True)
+
+    def _resume_if_paused_by_us(self) -> None:
+        """A guest write that has to copy its old data into a full target (push mode: the backup
+        target; pull: the scratch file) fails with ENOSPC inside QEMU's copy-before-write filter,
+        and QEMU's default error policy then pauses the guest (seen with the test guest and an
+        8 MiB target). With the job gone the write goes to the disk only: resume, so a failed
+        backup never leaves the guest paused. Only a pause that began during our job."""
+        if self._paused_before:
+            return
+        dom = self.handle.dom
+        try:
+            if not _ioerror_paused(dom):
+                return
+            host.call(dom.resume)
+        except libvirt.libvirtError as e:
+            self._warn(f"the guest was paused by an I/O error during the backup and could not be resumed: "
+                       f"{host.libvirt_message(e)}; resume it with 'virsh resume {dom.name()}'")
+            return
+        self._warn("the guest was paused by an I/O error during the backup (a guest write could not "
+                   "copy its old data into the full backup target); resumed it now that the job is gone")
+        if self.quiesce is not None:
+            self.quiesce.retry_thaw()    # a thaw the pause cut short
+
+
+def _ioerror_paused(dom: libvirt.virDomain) -> bool:
+    """The domain is paused because an I/O error stopped it (QEMU's werror/rerror policy)."""
+    try:
+        state, reason = dom.state()
+    except libvirt.libvirtError:
+        return False
+    return bool(state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR)
 
 
 def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: Optional[Quiescer] = None,

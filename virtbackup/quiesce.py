@@ -221,6 +221,7 @@ class Quiescer:
         self.timeout = timeout or freeze_timeout()
         self.result: Consistency = Consistency(CRASH, "not quiesced")
         self.warnings: List[str] = []
+        self._thaw_failed: Optional[str] = None   # the warning of a thaw that failed (retry_thaw)
         self._active = bool(dom.isActive())
         self._channel = has_agent_channel(dom.XMLDesc(0))
 
@@ -321,9 +322,23 @@ class Quiescer:
                    f"'virtbackup thaw {name}' (the next backup of it also thaws first)")
             self.warnings.append(msg)
             self.notify(f"warning: {msg}")
+            self._thaw_failed = msg
             return False
         _remove_marker(uuid)
         return True
+
+    def retry_thaw(self) -> None:
+        """Try again a thaw that failed, e.g. because the guest was paused (an I/O error) while
+        the agent answered; the engine calls this once it has resumed the guest. On success the
+        earlier warning is taken back and the marker removed."""
+        failed, self._thaw_failed = self._thaw_failed, None
+        if failed is None:
+            return
+        name, uuid = self.dom.name(), self.dom.UUIDString()
+        if failed in self.warnings:
+            self.warnings.remove(failed)
+        if self._thaw_or_warn(name, uuid):
+            self.notify(f"thawed domain '{name}' on a second attempt")
 
     def record(self, point: Any) -> None:
         """Put the outcome on the point (its optional chain fields)."""
