@@ -205,6 +205,8 @@ class Engine:
 
     def _run(self, chain: Chain, level: RequestedLevel, only: Sequence[str], reason: Optional[str]) -> BackupResult:
         started_plan = time.monotonic()
+        # a guest an I/O error paused before this run is not ours to resume (_rollback)
+        self._paused_before = _ioerror_paused(self.handle.dom)
         plan = self._encrypted(plan_backup(LibvirtDomain(self.handle.dom), chain, self.bdir, level, only, reason))
         log.info("plan: point %s, %s backup%s, transport %s, checkpoint %s", plan.point_id, plan.level,
                  f" from checkpoint {plan.base_checkpoint}" if plan.base_checkpoint else "",
@@ -233,7 +235,6 @@ class Engine:
                     sha256="", source=dp.disk.source or "", copied_full=dp.backing is None,
                     full_reason=dp.why_full if dp.backing is None and plan.level != "full" else None)
             job_started = time.monotonic()
-            self._paused_before = _ioerror_paused(self.handle.dom)
             with self._job_secret(plan), host.signals_noted(self.runner.interrupt):   # wake the wait: abort, roll back
                 self.runner.start(plan)
                 self.runner.wait()
