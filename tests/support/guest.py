@@ -473,21 +473,8 @@ class Guest:
 
     def remove(self) -> None:
         """Destroy, undefine (with checkpoint metadata), delete disk and log. Never raises."""
-        try:
-            dom = self.conn.lookupByName(self.name)
-        except libvirt.libvirtError:
-            dom = None
-        if dom is not None:
-            try:
-                if dom.isActive():
-                    dom.destroy()
-            except libvirt.libvirtError:
-                pass
-            try:
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-                                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-            except libvirt.libvirtError:
-                pass
+        from tests.support.scratch import remove_domain
+        remove_domain(self.conn, self.name)
         for p in (self.disk, self.console_log, self.control_socket):
             try:
                 p.unlink()
