@@ -27,7 +27,7 @@ import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo: tests.support
 from tests.support import scratch  # noqa: E402
-from virtbackup import host  # noqa: E402
+from virtbackup.virt import host  # noqa: E402
 
 MiB = 1 << 20
 CLI = [sys.executable, "-m", "virtbackup.cli"]

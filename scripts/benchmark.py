@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo: te
 import libvirt  # noqa: E402
 
 from tests.support import scratch  # noqa: E402
-from virtbackup import host  # noqa: E402
+from virtbackup.virt import host  # noqa: E402
 
 MiB = 1 << 20
 CLI = [sys.executable, "-m", "virtbackup.cli"]
@@ -378,8 +378,8 @@ def restore_check(b: Bench, disk: int, data: int) -> None:
     image, hashed while the copy is made): the restore command with the check, the plain
     `qemu-img convert` of the point's image (a restore without any check), and the check alone
     (in-process); interleaved, `sync` before each; for a full and for a 50-link chain."""
-    from virtbackup import integrity
-    from virtbackup.chain import BackupDir
+    from virtbackup.store import integrity
+    from virtbackup.store.chain import BackupDir
     d = b.domain({"vda": disk})
     fill(d, "vda", data)
     bdir = b.work / "full-rc"

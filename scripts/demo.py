@@ -18,8 +18,9 @@ from typing import Dict
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo: tests.support
 
 from tests.support import scratch  # noqa: E402
-from virtbackup import api, host  # noqa: E402
+from virtbackup import api
 from virtbackup.errors import VirtBackupError  # noqa: E402
+from virtbackup.virt import host  # noqa: E402
 
 MiB = 1 << 20
 

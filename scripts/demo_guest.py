@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.support import guest  # noqa: E402
-from virtbackup import api, host  # noqa: E402
+from virtbackup import api  # noqa: E402
 from virtbackup.errors import VirtBackupError  # noqa: E402
+from virtbackup.virt import host  # noqa: E402
 
 
 def say(msg: str) -> None:

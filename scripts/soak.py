@@ -46,10 +46,11 @@ sys.path.insert(0, str(ROOT))
 import libvirt  # noqa: E402
 
 from tests.support import scratch  # noqa: E402
-from virtbackup import api, bitmaps, checkpoints, host  # noqa: E402
-from virtbackup.chain import BackupDir, Chain  # noqa: E402
-from virtbackup.domain import eligible_disks  # noqa: E402
+from virtbackup import api  # noqa: E402
 from virtbackup.errors import VirtBackupError  # noqa: E402
+from virtbackup.store.chain import BackupDir, Chain  # noqa: E402
+from virtbackup.virt import bitmaps, checkpoints, host  # noqa: E402
+from virtbackup.virt.domain import eligible_disks  # noqa: E402
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -449,7 +450,7 @@ class Soak:
             out = self.outs / f"{d.name}-{p.id}"
             bad = self.damaged_points(d, ch, p.id)
             try:
-                api.restore_point(d.bdir, out, p.id)
+                api.restore(d.bdir, out, p.id)
                 rc, msg = 0, ""
             except VirtBackupError as e:
                 rc, msg = e.exit_code, str(e)

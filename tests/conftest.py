@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item
 @pytest.fixture
 def conn():
     """A connection per test: one test restarting libvirtd must not break the next."""
-    from virtbackup import host
+    from virtbackup.virt import host
     c = host.connect()
     yield c
     try:
@@ -56,7 +56,7 @@ def make_domain(conn, tmp_path) -> Iterator[Callable[..., "object"]]:
 
     yield make
     # a fresh connection: a test may have restarted libvirtd, which kills the session's one
-    from virtbackup import host
+    from virtbackup.virt import host
     fresh = host.connect()
     try:
         for d in made:

@@ -19,33 +19,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TypeVar, cast
 
+from virtbackup.errors import HostError, OperationFailed, VirtBackupError
+from virtbackup.qemu.keys import Key
+
 # Only what `list` needs is imported here: every operation imports its module (and libvirt,
 # lxml, tenacity, libguestfs) when it is called, so a command pays only for what it runs
 # (`list` does not load libvirt at all). The result types are importable from here as before,
 # loaded on first access (see __getattr__ at the end).
-from .chain import BackupDir, Chain, Point, dir_lock, domain_lock, point_json, user_path
-from .crypto import ChainEncryption, Key
-from .errors import HostError, OperationFailed, VirtBackupError
+from virtbackup.store.chain import BackupDir, Chain, Point, dir_lock, domain_lock, point_json, user_path
+from virtbackup.store.crypto import ChainEncryption
 
 if TYPE_CHECKING:
     import libvirt
 
-    from .backup import BackupResult
-    from .drill import DrillResult
-    from .files import FilesystemList, GetResult, ListResult, PointFiles, Status
-    from .health import RepairReport, StatusReport
-    from .jobs import Job, JobPlan, RunResult, Watcher
-    from .liverestore import LiveResult, Progress
-    from .plan import RequestedLevel
-    from .quiesce import ThawResult
-    from .restore import FlattenResult, RestoreResult
-    from .retention import PruneResult
-    from .runner import Notify
-    from .verify import VerifyResult
+    from virtbackup.backup import BackupResult
+    from virtbackup.drill import DrillResult
+    from virtbackup.files import FilesystemList, GetResult, ListResult, PointFiles, Status
+    from virtbackup.health import RepairReport, StatusReport
+    from virtbackup.jobs import Job, JobPlan, RunResult, Watcher
+    from virtbackup.liverestore import LiveResult, Progress
+    from virtbackup.options import RequestedLevel
+    from virtbackup.restore import FlattenResult, RestoreResult
+    from virtbackup.runners.base import Notify
+    from virtbackup.store.retention import PruneResult
+    from virtbackup.store.verify import VerifyResult
+    from virtbackup.virt.quiesce import ThawResult
 
 __all__ = [
     # operations
-    "backup", "list_points", "restore", "restore_point", "verify", "verify_backup", "prune", "flatten",
+    "backup", "list_points", "restore", "verify", "prune", "flatten",
     "status", "repair", "load_job", "run_job", "plan_job", "thaw", "drill", "live_restore", "resume_live",
     "files_filesystems", "files_ls", "files_get", "files_cat", "open_point_files",
     # results and helpers
@@ -73,7 +75,7 @@ def _boundary(fn: F) -> F:
         except Exception as e:
             lv = sys.modules.get("libvirt")     # not imported: no libvirtError can have been raised
             if lv is not None and isinstance(e, lv.libvirtError):
-                from . import host
+                from virtbackup.virt import host
                 raise HostError(f"libvirt: {host.libvirt_message(e)}") from e
             raise
     return cast(F, wrapper)
@@ -108,7 +110,7 @@ def chain_json(chain: Chain) -> Dict[str, Any]:
 def read_key(spec: str) -> Key:
     """The passphrase of an encrypted backup from a key file (`-`: stdin, never a terminal);
     UsageError (exit 2) for a symlink, a file others can read, empty or binary content."""
-    from .crypto import read_key as _read_key
+    from virtbackup.store.crypto import read_key as _read_key
     return _read_key(spec)
 
 
@@ -131,7 +133,7 @@ def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[s
     `encrypt` with `key` starts an encrypted chain (LUKS qcow2); every later point of an
     encrypted directory needs that `key` (push mode only: pull refuses an encrypted chain).
     """
-    from .backup import backup as _backup
+    from virtbackup.backup import backup as _backup
     return _backup(uri, domain, user_path(backup_dir, "BACKUP_DIR"), level, disks, notify, reason, quiesce,
                    mode, scratch_dir, max_speed, encrypt=encrypt, key=key)
 
@@ -144,22 +146,12 @@ def list_points(backup_dir: Path) -> PointList:
 
 
 @_boundary
-def restore(backup_dir: Path, output_dir: Path, point: Optional[str] = None,
-            disks: Sequence[str] = (), key: Optional[Key] = None) -> RestoreResult:
-    """Restore a point (id, `latest`, ISO 8601 time) as standalone OUTPUT_DIR/<disk>.qcow2
-    (decrypted; an encrypted backup needs its `key`)."""
-    from .restore import restore as _restore
-    return _restore(user_path(backup_dir, "BACKUP_DIR"), user_path(output_dir, "OUTPUT_DIR"), point, disks,
-                    key=key)
-
-
-@_boundary
-def restore_point(backup_dir: Path, output_dir: Path, point: Optional[str] = None, disks: Sequence[str] = (),
-                  instant: bool = False, define: Optional[str] = None, start: bool = False,
-                  uri: Optional[str] = None, salvage: bool = False, key: Optional[Key] = None,
-                  encrypt: bool = False) -> RestoreResult:
-    """`restore` plus: `instant` (overlays on the backup images, no copy) and `define` NAME
-    (a new domain on the restored disks: new UUID and MACs), `start` it.
+def restore(backup_dir: Path, output_dir: Path, point: Optional[str] = None, disks: Sequence[str] = (),
+            instant: bool = False, define: Optional[str] = None, start: bool = False,
+            uri: Optional[str] = None, salvage: bool = False, key: Optional[Key] = None,
+            encrypt: bool = False) -> RestoreResult:
+    """Restore a point as standalone OUTPUT_DIR/<disk>.qcow2; or `instant` (overlays on the backup
+    images, no copy); `define` NAME: a new domain on the restored disks (new UUID and MACs), `start` it.
 
     `point` is an id, `latest`, or an ISO 8601 time (the newest point at or before it).
     `salvage`: when images are damaged, restore the disks whose images are intact (the result's
@@ -168,25 +160,19 @@ def restore_point(backup_dir: Path, output_dir: Path, point: Optional[str] = Non
     (LUKS, same key). `instant`, and `define` with `encrypt`, are refused for encrypted backups
     (the domain would need the key stored in libvirt).
     """
-    from .restore import restore as _restore
+    from virtbackup.restore import restore as _restore
     return _restore(user_path(backup_dir, "BACKUP_DIR"), user_path(output_dir, "OUTPUT_DIR"), point, disks,
                     instant=instant, define=define, start=start, uri=uri, salvage=salvage, key=key,
                     encrypt=encrypt)
 
 
 @_boundary
-def verify(backup_dir: Path, point: Optional[str] = None, key: Optional[Key] = None) -> VerifyResult:
-    """Check every image (or one point's chain): qemu-img check, backing links, hashes.
-    Damage is reported in the result (`ok`, `damage`), not raised. `key`: of an encrypted backup."""
-    from .verify import verify as _verify
-    return _verify(user_path(backup_dir, "BACKUP_DIR"), point, key=key)
-
-
-@_boundary
-def verify_backup(backup_dir: Path, point: Optional[str] = None, deep: bool = False,
-                  key: Optional[Key] = None) -> VerifyResult:
-    """`verify`; `deep` also reads every point's whole chain through qemu."""
-    from .verify import verify as _verify
+def verify(backup_dir: Path, point: Optional[str] = None, deep: bool = False,
+           key: Optional[Key] = None) -> VerifyResult:
+    """Check every image (or one point's chain): qemu-img check, backing links, hashes; `deep` also
+    reads every point's whole chain through qemu. Damage is reported in the result (`ok`, `damage`),
+    not raised. `key`: of an encrypted backup."""
+    from virtbackup.store.verify import verify as _verify
     return _verify(user_path(backup_dir, "BACKUP_DIR"), point, deep=deep, key=key)
 
 
@@ -195,8 +181,8 @@ def prune(backup_dir: Path, keep: int = 0, keep_daily: int = 0, keep_weekly: int
           dry_run: bool = False, keep_monthly: int = 0, key: Optional[Key] = None) -> PruneResult:
     """Drop the points the policy does not keep, merging them into kept points that depend on them.
     An encrypted backup needs its `key` (unless `dry_run`); rewritten images stay encrypted."""
-    from .retention import Policy
-    from .retention import prune as _prune
+    from virtbackup.store.retention import Policy
+    from virtbackup.store.retention import prune as _prune
     return _prune(user_path(backup_dir, "BACKUP_DIR"), Policy(keep, keep_daily, keep_weekly, keep_monthly),
                   dry_run, key)
 
@@ -204,14 +190,15 @@ def prune(backup_dir: Path, keep: int = 0, keep_daily: int = 0, keep_weekly: int
 @_boundary
 def flatten(image: Path) -> FlattenResult:
     """Copy an overlay's backing data into it and drop the backing link (e.g. after --instant)."""
-    from .restore import flatten as _flatten
+    from virtbackup.restore import flatten as _flatten
     return _flatten(user_path(image, "IMAGE"))
 
 
 @_boundary
 def status(domain: str, uri: Optional[str] = None) -> StatusReport:
     """Each disk's bitmaps (flags, dirty bytes, owner) and every checkpoint of DOMAIN."""
-    from . import health, host
+    from virtbackup import health
+    from virtbackup.virt import host
     with host.connection(uri) as conn:
         dom = host.lookup_domain(conn, domain)
         _refuse_remote_inactive(uri, dom, "status")
@@ -223,9 +210,10 @@ def repair(domain: str, backup_dir: Path, dry_run: bool = False, uri: Optional[s
     """Make this backup dir's libvirt state clean (only its own checkpoints and bitmaps):
     delete unneeded or broken checkpoints, remove orphaned bitmaps, redefine lost checkpoints.
     Failed actions are reported in the result (`ok`, `failure`), not raised."""
-    from . import health, host
-    from .domain import LibvirtDomain
-    from .health import RepairReport
+    from virtbackup import health
+    from virtbackup.health import RepairReport
+    from virtbackup.virt import host
+    from virtbackup.virt.domain import LibvirtDomain
     bdir = BackupDir(user_path(backup_dir, "BACKUP_DIR"))
     chain = bdir.load()
     with host.connection(uri) as conn:
@@ -244,7 +232,7 @@ def repair(domain: str, backup_dir: Path, dry_run: bool = False, uri: Optional[s
 @_boundary
 def load_job(job_file: Path) -> "Job":
     """Read and validate a job file (TOML); `jobs.JobFileError` (exit 2) names file, line and key."""
-    from .jobs import load_job as _load
+    from virtbackup.jobs import load_job as _load
     return _load(Path(job_file))
 
 
@@ -253,21 +241,21 @@ def run_job(job: "Job", uri: Optional[str] = None, domains: Sequence[str] = (),
             watch: Optional["Watcher"] = None) -> "RunResult":
     """Back up (then prune) every domain the job selects, `parallel` at a time; `domains` narrows
     the selection. One domain's failure never stops another; the result says what each did."""
-    from .jobs import run as _run
+    from virtbackup.jobs import run as _run
     return _run(job, uri, domains, watch)
 
 
 @_boundary
 def plan_job(job: "Job", uri: Optional[str] = None, domains: Sequence[str] = ()) -> "JobPlan":
     """What `run_job` would do for each domain and why (level, points a prune would drop); reads only."""
-    from .jobs import dry_run as _dry
+    from virtbackup.jobs import dry_run as _dry
     return _dry(job, uri, domains)
 
 @_boundary
 def thaw(domain: str, uri: Optional[str] = None) -> ThawResult:
     """Thaw DOMAIN's filesystems through its guest agent (e.g. a run was killed while it was
     frozen); removes the frozen marker such a run left, unless a run holds the domain now."""
-    from .quiesce import thaw as _thaw
+    from virtbackup.virt.quiesce import thaw as _thaw
     return _thaw(uri, domain)
 
 
@@ -278,7 +266,7 @@ def drill(backup_dir: Path, point: Optional[str] = None, timeout: float = 300, c
     agent answers within `timeout` s and `check` (a shell command run in the guest) exits 0.
     A failed drill is reported in the result (`ok`, `stage`, `failure`), not raised; bad input
     (e.g. the point's domain has no agent channel) raises (exit 2)."""
-    from .drill import drill as _drill
+    from virtbackup.drill import drill as _drill
     return _drill(user_path(backup_dir, "BACKUP_DIR"), point, timeout, check, uri, notify)
 
 
@@ -289,7 +277,7 @@ def drill(backup_dir: Path, point: Optional[str] = None, timeout: float = 300, c
 def files_filesystems(backup_dir: Path, point: Optional[str] = None,
                       status: Optional[Status] = None) -> FilesystemList:
     """The filesystems in a point's disks (vda, vda1, vg/lv): (point id, filesystems), with to_json()."""
-    from . import files as _files
+    from virtbackup import files as _files
     return _files.filesystems(Path(backup_dir), point, status)
 
 
@@ -298,7 +286,7 @@ def files_ls(backup_dir: Path, paths: Sequence[str], point: Optional[str] = None
              status: Optional[Status] = None) -> ListResult:
     """List FS:PATH directories (or files) of a point, symlinks not followed: (point id, listings),
     with to_json()."""
-    from . import files as _files
+    from virtbackup import files as _files
     return _files.ls(Path(backup_dir), paths, point, status)
 
 
@@ -306,7 +294,7 @@ def files_ls(backup_dir: Path, paths: Sequence[str], point: Optional[str] = None
 def files_get(backup_dir: Path, paths: Sequence[str], dest: Path, point: Optional[str] = None,
               status: Optional[Status] = None) -> GetResult:
     """Copy FS:PATH files/trees out of a point (mode and mtime kept, symlinks as links, no overwrite)."""
-    from . import files as _files
+    from virtbackup import files as _files
     return _files.get(Path(backup_dir), paths, Path(dest), point, status)
 
 
@@ -314,14 +302,14 @@ def files_get(backup_dir: Path, paths: Sequence[str], dest: Path, point: Optiona
 def files_cat(backup_dir: Path, paths: Sequence[str], out: Any, point: Optional[str] = None,
               status: Optional[Status] = None) -> int:
     """Write FS:PATH files of a point to the binary file object `out`."""
-    from . import files as _files
+    from virtbackup import files as _files
     return _files.cat(Path(backup_dir), paths, out, point, status)
 
 
 @_boundary
 def open_point_files(backup_dir: Path, point: Optional[str] = None, status: Optional[Status] = None) -> PointFiles:
     """One appliance for many operations: `with open_point_files(d, "0003") as pf: pf.ls(...)`."""
-    from .files import PointFiles
+    from virtbackup.files import PointFiles
     return PointFiles(Path(backup_dir), point, status)
 
 
@@ -333,7 +321,7 @@ def live_restore(backup_dir: Path, output_dir: Path, define: str, point: Optiona
                  on_running: Optional[Any] = None) -> LiveResult:
     """Define and start NAME on instant overlays, then pull the backup's data into them while it
     runs; returns when no disk depends on the backup. `max_speed`: bytes/s per disk."""
-    from .liverestore import live_restore as _live_restore
+    from virtbackup.liverestore import live_restore as _live_restore
     return _live_restore(Path(backup_dir), Path(output_dir), define, point, disks, uri, max_speed,
                          progress, on_running)
 
@@ -342,27 +330,28 @@ def live_restore(backup_dir: Path, output_dir: Path, define: str, point: Optiona
 def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] = None,
                 progress: Optional[Progress] = None) -> LiveResult:
     """Finish an interrupted live restore of domain NAME (running: pull; shut off: flatten)."""
-    from .liverestore import resume_live as _resume_live
+    from virtbackup.liverestore import resume_live as _resume_live
     return _resume_live(name, uri, max_speed, progress)
 
 
 def _refuse_remote_inactive(uri: Optional[str], dom: "libvirt.virDomain", what: str) -> None:
     """A shut-off domain's bitmaps are only in its image headers, on the hypervisor: a remote
     one's can't be read from here (QMP answers only for a running domain)."""
-    from . import host
+    from virtbackup.virt import host
     if host.is_remote(uri) and not dom.isActive():
-        from .pull import refuse_remote
+        from virtbackup.runners.pull import refuse_remote
         refuse_remote(uri, f"{what} of a shut-off domain")
 
 
 # The result types and helpers of __all__ (and a few more the files API returns), importable
 # from here as before; each module is imported on first access.
 _LAZY = {
-    "BackupResult": "backup", "RestoreResult": "restore", "FlattenResult": "restore", "VerifyResult": "verify",
-    "PruneResult": "retention", "Policy": "retention", "LiveResult": "liverestore", "Progress": "liverestore",
-    "StatusReport": "health", "RepairReport": "health", "ThawResult": "quiesce", "DrillResult": "drill",
-    "Notify": "runner", "RequestedLevel": "plan", "Filesystem": "files", "FilesystemList": "files",
-    "GetResult": "files", "Listing": "files", "ListResult": "files", "PointFiles": "files", "Status": "files",
+    "BackupResult": "backup", "RestoreResult": "restore", "FlattenResult": "restore",
+    "VerifyResult": "store.verify", "PruneResult": "store.retention", "Policy": "store.retention",
+    "LiveResult": "liverestore", "Progress": "liverestore", "StatusReport": "health", "RepairReport": "health",
+    "ThawResult": "virt.quiesce", "DrillResult": "drill", "Notify": "runners.base", "RequestedLevel": "options",
+    "Filesystem": "files", "FilesystemList": "files", "GetResult": "files", "Listing": "files",
+    "ListResult": "files", "PointFiles": "files", "Status": "files",
 }
 
 

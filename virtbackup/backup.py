@@ -22,8 +22,24 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, cast
 
 import libvirt
 
-from . import checkpoints, crypto, health, host, keysecret, qemuimg, runlog, xmlbuild
-from .chain import (
+from virtbackup import health
+from virtbackup.errors import (
+    BackupFailed,
+    ChainCorrupt,
+    Interrupted,
+    LevelNotPossible,
+    OperationFailed,
+    UsageError,
+    VirtBackupError,
+)
+from virtbackup.options import BACKUP_MODES, QUIESCE_MODES, REQUESTED_LEVELS, RequestedLevel
+from virtbackup.qemu import keys, qemu_img
+from virtbackup.runners.base import Notify, Runner
+from virtbackup.runners.offline import OfflineRunner
+from virtbackup.runners.plan import BackupPlan, plan_backup
+from virtbackup.runners.push import PushRunner
+from virtbackup.store import crypto, runlog
+from virtbackup.store.chain import (
     PARTIAL_SUFFIX,
     POINTS_DIR,
     BackupDir,
@@ -37,22 +53,10 @@ from .chain import (
     point_json,
     write_private,
 )
-from .domain import LibvirtDomain, eligible_disks
-from .errors import (
-    BackupFailed,
-    ChainCorrupt,
-    Interrupted,
-    LevelNotPossible,
-    OperationFailed,
-    UsageError,
-    VirtBackupError,
-)
-from .host import DomainHandle
-from .offline import OfflineRunner
-from .plan import REQUESTED_LEVELS, BackupPlan, RequestedLevel, plan_backup
-from .pushjob import PushRunner
-from .quiesce import Quiescer, recover
-from .runner import Notify, Runner
+from virtbackup.virt import checkpoints, host, keysecret, xmlbuild
+from virtbackup.virt.domain import LibvirtDomain, eligible_disks
+from virtbackup.virt.host import DomainHandle
+from virtbackup.virt.quiesce import Quiescer, recover
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +84,8 @@ class Engine:
     """One run: plan, pre-create targets, let the runner copy, commit or roll back."""
 
     def __init__(self, handle: DomainHandle, bdir: BackupDir, runner: Runner, notify: Optional[Notify] = None,
-                 quiesce: Optional[Quiescer] = None, key: Optional[crypto.Key] = None,
-                 iter_time: int = crypto.DEFAULT_ITER_TIME_MS):
+                 quiesce: Optional[Quiescer] = None, key: Optional[keys.Key] = None,
+                 iter_time: int = keys.DEFAULT_ITER_TIME_MS):
         self.handle = handle
         self.bdir = bdir
         self.runner = runner
@@ -97,7 +101,7 @@ class Engine:
         (defined only while the job runs, see _job_secret)."""
         if self.key is None:
             return plan
-        enc = xmlbuild.Encryption(crypto.FORMAT, str(uuidlib.uuid4()), self.iter_time)
+        enc = xmlbuild.Encryption(keys.FORMAT, str(uuidlib.uuid4()), self.iter_time)
         return replace(plan, disks=tuple(replace(dp, target=replace(dp.target, encryption=enc))
                                          for dp in plan.disks))
 
@@ -195,7 +199,7 @@ class Engine:
             enc = t.encryption
             if enc is not None and self.key is None:
                 raise UsageError("an encrypted target needs the key")
-            qemuimg.create(t.path, t.virtual_size, t.backing_link, key=self.key if enc is not None else None,
+            qemu_img.create(t.path, t.virtual_size, t.backing_link, key=self.key if enc is not None else None,
                            iter_time=enc.iter_time_ms if enc is not None else None)
             os.chmod(t.path, 0o600)
         encrypted = any(dp.target.encryption is not None for dp in plan.disks)
@@ -299,7 +303,7 @@ class Engine:
             self._warn(f"{held[0]} arrived while point {point.id} was being recorded; the point is complete")
         removed = self._retire(chain, point)
         return BackupResult(self.handle.dom.name(), point, dict(plan.skipped), removed,
-                            self.warnings + self.runner.warnings, dict(getattr(self.runner, "transfer", {})))
+                            self.warnings + self.runner.warnings, dict(self.runner.transfer))
 
     def _retire(self, chain: Chain, point: Point) -> List[str]:
         """Delete this directory's checkpoints no future backup needs. The point is recorded:
@@ -387,14 +391,14 @@ def _ioerror_paused(dom: libvirt.virDomain) -> bool:
 
 def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: Optional[Quiescer] = None,
                mode: str = "push", scratch_dir: Optional[str] = None, max_speed: Optional[int] = None,
-               key: Optional[crypto.Key] = None) -> Runner:
+               key: Optional[keys.Key] = None) -> Runner:
     """The push job (or the pull job, `mode` pull) for a running domain, frozen around its start
     by `quiesce`; a private QEMU for a shut-off one (consistent by nature; it gets the key of an
     encrypted chain). `max_speed`: bytes/s per disk (push and offline: QEMU's job speed; pull:
     what our NBD client reads). Pull mode never gets an encrypted chain (`_refuse_encrypted_pull`)."""
     if handle.dom.isActive():
         if mode == "pull":   # libvirt exports the disks over NBD, we copy (pull.py)
-            from .pull import PullRunner
+            from virtbackup.runners.pull import PullRunner
             return PullRunner(handle, bdir.path / POINTS_DIR, notify, scratch_dir, quiesce, max_speed)
         return PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce, max_speed)
     if mode == "pull":
@@ -402,7 +406,7 @@ def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: O
     return OfflineRunner(handle, notify, max_speed, key)
 
 
-def _check_encryption(bdir: BackupDir, chain: Optional[Chain], encrypt: bool, key: Optional[crypto.Key]) -> None:
+def _check_encryption(bdir: BackupDir, chain: Optional[Chain], encrypt: bool, key: Optional[keys.Key]) -> None:
     """Refuse (exit 2, nothing touched) a backup whose key does not fit the directory."""
     if encrypt and key is None:
         raise UsageError("--encrypt needs the key: --key-file FILE (or - for stdin)")
@@ -429,7 +433,7 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
            reason: Optional[str] = None, quiesce: str = "auto", mode: Optional[str] = None,
            scratch_dir: Optional[str] = None, max_speed: Optional[int] = None,
            encrypt: bool = False,
-           key: Optional[crypto.Key] = None) -> BackupResult:
+           key: Optional[keys.Key] = None) -> BackupResult:
     """Take one backup of DOMAIN (running or shut off) into BACKUP_DIR; see api.backup.
 
     `encrypt` with `key` starts an encrypted chain; an encrypted chain's later points need the
@@ -437,11 +441,11 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
     encrypted chain (exit 2)."""
     if level not in REQUESTED_LEVELS:
         raise UsageError(f"unknown level '{level}' (auto, full, inc, diff)")
-    if quiesce not in ("auto", "require", "off"):
+    if quiesce not in QUIESCE_MODES:
         raise UsageError(f"unknown quiesce mode '{quiesce}' (auto, require, off)")
     remote = host.is_remote(uri)
     mode = mode or ("pull" if remote else "push")
-    if mode not in ("push", "pull"):
+    if mode not in BACKUP_MODES:
         raise UsageError(f"unknown mode '{mode}' (push, pull)")
     if scratch_dir is not None:
         if mode != "pull":
@@ -458,14 +462,14 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
     _refuse_encrypted_pull(bdir, existing, encrypt, mode)
     # the iter-time is chosen when a chain is created (later points keep the chain's)
     new_chain = existing is None or not existing.points
-    iter_time = crypto.iter_time_ms() if key is not None and new_chain else crypto.DEFAULT_ITER_TIME_MS
+    iter_time = crypto.iter_time_ms() if key is not None and new_chain else keys.DEFAULT_ITER_TIME_MS
     with host.connection(uri) as conn:
         dom = host.lookup_domain(conn, domain)
         uuid = dom.UUIDString()
         if existing is not None:
             bdir.check_owner(existing, dom.name(), uuid)
         if remote and not dom.isActive():
-            from .pull import refuse_remote
+            from virtbackup.runners.pull import refuse_remote
             refuse_remote(uri, "an offline backup")
         quiescer = Quiescer(dom, quiesce, say)
         quiescer.check()        # --quiesce=require without an agent channel: refused before anything

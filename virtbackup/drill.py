@@ -28,10 +28,11 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 from lxml import etree
 
-from . import integrity, qemuimg
-from .chain import BackupDir, shared_lock
-from .errors import DamageFound, Interrupted, UsageError, VirtBackupError
-from .quiesce import AGENT_CHANNEL, has_agent_channel
+from virtbackup.errors import DamageFound, Interrupted, UsageError, VirtBackupError
+from virtbackup.qemu import qemu_img
+from virtbackup.store import integrity
+from virtbackup.store.chain import BackupDir, shared_lock
+from virtbackup.virt.quiesce import AGENT_CHANNEL, has_agent_channel
 
 Notify = Callable[[str], None]
 NAME_PREFIX = "virtbackup-drill-"
@@ -72,7 +73,7 @@ def drill_domain_xml(saved_xml: str, name: str, overlays: Dict[str, Path], conso
     a new socket); a serial console to a file in the drill's temp dir replaces every other
     character device.
     """
-    from .restoredom import restored_domain_xml
+    from virtbackup.virt.restoredom import restored_domain_xml
     xml, _notes = restored_domain_xml(saved_xml, name, overlays, str(uuidlib.uuid4()))
     root = etree.fromstring(xml.encode())
     devices = root.find("devices")
@@ -150,7 +151,7 @@ def _drill(backup_dir: Path, point_id: Optional[str], timeout: float, check: Opt
            uri: Optional[str], notify: Optional[Notify]) -> DrillResult:
     import libvirt
 
-    from . import host
+    from virtbackup.virt import host
     say = notify or (lambda _m: None)
     bdir = BackupDir(Path(backup_dir))
     chain = bdir.load()
@@ -187,7 +188,7 @@ def _drill(backup_dir: Path, point_id: Optional[str], timeout: float, check: Opt
                 overlays: Dict[str, Path] = {}
                 for disk, img in sorted(point.disks.items()):
                     overlays[disk] = tmp / f"{disk}.qcow2"
-                    qemuimg.create(overlays[disk], img.virtual_size, backing=os.path.realpath(bdir.resolve(img.image)))
+                    qemu_img.create(overlays[disk], img.virtual_size, backing=os.path.realpath(bdir.resolve(img.image)))
                 xml = drill_domain_xml(saved_xml, name, overlays, tmp / "console.log")
             except (VirtBackupError, etree.LxmlError, ValueError) as e:
                 result.stage, result.message = "start", f"cannot prepare the throwaway domain: {e}"

@@ -28,8 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Callable, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from .chain import BackupDir, Chain, Point, shared_lock
-from .errors import (
+from virtbackup.errors import (
     FilesystemNotFound,
     FilesystemUnreadable,
     GuestPathError,
@@ -39,6 +38,7 @@ from .errors import (
     UsageError,
     VirtBackupError,
 )
+from virtbackup.store.chain import BackupDir, Chain, Point, shared_lock
 
 log = logging.getLogger("virtbackup.files")
 
@@ -228,7 +228,7 @@ def plan_get(sources: Sequence[str], dest: Path, backup_dir: Path) -> List[Tuple
         targets = [dest]
     seen: Dict[Path, GuestPath] = {}
     bd = os.path.realpath(backup_dir)
-    for gp, target in zip(paths, targets):
+    for gp, target in zip(paths, targets, strict=True):
         if target in seen:
             raise UsageError(f"{seen[target]} and {gp} would both be copied to {target}")
         seen[target] = gp
@@ -237,7 +237,7 @@ def plan_get(sources: Sequence[str], dest: Path, backup_dir: Path) -> List[Tuple
         where = os.path.realpath(target.parent)
         if where == bd or where.startswith(bd + os.sep):
             raise UsageError(f"{target} is inside the backup directory; nothing is written there")
-    return list(zip(paths, targets))
+    return list(zip(paths, targets, strict=True))
 
 
 # --- the session -------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ class PointFiles:
         """verify's checks of the point's chain (qemu-img check, backing links, SHA-256), before the
         appliance starts: a damaged image is reported at once instead of after a 15-60 s start, and
         the host's QEMU never parses an image that differs from the one the backup wrote."""
-        from .verify import verify
+        from virtbackup.store.verify import verify
         result = verify(self.bdir.path, point.id)
         if result.damage:
             d = result.damage[0]
@@ -362,7 +362,7 @@ class PointFiles:
     # -- filesystems ---------------------------------------------------------------------------
     def _name_of(self, device: str) -> Tuple[str, Optional[str]]:
         """Appliance device → (filesystem name, disk): /dev/sdb2 → vdb2, /dev/vg/lv → vg/lv."""
-        by_dev = dict(zip(self._devices, self.disks))
+        by_dev = dict(zip(self._devices, self.disks, strict=True))
         if device in by_dev:
             return by_dev[device], by_dev[device]
         m = re.match(r"^(/dev/[a-z]+?)(\d+)$", device)
@@ -480,7 +480,7 @@ class PointFiles:
             chunk = names[i:i + _BATCH]
             stats = g.lstatnslist(path, chunk)
             links = g.readlinklist(path, chunk)
-            out.extend(zip(chunk, stats, links))
+            out.extend(zip(chunk, stats, links, strict=True))
         return out
 
     def ls(self, gp: GuestPath) -> Listing:

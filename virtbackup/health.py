@@ -16,12 +16,12 @@ from typing import Any, Dict, List, Literal, Optional, Set
 import libvirt
 from lxml import etree
 
-from . import checkpoints, host, monitor, xmlbuild
-from .bitmaps import problem as bitmap_problem
-from .chain import BackupDir, Chain, Point
-from .domain import LibvirtDomain, eligible_disks
-from .errors import VirtBackupError
-from .plan import DomainView
+from virtbackup.errors import VirtBackupError
+from virtbackup.runners.plan import DomainView
+from virtbackup.store.chain import BackupDir, Chain, Point
+from virtbackup.virt import checkpoints, host, monitor, xmlbuild
+from virtbackup.virt.bitmaps import problem as bitmap_problem
+from virtbackup.virt.domain import LibvirtDomain, eligible_disks
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .chain import BackupDir, Chain, FileLock, Point, now_iso, point_time
-from .errors import BackupDirError, ChainCorrupt, UsageError, VirtBackupError
+from virtbackup.errors import BackupDirError, ChainCorrupt, UsageError, VirtBackupError
+from virtbackup.options import QUIESCE_MODES, REQUESTED_LEVELS
+from virtbackup.store.chain import BackupDir, Chain, FileLock, Point, now_iso, point_time
 
-LEVELS = ("auto", "full", "inc", "diff")
-QUIESCE = ("auto", "require", "off")
 MAX_PARALLEL = 64
 
 
@@ -81,10 +80,10 @@ _TOP: Dict[str, Tuple[type, str]] = {
     "backup_root": (str, "a string (an absolute path)"),
     "domains": (list, "a list of names or globs"),
     "exclude": (list, "a list of names or globs"),
-    "level": (str, "one of " + ", ".join(LEVELS)),
+    "level": (str, "one of " + ", ".join(REQUESTED_LEVELS)),
     "full_every_days": (int, "a whole number of days (0: no limit)"),
     "max_chain": (int, "a whole number of points (0: no limit)"),
-    "quiesce": (str, "one of " + ", ".join(QUIESCE)),
+    "quiesce": (str, "one of " + ", ".join(QUIESCE_MODES)),
     "parallel": (int, f"a whole number from 1 to {MAX_PARALLEL}"),
     "metrics_file": (str, "a string (an absolute path)"),
     "retention": (dict, "a table ([retention])"),
@@ -201,14 +200,11 @@ def load_job(path: Path) -> Job:
                 raise fail(None, key, f"has a bad name or glob {item!r}: it {problem}")
         globs[key] = list(items)
     level = data.get("level", "auto")
-    if level not in LEVELS:
-        raise fail(None, "level", f"must be one of {', '.join(LEVELS)}, not {level!r}")
+    if level not in REQUESTED_LEVELS:
+        raise fail(None, "level", f"must be one of {', '.join(REQUESTED_LEVELS)}, not {level!r}")
     quiesce = data.get("quiesce", "auto")
-    if quiesce not in QUIESCE:
-        raise fail(None, "quiesce", f"must be one of {', '.join(QUIESCE)}, not {quiesce!r}")
-    if quiesce == "require" and not _quiesce_supported():
-        raise fail(None, "quiesce", "is 'require', but this virtbackup cannot quiesce guests yet "
-                                    "(use 'auto' or 'off': crash-consistent backups)")
+    if quiesce not in QUIESCE_MODES:
+        raise fail(None, "quiesce", f"must be one of {', '.join(QUIESCE_MODES)}, not {quiesce!r}")
     for key in ("full_every_days", "max_chain"):
         if data.get(key, 0) < 0:
             raise fail(None, key, f"must not be negative, not {data[key]}")
@@ -247,14 +243,6 @@ def _toml_type(value: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array",
              dict: "a table"}
     return next((n for t, n in names.items() if type(value) is t), f"a {type(value).__name__}")
-
-
-def _quiesce_supported() -> bool:
-    """Whether `backup` takes a `quiesce` argument (quiescing is another issue's feature)."""
-    import inspect
-
-    from . import backup
-    return "quiesce" in inspect.signature(backup.backup).parameters
 
 
 # --- selection ---------------------------------------------------------------------------------
@@ -324,7 +312,7 @@ def select(job: Job, candidates: Sequence[Candidate], only: Sequence[str] = ()) 
 def list_candidates(uri: Optional[str]) -> List[Candidate]:
     import libvirt
 
-    from . import host
+    from virtbackup.virt import host
     out = []
     with host.connection(uri) as conn:
         for d in host.call(conn.listAllDomains, 0):
@@ -360,7 +348,7 @@ def choose_level(job: Job, chain: Optional[Chain], now: Optional[datetime] = Non
 def prune_preview(chain: Optional[Chain], retention: Optional[Retention],
                   now: Optional[datetime] = None) -> List[str]:
     """Point ids the prune after the next backup would drop (pure; the new point counts)."""
-    from .retention import Policy, decide
+    from virtbackup.store.retention import Policy, decide
     if retention is None or chain is None:
         return []
     when = (now or datetime.now(timezone.utc)).replace(microsecond=0).isoformat()
@@ -510,7 +498,7 @@ def _finish_stats(r: DomainResult, s: Selected) -> None:
     r.last_success = point_time(last).timestamp() + last.duration
 
 
-class Runner:
+class JobRun:
     """Runs the selected domains' backups (`parallel` child processes at a time)."""
 
     def __init__(self, job: Job, selected: Sequence[Selected], uri: Optional[str],
@@ -576,8 +564,7 @@ class Runner:
             args = ["backup", s.uuid, str(s.backup_dir), "--level", level, "--json"]
             if r.reason:
                 args.append(f"--reason={r.reason}")        # `list` then says why the chain broke
-            if _quiesce_supported():
-                args.append(f"--quiesce={self.job.quiesce}")
+            args.append(f"--quiesce={self.job.quiesce}")
             proc = self._spawn(s, args)
             if proc is None:
                 r.error = f"not started: the run was stopped by {self._stop}"
@@ -687,9 +674,9 @@ def run(job: Job, uri: Optional[str] = None, only: Sequence[str] = (),
     """Back up and prune every selected domain; write the metrics file when the job names one."""
     with job_lock(job):
         selected = select(job, list_candidates(uri), only)
-        result = Runner(job, selected, uri, watch).run()
+        result = JobRun(job, selected, uri, watch).run()
     if job.metrics_file is not None:
-        from . import metrics
+        from virtbackup.store import metrics
         try:
             metrics.write(job.metrics_file, result)
         except VirtBackupError as e:

@@ -35,9 +35,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import libvirt
 from lxml import etree
 
-from . import host, qemuimg
-from .chain import BackupDir
-from .errors import DomainNotFound, Interrupted, OperationFailed, RestoreFailed, UsageError, VirtBackupError
+from virtbackup.errors import DomainNotFound, Interrupted, OperationFailed, RestoreFailed, UsageError, VirtBackupError
+from virtbackup.qemu import qemu_img
+from virtbackup.store.chain import BackupDir
+from virtbackup.virt import host
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def _backing_of(dom: libvirt.virDomain, disk: str) -> Optional[str]:
 
 def _header_backing(path: Path) -> Optional[str]:
     """The backing link in the image header (read with -U: QEMU has the image open)."""
-    link = qemuimg.info(path, force_share=True).get("backing-filename")
+    link = qemu_img.info(path, force_share=True).get("backing-filename")
     return None if link is None else str(link)
 
 
@@ -299,7 +300,7 @@ def live_restore(backup_dir: Path, output_dir: Path, define: Optional[str], poin
     before anything is written). If the domain does not start, it is undefined and its overlays
     removed again (nothing ran on them). `on_running(name, seconds)` is called once it runs.
     """
-    from . import restore as restore_mod
+    from virtbackup import restore as restore_mod
     if not define:
         raise UsageError("--live needs --define NAME (the domain to run on the restored disks)")
     check_speed(max_speed)
@@ -367,7 +368,7 @@ def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] =
         bdir, point, images = rec
         offline = not dom.isActive()
         if offline:
-            from .restore import flatten
+            from virtbackup.restore import flatten
             for disk, path in sorted(images.items()):
                 if progress is not None:
                     progress({disk: (0, 0)})

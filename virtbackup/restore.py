@@ -13,9 +13,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from lxml import etree
 
-from . import crypto, host, integrity, qemuimg, restoredom
-from .chain import BackupDir, Chain, Point, create_new, open_new, shared_lock
-from .errors import DamageFound, DiskNotFound, OutputExists, RestoreFailed, UsageError, VirtBackupError
+from virtbackup.errors import DamageFound, DiskNotFound, OutputExists, RestoreFailed, UsageError, VirtBackupError
+from virtbackup.qemu import keys, qemu_img
+from virtbackup.store import crypto, integrity
+from virtbackup.store.chain import BackupDir, Chain, Point, create_new, open_new, shared_lock
+from virtbackup.virt import host, restoredom
 
 
 @dataclass
@@ -143,7 +145,7 @@ def _place(tmp: Path, out: Path) -> None:
     os.rename(tmp, out)
 
 
-def _check_encrypted_restore(bdir: BackupDir, chain: Chain, key: Optional[crypto.Key], encrypt: bool,
+def _check_encrypted_restore(bdir: BackupDir, chain: Chain, key: Optional[keys.Key], encrypt: bool,
                              instant: bool, define: Optional[str]) -> None:
     """Exit 2 before anything is written when the key or the options don't fit the chain."""
     if encrypt and key is None:
@@ -165,7 +167,7 @@ def _check_encrypted_restore(bdir: BackupDir, chain: Chain, key: Optional[crypto
 def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
             disks: Sequence[str] = (), instant: bool = False, define: Optional[str] = None,
             start: bool = False, uri: Optional[str] = None, salvage: bool = False,
-            key: Optional[crypto.Key] = None, encrypt: bool = False) -> RestoreResult:
+            key: Optional[keys.Key] = None, encrypt: bool = False) -> RestoreResult:
     """Restore a point into OUTPUT_DIR; optionally define (and start) a new domain on the result.
 
     `instant`: no copy; each disk gets a qcow2 overlay whose backing is the point's image in the
@@ -187,8 +189,8 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
             raise UsageError("--disk needs a disk name, not an empty string")
     if instant and define:
         # the domain would run on that host with backing files in this host's backup directory
-        from .host import is_remote
-        from .pull import refuse_remote
+        from virtbackup.runners.pull import refuse_remote
+        from virtbackup.virt.host import is_remote
         if is_remote(uri):
             refuse_remote(uri or "", "restore --instant")
     bdir = BackupDir(backup_dir)
@@ -225,7 +227,7 @@ def _missing(chain: Chain, point: Point, names: Sequence[str],
 
 def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: Optional[str],
                     disks: Sequence[str], instant: bool, define: Optional[str], start: bool,
-                    uri: Optional[str], salvage: bool, key: Optional[crypto.Key] = None,
+                    uri: Optional[str], salvage: bool, key: Optional[keys.Key] = None,
                     encrypt: bool = False) -> RestoreResult:
     point = chain.point(point_id)
     names = list(dict.fromkeys(disks)) or sorted(point.disks)
@@ -292,9 +294,9 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
                 src = bdir.resolve(point.disks[n].image)
                 try:
                     if instant:
-                        qemuimg.create(tmp, point.disks[n].virtual_size, backing=str(src.resolve()))
+                        qemu_img.create(tmp, point.disks[n].virtual_size, backing=str(src.resolve()))
                     else:
-                        qemuimg.convert(src, tmp, key=key, encrypt_iter_time=(
+                        qemu_img.convert(src, tmp, key=key, encrypt_iter_time=(
                             chain.encryption.iter_time_ms if encrypt and chain.encryption else None))
                 except VirtBackupError as e:
                     if not _missing(chain, point, [n], check.result()):
@@ -370,7 +372,7 @@ def flatten(image: Path) -> FlattenResult:
     if not image.is_file():
         raise UsageError(f"{image} does not exist")
     try:
-        info = qemuimg.info(image)
+        info = qemu_img.info(image)
     except VirtBackupError as e:
         raise UsageError(f"{image} is not an image qemu-img can read: {e}") from None
     if info.get("format") != "qcow2":
@@ -378,7 +380,7 @@ def flatten(image: Path) -> FlattenResult:
     if info.get("backing-filename") is None:
         return FlattenResult(image)
     try:
-        qemuimg.rebase(image, None)
+        qemu_img.rebase(image, None)
     except VirtBackupError as e:
         raise RestoreFailed(f"cannot flatten {image}: {e}") from None
     return FlattenResult(image)

@@ -72,10 +72,10 @@ def test_full_inc_inc_diff_inc_restore_every_point(make_domain, tmp_path):
     assert text.rc == 0 and "0005" in text.out and "diff" in text.out
 
     # relative backing links, saved XML beside the images
-    from virtbackup import qemuimg
-    assert qemuimg.info(bdir / "points/0002/vda.qcow2")["backing-filename"] == "../0001/vda.qcow2"
-    assert qemuimg.info(bdir / "points/0004/vdb.qcow2")["backing-filename"] == "../0001/vdb.qcow2"
-    assert qemuimg.info(bdir / "points/0001/vda.qcow2").get("backing-filename") is None
+    from virtbackup.qemu import qemu_img
+    assert qemu_img.info(bdir / "points/0002/vda.qcow2")["backing-filename"] == "../0001/vda.qcow2"
+    assert qemu_img.info(bdir / "points/0004/vdb.qcow2")["backing-filename"] == "../0001/vdb.qcow2"
+    assert qemu_img.info(bdir / "points/0001/vda.qcow2").get("backing-filename") is None
     for pid in expected:
         assert "<domaincheckpoint>" in (bdir / f"points/{pid}/checkpoint.xml").read_text()
         assert d.name in (bdir / f"points/{pid}/domain.xml").read_text()
@@ -179,7 +179,7 @@ def test_writes_during_the_job_land_in_the_next_point_not_this_one(make_domain, 
 
     import libvirt
 
-    from virtbackup import monitor
+    from virtbackup.virt import monitor
     # QEMU's block-copy keeps up to 64 MiB of reads in flight; with 192 MiB of data a job that
     # is slowed as soon as it appears still has most of the disk to copy when the guest writes.
     d = make_domain({"vda": 256 * MiB})

@@ -59,7 +59,7 @@ def test_checkpoint_metadata_lost_then_redefined_and_chain_continues(make_domain
 
 
 def test_metadata_and_bitmaps_lost_inc_refuses_auto_starts_new_chain(make_domain, tmp_path):
-    from virtbackup import monitor
+    from virtbackup.virt import monitor
     d = make_domain({"vda": 16 * MiB})
     bdir = tmp_path / "bk"
     d.write("vda", 0x11, 0, 1 * MiB)
@@ -131,8 +131,8 @@ def test_foreign_checkpoint_untouched_and_two_dirs_alternate(make_domain, tmp_pa
             if (b / "virtbackup.json").exists():
                 prefix = cli("list", b, "--json").json()["points"][0]["checkpoint"][:-4]
                 assert 1 <= len([n for n in names if n.startswith(prefix)]) <= 2
-    from virtbackup import bitmaps as bitmap_layer
-    from virtbackup.domain import LibvirtDomain, eligible_disks
+    from virtbackup.virt import bitmaps as bitmap_layer
+    from virtbackup.virt.domain import LibvirtDomain, eligible_disks
     bitmaps = LibvirtDomain(d.dom).bitmaps(eligible_disks(d.dom))["vda"]
     assert bitmaps == bitmap_layer.of_domain(d.dom, eligible_disks(d.dom))["vda"]
     foreign = next(b for b in bitmaps if b.name == "someone-elses")
@@ -147,7 +147,7 @@ def test_foreign_checkpoint_untouched_and_two_dirs_alternate(make_domain, tmp_pa
 
 def test_disk_resized_and_disk_attached_between_points(make_domain, tmp_path, conn):
     from tests.support import scratch
-    from virtbackup import qemuimg
+    from virtbackup.qemu import qemu_img
     d = make_domain({"vda": 16 * MiB, "vdb": 16 * MiB})
     bdir = tmp_path / "bk"
     d.write("vda", 0x11, 0, 1 * MiB)
@@ -160,7 +160,7 @@ def test_disk_resized_and_disk_attached_between_points(make_domain, tmp_path, co
     d.models["vdb"].data.extend(bytes(8 * MiB))
     d.write("vdb", 0x33, 20 * MiB, 1 * MiB)
     vdc = tmp_path / "disks" / f"{d.name}-vdc.qcow2"
-    qemuimg.create(vdc, 8 * MiB)
+    qemu_img.create(vdc, 8 * MiB)
     d.dom.attachDeviceFlags(
         f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{vdc}'/>"
         "<target dev='vdc' bus='virtio'/></disk>", libvirt.VIR_DOMAIN_AFFECT_LIVE)
@@ -176,7 +176,7 @@ def test_disk_resized_and_disk_attached_between_points(make_domain, tmp_path, co
     assert not p2["disks"]["vda"]["copied_full"]
     assert "resized" in r.err and "new since" in r.err
     assert_point_restores(bdir, "0002", d.expected(), tmp_path / "r2")
-    assert qemuimg.info(tmp_path / "r2" / "vdb.qcow2")["virtual-size"] == 24 * MiB
+    assert qemu_img.info(tmp_path / "r2" / "vdb.qcow2")["virtual-size"] == 24 * MiB
 
     # vdc was attached to the live domain only: after a clean restart it is gone (hot-unplug
     # needs a guest OS); the chain continues for the remaining disks
@@ -193,7 +193,7 @@ def test_disk_resized_and_disk_attached_between_points(make_domain, tmp_path, co
 
 
 def test_status_matches_query_block_and_repair_fixes_orphan(make_domain, tmp_path):
-    from virtbackup import monitor
+    from virtbackup.virt import monitor
     d = make_domain({"vda": 16 * MiB, "vdb": 16 * MiB})
     bdir = tmp_path / "bk"
     subprocess.run(["virsh", "checkpoint-create-as", d.name, "foreign-cp"], check=True, capture_output=True)
@@ -208,7 +208,7 @@ def test_status_matches_query_block_and_repair_fixes_orphan(make_domain, tmp_pat
     st = st.json()
     raw = {n["node-name"]: n.get("dirty-bitmaps", [])
            for n in monitor.qmp(d.dom, "query-named-block-nodes", {"flat": True})}
-    from virtbackup import host
+    from virtbackup.virt import host
     for disk in host.domain_disks(d.dom.XMLDesc(0)):
         want = {b["name"]: (b["count"], b["recording"], b["busy"]) for b in raw[disk.node_name]}
         got = {b["name"]: (b["count"], b["recording"], b["busy"]) for b in st["disks"][disk.target]["bitmaps"]}
@@ -271,13 +271,13 @@ def test_prune_of_a_full_older_than_a_disk_keeps_inc_and_diff_going(make_domain,
     """After a prune the new base takes over the old full's checkpoint, which predates vdb:
     vdb is then copied whole instead of breaking the chain."""
     from tests.support import scratch
-    from virtbackup import qemuimg
+    from virtbackup.qemu import qemu_img
     d = make_domain({"vda": 16 * MiB})
     bdir = tmp_path / "bk"
     d.write("vda", 0x11, 0, 1 * MiB)
     backup(d.name, bdir)
     vdb = tmp_path / "disks" / f"{d.name}-vdb.qcow2"
-    qemuimg.create(vdb, 8 * MiB)
+    qemu_img.create(vdb, 8 * MiB)
     d.dom.attachDeviceFlags(
         f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{vdb}'/>"
         "<target dev='vdb' bus='virtio'/></disk>", libvirt.VIR_DOMAIN_AFFECT_LIVE)

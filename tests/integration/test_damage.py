@@ -34,7 +34,7 @@ from tests.support.helpers import (
     snapshot_dir,
     start_cli,
 )
-from virtbackup import qemuimg
+from virtbackup.qemu import qemu_img
 
 MiB = 1 << 20
 
@@ -289,7 +289,7 @@ def test_define_attaches_hot_plugged_disk(make_domain, conn, tmp_path, restored_
     """Defect 11: a disk hot-plugged (live only) before the backup is attached to the restored domain."""
     d = make_domain({"vda": 16 * MiB})
     extra = tmp_path / "hot.qcow2"
-    qemuimg.create(extra, 8 * MiB)
+    qemu_img.create(extra, 8 * MiB)
     d.dom.attachDeviceFlags(f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
                             f"<source file='{extra}'/><target dev='vdb' bus='virtio'/></disk>",
                             libvirt.VIR_DOMAIN_AFFECT_LIVE)

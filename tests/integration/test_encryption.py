@@ -19,7 +19,9 @@ import pytest
 
 from tests.support import scratch
 from tests.support.helpers import ROOT, CLIResult, cli, finish, pause_job, snapshot_dir, start_cli
-from virtbackup import crypto, keysecret, qemuimg
+from virtbackup.qemu import qemu_img
+from virtbackup.store import crypto
+from virtbackup.virt import keysecret
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -76,16 +78,16 @@ def assert_restores(bdir: Path, point: str, expected: Dict[str, bytes], out: Pat
     assert r.rc == 0, r
     for disk, want in expected.items():
         img = out / f"{disk}.qcow2"
-        assert qemuimg.info(img).get("backing-filename") is None
+        assert qemu_img.info(img).get("backing-filename") is None
         if "--encrypt" in extra:
-            assert qemuimg.info(img)["encrypted"] is True
+            assert qemu_img.info(img)["encrypted"] is True
             raw = out / f"{disk}.raw"
-            qemuimg.run(["convert", "-O", "raw", *qemuimg._source(img, crypto.read_key(str(key))), str(raw)],
+            qemu_img.run(["convert", "-O", "raw", *qemu_img._source(img, crypto.read_key(str(key))), str(raw)],
                         "decrypt", crypto.read_key(str(key)))
             got = raw.read_bytes()
             raw.unlink()
         else:
-            assert not qemuimg.info(img).get("encrypted")
+            assert not qemu_img.info(img).get("encrypted")
             got = scratch.read_raw(img)
         diff = scratch.first_difference(got, want)
         assert diff is None, f"point {point} disk {disk}: first difference at byte {diff}"
@@ -130,7 +132,7 @@ def test_encrypted_chain_two_disks_full_inc_inc_diff_restore_verify_prune(make_d
     images = sorted(bdir.glob("points/*/*.qcow2"))
     assert len(images) == 8
     for img in images:
-        info = qemuimg.info(img)
+        info = qemu_img.info(img)
         assert info["encrypted"] is True, img
         assert info["format-specific"]["data"]["encrypt"]["format"] == "luks"
     assert plaintext_in(bdir) == []
@@ -193,7 +195,7 @@ def test_encrypted_chain_two_disks_full_inc_inc_diff_restore_verify_prune(make_d
         assert r.rc == 0, r
         xml = conn.lookupByName(name).XMLDesc(0)
         assert "<encryption" not in xml and str(tmp_path / "def" / "vda.qcow2") in xml
-        assert not qemuimg.info(tmp_path / "def" / "vda.qcow2").get("encrypted")
+        assert not qemu_img.info(tmp_path / "def" / "vda.qcow2").get("encrypted")
     finally:
         scratch.remove_domain(conn, name)
 
@@ -221,7 +223,7 @@ def test_encrypted_chain_two_disks_full_inc_inc_diff_restore_verify_prune(make_d
     images = sorted(bdir.glob("points/*/*.qcow2"))
     assert {i.parent.name for i in images} == {"0003", "0004"}
     for img in images:
-        assert qemuimg.info(img)["encrypted"] is True, img
+        assert qemu_img.info(img)["encrypted"] is True, img
     assert plaintext_in(bdir) == []
     assert cli("verify", bdir, "--key-file", key, "--deep").rc == 0
     for pid in ("0003", "0004"):
@@ -252,7 +254,7 @@ def test_offline_encrypted_backup_and_key_from_stdin(make_domain, tmp_path):
                           env=env, timeout=300)
     assert proc.returncode == 0, proc
     for img in bdir.glob("points/*/*.qcow2"):
-        assert qemuimg.info(img)["encrypted"] is True
+        assert qemu_img.info(img)["encrypted"] is True
     assert plaintext_in(bdir) == []
     kf = keyfile(tmp_path / "key", key)
     assert_restores(bdir, "latest", d.expected(), tmp_path / "r", kf)

@@ -17,7 +17,7 @@ from tests.support.helpers import (
     snapshot_dir,
     tmpfs,
 )
-from virtbackup.digest import file_digest
+from virtbackup.store.digest import file_digest
 
 MiB = 1 << 20
 
@@ -151,7 +151,7 @@ def test_second_backup_while_locked_fails_at_once(make_domain, tmp_path):
 
 
 def test_verify_names_damaged_image_and_restore_refuses_missing(make_domain, tmp_path):
-    from virtbackup import qemuimg
+    from virtbackup.qemu import qemu_img
     d = make_domain({"vda": 16 * MiB, "vdb": 16 * MiB})
     bdir = tmp_path / "bk"
     d.write("vda", 0x11, 0, 1 * MiB)
@@ -176,7 +176,7 @@ def test_verify_names_damaged_image_and_restore_refuses_missing(make_domain, tmp
 
     # flip one byte of guest data inside the full's vda image (its record: SHA-256)
     img = bdir / "points/0001/vda.qcow2"
-    extents = json.loads(subprocess.run([qemuimg.QEMU_IMG, "map", "--output=json", str(img)],
+    extents = json.loads(subprocess.run([qemu_img.QEMU_IMG, "map", "--output=json", str(img)],
                                         capture_output=True, text=True, check=True).stdout)
     off = next(e["offset"] for e in extents if e.get("data") and "offset" in e)
     with open(img, "r+b") as f:
@@ -191,7 +191,7 @@ def test_verify_names_damaged_image_and_restore_refuses_missing(make_domain, tmp
     assert r.json()["damaged_points"] == ["0001", "0002"]
     # and in an image recorded with BLAKE3 (point 0002's vdb)
     img = bdir / "points/0002/vdb.qcow2"
-    extents = json.loads(subprocess.run([qemuimg.QEMU_IMG, "map", "--output=json", str(img)],
+    extents = json.loads(subprocess.run([qemu_img.QEMU_IMG, "map", "--output=json", str(img)],
                                         capture_output=True, text=True, check=True).stdout)
     off = next(e["offset"] for e in extents if e.get("data") and "offset" in e and e["depth"] == 0)
     with open(img, "r+b") as f:

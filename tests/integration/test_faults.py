@@ -171,7 +171,7 @@ def libvirtd_guard(conn, make_domain):
 
 def revive(conn: libvirt.virConnect) -> None:
     """Give a connection that a daemon restart closed a fresh handle (see libvirtd_guard)."""
-    from virtbackup import host
+    from virtbackup.virt import host
     if not conn.isAlive():
         fresh = host.connect()
         conn._o, fresh._o = fresh._o, conn._o
@@ -438,7 +438,7 @@ def test_another_tools_job_is_left_alone(make_domain, tmp_path):
 
 
 def test_changed_backing_link_is_named_by_verify_and_restore(make_domain, tmp_path):
-    from virtbackup import qemuimg
+    from virtbackup.qemu import qemu_img
     d = make_domain({"vda": 32 * MiB})
     c = Chain(d, tmp_path / "bk", tmp_path)
     d.write("vda", 0x11, 0, 1 * MiB)
@@ -447,8 +447,8 @@ def test_changed_backing_link_is_named_by_verify_and_restore(make_domain, tmp_pa
     c.backup()
     img = c.bdir / "points/0002/vda.qcow2"
     decoy = tmp_path / "decoy.qcow2"
-    qemuimg.create(decoy, 32 * MiB)
-    subprocess.run([qemuimg.QEMU_IMG, "rebase", "-u", "-b", str(decoy), "-F", "qcow2", str(img)], check=True)
+    qemu_img.create(decoy, 32 * MiB)
+    subprocess.run([qemu_img.QEMU_IMG, "rebase", "-u", "-b", str(decoy), "-F", "qcow2", str(img)], check=True)
 
     r = cli("verify", c.bdir)
     assert r.rc == 1, r
@@ -461,7 +461,7 @@ def test_changed_backing_link_is_named_by_verify_and_restore(make_domain, tmp_pa
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
     c.assert_restores(["0001"])          # the point below the damage is fine
 
-    subprocess.run([qemuimg.QEMU_IMG, "rebase", "-u", "-b", "../0001/vda.qcow2", "-F", "qcow2", str(img)],
+    subprocess.run([qemu_img.QEMU_IMG, "rebase", "-u", "-b", "../0001/vda.qcow2", "-F", "qcow2", str(img)],
                    check=True)
     assert cli("verify", c.bdir).rc == 0   # the same header bytes again
     c.assert_restores()
@@ -504,5 +504,5 @@ def test_modes_and_unusual_names_end_to_end(make_domain, tmp_path, procs):
 
 # -- small readers -------------------------------------------------------------------------------
 def _disk_bitmaps(dom):
-    from virtbackup import bitmaps, host
+    from virtbackup.virt import bitmaps, host
     return bitmaps.live(dom, host.domain_disks(dom.XMLDesc(0)))

@@ -162,7 +162,7 @@ class Setup:
 @pytest.fixture(scope="module")
 def files_setup(tmp_path_factory) -> Iterator[Setup]:
     from tests.support import scratch
-    from virtbackup import host
+    from virtbackup.virt import host
     base = tmp_path_factory.mktemp("files")
     env = guestfs_env(base)
     saved = {k: os.environ.get(k) for k in env}

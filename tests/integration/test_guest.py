@@ -37,7 +37,7 @@ DRILL_TIMEOUT = 900
 
 @pytest.fixture(scope="module")
 def g(tmp_path_factory, request) -> Iterator[guestlib.Guest]:
-    from virtbackup import host
+    from virtbackup.virt import host
     guestlib.report_boot_times(request.config)
     conn = host.connect()
     gu = guestlib.Guest(conn, tmp_path_factory.mktemp("guest"), name=f"vbguest-{secrets.token_hex(3)}")
@@ -64,7 +64,7 @@ def dom(g):
     Afterwards the guest is resumed and thawed whatever the test did, so one failure does not
     fail the rest.
     """
-    from virtbackup import host
+    from virtbackup.virt import host
     c = host.connect()
     g.conn = c
     g.dom = c.lookupByName(g.name)
@@ -259,7 +259,7 @@ def test_signal_while_frozen_thaws_and_records_nothing(g, dom, tmp_path, sig):
 
 
 def guestlib_marker(dom: libvirt.virDomain) -> Path:
-    from virtbackup import quiesce
+    from virtbackup.virt import quiesce
     return quiesce.marker_path(dom.UUIDString())
 
 

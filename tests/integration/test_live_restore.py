@@ -16,7 +16,8 @@ import pytest
 from tests.support import scratch
 from tests.support.helpers import cli, cli_bg, hmp_write, patched, snapshot_dir, take_backup
 from tests.support.schemas import validate
-from virtbackup import host, qemuimg
+from virtbackup.qemu import qemu_img
+from virtbackup.virt import host
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -62,7 +63,7 @@ def pulling(dom: libvirt.virDomain, disk: str) -> Optional[Dict]:
 
 
 def header_backing(image: Path) -> Optional[str]:
-    return qemuimg.info(image, force_share=True).get("backing-filename")
+    return qemu_img.info(image, force_share=True).get("backing-filename")
 
 
 def stop(dom: libvirt.virDomain) -> None:
@@ -164,7 +165,7 @@ def test_live_restore_interrupted_then_resumed(make_domain, conn, live_names, pr
     # the domain runs on a valid overlay that still reads from the backup; the pull stopped
     assert dom.isActive() and not dom.blockJobInfo("vda", 0)
     assert header_backing(img) == str((bdir / "points/0002/vda.qcow2").resolve())
-    copied = qemuimg.info(img, force_share=True)["actual-size"]
+    copied = qemu_img.info(img, force_share=True)["actual-size"]
     assert 0 < copied < 8 * MiB, copied                 # part of the data came over, not all
     assert cli("verify", bdir).rc == 0
     # dropping 0001 would rewrite the images the running domain still reads: refused

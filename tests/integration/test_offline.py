@@ -252,7 +252,9 @@ def test_inconsistent_bitmap_offline_inc_refused_auto_takes_full(make_domain, tm
 def test_domain_started_before_the_offline_job_is_refused(make_domain, tmp_path):
     """The race guard: a domain that runs by the time the private QEMU would open its images."""
     from virtbackup import backup as engine_mod
-    from virtbackup import chain, host, offline
+    from virtbackup.runners import offline
+    from virtbackup.store import chain
+    from virtbackup.virt import host
     d = make_domain({"vda": 16 * MiB}, start=False)
     bdir = tmp_path / "bk"
     backup(d.name, bdir, "full")
@@ -435,8 +437,10 @@ def test_offline_auto_falls_back_to_full_when_qemu_finds_the_base_bitmap_unusabl
     (it changed in between; simulated: that race can't be timed). auto rolls back and takes a
     full with the reason recorded; inc refuses."""
     from tests.support import scratch
-    from virtbackup import api, offline, qemuimg
+    from virtbackup import api
     from virtbackup.errors import LevelNotPossible
+    from virtbackup.qemu import qemu_img
+    from virtbackup.runners import offline
     d = make_domain({"vda": 16 * MiB}, start=False)
     bdir = tmp_path / "bk"
     scratch.write_offline(d, "vda", 0x11, 0, 1 * MiB)
@@ -459,6 +463,6 @@ def test_offline_auto_falls_back_to_full_when_qemu_finds_the_base_bitmap_unusabl
     assert seen == [first.checkpoint, first.checkpoint]
     assert p.level == "full" and p.id == "0002" and "new chain" in (p.reason or "")
     assert not d.dom.isActive()
-    bitmaps = qemuimg.info(d.disk_path("vda"))["format-specific"]["data"].get("bitmaps", [])
+    bitmaps = qemu_img.info(d.disk_path("vda"))["format-specific"]["data"].get("bitmaps", [])
     assert [b["name"] for b in bitmaps] == [p.checkpoint]
     assert_point_restores(bdir, "0002", d.expected(), tmp_path / "r2")

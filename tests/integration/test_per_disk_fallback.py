@@ -24,7 +24,7 @@ from tests.support.helpers import (
     take_backup,
 )
 from tests.support.schemas import validate
-from virtbackup import host, monitor
+from virtbackup.virt import host, monitor
 
 MiB = 1 << 20
 KiB = 1 << 10

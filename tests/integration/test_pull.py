@@ -72,7 +72,7 @@ def leftovers(d, bdir: Optional[Path] = None) -> Dict[str, List[str]]:
     if d.dom.isActive() and job_open(d):
         job = ["a job is running"]
     if d.dom.isActive():
-        from virtbackup import monitor
+        from virtbackup.virt import monitor
         job += [f"NBD export {e['id']}" for e in monitor.qmp(d.dom, "query-block-exports")]
     nbd = subprocess.run(["pgrep", "-f", f"qemu-nbd.*{bdir}"], capture_output=True,
                          text=True).stdout.split() if bdir else []
@@ -114,7 +114,7 @@ def stop_when_job_open(d, proc: subprocess.Popen, timeout: float = 60) -> None:
 def exported(d, timeout: float = 10) -> list:
     """QEMU's NBD exports of the domain, once libvirt has added them (at the end of backupBegin,
     which may still run while the test acts)."""
-    from virtbackup import monitor
+    from virtbackup.virt import monitor
     deadline = time.monotonic() + timeout
     while not (exports := monitor.qmp(d.dom, "query-block-exports")):
         assert time.monotonic() < deadline, "libvirt never exported the disks"
@@ -215,7 +215,7 @@ def test_mixed_push_and_pull_chain_restores(make_domain, tmp_path):
     expected = {}
     modes = ["push", "pull", "push", "pull", "push"]
     levels = ["full", "inc", "inc", "diff", "inc"]
-    for i, (mode, level) in enumerate(zip(modes, levels)):
+    for i, (mode, level) in enumerate(zip(modes, levels, strict=True)):
         d.write("vda", 0x10 + i, i * 3 * MiB + 4096 * i, 1 * MiB + 8192)
         if i == 3:
             d.write("vda", 0, 0, 64 * KiB)
@@ -288,7 +288,7 @@ def test_remote_uri_over_ssh_backup_status_repair_and_refusals(make_domain, hidd
 def test_pull_faults_leave_the_chain_intact(make_domain, hidden, tmp_path, procs):
     """SIGTERM, SIGINT and a dropped NBD export mid-copy: exit 1, one line, nothing left or lost;
     after SIGKILL the next run cleans up."""
-    from virtbackup import monitor
+    from virtbackup.virt import monitor
     d = make_domain({"vda": 128 * MiB})
     h = hidden()
     bdir = h.path / "bk"

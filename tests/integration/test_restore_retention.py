@@ -17,9 +17,10 @@ import pytest
 
 from tests.support import scratch
 from tests.support.helpers import ROOT, assert_point_restores, checkpoint_names, cli, hmp_write, patched, snapshot_dir
-from virtbackup import host, qemuimg
-from virtbackup.chain import file_sha256
-from virtbackup.digest import file_digest
+from virtbackup.qemu import qemu_img
+from virtbackup.store.chain import file_sha256
+from virtbackup.store.digest import file_digest
+from virtbackup.virt import host
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -83,7 +84,7 @@ def test_restore_define_start_and_refusals(make_domain, conn, restored_names, tm
     assert dom.listAllCheckpoints(0) == [] and dom.snapshotNum(0) == 0
     for disk in ("vda", "vdb"):
         img = out / f"{disk}.qcow2"
-        meta = qemuimg.info(img, force_share=True)
+        meta = qemu_img.info(img, force_share=True)
         assert meta.get("backing-filename") is None
         assert not ((meta.get("format-specific") or {}).get("data") or {}).get("bitmaps")
         assert_reads(img, e1[disk])                 # the new domain starts on point 0001's data
@@ -124,7 +125,7 @@ def test_instant_restore_leaves_backup_untouched_and_flattens(make_domain, conn,
     assert r.rc == 0, r
     assert r.json()["instant"] and r.json()["point"] == "0002"
     for disk in ("vda", "vdb"):
-        meta = qemuimg.info(out / f"{disk}.qcow2", force_share=True)
+        meta = qemu_img.info(out / f"{disk}.qcow2", force_share=True)
         assert meta["backing-filename"] == str((bdir / f"points/0002/{disk}.qcow2").resolve())
         assert (out / f"{disk}.qcow2").stat().st_size < 1 * MiB      # an overlay, not a copy
     dom = conn.lookupByName(name)
@@ -244,7 +245,7 @@ def test_prune_ten_points_keep_three_then_backups_continue(make_domain, monkeypa
                                       for x in [p["domain_xml"], p["checkpoint_xml"],
                                                 *(img["image"] for img in p["disks"].values())]}
     assert {f for f in files(bdir) if (bdir / f).is_file()} == recorded
-    assert qemuimg.info(bdir / pts["0008"]["disks"]["vda"]["image"]).get("backing-filename") is None
+    assert qemu_img.info(bdir / pts["0008"]["disks"]["vda"]["image"]).get("backing-filename") is None
     for pid in ("0008", "0009", "0010"):
         assert_point_restores(bdir, pid, expected[pid], tmp_path / f"after-{pid}")
 
@@ -285,7 +286,7 @@ def _corrupt_compressed_cluster(image: Path) -> None:
     `qemu-img check` and the file hash (updated by the caller) can't see this; reading can.
     """
     tmp = image.with_suffix(".tmp")
-    subprocess.run([qemuimg.QEMU_IMG, "convert", "-c", "-O", "qcow2", str(image), str(tmp)], check=True)
+    subprocess.run([qemu_img.QEMU_IMG, "convert", "-c", "-O", "qcow2", str(image), str(tmp)], check=True)
     with open(tmp, "r+b") as f:
         hdr = f.read(104)
         cluster_bits = struct.unpack(">I", hdr[20:24])[0]

@@ -7,8 +7,8 @@ import time
 import libvirt
 
 from tests.support.helpers import assert_point_restores, cli, finish, one_error_line, start_cli
-from virtbackup import monitor
 from virtbackup.errors import HostError
+from virtbackup.virt import monitor
 
 MiB = 1 << 20
 

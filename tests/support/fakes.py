@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from virtbackup.bitmaps import Bitmap
-from virtbackup.host import Disk
+from virtbackup.virt.bitmaps import Bitmap
+from virtbackup.virt.host import Disk
 
 
 def qcow2(target: str, index: int = 1) -> Disk:

@@ -19,7 +19,8 @@ from typing import Any, Dict
 
 
 def arm(action: str, step: str) -> None:
-    from virtbackup import restore, retention
+    from virtbackup import restore
+    from virtbackup.store import retention
 
     sig = signal.SIGKILL if action == "kill" else signal.SIGSTOP
     where, _, n = step.partition(":")

@@ -507,7 +507,7 @@ def report_boot_times(config: Any) -> None:
 
 def main() -> int:
     """`python -m tests.support.guest`: build (or find) the boot files, boot one guest, time it."""
-    from virtbackup import host
+    from virtbackup.virt import host
     boot = boot_files()
     print(f"kernel {boot.kernel}\ninitrd {boot.initrd} ({boot.initrd.stat().st_size / MiB:.1f} MiB)")
     conn = host.connect()

@@ -59,7 +59,7 @@ def assert_point_restores(bdir: Path, point: str, expected: Dict[str, bytes], ou
 
 
 def our_bitmaps(dom: Any, prefix: str) -> Dict[str, List[str]]:
-    from virtbackup import bitmaps, host
+    from virtbackup.virt import bitmaps, host
     disks = host.domain_disks(dom.XMLDesc(0))
     return {t: [b.name for b in bms if b.name.startswith(prefix)]
             for t, bms in bitmaps.live(dom, disks).items()}
@@ -107,7 +107,7 @@ def finish(proc: subprocess.Popen, timeout: float = 90) -> CLIResult:
 
 def image_bitmaps(image: Path) -> Dict[str, List[str]]:
     """Persistent bitmaps in an image's qcow2 header: name -> flags."""
-    from virtbackup import bitmaps
+    from virtbackup.virt import bitmaps
     return bitmaps.header_flags(Path(image))
 
 
@@ -142,7 +142,7 @@ def image_held(image: Path, kill: bool = False) -> Iterator[None]:
 # -- a backup job held in flight (test_faults, test_encryption) ----------------------------------
 def job_ids(dom: Any) -> List[str]:
     """QEMU block-job ids libvirt gives a backup of each disk: backup-<dst>-libvirt-N-format."""
-    from virtbackup import host
+    from virtbackup.virt import host
     return [f"backup-{x.target}-{x.node_name}" for x in host.domain_disks(dom.XMLDesc(0)) if x.node_name]
 
 
@@ -177,7 +177,7 @@ def cli_bg(procs: List[subprocess.Popen], *args: object) -> subprocess.Popen:
 
 def hmp_write(dom: Any, target: str, pattern: int, offset: int, length: int) -> None:
     """Write into any running domain's disk through its qdev (the guest's path), then flush."""
-    from virtbackup import host, monitor
+    from virtbackup.virt import host, monitor
     alias = next(d.alias for d in host.domain_disks(dom.XMLDesc(0)) if d.target == target)
     qdev = f"/machine/peripheral/{alias}/virtio-backend"
     monitor.hmp(dom, f'qemu-io -d {qdev} "write -P {pattern:#04x} {offset} {length}"')

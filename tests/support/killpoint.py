@@ -24,7 +24,7 @@ def _die() -> None:
 
 
 def arm(step: str) -> None:
-    from virtbackup import chain, retention
+    from virtbackup.store import chain, retention
 
     kind, _, n = step.partition(":")
     count: Dict[str, int] = {"images": 0, "removals": 0}

@@ -19,7 +19,8 @@ from typing import Dict, List, Optional
 import libvirt
 from lxml import etree
 
-from virtbackup import host, monitor, qemuimg
+from virtbackup.qemu import qemu_img
+from virtbackup.virt import host, monitor
 
 MiB = 1 << 20
 
@@ -80,7 +81,7 @@ class ScratchDomain:
         paths = {}
         for t, size in self.disk_sizes.items():
             paths[t] = self.disk_path(t)
-            qemuimg.create(paths[t], size)
+            qemu_img.create(paths[t], size)
         self.dom = self.conn.defineXML(domain_xml(self.name, paths, self.memory_mib))
         if start:
             self.dom.create()
@@ -142,7 +143,7 @@ def read_raw(image: Path) -> bytes:
     """An image's guest-visible content (through its backing chain) as raw bytes."""
     out = Path(str(image) + ".raw-check")
     try:
-        subprocess.run([qemuimg.QEMU_IMG, "convert", "-U", "-O", "raw", str(image), str(out)],
+        subprocess.run([qemu_img.QEMU_IMG, "convert", "-U", "-O", "raw", str(image), str(out)],
                        check=True, capture_output=True)
         return out.read_bytes()
     finally:
@@ -167,7 +168,7 @@ def first_difference(a: bytes, b: bytes) -> Optional[int]:
 
 
 def backing_chain(image: Path) -> List[str]:
-    return [i["filename"] for i in qemuimg.info(image, backing_chain=True)]
+    return [i["filename"] for i in qemu_img.info(image, backing_chain=True)]
 
 
 def write_offline(sd: ScratchDomain, target: str, pattern: int, offset: int, length: int) -> None:

@@ -31,7 +31,8 @@ def test_every_public_operation_is_wrapped_at_the_boundary():
 
 def test_libvirt_and_os_errors_become_virtbackup_errors_with_the_cause_kept(monkeypatch):
     err = libvirt.libvirtError("boom")
-    from virtbackup import health, host, restore
+    from virtbackup import health, restore
+    from virtbackup.virt import host
     monkeypatch.setattr(health, "status", lambda dom: (_ for _ in ()).throw(err))
     monkeypatch.setattr(host, "connection", lambda uri: _Conn())
     monkeypatch.setattr(host, "lookup_domain", lambda conn, name: object())
@@ -55,9 +56,9 @@ def test_usage_errors_pass_unchanged(tmp_path):
 
 
 def test_results_render_to_json(tmp_path):
-    from virtbackup.chain import Chain, DiskImage, Point
     from virtbackup.restore import FlattenResult
-    from virtbackup.verify import Damage, VerifyResult
+    from virtbackup.store.chain import Chain, DiskImage, Point
+    from virtbackup.store.verify import Damage, VerifyResult
     p = Point("0001", "full", "2026-11-30T00:00:00+00:00", "cp", None, None, "0001",
               {"vda": DiskImage("points/0001/vda.qcow2", None, 1, 7, "x")}, "d.xml", "c.xml")
     c = Chain("dom", "uuid", points=[p])

@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from virtbackup.chain import BackupDir, Chain, DiskImage, FileLock, Point, create_new, shared_lock, user_path
 from virtbackup.errors import ChainCorrupt, LockBusy, OperationFailed, PointNotFound, UnsafePath, UsageError
+from virtbackup.store.chain import BackupDir, Chain, DiskImage, FileLock, Point, create_new, shared_lock, user_path
 
 
 def img(pid: str, backing: str | None = None) -> DiskImage:
@@ -154,8 +154,8 @@ def test_shared_lock_readers_share_and_writer_waits_bounded(tmp_path):
 
 def test_shared_lock_never_creates_the_directory(tmp_path):
     """A reader (restore, verify, a drill, files) asked for a missing dir must not create it."""
-    from virtbackup.chain import BackupDir, shared_lock
     from virtbackup.errors import UsageError
+    from virtbackup.store.chain import BackupDir, shared_lock
     missing = tmp_path / "nope"
     with pytest.raises(UsageError, match="does not exist"):
         with shared_lock(BackupDir(missing)):

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from virtbackup import crypto, keysecret, xmlbuild
 from virtbackup.errors import UsageError
+from virtbackup.qemu import keys
+from virtbackup.store import crypto
+from virtbackup.virt import keysecret, xmlbuild
 
 SCHEMAS = Path("/usr/share/libvirt/schemas")
 KEY = b"correct horse battery staple\n"
@@ -79,11 +81,11 @@ def test_key_from_stdin_but_never_from_a_terminal():
 
 
 def test_key_check_value_accepts_the_key_only_and_is_not_the_key():
-    k = crypto.Key(KEY, "t")
+    k = keys.Key(KEY, "t")
     enc = crypto.ChainEncryption.new(k, 10)
     assert enc.matches(k)
-    assert not enc.matches(crypto.Key(KEY.rstrip(b"\n"), "t"))    # one byte off is another key
-    assert not enc.matches(crypto.Key(b"wrong", "t"))
+    assert not enc.matches(keys.Key(KEY.rstrip(b"\n"), "t"))    # one byte off is another key
+    assert not enc.matches(keys.Key(b"wrong", "t"))
     stored = json.dumps(enc.to_json())
     assert KEY.decode().strip() not in stored and KEY.hex() not in stored
     assert enc.key_check_iterations >= crypto.KEY_CHECK_MIN_ITERATIONS
@@ -97,43 +99,43 @@ def test_key_check_value_accepts_the_key_only_and_is_not_the_key():
 @pytest.mark.parametrize("field, value", [("format", "aes"), ("key_check", "00"), ("key_check_salt", "zz"),
                                           ("key_check_iterations", 0), ("key_check_kdf", "md5")])
 def test_tampered_encryption_metadata_is_rejected(field, value):
-    data = crypto.ChainEncryption.new(crypto.Key(KEY, "t"), 10).to_json()
+    data = crypto.ChainEncryption.new(keys.Key(KEY, "t"), 10).to_json()
     data[field] = value
     with pytest.raises(ValueError):
         crypto.ChainEncryption.from_json(data)
 
 
 def test_check_key_messages():
-    k = crypto.Key(KEY, "/k")
+    k = keys.Key(KEY, "/k")
     enc = crypto.ChainEncryption.new(k, 10)
     crypto.check_key(enc, k, "/b")
     crypto.check_key(None, None, "/b")
     with pytest.raises(UsageError, match="is encrypted; give its key with --key-file"):
         crypto.check_key(enc, None, "/b")
     with pytest.raises(UsageError, match="not the key of /b") as e:
-        crypto.check_key(enc, crypto.Key(b"nope", "/w"), "/b")
+        crypto.check_key(enc, keys.Key(b"nope", "/w"), "/b")
     assert "nope" not in str(e.value)
     with pytest.raises(UsageError, match="is not encrypted"):
         crypto.check_key(None, k, "/b")
 
 
 def test_image_opts_give_the_key_to_each_encrypted_layer():
-    opts = crypto.image_opts(Path("/b/points/0003/vda.qcow2"), [True, True, False])
+    opts = keys.image_opts(Path("/b/points/0003/vda.qcow2"), [True, True, False])
     assert opts == ("driver=qcow2,file.filename=/b/points/0003/vda.qcow2,encrypt.key-secret=vbkey0,"
                     "backing.encrypt.key-secret=vbkey0")
-    assert "file.filename=/a,,b/x.qcow2," in crypto.image_opts(Path("/a,b/x.qcow2"), [True])
+    assert "file.filename=/a,,b/x.qcow2," in keys.image_opts(Path("/a,b/x.qcow2"), [True])
     with pytest.raises(ValueError):
-        crypto.image_opts(Path("rel.qcow2"), [True])
-    spec = json.loads(crypto.json_image(Path("/b/x.qcow2"), [True, False, True])[len("json:"):])
+        keys.image_opts(Path("rel.qcow2"), [True])
+    spec = json.loads(keys.json_image(Path("/b/x.qcow2"), [True, False, True])[len("json:"):])
     assert spec["encrypt"] == {"key-secret": "vbkey0"} and "encrypt" not in spec["backing"]
     assert spec["backing"]["backing"] == {"encrypt": {"key-secret": "vbkey0"}}
-    assert crypto.secret_object("s", "/dev/fd/5") == "secret,id=s,file=/dev/fd/5,format=raw"
-    assert "encrypt.iter-time=250" in crypto.create_options(250)
+    assert keys.secret_object("s", "/dev/fd/5") == "secret,id=s,file=/dev/fd/5,format=raw"
+    assert "encrypt.iter-time=250" in keys.create_options(250)
 
 
 def test_key_pipe_carries_the_key_not_the_argv():
-    k = crypto.Key(KEY, "t")
-    with crypto.key_pipe(k) as (args, fd):
+    k = keys.Key(KEY, "t")
+    with keys.key_pipe(k) as (args, fd):
         assert args == ["--object", f"secret,id=vbkey0,file=/dev/fd/{fd},format=raw"]
         assert os.read(fd, 100) == KEY
     with pytest.raises(OSError):
@@ -141,7 +143,7 @@ def test_key_pipe_carries_the_key_not_the_argv():
 
 
 def test_key_file_is_private_and_removed(tmp_path):
-    with crypto.key_file(crypto.Key(KEY, "t")) as p:
+    with keys.key_file(keys.Key(KEY, "t")) as p:
         assert p.read_bytes() == KEY
         assert p.stat().st_mode & 0o777 == 0o600 and p.parent.stat().st_mode & 0o777 == 0o700
     assert not p.exists() and not p.parent.exists()
@@ -149,7 +151,7 @@ def test_key_file_is_private_and_removed(tmp_path):
 
 def test_iter_time_from_environment(monkeypatch):
     monkeypatch.delenv(crypto.ITER_TIME_ENV, raising=False)
-    assert crypto.iter_time_ms() == crypto.DEFAULT_ITER_TIME_MS == 1000
+    assert crypto.iter_time_ms() == keys.DEFAULT_ITER_TIME_MS == 1000
     monkeypatch.setenv(crypto.ITER_TIME_ENV, "10")
     assert crypto.iter_time_ms() == 10
     for bad in ("0", "-5", "fast", "999999"):
@@ -193,7 +195,7 @@ def test_backup_xml_with_encrypted_targets_validates():
 
 def sample():
     """A two-point chain (full, inc) on one disk."""
-    from virtbackup.chain import Chain, DiskImage, Point
+    from virtbackup.store.chain import Chain, DiskImage, Point
     c = Chain(domain_name="d", domain_uuid="u", dir_id="x", next_seq=3)
     for pid, parent in (("0001", None), ("0002", "0001")):
         back = f"points/{parent}/vda.qcow2" if parent else None
@@ -208,17 +210,17 @@ def sample():
 
 
 def test_encrypted_chain_metadata_is_schema_2_and_consistent():
-    from virtbackup.chain import Chain
+    from virtbackup.store.chain import Chain
     plain = sample()
     assert plain.to_json()["schema"] == 1 and "encryption" not in plain.to_json()
     enc = sample()
-    enc.encryption = crypto.ChainEncryption.new(crypto.Key(KEY, "t"), 10)
+    enc.encryption = crypto.ChainEncryption.new(keys.Key(KEY, "t"), 10)
     for p in enc.points:
         p.encryption = "luks"
     data = json.loads(json.dumps(enc.to_json()))
     assert data["schema"] == 2 and data["encryption"]["format"] == "luks"
     again = Chain.from_json(data)
-    assert again.encryption == enc.encryption and again.encryption.matches(crypto.Key(KEY, "t"))
+    assert again.encryption == enc.encryption and again.encryption.matches(keys.Key(KEY, "t"))
     # a plaintext point smuggled into an encrypted chain, or schema/encryption out of step
     bad = json.loads(json.dumps(data))
     bad["points"][1]["encryption"] = None
@@ -235,9 +237,9 @@ def test_encrypted_chain_metadata_is_schema_2_and_consistent():
 
 
 def test_encrypted_points_keep_their_transport():
-    from virtbackup.chain import Chain
+    from virtbackup.store.chain import Chain
     enc = sample()
-    enc.encryption = crypto.ChainEncryption.new(crypto.Key(KEY, "t"), 10)
+    enc.encryption = crypto.ChainEncryption.new(keys.Key(KEY, "t"), 10)
     for p in enc.points:
         p.encryption, p.transport = "luks", "offline"
     again = Chain.from_json(json.loads(json.dumps(enc.to_json())))
@@ -246,11 +248,11 @@ def test_encrypted_points_keep_their_transport():
 
 def test_pull_mode_and_live_restore_refuse_an_encrypted_chain(tmp_path):
     from virtbackup.backup import _refuse_encrypted_pull
-    from virtbackup.chain import BackupDir
     from virtbackup.liverestore import refuse_encrypted
+    from virtbackup.store.chain import BackupDir
     bdir = BackupDir(tmp_path)
     plain, enc = sample(), sample()
-    enc.encryption = crypto.ChainEncryption.new(crypto.Key(KEY, "t"), 10)
+    enc.encryption = crypto.ChainEncryption.new(keys.Key(KEY, "t"), 10)
     for p in enc.points:
         p.encryption = "luks"
     _refuse_encrypted_pull(bdir, plain, False, "pull")

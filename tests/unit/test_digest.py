@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from virtbackup.chain import DiskImage
-from virtbackup.digest import file_digest
+from virtbackup.store.chain import DiskImage
+from virtbackup.store.digest import file_digest
 
 
 def _image(tmp_path, size=3 << 20):

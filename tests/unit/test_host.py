@@ -10,7 +10,7 @@ import libvirt
 import pytest
 from tenacity import stop_after_delay, wait_none
 
-from virtbackup import host
+from virtbackup.virt import host
 
 
 def lverr(message: str, code: int = libvirt.VIR_ERR_INTERNAL_ERROR) -> libvirt.libvirtError:

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from virtbackup import jobs, metrics
-from virtbackup.chain import Chain, DiskImage, Point
+from virtbackup import jobs
 from virtbackup.errors import UsageError
-from virtbackup.retention import Policy, decide
+from virtbackup.store import metrics
+from virtbackup.store.chain import Chain, DiskImage, Point
+from virtbackup.store.retention import Policy, decide
 
 
 def write_job(tmp_path: Path, body: str, name: str = "nightly.toml") -> Path:
@@ -109,13 +110,21 @@ def test_invalid_toml_and_missing_things(tmp_path):
         jobs.load_job(tmp_path / "missing.toml")
 
 
-def test_quiesce_require_only_when_backup_can_quiesce(tmp_path, monkeypatch):
-    path = write_job(tmp_path, 'backup_root = "ROOT"\ndomains = ["*"]\nquiesce = "require"\n')
-    monkeypatch.setattr(jobs, "_quiesce_supported", lambda: False)
-    with pytest.raises(jobs.JobFileError, match=r":3: key 'quiesce' is 'require', but"):
-        jobs.load_job(path)
-    monkeypatch.setattr(jobs, "_quiesce_supported", lambda: True)
-    assert jobs.load_job(path).quiesce == "require"
+def test_quiesce_modes_of_a_job_file(tmp_path):
+    """Every mode the CLI takes is a job file's too (one definition, options.QUIESCE_MODES); reading a
+    job file loads no libvirt (it used to, to inspect backup()'s signature)."""
+    import sys
+
+    for mode in ("auto", "require", "off"):
+        path = write_job(tmp_path, f'backup_root = "ROOT"\ndomains = ["*"]\nquiesce = "{mode}"\n')
+        assert jobs.load_job(path).quiesce == mode
+    with pytest.raises(jobs.JobFileError, match=r":3: key 'quiesce' must be one of auto, require, off"):
+        jobs.load_job(write_job(tmp_path, 'backup_root = "ROOT"\ndomains = ["*"]\nquiesce = "always"\n', "bad.toml"))
+    code = ("import sys; from virtbackup import jobs; from pathlib import Path; jobs.load_job(Path(sys.argv[1])); "
+            "assert 'libvirt' not in sys.modules, 'job file reading loaded libvirt'")
+    import subprocess
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def C(name: str, persistent: bool = True) -> jobs.Candidate:
@@ -244,10 +253,9 @@ def test_runner_forwards_ctrl_c_to_running_children_and_skips_queued(tmp_path, m
     ready.mkdir()
     script = jobs.IGNORE_SIGNALS + f"READY = {str(ready)!r}\n" + CHILD
     monkeypatch.setattr(jobs, "_cli", lambda uri, *args: [sys.executable, "-c", script])
-    monkeypatch.setattr(jobs, "_quiesce_supported", lambda: False)
     selected = jobs.select(job, [C("d1"), C("d2"), C("d3")])
     seen = []
-    runner = jobs.Runner(job, selected, None, lambda d, phase, _u: seen.append((d, phase)))
+    runner = jobs.JobRun(job, selected, None, lambda d, phase, _u: seen.append((d, phase)))
 
     def interrupt() -> None:
         deadline = time.monotonic() + 30

@@ -3,7 +3,7 @@ server in tests/integration/test_pull.py)."""
 
 from __future__ import annotations
 
-from virtbackup import nbdcopy
+from virtbackup.qemu import nbdcopy
 
 MiB = 1 << 20
 
@@ -66,7 +66,7 @@ def test_missing_context_answer_is_an_error():
 
 
 def test_pacer_holds_reads_to_the_speed_with_one_request_of_burst(monkeypatch):
-    from virtbackup import nbdcopy
+    from virtbackup.qemu import nbdcopy
     now = [100.0]
     monkeypatch.setattr(nbdcopy.time, "monotonic", lambda: now[0])
     p = nbdcopy.Pacer(4 << 20, 4 << 20)           # 4 MiB/s, a bucket of one 4 MiB request

@@ -8,11 +8,11 @@ from typing import List
 import pytest
 
 from tests.support.fakes import FakeDomain, bitmap, qcow2
-from virtbackup.chain import BackupDir, Chain, DiskImage, Point
 from virtbackup.errors import DiskNotFound, HostError, LevelNotPossible, UsageError
 from virtbackup.health import plan_repair
-from virtbackup.host import Disk
-from virtbackup.plan import plan_backup
+from virtbackup.runners.plan import plan_backup
+from virtbackup.store.chain import BackupDir, Chain, DiskImage, Point
+from virtbackup.virt.host import Disk
 
 MiB = 1 << 20
 

@@ -10,10 +10,10 @@ from lxml import etree
 
 from tests.unit.test_restore_xml import SAVED
 from tests.unit.test_xml import rng, valid
-from virtbackup.chain import Chain
 from virtbackup.cli import optional_quiesce_value
 from virtbackup.drill import drill_domain_xml
-from virtbackup.quiesce import has_agent_channel
+from virtbackup.store.chain import Chain
+from virtbackup.virt.quiesce import has_agent_channel
 
 
 @pytest.mark.parametrize("argv, want", [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from virtbackup.restoredom import restored_domain_xml
+from virtbackup.virt.restoredom import restored_domain_xml
 
 SAVED = """<domain type='kvm'>
   <name>orig</name>

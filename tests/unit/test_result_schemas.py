@@ -11,9 +11,9 @@ from jsonschema import ValidationError
 
 from tests.support.schemas import validate
 from virtbackup.backup import point_json
-from virtbackup.chain import DiskImage, Point
 from virtbackup.drill import DrillResult
-from virtbackup.quiesce import ThawResult
+from virtbackup.store.chain import DiskImage, Point
+from virtbackup.virt.quiesce import ThawResult
 
 
 def as_cli(obj: dict, failure: object = None, kind: str = "") -> dict:

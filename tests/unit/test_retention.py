@@ -8,10 +8,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from virtbackup import chain as chainmod
-from virtbackup.chain import Chain, DiskImage, Point
 from virtbackup.errors import PointNotFound, UsageError
-from virtbackup.retention import Decision, Policy, decide, plan_prune, unrecorded
+from virtbackup.store import chain as chainmod
+from virtbackup.store.chain import Chain, DiskImage, Point
+from virtbackup.store.retention import Decision, Policy, decide, plan_prune, unrecorded
 
 T0 = datetime(2026, 11, 20, 10, 0, tzinfo=timezone.utc)
 
@@ -166,7 +166,7 @@ def test_plan_refuses_dropping_the_newest():
 
 
 def test_unrecorded_finds_only_what_a_prune_leaves(tmp_path: Path):
-    from virtbackup.chain import BackupDir
+    from virtbackup.store.chain import BackupDir
     c = make_chain([("full", None), ("inc", 0)])
     c.next_seq = 4
     for rel in ["points/0001/vda.qcow2", "points/0001/domain.xml", "points/0001/checkpoint.xml",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from virtbackup import xmlbuild
+from virtbackup.virt import xmlbuild
 
 SCHEMAS = Path("/usr/share/libvirt/schemas")
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"

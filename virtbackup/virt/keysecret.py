@@ -22,9 +22,9 @@ from typing import Any, Dict, Iterator, List, Optional
 import libvirt
 from lxml import etree
 
-from . import host, xmlbuild
-from .crypto import Key
-from .errors import HostError, Interrupted
+from virtbackup.errors import HostError, Interrupted
+from virtbackup.qemu.keys import Key
+from virtbackup.virt import host, xmlbuild
 
 SECRET_DESCRIPTION = "virtbackup ephemeral key"
 

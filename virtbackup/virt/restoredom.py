@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from lxml import etree
 
-from .errors import OperationFailed
+from virtbackup.errors import OperationFailed
 
 REMOVABLE = ("cdrom", "floppy")
 

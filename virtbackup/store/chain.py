@@ -20,10 +20,18 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Literal, Optional, Tuple, cast
 
-from .crypto import ChainEncryption
-from .digest import DEFAULT as DEFAULT_HASH
-from .digest import file_digest
-from .errors import BackupDirError, ChainCorrupt, LockBusy, OperationFailed, PointNotFound, UnsafePath, UsageError
+from virtbackup.errors import (
+    BackupDirError,
+    ChainCorrupt,
+    LockBusy,
+    OperationFailed,
+    PointNotFound,
+    UnsafePath,
+    UsageError,
+)
+from virtbackup.store.crypto import ChainEncryption
+from virtbackup.store.digest import DEFAULT as DEFAULT_HASH
+from virtbackup.store.digest import file_digest
 
 SCHEMA_VERSION = 1
 # Encrypted chains are written as schema 2: a virtbackup that does not know encryption refuses

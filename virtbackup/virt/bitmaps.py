@@ -16,8 +16,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import libvirt
 
-from . import monitor, qemuimg
-from .host import Disk
+from virtbackup.qemu import qemu_img
+from virtbackup.virt import monitor
+from virtbackup.virt.host import Disk
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def header_flags(image: Path) -> Dict[str, List[str]]:
     open for writing when its QEMU stopped, i.e. inconsistent). Read with -U: the image may be
     open elsewhere."""
     return {str(b["name"]): [str(f) for f in (b.get("flags") or [])]
-            for b in header_list(qemuimg.info(image, force_share=True))}
+            for b in header_list(qemu_img.info(image, force_share=True))}
 
 
 def from_header(image: Path) -> List[Bitmap]:
@@ -62,7 +63,7 @@ def from_header(image: Path) -> List[Bitmap]:
     return [Bitmap(name=str(b["name"]), recording="auto" in (b.get("flags") or []), busy=False,
                    persistent=True, inconsistent="in-use" in (b.get("flags") or []),
                    granularity=int(b.get("granularity", 0)), count=-1)
-            for b in header_list(qemuimg.info(image, force_share=True))]
+            for b in header_list(qemu_img.info(image, force_share=True))]
 
 
 def live(dom: libvirt.virDomain, disks: Sequence[Disk]) -> Dict[str, List[Bitmap]]:

@@ -19,7 +19,7 @@ import libvirt
 from lxml import etree
 from tenacity import retry, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
-from .errors import DomainNotFound, HostError, OperationFailed, OutputExists
+from virtbackup.errors import DomainNotFound, HostError, OperationFailed, OutputExists
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ from typing import Dict, List, Optional, Sequence
 
 import libvirt
 
-from . import bitmaps, checkpoints, host
-from .bitmaps import Bitmap
-from .host import Disk
+from virtbackup.virt import bitmaps, checkpoints, host
+from virtbackup.virt.bitmaps import Bitmap
+from virtbackup.virt.host import Disk
 
 
 class LibvirtDomain:

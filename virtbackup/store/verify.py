@@ -6,9 +6,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set
 
-from . import crypto, observe, qemuimg
-from .chain import BackupDir, DiskImage, shared_lock
-from .errors import VirtBackupError
+from virtbackup import observe
+from virtbackup.errors import VirtBackupError
+from virtbackup.qemu import keys, qemu_img
+from virtbackup.store import crypto
+from virtbackup.store.chain import BackupDir, DiskImage, shared_lock
 
 
 @dataclass
@@ -52,20 +54,20 @@ class VerifyResult:
 
 
 def _image_problem(bdir: BackupDir, rel: str, img: DiskImage,
-                   key: Optional[crypto.Key] = None) -> Optional[str]:
+                   key: Optional[keys.Key] = None) -> Optional[str]:
     path = bdir.resolve(rel)
     if path.is_symlink() or (path.exists() and not path.is_file()):
         return "not a regular file"
     if not path.is_file():
         return "image is missing"
     try:
-        info = qemuimg.info(path)
+        info = qemu_img.info(path)
     except VirtBackupError as e:
         return f"qemu-img check failed: {e}"
     if key is not None and not info.get("encrypted"):
         return "image is not encrypted, but the chain is"
     try:
-        qemuimg.check(path, key)
+        qemu_img.check(path, key)
     except VirtBackupError as e:
         return f"qemu-img check failed: {e}"
     expected = bdir.backing_link(rel, img.backing)
@@ -81,7 +83,7 @@ def _image_problem(bdir: BackupDir, rel: str, img: DiskImage,
 
 
 def verify(backup_dir: Path, point_id: Optional[str] = None, deep: bool = False,
-           key: Optional[crypto.Key] = None) -> VerifyResult:
+           key: Optional[keys.Key] = None) -> VerifyResult:
     """Check the images of every point (or of one point's chain).
 
     `deep` also reads every point's whole chain through qemu (what a restore reads), which finds
@@ -94,7 +96,7 @@ def verify(backup_dir: Path, point_id: Optional[str] = None, deep: bool = False,
 
 
 def _verify_locked(bdir: BackupDir, point_id: Optional[str], deep: bool,
-                   key: Optional[crypto.Key]) -> VerifyResult:
+                   key: Optional[keys.Key]) -> VerifyResult:
     chain = bdir.load()
     # an encrypted chain: qemu-img check and the deep read open the images, so the key is
     # checked first (exit 2 without it)
@@ -127,7 +129,7 @@ def _verify_locked(bdir: BackupDir, point_id: Optional[str], deep: bool,
                     continue                     # already reported; reading it would only repeat that
                 top = p.disks[disk]
                 try:
-                    qemuimg.read_all(bdir.resolve(top.image), top.virtual_size, key)
+                    qemu_img.read_all(bdir.resolve(top.image), top.virtual_size, key)
                 except VirtBackupError as e:
                     result.damage.append(Damage(p.id, disk, top.image, f"reading the chain failed: {e}"))
                     if p.id not in result.damaged_points:

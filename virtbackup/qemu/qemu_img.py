@@ -1,6 +1,6 @@
 """Small wrappers around the `qemu-img` binary. Argument lists only, never a shell string.
 
-Functions that read or write image data take an optional `key` (crypto.Key): the images are
+Functions that read or write image data take an optional `key` (keys.Key): the images are
 then LUKS-encrypted qcow2, opened with `--image-opts` naming the key's secret object for every
 encrypted layer of the backing chain; the key itself reaches qemu-img through a pipe.
 """
@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple
 
-from .errors import HostError
+from virtbackup.errors import HostError
 
 if TYPE_CHECKING:
-    from .crypto import Key
+    from virtbackup.qemu.keys import Key
 
 QEMU_IMG = os.environ.get("VIRTBACKUP_QEMU_IMG", "qemu-img")
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def _key_object(key: Optional["Key"]) -> Iterator[Tuple[List[str], Tuple[int, ..
     if key is None:
         yield [], ()
         return
-    from .crypto import key_pipe
+    from virtbackup.qemu.keys import key_pipe
     with key_pipe(key) as (obj, fd):
         yield obj, (fd,)
 
@@ -55,7 +55,7 @@ def _key_object(key: Optional["Key"]) -> Iterator[Tuple[List[str], Tuple[int, ..
 def run_program(cmd: Sequence[str], args: Sequence[str], what: str,
                 key: Optional["Key"] = None) -> "subprocess.CompletedProcess[str]":
     """Run `cmd` (e.g. [qemu-img, convert] or [qemu-io]), with the key's secret object (id
-    crypto.SECRET_ID) before `args` when `key` is given; HostError with the last stderr line."""
+    keys.SECRET_ID) before `args` when `key` is given; HostError with the last stderr line."""
     with _key_object(key) as (obj, fds):
         proc = execute([*cmd, *obj, *args], fds)
     if proc.returncode != 0:
@@ -76,15 +76,15 @@ def create(path: Path, size: int, backing: Optional[str] = None, cluster_size: O
            key: Optional["Key"] = None, iter_time: Optional[int] = None) -> None:
     """Create a qcow2 v3 image; `backing` is stored exactly as given (we pass relative paths).
 
-    With `key`: LUKS-encrypted with it (`iter_time`: key derivation ms, see crypto.py). The
+    With `key`: LUKS-encrypted with it (`iter_time`: key derivation ms, see keys.py). The
     backing is not opened (-u), so it needs no key here.
     """
-    from . import crypto
+    from virtbackup.qemu import keys
     opts = ["compat=1.1"]
     if cluster_size:
         opts.append(f"cluster_size={cluster_size}")
     if key is not None:
-        opts += crypto.create_options(iter_time or crypto.DEFAULT_ITER_TIME_MS)
+        opts += keys.create_options(iter_time or keys.DEFAULT_ITER_TIME_MS)
     args = ["create", "-q", "-f", "qcow2", "-o", ",".join(opts)]
     if backing is not None:
         # -u: the backing may be resolved relative to the new image; don't open it here (cheap).
@@ -124,7 +124,7 @@ def _source(path: Path, key: Optional["Key"]) -> List[str]:
     `--image-opts` options that hand the key to every encrypted layer."""
     if key is None:
         return [str(path)]
-    from .crypto import image_opts
+    from virtbackup.qemu.keys import image_opts
     path = Path(os.path.abspath(path))
     return ["--image-opts", image_opts(path, layers(path))]
 
@@ -148,7 +148,7 @@ def check(path: Path, key: Optional["Key"] = None) -> Any:
         key = None                       # a plain image (verify reports that it should not be)
     name = str(path)
     if key is not None:
-        from .crypto import SECRET_ID
+        from virtbackup.qemu.keys import SECRET_ID
         # this image only ("backing": null): checking it needs no other layer's key
         name = "json:" + json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": os.path.abspath(path)},
                                      "encrypt": {"key-secret": SECRET_ID}, "backing": None})
@@ -174,10 +174,10 @@ def convert(src: Path, dst: Path, out_format: str = "qcow2", key: Optional["Key"
     `key` opens an encrypted chain; `encrypt_iter_time` (with `key`) encrypts `dst` with the
     same key, else `dst` is plain.
     """
-    from . import observe
+    from virtbackup import observe
     args = ["-W", "-O", out_format]
     if key is not None and encrypt_iter_time is not None:
-        from .crypto import create_options
+        from virtbackup.qemu.keys import create_options
         args += ["-o", ",".join(create_options(encrypt_iter_time))]
     args += [*_source(src, key), str(dst)]
     encrypting = key is not None and encrypt_iter_time is not None
@@ -191,7 +191,7 @@ def _convert_reporting(src: Path, args: Sequence[str], key: Optional["Key"]) -> 
     """`convert -p`: qemu-img's own progress lines ("    (12.50/100%)\r") go to observe.report."""
     import re
 
-    from . import observe
+    from virtbackup import observe
     with _key_object(key) as (obj, fds):
         cmd = [QEMU_IMG, "convert", *obj, "-p", *args]
         log.debug("exec %s", " ".join(cmd))
@@ -263,7 +263,7 @@ def _rebase_encrypted(path: Path, backing: Optional[str], safe: bool, key: "Key"
     """`rebase` for LUKS images. qemu-img opens a safe rebase's new backing by file name only,
     with no way to give it the key: it is given as a `json:` name carrying the key's secret id
     (absolute), and a second, header-only rebase then writes the relative name we record."""
-    from .crypto import image_opts, json_image
+    from virtbackup.qemu.keys import image_opts, json_image
     path = Path(os.path.abspath(path))
     what = f"cannot rebase {path}"
     if not safe:

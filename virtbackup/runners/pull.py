@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import libvirt
 from lxml import etree
 
-from . import host, nbdcopy, xmlbuild
-from .errors import BackupFailed, Interrupted, OperationFailed, UsageError
-from .host import DomainHandle
-from .plan import BackupPlan, Transport
-from .pushjob import _completed_stats, abort_job, checkpoint_prefix, job_gone, job_writes_into
-from .runner import Notify
+from virtbackup.errors import BackupFailed, Interrupted, OperationFailed, UsageError
+from virtbackup.qemu import nbdcopy
+from virtbackup.runners.base import Notify, abort_job, checkpoint_prefix, completed_stats, job_gone, job_writes_into
+from virtbackup.runners.plan import BackupPlan, Transport
+from virtbackup.virt import host, xmlbuild
+from virtbackup.virt.host import DomainHandle
 
 if TYPE_CHECKING:
-    from .quiesce import Quiescer
+    from virtbackup.virt.quiesce import Quiescer
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class PullRunner:
                 raise BackupFailed("the backup job did not end within 60 s after all data was read")
             if watch.interrupted:
                 raise Interrupted(f"backup interrupted by {watch.interrupted}; nothing was recorded")
-            stats = _completed_stats(self.dom, watch)
+            stats = completed_stats(self.dom, watch)
         finally:
             watch.close()
             self._watch = None
@@ -320,7 +320,7 @@ class PullRunner:
         if watch is not None and watch.reason:
             return BackupFailed(f"backup job failed: {watch.reason}")
         if (watch is not None and watch.done.is_set()) or job_gone(self.dom):
-            errmsg = _completed_stats(self.dom, watch).get("errmsg") if watch is not None else None
+            errmsg = completed_stats(self.dom, watch).get("errmsg") if watch is not None else None
             return BackupFailed("backup job failed: the job ended before its data was read"
                                 + (f" ({errmsg})" if errmsg else ""))
         return BackupFailed(f"backup failed: {detail or 'the NBD copy stopped'}")

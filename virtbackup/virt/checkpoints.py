@@ -12,9 +12,10 @@ from typing import Iterable, List, Optional
 
 import libvirt
 
-from . import bitmaps, qemuimg, xmlbuild
-from .errors import VirtBackupError
-from .host import call, libvirt_message, transient_retry
+from virtbackup.errors import VirtBackupError
+from virtbackup.qemu import qemu_img
+from virtbackup.virt import bitmaps, xmlbuild
+from virtbackup.virt.host import call, libvirt_message, transient_retry
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def delete(dom: libvirt.virDomain, name: str, sources: Iterable[str] = ()) -> Op
 
 def _remove_bitmaps_live(dom: libvirt.virDomain, bitmap: str) -> None:
     """Remove bitmap `bitmap` (one of ours) from every disk of a running domain that has it."""
-    from . import host, monitor
+    from virtbackup.virt import host, monitor
     disks = [d for d in host.domain_disks(dom.XMLDesc(0)) if d.node_name]
     for target, bms in bitmaps.live(dom, disks).items():
         if any(b.name == bitmap for b in bms):
@@ -91,7 +92,7 @@ def remove_bitmap_offline(image: str, bitmap: str) -> Optional[str]:
     if not present:
         return None
     try:
-        qemuimg.bitmap_remove(Path(image), bitmap)
+        qemu_img.bitmap_remove(Path(image), bitmap)
     except VirtBackupError as e:
         return str(e)
     return None

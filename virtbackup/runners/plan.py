@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Mapping, Optional, Protocol, Sequence, Tuple, cast
 
-from .bitmaps import Bitmap, problem
-from .chain import POINTS_DIR, BackupDir, Chain, DiskImage, Level, Point
-from .errors import DiskNotFound, LevelNotPossible, UsageError, VirtBackupError
-from .host import Disk
-from .xmlbuild import Encryption
+from virtbackup.errors import DiskNotFound, LevelNotPossible, UsageError, VirtBackupError
+from virtbackup.options import REQUESTED_LEVELS, RequestedLevel
+from virtbackup.store.chain import POINTS_DIR, BackupDir, Chain, DiskImage, Level, Point
+from virtbackup.virt.bitmaps import Bitmap, problem
+from virtbackup.virt.host import Disk
+from virtbackup.virt.xmlbuild import Encryption
 
-RequestedLevel = Literal["auto", "full", "inc", "diff"]
-REQUESTED_LEVELS: Tuple[str, ...] = ("auto", "full", "inc", "diff")
 CopyMode = Literal["full", "bitmap"]          # whole disk | only the clusters the base bitmap marks
 Transport = Literal["push", "offline", "pull"]
 

@@ -21,64 +21,28 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import re
 import secrets
-import shutil
 import stat
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, BinaryIO, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Dict, Optional
 
-from .errors import UsageError
-
-FORMAT: Literal["luks"] = "luks"
-# QEMU's LUKS defaults (qemu-img info shows them): cipher-alg aes-256, cipher-mode xts,
-# ivgen-alg plain64, hash-alg sha256. Written out at create time so a future QEMU default
-# can't change what a chain uses half-way.
-CIPHER_ALG = "aes-256"
-CIPHER_MODE = "xts"
-IVGEN_ALG = "plain64"
-HASH_ALG = "sha256"
-CIPHER = f"{CIPHER_ALG}-{CIPHER_MODE}-{IVGEN_ALG}"
+from virtbackup.errors import UsageError
+from virtbackup.qemu.keys import CIPHER, DEFAULT_ITER_TIME_MS, FORMAT, HASH_ALG, MAX_KEY_BYTES, Key
 
 # LUKS key derivation time per image (PBKDF2 iterations are calibrated by QEMU to take this
 # long on this host). An attacker with a backup image pays it per passphrase guess; we pay it
 # every time an image is opened (each link of a chain, at every backup, restore and verify).
 # QEMU's and cryptsetup's default is 2000 ms; 1000 ms halves the cost of reading long chains
 # for one bit of brute-force resistance. A random key file (see README) makes it irrelevant.
-DEFAULT_ITER_TIME_MS = 1000
 ITER_TIME_ENV = "VIRTBACKUP_ENCRYPT_ITER_TIME"
 MAX_ITER_TIME_MS = 60_000
 
-MAX_KEY_BYTES = 4096          # a passphrase, not a disk image someone pointed --key-file at
-SECRET_ID = "vbkey0"          # QEMU object id of the key in every qemu-img run
 KEY_CHECK_KDF = "pbkdf2-sha256"
 KEY_CHECK_MIN_ITERATIONS = 100_000
-
-
-class Key:
-    """A passphrase in memory. Its repr and str never show it, so it can't leak into a message."""
-
-    __slots__ = ("_data", "source")
-
-    def __init__(self, data: bytes, source: str):
-        self._data = data
-        self.source = source            # where it came from, for messages ("stdin", a path)
-
-    @property
-    def data(self) -> bytes:
-        return self._data
-
-    def __repr__(self) -> str:
-        return f"<Key from {self.source}>"
-
-    __str__ = __repr__
 
 
 # --- reading the key ---------------------------------------------------------------------------
@@ -236,95 +200,3 @@ def check_key(enc: Optional[ChainEncryption], key: Optional[Key], what: str) -> 
     if not enc.matches(key):
         raise UsageError(f"the key from {key.source} is not the key of {what} (key check failed); "
                          "nothing was changed")
-
-
-# --- the key for qemu-img / qemu-io: a pipe -----------------------------------------------------
-@contextmanager
-def key_pipe(key: Key) -> Iterator[Tuple[List[str], int]]:
-    """`--object secret,...,file=/dev/fd/N` arguments and the fd N to pass to the child.
-
-    The key sits in a pipe's buffer (it is far smaller than one), so it is never in a file or an
-    argv; the child reads it once when it creates the object. Both ends are closed on exit.
-    """
-    if len(key.data) > MAX_KEY_BYTES:      # would not fit a pipe buffer on every system: a hang
-        raise ValueError("key too long for a pipe")
-    r, w = os.pipe()
-    try:
-        os.write(w, key.data)
-        os.close(w)
-        w = -1
-        yield ["--object", secret_object(SECRET_ID, f"/dev/fd/{r}")], r
-    finally:
-        if w >= 0:
-            os.close(w)
-        os.close(r)
-
-
-def secret_object(obj_id: str, path: str) -> str:
-    """A QEMU `secret` object that reads the passphrase (raw bytes) from a file."""
-    return f"secret,id={obj_id},file={qemu_opt(path)},format=raw"
-
-
-def qemu_opt(value: str) -> str:
-    """Escape a value for QEMU's key=value,... syntax (a comma is doubled)."""
-    return value.replace(",", ",,")
-
-
-def image_opts(path: Path, encrypted_layers: Sequence[bool], secret_id: str = SECRET_ID) -> str:
-    """`--image-opts` for a qcow2 whose backing chain has these layers (top first) encrypted.
-
-    The backing files are still found through the images' headers; each encrypted layer just
-    gets the key (`backing.backing.encrypt.key-secret=...`). The path must be absolute: QEMU
-    cannot resolve relative backing names below an image given by options.
-    """
-    if not os.path.isabs(path):
-        raise ValueError(f"image path {path} must be absolute")
-    opts = [f"driver=qcow2,file.filename={qemu_opt(str(path))}"]
-    for depth, enc in enumerate(encrypted_layers):
-        if enc:
-            opts.append(f"{'backing.' * depth}encrypt.key-secret={secret_id}")
-    return ",".join(opts)
-
-
-def json_image(path: Path, encrypted_layers: Sequence[bool], secret_id: str = SECRET_ID) -> str:
-    """The same as `image_opts`, as a `json:` pseudo file name (for where QEMU takes only a
-    file name, e.g. the new backing file of a safe `qemu-img rebase`)."""
-    if not os.path.isabs(path):
-        raise ValueError(f"image path {path} must be absolute")
-    spec: Dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": str(path)}}
-    node = spec
-    for depth, enc in enumerate(encrypted_layers):
-        if depth:
-            child: Dict[str, Any] = {}
-            node["backing"] = child
-            node = child
-        if enc:
-            node["encrypt"] = {"key-secret": secret_id}
-    return "json:" + json.dumps(spec, separators=(",", ":"))
-
-
-def create_options(iter_time: int, secret_id: str = SECRET_ID) -> List[str]:
-    """qcow2 `-o` options for a new LUKS-encrypted image."""
-    return [f"encrypt.format={FORMAT}", f"encrypt.key-secret={secret_id}", f"encrypt.cipher-alg={CIPHER_ALG}",
-            f"encrypt.cipher-mode={CIPHER_MODE}", f"encrypt.ivgen-alg={IVGEN_ALG}",
-            f"encrypt.hash-alg={HASH_ALG}", f"encrypt.iter-time={iter_time}"]
-
-
-# --- the key for a private QEMU: a file, for as long as QMP object-add takes --------------------
-@contextmanager
-def key_file(key: Key) -> Iterator[Path]:
-    """The key in a 0600 file inside a fresh 0700 directory (tmpfs when there is one); both are
-    removed on exit. For QEMU processes that can't be handed a pipe (QMP over stdio)."""
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
-    d = tempfile.mkdtemp(prefix="virtbackup-key-", dir=base)
-    try:
-        os.chmod(d, 0o700)
-        path = Path(d) / "key"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, key.data)
-        finally:
-            os.close(fd)
-        yield path
-    finally:
-        shutil.rmtree(d, ignore_errors=True)

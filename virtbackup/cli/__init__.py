@@ -34,7 +34,8 @@ def _import_typer_without_rich() -> None:
 _import_typer_without_rich()
 import typer  # noqa: E402
 
-from .errors import EXIT_FAILED, VirtBackupError  # noqa: E402
+from virtbackup.errors import EXIT_FAILED, VirtBackupError  # noqa: E402
+from virtbackup.options import QUIESCE_MODES  # noqa: E402
 
 
 class _LazyAPI:
@@ -42,7 +43,7 @@ class _LazyAPI:
     stay fast, and every command saves the imports it does not need."""
 
     def __getattr__(self, name: str) -> Any:
-        from . import api as real
+        from virtbackup import api as real
         return getattr(real, name)
 
 
@@ -238,7 +239,7 @@ def backup(domain: str = typer.Argument(..., help="domain name or UUID"),
                 print(f"  disk {name} copied whole ({_human_size(img.size)}): {img.full_reason}")
 
     def call() -> Any:
-        from . import progress
+        from virtbackup.cli import progress
         key = _key(key_file)             # read first: a refused key file changes nothing
         with progress.backup(_state["uri"], domain, progress.wanted(as_json, no_progress)):
             return api.backup(domain, backup_dir, level, disk, _state["uri"], notify, reason=reason, quiesce=quiesce,
@@ -330,10 +331,10 @@ def restore(backup_dir: Optional[str] = typer.Argument(None, show_default=False)
             print(f"defined domain {r.domain} ({r.domain_uuid}){', started' if r.started else ''}")
 
     def call() -> Any:
-        from . import progress
+        from virtbackup.cli import progress
         key = _key(key_file)
         with progress.observed("restore", progress.wanted(as_json, no_progress)):
-            return api.restore_point(backup_dir, output_dir, point, disk, instant, define, start, _state["uri"],
+            return api.restore(backup_dir, output_dir, point, disk, instant, define, start, _state["uri"],
                                      salvage, key=key, encrypt=encrypt)
 
     _run(as_json, call, render)
@@ -439,10 +440,10 @@ def verify(backup_dir: str = typer.Argument(...),
         _fail(as_json, r.to_json(), r.failure, "verify-failed")
 
     def call() -> Any:
-        from . import progress
+        from virtbackup.cli import progress
         key = _key(key_file)
         with progress.observed("verify", progress.wanted(as_json, no_progress)):
-            return api.verify_backup(backup_dir, point, deep, key=key)
+            return api.verify(backup_dir, point, deep, key=key)
 
     _run(as_json, call, render)
 
@@ -575,7 +576,7 @@ def run_cmd(job_file: Path = typer.Argument(..., metavar="JOBFILE",
             raise typer.Exit(EXIT_FAILED)
 
     def call() -> Any:
-        from . import progress
+        from virtbackup.cli import progress
         job = api.load_job(job_file)
         if dry_run:
             return api.plan_job(job, _state["uri"], domain)
@@ -717,9 +718,6 @@ def files(backup_dir: Path = typer.Argument(..., help="the backup directory"),
 def _is(exc: BaseException, name: str) -> bool:
     """Match click's exceptions by class name: typer ships click itself or a vendored copy."""
     return any(c.__name__ == name for c in type(exc).__mro__)
-
-
-QUIESCE_MODES = ("auto", "require", "off")
 
 
 def optional_quiesce_value(argv: List[str]) -> List[str]:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
-from .errors import OperationFailed
+from virtbackup.errors import OperationFailed
 
 
 class DomainRun(Protocol):

@@ -27,8 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple
 
-from . import integrity, qemuimg, runlog
-from .chain import (
+from virtbackup.errors import DamageFound, OperationFailed, UnsafePath, UsageError, VirtBackupError
+from virtbackup.qemu import qemu_img
+from virtbackup.qemu.keys import Key
+from virtbackup.store import integrity, runlog
+from virtbackup.store.chain import (
     POINTS_DIR,
     BackupDir,
     Chain,
@@ -39,8 +42,7 @@ from .chain import (
     open_new,
     point_time,
 )
-from .crypto import Key, check_key
-from .errors import DamageFound, OperationFailed, UnsafePath, UsageError, VirtBackupError
+from virtbackup.store.crypto import check_key
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +372,7 @@ def _remove(bdir: BackupDir, paths: List[Path]) -> List[str]:
 
 def _in_use(paths: List[Path]) -> List[str]:
     """Images a running QEMU has open (e.g. as the backing of an instant restore)."""
-    return [str(p) for p in paths if p.is_file() and qemuimg.image_in_use(str(p))]
+    return [str(p) for p in paths if p.is_file() and qemu_img.image_in_use(str(p))]
 
 
 def _write_image(bdir: BackupDir, op: ImageOp, key: Optional[Key] = None,
@@ -380,14 +382,14 @@ def _write_image(bdir: BackupDir, op: ImageOp, key: Optional[Key] = None,
     create_new(new)                 # O_EXCL|O_NOFOLLOW: never through a symlink put at the name
     try:
         if op.action == "standalone":
-            qemuimg.convert(old, new, key=key, encrypt_iter_time=iter_time if key is not None else None)
+            qemu_img.convert(old, new, key=key, encrypt_iter_time=iter_time if key is not None else None)
         else:
             # A copy in the same directory: its relative backing link resolves like the original's.
-            proc = qemuimg.execute(["cp", "--reflink=auto", "--", str(old), str(new)])
+            proc = qemu_img.execute(["cp", "--reflink=auto", "--", str(old), str(new)])
             if proc.returncode != 0:
                 raise OperationFailed(f"cannot copy {old}: {proc.stderr.strip()}")
             assert op.backing is not None
-            qemuimg.rebase(new, bdir.backing_link(op.new, op.backing),
+            qemu_img.rebase(new, bdir.backing_link(op.new, op.backing),
                            safe=op.action == "rebase", key=key)
         os.chmod(new, 0o600)
         fsync_path(new)

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import IO, Any, Dict, List, Optional
 
-from .errors import HostError
+from virtbackup.errors import HostError
 
 log = logging.getLogger(__name__)
 

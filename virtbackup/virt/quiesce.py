@@ -31,9 +31,9 @@ import libvirt
 import libvirt_qemu
 from lxml import etree
 
-from .errors import OperationFailed, UsageError
+from virtbackup.errors import OperationFailed, UsageError
+from virtbackup.options import QUIESCE_MODES
 
-MODES = ("auto", "require", "off")
 APPLICATION = "application"
 CRASH = "crash"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
@@ -213,7 +213,7 @@ class Quiescer:
 
     def __init__(self, dom: libvirt.virDomain, mode: str = "auto", notify: Optional[Notify] = None,
                  timeout: Optional[int] = None):
-        if mode not in MODES:
+        if mode not in QUIESCE_MODES:
             raise UsageError(f"unknown quiesce mode '{mode}' (auto, require, off)")
         self.dom = dom
         self.mode = mode
@@ -362,9 +362,9 @@ class ThawResult:
 
 def thaw(uri: Optional[str], domain: str) -> ThawResult:
     """Thaw a domain's filesystems through its agent (the admin's way out after a killed run)."""
-    from . import host
-    from .chain import domain_lock
-    from .errors import LockBusy
+    from virtbackup.errors import LockBusy
+    from virtbackup.store.chain import domain_lock
+    from virtbackup.virt import host
     with host.connection(uri) as conn:
         dom = host.lookup_domain(conn, domain)
         name, uuid = dom.name(), dom.UUIDString()

@@ -25,12 +25,13 @@ from typing import Any, Dict, List, Optional
 import libvirt
 from lxml import etree
 
-from . import bitmaps, checkpoints, crypto, host, qemuimg, xmlbuild
-from .errors import BackupFailed, Interrupted, LevelNotPossible, OperationFailed
-from .host import DomainHandle
-from .plan import BackupPlan, Transport
-from .qmp import PrivateQemu, QMPError
-from .runner import Notify
+from virtbackup.errors import BackupFailed, Interrupted, LevelNotPossible, OperationFailed
+from virtbackup.qemu import keys, qemu_img
+from virtbackup.qemu.qmp import PrivateQemu, QMPError
+from virtbackup.runners.base import Notify
+from virtbackup.runners.plan import BackupPlan, Transport
+from virtbackup.virt import bitmaps, checkpoints, host, xmlbuild
+from virtbackup.virt.host import DomainHandle
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,14 @@ class OfflineRunner:
     transport: Transport = "offline"
 
     def __init__(self, handle: DomainHandle, notify: Notify, max_speed: Optional[int] = None,
-                 key: Optional[crypto.Key] = None):
+                 key: Optional[keys.Key] = None):
         self.handle = handle
         self.notify = notify
         self.max_speed = max_speed
         self.key = key                  # of an encrypted chain: the targets are LUKS
         self.interrupted: Optional[str] = None
         self.warnings: List[str] = []
+        self.transfer: Dict[str, Dict[str, Any]] = {}     # nothing to report: QEMU copies
         self._qemu: Optional[PrivateQemu] = None
         self._plan: Optional[BackupPlan] = None
         self._disks: List[JobDisk] = []
@@ -102,7 +104,7 @@ class OfflineRunner:
         """Before planning: an image someone else has open would read as 'in-use' (inconsistent)."""
         self._refuse_if_started()
         for d in self._inactive_disks().values():
-            if d.skip_reason() is None and d.source and qemuimg.image_in_use(d.source):
+            if d.skip_reason() is None and d.source and qemu_img.image_in_use(d.source):
                 raise OperationFailed(f"disk {d.target} image {d.source} is in use by another process; "
                                       "it cannot be backed up offline now")
 
@@ -217,9 +219,9 @@ class OfflineRunner:
         names the file, never the key)."""
         if self.key is None:
             return
-        with crypto.key_file(self.key) as path:
+        with keys.key_file(self.key) as path:
             try:
-                qemu.execute("object-add", {"qom-type": "secret", "id": crypto.SECRET_ID,
+                qemu.execute("object-add", {"qom-type": "secret", "id": keys.SECRET_ID,
                                             "file": str(path), "format": "raw"})
             except QMPError as e:
                 raise BackupFailed(f"cannot give the private QEMU the key: {e.desc}") from e
@@ -240,7 +242,7 @@ class OfflineRunner:
             dest: Dict[str, Any] = {"driver": "qcow2", "node-name": d.dest_node, "backing": None,
                                     "file": {"driver": "file", "filename": str(d.dest)}}
             if d.encrypted:
-                dest["encrypt"] = {"format": crypto.FORMAT, "key-secret": crypto.SECRET_ID}
+                dest["encrypt"] = {"format": keys.FORMAT, "key-secret": keys.SECRET_ID}
             try:
                 qemu.execute("blockdev-add", dest)
             except QMPError as e:

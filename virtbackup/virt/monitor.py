@@ -15,8 +15,8 @@ from typing import Any, Dict, Optional
 import libvirt
 import libvirt_qemu
 
-from .errors import HostError
-from .host import libvirt_message
+from virtbackup.errors import HostError
+from virtbackup.virt.host import libvirt_message
 
 log = logging.getLogger(__name__)
 

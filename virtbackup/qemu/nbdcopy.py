@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from .errors import OperationFailed
+from virtbackup.errors import OperationFailed
 
 log = logging.getLogger(__name__)
 

@@ -94,7 +94,7 @@ class JobPoller:
         try:
             import libvirt
 
-            from . import host
+            from virtbackup.virt import host
             conn = host.connect(self.uri)
         except Exception:  # noqa: BLE001 -- no bars is all a display problem may cost
             return
@@ -144,7 +144,7 @@ def observed(title: str, on: bool) -> Iterator[None]:
     if not on:
         yield
         return
-    from . import observe
+    from virtbackup import observe
     bars = _bars("percent" if title == "restore" else "count")
     tasks: Dict[str, int] = {}
 

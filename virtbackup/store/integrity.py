@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .chain import BackupDir, Chain, DiskImage, Point
-from .digest import hasher
+from virtbackup.store.chain import BackupDir, Chain, DiskImage, Point
+from virtbackup.store.digest import hasher
 
 CHUNK = 4 << 20
 QCOW2_MAGIC = b"QFI\xfb"
@@ -110,7 +110,7 @@ def check_images(bdir: BackupDir, chain: Chain, rels: Iterable[str],
             problems = list(pool.map(lambda rel: image_problem(bdir, owner[rel][2]), todo))
     order = {d.image: i for i, d in enumerate(d for p in chain.points for d in p.disks.values())}
     out = [ImageDamage(rel, owner[rel][0].id, owner[rel][1], prob)
-           for rel, prob in zip(todo, problems) if prob]
+           for rel, prob in zip(todo, problems, strict=True) if prob]
     return sorted(out, key=lambda d: order.get(d.image, 0))
 
 

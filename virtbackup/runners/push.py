@@ -13,88 +13,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import libvirt
-from lxml import etree
 
-from . import host, monitor, qemuimg, xmlbuild
-from .chain import PARTIAL_SUFFIX
-from .errors import BackupFailed, HostError, Interrupted
-from .host import DomainHandle
-from .plan import BackupPlan, Transport
-from .runner import Notify
+from virtbackup.errors import BackupFailed, HostError, Interrupted
+from virtbackup.qemu import qemu_img
+from virtbackup.runners.base import (
+    Notify,
+    abort_job,
+    checkpoint_prefix,
+    completed_stats,
+    job_gone,
+    job_writes_into,
+    operation_name,
+)
+from virtbackup.runners.plan import BackupPlan, Transport
+from virtbackup.virt import host, monitor, xmlbuild
+from virtbackup.virt.host import DomainHandle
 
 if TYPE_CHECKING:
-    from .quiesce import Quiescer
+    from virtbackup.virt.quiesce import Quiescer
 
 log = logging.getLogger(__name__)
-
-
-def job_gone(dom: libvirt.virDomain) -> bool:
-    """No job runs on the domain any more (or the domain stopped)."""
-    try:
-        if not dom.isActive():
-            return True
-        return bool(dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE)
-    except libvirt.libvirtError:
-        return False   # daemon unreachable for now; keep waiting for its answer
-
-
-def job_writes_into(dom: libvirt.virDomain, points_dir: Path, prefix: Optional[str] = None) -> bool:
-    """True when the domain's running backup job is one of ours: a push job writing into
-    points_dir/*.partial, or (given the chain's checkpoint `prefix`) a pull job whose scratch
-    files carry one of the chain's checkpoint names (pull.scratch_path)."""
-    try:
-        if job_gone(dom):
-            return False
-        xml = dom.backupGetXMLDesc(0)
-    except libvirt.libvirtError:
-        return False
-    root = etree.fromstring(xml.encode())
-    if root.get("mode") == "pull":
-        return bool(prefix) and any(str(prefix) in Path(s.get("file") or "").name
-                                    for s in root.iterfind("./disks/disk/scratch"))
-    dirs = [Path(t.get("file") or "/").parent for t in root.iterfind("./disks/disk/target")]
-    return any(d.parent == points_dir and d.name.endswith(PARTIAL_SUFFIX) for d in dirs)
-
-
-def checkpoint_prefix(checkpoint: str) -> str:
-    """The chain's checkpoint prefix (`virtbackup-<dir id>-`) of one of its checkpoint names."""
-    return checkpoint[:len(checkpoint) - len(checkpoint.rsplit("-", 1)[-1])]
-
-
-def abort_job(conn: libvirt.virConnect, dom: libvirt.virDomain, timeout: float = 60.0,
-              watch: Optional[host.JobWatch] = None) -> bool:
-    """Abort the domain's job and wait (bounded) until libvirt has ended it; False on timeout.
-
-    `watch`: the caller's open JobWatch (a connection takes one close callback only)."""
-    own = watch is None
-    w = host.JobWatch(conn, dom) if watch is None else watch
-    try:
-        w.done.clear()
-        log.debug("libvirt abortJob(%s)", dom.name())
-        try:
-            dom.abortJob()
-        except libvirt.libvirtError:
-            pass
-        return w.wait(lambda: job_gone(dom), check_every=0.5, timeout=timeout)
-    finally:
-        if own:
-            w.close()
-
-
-def _completed_stats(dom: libvirt.virDomain, watch: host.JobWatch) -> Dict[str, Any]:
-    try:
-        stats: Dict[str, Any] = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-    except libvirt.libvirtError:
-        stats = {}
-    if not stats or stats.get("type") in (None, libvirt.VIR_DOMAIN_JOB_NONE):
-        stats = dict(watch.params)
-    return stats
-
-
-def _operation_name(op: Optional[int]) -> str:
-    names = {getattr(libvirt, n): n[25:].lower().replace("_", " ")
-             for n in dir(libvirt) if n.startswith("VIR_DOMAIN_JOB_OPERATION_")}
-    return names.get(op, "unknown") if op is not None else "unknown"
 
 
 class PushRunner:
@@ -111,6 +49,7 @@ class PushRunner:
         self.max_speed = max_speed      # bytes/s per disk (block-job-set-speed)
         self.interrupted: Optional[str] = None
         self.warnings: List[str] = []
+        self.transfer: Dict[str, Dict[str, Any]] = {}     # nothing to report: QEMU copies
         self._watch: Optional[host.JobWatch] = None
         self._plan: Optional[BackupPlan] = None
 
@@ -138,7 +77,7 @@ class PushRunner:
             op = dom.jobStats().get("operation")
         except libvirt.libvirtError:
             op = None
-        raise BackupFailed(f"another job ({_operation_name(op)}) is running on domain "
+        raise BackupFailed(f"another job ({operation_name(op)}) is running on domain "
                            f"'{dom.name()}'; try again when it has ended")
 
     def start(self, plan: BackupPlan) -> None:
@@ -191,14 +130,14 @@ class PushRunner:
                 self.notify(f"{watch.interrupted} received: aborting the backup job")
                 abort_job(self.handle.conn, dom, watch=watch)
                 raise Interrupted(f"backup interrupted by {watch.interrupted}; nothing was recorded")
-            stats = _completed_stats(dom, watch)
+            stats = completed_stats(dom, watch)
         finally:
             watch.close()
             self._watch = None
         log.debug("job stats %s", stats)
         jtype = stats.get("type")
         if jtype == libvirt.VIR_DOMAIN_JOB_COMPLETED and stats.get("success", True):
-            qemuimg.wait_released([str(dp.target.path) for dp in self._plan.disks])
+            qemu_img.wait_released([str(dp.target.path) for dp in self._plan.disks])
             return
         try:
             stopped = not dom.isActive()

@@ -27,11 +27,11 @@ class Encryption:
 def _template_dir() -> Path:
     """Installed: the templates ship inside the package (virtbackup/_templates, package data).
     Source checkout: the top-level xml-templates/ directory they are built from."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_templates", here.parent / "xml-templates"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "_templates", package.parent / "xml-templates"):
         if (candidate / "domainbackup.xml").is_file():
             return candidate
-    return here / "_templates"
+    return package / "_templates"
 
 
 TEMPLATE_DIR = _template_dir()

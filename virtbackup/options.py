@@ -1,0 +1,21 @@
+"""The choices a user makes, each named once: for the CLI, job files, the API and the engine.
+
+No imports: the CLI checks its options against these before it loads anything else.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Tuple
+
+RequestedLevel = Literal["auto", "full", "inc", "diff"]
+REQUESTED_LEVELS: Tuple[str, ...] = ("auto", "full", "inc", "diff")
+
+# auto: freeze through the guest agent when it answers, else a crash-consistent point (said);
+# require: refuse without a frozen guest; off: never freeze.
+QuiesceMode = Literal["auto", "require", "off"]
+QUIESCE_MODES: Tuple[str, ...] = ("auto", "require", "off")
+
+# How a running domain's disks are copied: push (libvirt writes the targets) or pull (libvirt
+# exports the disks over NBD and virtbackup copies them). A shut-off domain always goes offline.
+BackupMode = Literal["push", "pull"]
+BACKUP_MODES: Tuple[str, ...] = ("push", "pull")
