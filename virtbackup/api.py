@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TypeVar, Union, cast
 
 from virtbackup.errors import HostError, OperationFailed, VirtBackupError
 from virtbackup.qemu.keys import Key
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
     from virtbackup.store.retention import PruneResult
     from virtbackup.store.verify import VerifyResult
     from virtbackup.virt.quiesce import ThawResult
+
+# Paths as the caller has them: str or any os.PathLike (an empty string is a usage error, not ".")
+PathArg = Union[str, "os.PathLike[str]"]
 
 __all__ = [
     # operations
@@ -115,7 +119,7 @@ def read_key(spec: str) -> Key:
 
 
 @_boundary
-def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[str] = (),
+def backup(domain: str, backup_dir: PathArg, level: str = "auto", disks: Sequence[str] = (),
            uri: Optional[str] = None, notify: Optional[Notify] = None,
            reason: Optional[str] = None, quiesce: str = "auto", mode: Optional[str] = None,
            scratch_dir: Optional[str] = None, max_speed: Optional[int] = None, encrypt: bool = False,
@@ -139,14 +143,14 @@ def backup(domain: str, backup_dir: Path, level: str = "auto", disks: Sequence[s
 
 
 @_boundary
-def list_points(backup_dir: Path) -> PointList:
+def list_points(backup_dir: PathArg) -> PointList:
     """The restore points recorded in BACKUP_DIR."""
     chain = BackupDir(user_path(backup_dir, "BACKUP_DIR")).load()
     return PointList(chain.domain_name, chain.domain_uuid, chain.points, chain.encryption)
 
 
 @_boundary
-def restore(backup_dir: Path, output_dir: Path, point: Optional[str] = None, disks: Sequence[str] = (),
+def restore(backup_dir: PathArg, output_dir: PathArg, point: Optional[str] = None, disks: Sequence[str] = (),
             instant: bool = False, define: Optional[str] = None, start: bool = False,
             uri: Optional[str] = None, salvage: bool = False, key: Optional[Key] = None,
             encrypt: bool = False) -> RestoreResult:
@@ -167,7 +171,7 @@ def restore(backup_dir: Path, output_dir: Path, point: Optional[str] = None, dis
 
 
 @_boundary
-def verify(backup_dir: Path, point: Optional[str] = None, deep: bool = False,
+def verify(backup_dir: PathArg, point: Optional[str] = None, deep: bool = False,
            key: Optional[Key] = None) -> VerifyResult:
     """Check every image (or one point's chain): qemu-img check, backing links, hashes; `deep` also
     reads every point's whole chain through qemu. Damage is reported in the result (`ok`, `damage`),
@@ -177,7 +181,7 @@ def verify(backup_dir: Path, point: Optional[str] = None, deep: bool = False,
 
 
 @_boundary
-def prune(backup_dir: Path, keep: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
+def prune(backup_dir: PathArg, keep: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
           dry_run: bool = False, keep_monthly: int = 0, key: Optional[Key] = None) -> PruneResult:
     """Drop the points the policy does not keep, merging them into kept points that depend on them.
     An encrypted backup needs its `key` (unless `dry_run`); rewritten images stay encrypted."""
@@ -188,7 +192,7 @@ def prune(backup_dir: Path, keep: int = 0, keep_daily: int = 0, keep_weekly: int
 
 
 @_boundary
-def flatten(image: Path) -> FlattenResult:
+def flatten(image: PathArg) -> FlattenResult:
     """Copy an overlay's backing data into it and drop the backing link (e.g. after --instant)."""
     from virtbackup.restore import flatten as _flatten
     return _flatten(user_path(image, "IMAGE"))
@@ -206,7 +210,7 @@ def status(domain: str, uri: Optional[str] = None) -> StatusReport:
 
 
 @_boundary
-def repair(domain: str, backup_dir: Path, dry_run: bool = False, uri: Optional[str] = None) -> RepairReport:
+def repair(domain: str, backup_dir: PathArg, dry_run: bool = False, uri: Optional[str] = None) -> RepairReport:
     """Make this backup dir's libvirt state clean (only its own checkpoints and bitmaps):
     delete unneeded or broken checkpoints, remove orphaned bitmaps, redefine lost checkpoints.
     Failed actions are reported in the result (`ok`, `failure`), not raised."""
@@ -230,7 +234,7 @@ def repair(domain: str, backup_dir: Path, dry_run: bool = False, uri: Optional[s
 
 # --- whole-host jobs (virtbackup/jobs.py) -------------------------------------------------------
 @_boundary
-def load_job(job_file: Path) -> "Job":
+def load_job(job_file: PathArg) -> "Job":
     """Read and validate a job file (TOML); `jobs.JobFileError` (exit 2) names file, line and key."""
     from virtbackup.jobs import load_job as _load
     return _load(Path(job_file))
@@ -260,7 +264,7 @@ def thaw(domain: str, uri: Optional[str] = None) -> ThawResult:
 
 
 @_boundary
-def drill(backup_dir: Path, point: Optional[str] = None, timeout: float = 300, check: Optional[str] = None,
+def drill(backup_dir: PathArg, point: Optional[str] = None, timeout: float = 300, check: Optional[str] = None,
           uri: Optional[str] = None, notify: Optional[Notify] = None) -> DrillResult:
     """Boot a point as a throwaway domain on overlays (`verify --boot`): it passes when the guest
     agent answers within `timeout` s and `check` (a shell command run in the guest) exits 0.
@@ -274,7 +278,7 @@ def drill(backup_dir: Path, point: Optional[str] = None, timeout: float = 300, c
 
 
 @_boundary
-def files_filesystems(backup_dir: Path, point: Optional[str] = None,
+def files_filesystems(backup_dir: PathArg, point: Optional[str] = None,
                       status: Optional[Status] = None) -> FilesystemList:
     """The filesystems in a point's disks (vda, vda1, vg/lv): (point id, filesystems), with to_json()."""
     from virtbackup import files as _files
@@ -282,7 +286,7 @@ def files_filesystems(backup_dir: Path, point: Optional[str] = None,
 
 
 @_boundary
-def files_ls(backup_dir: Path, paths: Sequence[str], point: Optional[str] = None,
+def files_ls(backup_dir: PathArg, paths: Sequence[str], point: Optional[str] = None,
              status: Optional[Status] = None) -> ListResult:
     """List FS:PATH directories (or files) of a point, symlinks not followed: (point id, listings),
     with to_json()."""
@@ -291,7 +295,7 @@ def files_ls(backup_dir: Path, paths: Sequence[str], point: Optional[str] = None
 
 
 @_boundary
-def files_get(backup_dir: Path, paths: Sequence[str], dest: Path, point: Optional[str] = None,
+def files_get(backup_dir: PathArg, paths: Sequence[str], dest: PathArg, point: Optional[str] = None,
               status: Optional[Status] = None) -> GetResult:
     """Copy FS:PATH files/trees out of a point (mode and mtime kept, symlinks as links, no overwrite)."""
     from virtbackup import files as _files
@@ -299,7 +303,7 @@ def files_get(backup_dir: Path, paths: Sequence[str], dest: Path, point: Optiona
 
 
 @_boundary
-def files_cat(backup_dir: Path, paths: Sequence[str], out: Any, point: Optional[str] = None,
+def files_cat(backup_dir: PathArg, paths: Sequence[str], out: Any, point: Optional[str] = None,
               status: Optional[Status] = None) -> int:
     """Write FS:PATH files of a point to the binary file object `out`."""
     from virtbackup import files as _files
@@ -307,7 +311,7 @@ def files_cat(backup_dir: Path, paths: Sequence[str], out: Any, point: Optional[
 
 
 @_boundary
-def open_point_files(backup_dir: Path, point: Optional[str] = None, status: Optional[Status] = None) -> PointFiles:
+def open_point_files(backup_dir: PathArg, point: Optional[str] = None, status: Optional[Status] = None) -> PointFiles:
     """One appliance for many operations: `with open_point_files(d, "0003") as pf: pf.ls(...)`."""
     from virtbackup.files import PointFiles
     return PointFiles(Path(backup_dir), point, status)
@@ -315,7 +319,7 @@ def open_point_files(backup_dir: Path, point: Optional[str] = None, status: Opti
 
 # --- live restore ------------------------------------------------------------------------------
 @_boundary
-def live_restore(backup_dir: Path, output_dir: Path, define: str, point: Optional[str] = None,
+def live_restore(backup_dir: PathArg, output_dir: PathArg, define: str, point: Optional[str] = None,
                  disks: Sequence[str] = (), uri: Optional[str] = None, max_speed: Optional[int] = None,
                  progress: Optional[Progress] = None,
                  on_running: Optional[Any] = None) -> LiveResult:

@@ -12,7 +12,6 @@ Nothing is written to the backup directory.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import secrets
 import shutil
@@ -32,7 +31,7 @@ from virtbackup.errors import DamageFound, Interrupted, UsageError, VirtBackupEr
 from virtbackup.qemu import qemu_img
 from virtbackup.store import integrity
 from virtbackup.store.chain import BackupDir, shared_lock
-from virtbackup.virt.quiesce import AGENT_CHANNEL, has_agent_channel
+from virtbackup.virt.quiesce import AGENT_CHANNEL, agent_command, has_agent_channel
 
 Notify = Callable[[str], None]
 NAME_PREFIX = "virtbackup-drill-"
@@ -96,14 +95,6 @@ def drill_domain_xml(saved_xml: str, name: str, overlays: Dict[str, Path], conso
         uuid_el.addnext(desc)
     desc.text = "virtbackup restore drill (throwaway; destroyed when the drill ends)"
     return etree.tostring(root, encoding="unicode")
-
-
-def _agent(dom: object, execute: str, arguments: Optional[dict] = None, timeout: int = 5) -> object:
-    import libvirt_qemu
-    cmd: dict = {"execute": execute}
-    if arguments is not None:
-        cmd["arguments"] = arguments
-    return json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps(cmd), timeout, 0)).get("return")
 
 
 def _console_tail(path: Path, lines: int = 5) -> str:
@@ -209,7 +200,7 @@ def _drill(backup_dir: Path, point_id: Optional[str], timeout: float, check: Opt
                     if not dom.isActive():
                         result.stage, result.message = "agent", "the domain stopped before its guest agent answered"
                         break
-                    _agent(dom, "guest-ping", timeout=max(1, min(5, int(timeout - (time.monotonic() - t0)))))
+                    agent_command(dom, "guest-ping", timeout=max(1, min(5, int(timeout - (time.monotonic() - t0)))))
                     result.agent_seconds = round(time.monotonic() - t0, 2)
                     break
                 except libvirt.libvirtError as e:
@@ -249,10 +240,10 @@ def _run_check(dom: object, check: str, timeout: float, result: DrillResult) -> 
     import libvirt
     t0 = time.monotonic()
     try:
-        pid = _agent(dom, "guest-exec", {"path": "/bin/sh", "arg": ["-c", check], "capture-output": True},
-                     timeout=30)["pid"]  # type: ignore[index]
+        pid = agent_command(dom, "guest-exec", {"path": "/bin/sh", "arg": ["-c", check], "capture-output": True},
+                            timeout=30)["pid"]
         while True:
-            st: dict = _agent(dom, "guest-exec-status", {"pid": pid}, timeout=30)  # type: ignore[assignment]
+            st: dict = agent_command(dom, "guest-exec-status", {"pid": pid}, timeout=30)
             if st.get("exited"):
                 break
             if time.monotonic() - t0 > timeout:

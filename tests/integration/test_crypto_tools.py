@@ -147,7 +147,8 @@ def test_ephemeral_secret_removed_on_success_error_and_sigterm(conn, no_leaked_s
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from virtbackup import crypto, host, keysecret
+        from virtbackup.qemu import keys
+        from virtbackup.virt import host, keysecret
         conn = host.connect()
         with keysecret.libvirt_secret(conn, keys.Key(b"k", "t"), "signal test") as u:
             print(u, flush=True)
@@ -175,7 +176,8 @@ def test_secret_of_a_killed_run_is_removed_by_the_next(conn, no_leaked_secrets):
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from virtbackup import crypto, host, keysecret
+        from virtbackup.qemu import keys
+        from virtbackup.virt import host, keysecret
         conn = host.connect()
         with keysecret.libvirt_secret(conn, keys.Key(b"k", "t"), "kill test") as u:
             print(u, flush=True)

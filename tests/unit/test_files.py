@@ -70,7 +70,7 @@ def test_plan_get(tmp_path):
 
 
 def test_spinner_only_on_a_terminal(monkeypatch):
-    from virtbackup import cli
+    from virtbackup.cli import files as cli
     r, w = os.pipe()
     monkeypatch.setattr(sys, "stderr", os.fdopen(w, "w"))
     sp = cli._Spinner()

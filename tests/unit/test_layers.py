@@ -84,7 +84,7 @@ def _resolve(name: str, package: str, known: Set[str]) -> str:
         cand = ".".join(parts[:n])
         if cand in known:
             return cand
-    return ".".join(parts[:1]) if parts else ""
+    return "__init__"       # a name of the package itself (`from virtbackup import __version__`)
 
 
 def _pkg_of(mod: str, packages: Sequence[str] = PACKAGES) -> str:

@@ -71,8 +71,15 @@ def has_agent_channel(domain_xml: str) -> bool:
     return any(t.get("name") == AGENT_CHANNEL for t in root.iterfind("./devices/channel/target"))
 
 
-def _agent(dom: libvirt.virDomain, execute: str, timeout: int) -> Any:
-    reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": execute}), timeout, 0)
+def agent_command(dom: libvirt.virDomain, execute: str, arguments: Optional[Dict[str, Any]] = None,
+                  timeout: int = 5) -> Any:
+    """One guest agent command through libvirt (`virsh qemu-agent-command`); its "return" value.
+    The one place virtbackup talks to a guest agent (quiesce here, restore drills)."""
+    cmd: Dict[str, Any] = {"execute": execute}
+    if arguments is not None:
+        cmd["arguments"] = arguments
+    log.debug("guest agent %s: %s", dom.name(), execute)
+    reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(cmd), timeout, 0)
     return json.loads(reply).get("return")
 
 
@@ -141,7 +148,7 @@ def _thaw(dom: libvirt.virDomain, timeout: int, attempts: int = 3) -> int:
     last: Optional[BaseException] = None
     for i in range(attempts):
         try:
-            return int(_agent(dom, "guest-fsfreeze-thaw", timeout) or 0)
+            return int(agent_command(dom, "guest-fsfreeze-thaw", timeout=timeout) or 0)
         except libvirt.libvirtError as e:
             last = e
             if _no_agent_connected(e):
@@ -266,7 +273,7 @@ class Quiescer:
                 _write_marker(self.dom)
             t0 = time.monotonic()
             try:
-                n = int(_agent(self.dom, "guest-fsfreeze-freeze", self.timeout) or 0)
+                n = int(agent_command(self.dom, "guest-fsfreeze-freeze", timeout=self.timeout) or 0)
             except libvirt.libvirtError as e:
                 self._after_failed_freeze(e, inherited)
                 timed_out = time.monotonic() - t0 >= self.timeout - 0.5

@@ -1,0 +1,72 @@
+"""`virtbackup backup`: one point of one domain."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from virtbackup.cli._common import (
+    AsJson,
+    BackupDirArg,
+    Disks,
+    Domain,
+    KeyFile,
+    MaxSpeed,
+    NoProgress,
+    api,
+    command,
+    emit,
+    human_size,
+    options,
+    read_key,
+    say,
+)
+
+
+@command()
+def backup(ctx: typer.Context, domain: Domain, backup_dir: BackupDirArg,
+           level: Annotated[str, typer.Option("--level", "-l", help="auto | full | inc | diff")] = "auto",
+           disk: Disks = [],  # noqa: B006   (typer's list options: never mutated)
+           no_progress: NoProgress = False,
+           reason: Annotated[Optional[str], typer.Option(
+               "--reason", hidden=True, help="why this level; recorded with the point (used by run)")] = None,
+           quiesce: Annotated[str, typer.Option(
+               "--quiesce", metavar="[auto|require|off]",
+               help="freeze the guest's filesystems through its agent for the job start: auto (default: when "
+                    "the domain has an agent channel, else crash-consistent), require (fail if it can't; a "
+                    "bare --quiesce means require), off")] = "auto",
+           mode: Annotated[Optional[str], typer.Option(
+               "--mode", help="push (QEMU writes the backup dir) | pull (virtbackup reads the disks over NBD); "
+               "default: push for a local libvirtd, pull for a remote URI")] = None,
+           scratch_dir: Annotated[Optional[str], typer.Option(
+               "--scratch-dir", metavar="DIR",
+               help="pull: directory on the hypervisor for the scratch files (default: beside each disk "
+                    "image)")] = None,
+           max_speed: MaxSpeed = None,
+           encrypt: Annotated[bool, typer.Option(
+               "--encrypt", help="start an encrypted chain (LUKS qcow2); needs --key-file; push mode only")] = False,
+           key_file: KeyFile = None,
+           as_json: AsJson = False) -> None:
+    """Back up a domain, running or shut off: full, inc (since the last point) or diff (since the full)."""
+    from virtbackup.cli import progress
+
+    uri = options(ctx).uri
+    key = read_key(key_file)             # read first: a refused key file changes nothing
+    with progress.backup(uri, domain, progress.wanted(as_json, no_progress)):
+        r = api.backup(domain, backup_dir, level=level, disks=disk, uri=uri, notify=say, reason=reason,
+                       quiesce=quiesce, mode=mode, scratch_dir=scratch_dir, max_speed=max_speed, encrypt=encrypt,
+                       key=key)
+    if as_json:
+        emit(r.to_json())
+        return
+    p = r.point
+    size = human_size(sum(i.size for i in p.disks.values()))
+    print(f"point {p.id}: {p.level} {p.transport} backup of {r.domain} ({', '.join(sorted(p.disks))}), "
+          f"{size} written in {p.duration:.2f}s, checkpoint {p.checkpoint}")
+    if p.consistency:
+        frozen = f", guest frozen {p.frozen_seconds:.2f}s" if p.frozen_seconds is not None else ""
+        print(f"point {p.id}: {p.consistency}-consistent ({p.consistency_reason}{frozen})")
+    for name, img in sorted(p.disks.items()):
+        if img.full_reason:
+            print(f"  disk {name} copied whole ({human_size(img.size)}): {img.full_reason}")
