@@ -26,7 +26,9 @@ from virtbackup.cli._common import (
 
 @command()
 def backup(ctx: typer.Context, domain: Domain, backup_dir: BackupDirArg,
-           level: Annotated[str, typer.Option("--level", "-l", help="auto | full | inc | diff")] = "auto",
+           level: Annotated[str, typer.Option("--level", "-l", metavar="[auto|full|inc|diff]",
+                                              help="auto: inc when the chain can go on safely, else full (says why); "
+                                                   "inc: since the last point; diff: since the chain's full")] = "auto",
            disk: Disks = [],  # noqa: B006   (typer's list options: never mutated)
            no_progress: NoProgress = False,
            reason: Annotated[Optional[str], typer.Option(
@@ -37,8 +39,9 @@ def backup(ctx: typer.Context, domain: Domain, backup_dir: BackupDirArg,
                     "the domain has an agent channel, else crash-consistent), require (fail if it can't; a "
                     "bare --quiesce means require), off")] = "auto",
            mode: Annotated[Optional[str], typer.Option(
-               "--mode", help="push (QEMU writes the backup dir) | pull (virtbackup reads the disks over NBD); "
-               "default: push for a local libvirtd, pull for a remote URI")] = None,
+               "--mode", metavar="[push|pull]",
+               help="push (QEMU writes the backup dir) | pull (virtbackup reads the disks over NBD); "
+                    "default: push for a local libvirtd, pull for a remote URI")] = None,
            scratch_dir: Annotated[Optional[str], typer.Option(
                "--scratch-dir", metavar="DIR",
                help="pull: directory on the hypervisor for the scratch files (default: beside each disk "
