@@ -124,8 +124,9 @@ def check_layers(pkg_dir: Path, layers: Sequence[Sequence[str]], no_libvirt: Set
                 problems.append(f"{mod} imports undeclared module {dep}")
             elif rank[dep] >= rank[mod]:
                 problems.append(f"{mod} (layer {rank[mod]}) imports {dep} (layer {rank[dep]})")
-            if prank and prank.get(_pkg_of(dep, packages), -1) > prank.get(_pkg_of(mod, packages), -1):
-                problems.append(f"{mod} (package {_pkg_of(mod, packages) or 'top'}) imports {dep} from a higher package")
+            low, high = _pkg_of(mod, packages), _pkg_of(dep, packages)
+            if prank and prank.get(high, -1) > prank.get(low, -1):
+                problems.append(f"{mod} (package {low or 'top'}) imports {dep} from a higher package")
         problems[found:] = list(dict.fromkeys(problems[found:]))     # one line per problem
         graph[mod] = deps
     # cycles, named (the rank rule excludes them; this makes the message say which)
