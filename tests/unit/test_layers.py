@@ -23,7 +23,8 @@ LAYERS: List[List[str]] = [
     ["store.chain"],                                    # the model and its metadata file
     ["store.integrity"],                                # images checked against the record
     ["store.retention", "store.verify"],                # retention; verify a whole dir
-    ["virt", "virt.host", "virt.xmlbuild", "virt.restoredom"],   # libvirt connection; XML libvirt is given
+    ["virt", "virt.domxml", "virt.xmlbuild"],          # domain XML as one typed object; the XML libvirt is given
+    ["virt.host", "virt.restoredom"],                  # libvirt connection; the restored domain's XML
     ["virt.monitor", "virt.keysecret"],                 # QMP passthrough; the key as a libvirt secret
     ["virt.bitmaps", "virt.quiesce"],                   # which bitmaps, can one serve; the guest agent
     ["virt.checkpoints"],
@@ -43,7 +44,7 @@ LAYERS: List[List[str]] = [
 # Sub-packages, lowest first: a module may import only from its own package or lower ones.
 PACKAGES = ["base", "qemu", "store", "virt", "runners", "", "cli"]   # base: errors, observe; "": operations, api
 # Modules that must work without libvirt (a backup dir is restorable with qemu-img alone).
-NO_LIBVIRT = {"errors", "observe", "options", "__init__", "files", "virt.xmlbuild", "virt.restoredom"} | {
+NO_LIBVIRT = {"errors", "observe", "options", "__init__", "files", "virt.domxml", "virt.xmlbuild", "virt.restoredom"} | {
     m for layer in LAYERS for m in layer if m.split(".")[0] in ("qemu", "store", "cli")}
 
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
 
 import libvirt
-from lxml import etree
 from tenacity import retry, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
 from virtbackup.errors import DomainNotFound, HostError, OperationFailed, OutputExists
+from virtbackup.virt.domxml import DomainXML
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -237,33 +237,10 @@ class Disk:
 
 
 def domain_disks(xml: str) -> List[Disk]:
-    root = etree.fromstring(xml.encode())
-    disks = []
-    for d in root.findall("./devices/disk"):
-        target = d.find("target")
-        dev = target.get("dev") if target is not None else None
-        if not dev:
-            continue
-        src = d.find("source")
-        driver = d.find("driver")
-        alias = d.find("alias")
-        source = None
-        index = None
-        if src is not None:
-            source = src.get("file") or src.get("dev") or src.get("name")
-            idx = src.get("index")
-            if idx is not None:
-                index = int(idx)
-        disks.append(Disk(
-            target=dev,
-            device=d.get("device", "disk"),
-            type=d.get("type", "file"),
-            format=driver.get("type") if driver is not None else None,
-            source=source,
-            alias=alias.get("name") if alias is not None else None,
-            index=index,
-        ))
-    return disks
+    """The disks of a domain's XML that have a target, as plain data."""
+    return [Disk(target=d.target, device=d.device, type=d.type, format=d.format, source=d.source, alias=d.alias,
+                 index=d.source_index)
+            for d in DomainXML.parse(xml).disks if d.target]
 
 
 @transient_retry

@@ -29,14 +29,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import libvirt
 import libvirt_qemu
-from lxml import etree
 
 from virtbackup.errors import OperationFailed, UsageError
 from virtbackup.options import QUIESCE_MODES
+from virtbackup.virt.domxml import AGENT_CHANNEL, DomainXML
 
 APPLICATION = "application"
 CRASH = "crash"
-AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 Notify = Callable[[str], None]
 log = logging.getLogger(__name__)
@@ -67,8 +66,7 @@ class Consistency:
 
 
 def has_agent_channel(domain_xml: str) -> bool:
-    root = etree.fromstring(domain_xml.encode())
-    return any(t.get("name") == AGENT_CHANNEL for t in root.iterfind("./devices/channel/target"))
+    return DomainXML.parse(domain_xml).has_agent_channel
 
 
 def agent_command(dom: libvirt.virDomain, execute: str, arguments: Optional[Dict[str, Any]] = None,
