@@ -44,8 +44,8 @@ LAYERS: List[List[str]] = [
 # Sub-packages, lowest first: a module may import only from its own package or lower ones.
 PACKAGES = ["base", "qemu", "store", "virt", "runners", "", "cli"]   # base: errors, observe; "": operations, api
 # Modules that must work without libvirt (a backup dir is restorable with qemu-img alone).
-NO_LIBVIRT = {"errors", "observe", "options", "__init__", "files", "virt.domxml", "virt.xmlbuild", "virt.restoredom"} | {
-    m for layer in LAYERS for m in layer if m.split(".")[0] in ("qemu", "store", "cli")}
+NO_LIBVIRT = {"errors", "observe", "options", "__init__", "files", "virt.domxml", "virt.xmlbuild",
+              "virt.restoredom"} | {m for layer in LAYERS for m in layer if m.split(".")[0] in ("qemu", "store", "cli")}
 
 
 def module_name(path: Path, pkg_dir: Path) -> str:
