@@ -1,6 +1,6 @@
 """One exception hierarchy. Each class carries the process exit code the CLI uses.
 
-Exit codes (documented in README.md):
+Exit codes (documented in docs/reference.md and the man page):
   0  success
   1  the operation failed (backup job failed or was interrupted, verify found damage, lock held)
   2  bad usage or bad input (unknown domain/point/disk, missing or corrupt BACKUP_DIR, wrong domain)
@@ -8,7 +8,7 @@ Exit codes (documented in README.md):
 
 from __future__ import annotations
 
-EXIT_OK = 0
+EXIT_OK = 0      # documented beside the others (docs/reference.md)
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
@@ -35,10 +35,6 @@ class UsageError(VirtBackupError):
 
 class DomainNotFound(UsageError):
     kind = "domain-not-found"
-
-
-class DomainInactive(UsageError):
-    kind = "domain-inactive"
 
 
 class BackupDirError(UsageError):
@@ -92,10 +88,6 @@ class Interrupted(OperationFailed):
 
 class LockBusy(OperationFailed):
     kind = "locked"
-
-
-class VerifyFailed(OperationFailed):
-    kind = "verify-failed"
 
 
 class RestoreFailed(OperationFailed):

@@ -688,10 +688,10 @@ def job_lock(job: Job) -> FileLock:
     """One run of a job file at a time (a timer and a hand-started run would race for every
     domain's lock and for the metrics file); flock, so a killed run never leaves it stale."""
     import hashlib
-    import os
+
+    from virtbackup import env
     key = hashlib.sha256(str(job.path.resolve()).encode()).hexdigest()[:16]
-    run_dir = Path(os.environ.get("VIRTBACKUP_RUN_DIR", "/run/virtbackup"))
-    return FileLock(run_dir / f"job-{key}.lock", f"job file {job.path}")
+    return FileLock(env.run_dir() / f"job-{key}.lock", f"job file {job.path}")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import helpers
 from tests.support.helpers import ROOT
 from virtbackup.errors import HostError
 from virtbackup.qemu import keys, qemu_img
@@ -24,7 +25,7 @@ ITER = 10      # ms of LUKS key derivation per open: tests would otherwise spend
 
 
 def our_secrets(conn) -> set:
-    return set(keysecret.our_secrets(conn))
+    return set(helpers.our_secrets(conn))
 
 
 @pytest.fixture

@@ -17,11 +17,10 @@ from typing import Dict, List
 import libvirt
 import pytest
 
-from tests.support import scratch
+from tests.support import helpers, scratch
 from tests.support.helpers import ROOT, CLIResult, cli, finish, pause_job, snapshot_dir, start_cli
 from virtbackup.qemu import qemu_img
 from virtbackup.store import crypto
-from virtbackup.virt import keysecret
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -37,9 +36,9 @@ def fast_kdf(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def no_leaked_secrets(conn):
-    before = set(keysecret.our_secrets(conn))
+    before = set(helpers.our_secrets(conn))
     yield
-    left = set(keysecret.our_secrets(conn)) - before
+    left = set(helpers.our_secrets(conn)) - before
     for uuid in left:                       # clean up, then fail: the next test starts clean
         try:
             conn.secretLookupByUUIDString(uuid).undefine()
@@ -144,7 +143,7 @@ def test_encrypted_chain_two_disks_full_inc_inc_diff_restore_verify_prune(make_d
     lst = cli("list", bdir, "--json")
     assert lst.rc == 0 and lst.json()["encryption"]["format"] == "luks"
     assert lst.json()["encryption"]["cipher"] == "aes-256-xts-plain64"
-    assert json.loads(meta)["schema"] == 2
+    assert json.loads(meta)["schema"] == 4
 
     # wrong key, no key, a symlinked key: exit 2 for every command, nothing changed
     before = snapshot_dir(bdir)
@@ -315,14 +314,14 @@ def test_interrupted_encrypted_backup_removes_its_secret(make_domain, tmp_path, 
         before = snapshot_dir(bdir)
     else:
         pytest.skip("the job always ended before it could be paused (machine too busy)")
-    ours = keysecret.our_secrets(conn)
+    ours = helpers.our_secrets(conn)
     assert ours, "no libvirt secret while the encrypted job runs"
     assert not any(b"canary-d41c9e" in c for c in all_cmdlines()), "the key is on a command line"
     p.send_signal(getattr(sig, signum))
     r = finish(p)
     assert r.rc == 1 and f"interrupted by {signum}" in one_error(r), r
     assert "canary" not in r.err
-    assert keysecret.our_secrets(conn) == [], "the secret outlived the interrupted run"
+    assert helpers.our_secrets(conn) == [], "the secret outlived the interrupted run"
     assert snapshot_dir(bdir) == before
 
 

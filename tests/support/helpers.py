@@ -177,13 +177,30 @@ def cli_bg(procs: List[subprocess.Popen], *args: object) -> subprocess.Popen:
 
 def hmp_write(dom: Any, target: str, pattern: int, offset: int, length: int) -> None:
     """Write into any running domain's disk through its qdev (the guest's path), then flush."""
-    from virtbackup.virt import host, monitor
+    from tests.support.qemu import hmp
+    from virtbackup.virt import host
     alias = next(d.alias for d in host.domain_disks(dom.XMLDesc(0)) if d.target == target)
     qdev = f"/machine/peripheral/{alias}/virtio-backend"
-    monitor.hmp(dom, f'qemu-io -d {qdev} "write -P {pattern:#04x} {offset} {length}"')
-    monitor.hmp(dom, f'qemu-io -d {qdev} "flush"')
+    hmp(dom, f'qemu-io -d {qdev} "write -P {pattern:#04x} {offset} {length}"')
+    hmp(dom, f'qemu-io -d {qdev} "flush"')
 
 
 def patched(data: bytes, pattern: int, offset: int, length: int) -> bytes:
     """`data` with `length` bytes of `pattern` written at `offset`."""
     return data[:offset] + bytes([pattern]) * length + data[offset + length:]
+
+
+def our_secrets(conn: Any) -> List[str]:
+    """UUIDs of every libvirt secret virtbackup defined that libvirtd still holds."""
+    import libvirt
+    from lxml import etree
+
+    from virtbackup.virt import keysecret
+    out = []
+    for s in conn.listAllSecrets(0):
+        try:
+            if keysecret.is_ours(etree.fromstring(s.XMLDesc(0).encode()).findtext("description")):
+                out.append(s.UUIDString())
+        except libvirt.libvirtError:
+            continue
+    return out

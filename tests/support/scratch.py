@@ -19,8 +19,9 @@ from typing import Dict, List, Optional
 import libvirt
 from lxml import etree
 
+from tests.support.qemu import hmp
 from virtbackup.qemu import qemu_img
-from virtbackup.virt import host, monitor
+from virtbackup.virt import host
 
 MiB = 1 << 20
 
@@ -96,7 +97,7 @@ class ScratchDomain:
 
     def qemu_io(self, target: str, command: str) -> str:
         assert self.dom is not None
-        return monitor.hmp(self.dom, f'qemu-io -d {self._qdev(target)} "{command}"')
+        return hmp(self.dom, f'qemu-io -d {self._qdev(target)} "{command}"')
 
     def write(self, target: str, pattern: int, offset: int, length: int) -> None:
         """Write `length` bytes of `pattern` (0 = zeroes via write -z) and flush."""

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent.parent / "virtbackup"
 # Lowest first. A module may import modules of earlier layers only (never its own layer). Module
 # names are dotted below the package ("store.chain"; a package's own __init__ is "store").
 LAYERS: List[List[str]] = [
-    ["errors", "observe", "options"],   # observe: progress events, cancellation; options: the user's choices
+    ["errors", "observe", "options", "env"],   # progress events, cancellation; the user's choices; the environment
     ["qemu", "qemu.keys"],                              # the key for QEMU programs (pipe, file, LUKS options)
     ["qemu.qemu_img", "qemu.qmp", "qemu.nbdcopy"],      # one module per QEMU program
     ["store", "store.crypto", "store.digest", "store.runlog", "store.metrics"],   # no libvirt below virt/
@@ -44,7 +44,7 @@ LAYERS: List[List[str]] = [
 # Sub-packages, lowest first: a module may import only from its own package or lower ones.
 PACKAGES = ["base", "qemu", "store", "virt", "runners", "", "cli"]   # base: errors, observe; "": operations, api
 # Modules that must work without libvirt (a backup dir is restorable with qemu-img alone).
-NO_LIBVIRT = {"errors", "observe", "options", "__init__", "files", "virt.domxml", "virt.xmlbuild",
+NO_LIBVIRT = {"errors", "observe", "options", "env", "__init__", "files", "virt.domxml", "virt.xmlbuild",
               "virt.restoredom"} | {m for layer in LAYERS for m in layer if m.split(".")[0] in ("qemu", "store", "cli")}
 
 
@@ -89,7 +89,7 @@ def _resolve(name: str, package: str, known: Set[str]) -> str:
 
 
 def _pkg_of(mod: str, packages: Sequence[str] = PACKAGES) -> str:
-    if mod in ("errors", "observe", "options"):
+    if mod in ("errors", "observe", "options", "env"):
         return "base"
     top = mod.split(".")[0]
     return top if top in packages else ""

@@ -67,18 +67,6 @@ def secret_xml(secret_uuid: str, description: str) -> str:
     return xmlbuild.to_string(root)
 
 
-def our_secrets(conn: Any) -> List[str]:
-    """UUIDs of every secret virtbackup defined that libvirtd still holds (tests, status)."""
-    out = []
-    for s in host.call(conn.listAllSecrets, 0):
-        try:
-            if is_ours(_description(s)):
-                out.append(s.UUIDString())
-        except libvirt.libvirtError:
-            continue
-    return out
-
-
 def remove_stale_secrets(conn: Any) -> List[str]:
     """Undefine virtbackup's secrets whose process is gone (a run killed with SIGKILL leaves
     its secret in libvirtd's memory). Secrets of live runs and of anyone else are not touched."""

@@ -1,4 +1,4 @@
-"""QMP/HMP passthrough (`qemu-monitor-command`) for what libvirt does not expose.
+"""QMP passthrough (`qemu-monitor-command`) for what libvirt does not expose.
 
 Read-only in normal runs (query-named-block-nodes, see bitmaps.py); repair removes orphaned
 bitmaps through it. Passthrough marks the domain "tainted" in libvirt's log; that is expected and
@@ -37,11 +37,3 @@ def qmp(dom: libvirt.virDomain, execute: str, arguments: Optional[Dict[str, Any]
     if "error" in data:
         raise HostError(f"QMP {execute} failed: {data['error'].get('desc')}")
     return data.get("return")
-
-
-def hmp(dom: libvirt.virDomain, command: str) -> str:
-    log.debug("HMP %s -> %s", dom.name(), command)
-    try:
-        return str(libvirt_qemu.qemuMonitorCommand(dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP))
-    except libvirt.libvirtError as e:
-        raise HostError(f"HMP {command.split()[0]} failed: {libvirt_message(e)}") from e

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import libvirt
 import libvirt_qemu
 
+from virtbackup import env
 from virtbackup.errors import OperationFailed, UsageError
 from virtbackup.options import QUIESCE_MODES
 from virtbackup.virt.domxml import AGENT_CHANNEL, DomainXML
@@ -94,12 +95,8 @@ def _no_agent_connected(e: BaseException) -> bool:
 
 
 # -- the marker -----------------------------------------------------------------------------------
-def run_dir() -> Path:
-    return Path(os.environ.get("VIRTBACKUP_RUN_DIR", "/run/virtbackup"))
-
-
 def marker_path(uuid: str) -> Path:
-    return run_dir() / f"frozen-{uuid}.json"
+    return env.run_dir() / f"frozen-{uuid}.json"
 
 
 def _write_marker(dom: libvirt.virDomain) -> Path:
