@@ -65,13 +65,19 @@ class BackupDisk:
     encryption: Optional[Encryption] = None   # LUKS target (passed through from the plan)
 
 
-def backup_xml(disks: Iterable[BackupDisk], incremental: Optional[str]) -> str:
-    """Push-mode <domainbackup>; `incremental` names the base checkpoint (None = full)."""
-    root = _fresh("domainbackup.xml")
+def _domainbackup(template: str, incremental: Optional[str]) -> etree._Element:
+    """A <domainbackup> from its template, with <incremental> naming the base checkpoint unless full."""
+    root = _fresh(template)
     if incremental is not None:
         inc = etree.Element("incremental")
         inc.text = incremental
         root.insert(0, inc)
+    return root
+
+
+def backup_xml(disks: Iterable[BackupDisk], incremental: Optional[str]) -> str:
+    """Push-mode <domainbackup>; `incremental` names the base checkpoint (None = full)."""
+    root = _domainbackup("domainbackup.xml", incremental)
     disks_el = root.find("disks")
     assert disks_el is not None
     for d in disks:
@@ -126,11 +132,7 @@ def pull_backup_xml(disks: Iterable[PullDisk], incremental: Optional[str], serve
     Export names and bitmap names are set explicitly (they are what the NBD client asks for),
     even where they equal libvirt's defaults.
     """
-    root = _fresh("domainbackup-pull.xml")
-    if incremental is not None:
-        inc = etree.Element("incremental")
-        inc.text = incremental
-        root.insert(0, inc)
+    root = _domainbackup("domainbackup-pull.xml", incremental)
     srv = root.find("server")
     assert srv is not None
     if server.socket:
