@@ -72,6 +72,147 @@ def run(args: Sequence[str], what: str, key: Optional["Key"] = None) -> "subproc
     return run_program([QEMU_IMG, args[0]], args[1:], what, key)
 
 
+def _argv(args: Sequence[str], obj: Sequence[str]) -> List[str]:
+    """qemu-img's argv for `args` (subcommand first), the key's secret object after the subcommand."""
+    return [QEMU_IMG, args[0], *obj, *args[1:]]
+
+
+# --- argument lists (pure: what each wrapper runs, testable without qemu-img) -------------------
+def file_name(path: "os.PathLike[str] | str") -> str:
+    """A file name as qemu-img's positional argument. QEMU takes `proto:rest` for a protocol
+    when the colon comes before any slash ("Unknown protocol 'vm'" for a relative `vm:1/x.qcow2`):
+    such a relative name is given as `./vm:1/x.qcow2`. Every other name is passed unchanged."""
+    name = os.fspath(path)
+    if ":" in name.split("/", 1)[0]:
+        return "./" + name
+    return name
+
+
+def create_args(path: Path, size: int, backing: Optional[str] = None, cluster_size: Optional[int] = None,
+                encrypt_iter_time: Optional[int] = None) -> List[str]:
+    """`create` of a qcow2 v3 image; `encrypt_iter_time` set: LUKS-encrypted (with the key's
+    secret object, which run() adds)."""
+    from virtbackup.qemu import keys
+    opts = ["compat=1.1"]
+    if cluster_size:
+        opts.append(f"cluster_size={cluster_size}")
+    if encrypt_iter_time is not None:
+        opts += keys.create_options(encrypt_iter_time)
+    args = ["create", "-q", "-f", "qcow2", "-o", ",".join(opts)]
+    if backing is not None:
+        # -u: the backing may be resolved relative to the new image; don't open it here (cheap).
+        args += ["-u", "-b", backing, "-F", "qcow2"]
+    return [*args, file_name(path), str(size)]
+
+
+def image_names(path: Path, encrypted_layers: Optional[Sequence[bool]] = None) -> List[str]:
+    """How to name an image for reading through its chain: its file name, or (given which layers
+    of its chain are encrypted: a key is used) `--image-opts` handing the key to each of them."""
+    if encrypted_layers is None:
+        return [file_name(path)]
+    from virtbackup.qemu.keys import image_opts
+    return ["--image-opts", image_opts(Path(os.path.abspath(path)), encrypted_layers)]
+
+
+def info_args(path: Path, backing_chain: bool = False, force_share: bool = False) -> List[str]:
+    args = ["info", "--output=json"]
+    if backing_chain:
+        args.append("--backing-chain")
+    if force_share:
+        args.append("-U")
+    return [*args, file_name(path)]
+
+
+def check_args(path: Path, encrypted: bool = False) -> List[str]:
+    """`check` of this image only; `encrypted`: named as `json:` with the key's secret id and no
+    backing (checking one layer needs no other layer's key)."""
+    name = file_name(path)
+    if encrypted:
+        from virtbackup.qemu.keys import SECRET_ID
+        name = "json:" + json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": os.path.abspath(path)},
+                                     "encrypt": {"key-secret": SECRET_ID}, "backing": None})
+    return ["check", "--output=json", name]
+
+
+def check_result(path: Path, returncode: int, stdout: str, stderr: str) -> Any:
+    """`qemu-img check`'s outcome: its JSON report, or HostError when the image is damaged.
+
+    Exit 0 clean, 2 corruptions, 3 leaks only (harmless), 1 could not check."""
+    if returncode in (0, 3):
+        try:
+            return json.loads(stdout)
+        except ValueError:
+            return {}
+    lines = [ln for ln in (stderr or stdout).strip().splitlines() if ln.strip()]
+    reason = lines[-1] if lines else f"exit status {returncode}"
+    if returncode == 2:
+        reason = "qcow2 corruption found"
+    raise HostError(f"{path}: {reason}")
+
+
+def convert_args(src_names: Sequence[str], dst: Path, out_format: str = "qcow2",
+                 encrypt_iter_time: Optional[int] = None, progress: bool = False) -> List[str]:
+    """`convert` of `src_names` (image_names()) into a standalone `dst`; `encrypt_iter_time`
+    set: `dst` LUKS-encrypted with the key; `progress`: qemu-img's progress lines (-p), else -q."""
+    args = ["convert", "-p" if progress else "-q", "-W", "-O", out_format]
+    if encrypt_iter_time is not None:
+        from virtbackup.qemu.keys import create_options
+        args += ["-o", ",".join(create_options(encrypt_iter_time))]
+    return [*args, *src_names, file_name(dst)]
+
+
+def compare_args(a: Path, b: Path, a_layers: Optional[Sequence[bool]] = None,
+                 b_layers: Optional[Sequence[bool]] = None) -> List[str]:
+    """`compare` of two images; with their encrypted layers (a key is used): both by options."""
+    if a_layers is not None and b_layers is not None:
+        names = ["--image-opts", image_names(a, a_layers)[-1], image_names(b, b_layers)[-1]]
+    else:
+        names = [file_name(a), file_name(b)]
+    return ["compare", "-q", *names]
+
+
+def bitmap_remove_args(image: Path, bitmap: str) -> List[str]:
+    return ["bitmap", "--remove", file_name(image), bitmap]
+
+
+def rebase_args(path: Path, backing: Optional[str], safe: bool = True) -> List[str]:
+    """`rebase` of a plain image onto `backing` (stored as given; None or "" = standalone)."""
+    args = ["rebase", "-q", "-f", "qcow2"]
+    if not safe:
+        args.append("-u")
+    if backing:
+        args += ["-F", "qcow2", "-b", backing]
+    else:
+        args += ["-b", ""]
+    return [*args, file_name(path)]
+
+
+def encrypted_rebase_args(path: Path, backing: Optional[str], safe: bool, top_layers: Sequence[bool] = (),
+                          backing_layers: Sequence[bool] = ()) -> List[List[str]]:
+    """The `rebase` runs for a LUKS image (absolute `path`), in order.
+
+    qemu-img opens a safe rebase's new backing by file name only, with no way to give it the
+    key: it is given as a `json:` name carrying the key's secret id (absolute), and a second,
+    header-only rebase then writes the relative name we record. `top_layers`/`backing_layers`:
+    the encrypted layers of the image's and of the new backing's chain (safe mode only)."""
+    from virtbackup.qemu.keys import image_opts, json_image
+    if not safe:
+        if backing is None:
+            raise ValueError("an unsafe rebase needs a backing file")
+        return [["rebase", "-q", "-u", "--image-opts", image_opts(path, [True]), "-F", "qcow2", "-b", backing]]
+    top = image_opts(path, top_layers)
+    if backing is None:
+        return [["rebase", "-q", "--image-opts", top, "-b", ""]]
+    new = Path(os.path.normpath(path.parent / backing))
+    return [["rebase", "-q", "--image-opts", top, "-F", "qcow2", "-b", json_image(new, backing_layers)],
+            ["rebase", "-q", "-u", "--image-opts", image_opts(path, [True]), "-F", "qcow2", "-b", backing]]
+
+
+def read_all_args(src_names: Sequence[str], virtual_size: int) -> List[str]:
+    """`convert` of every guest-visible byte into QEMU's null driver (output discarded)."""
+    return ["convert", "-q", "-n", *src_names, "--target-image-opts", f"driver=null-co,size={virtual_size}"]
+
+
 def create(path: Path, size: int, backing: Optional[str] = None, cluster_size: Optional[int] = None,
            key: Optional["Key"] = None, iter_time: Optional[int] = None) -> None:
     """Create a qcow2 v3 image; `backing` is stored exactly as given (we pass relative paths).
@@ -80,16 +221,8 @@ def create(path: Path, size: int, backing: Optional[str] = None, cluster_size: O
     backing is not opened (-u), so it needs no key here.
     """
     from virtbackup.qemu import keys
-    opts = ["compat=1.1"]
-    if cluster_size:
-        opts.append(f"cluster_size={cluster_size}")
-    if key is not None:
-        opts += keys.create_options(iter_time or keys.DEFAULT_ITER_TIME_MS)
-    args = ["create", "-q", "-f", "qcow2", "-o", ",".join(opts)]
-    if backing is not None:
-        # -u: the backing may be resolved relative to the new image; don't open it here (cheap).
-        args += ["-u", "-b", backing, "-F", "qcow2"]
-    args += [str(path), str(size)]
+    args = create_args(path, size, backing, cluster_size,
+                       (iter_time or keys.DEFAULT_ITER_TIME_MS) if key is not None else None)
     _luks_retry(lambda: run(args, f"cannot create {path}", key), path if key is not None else None)
 
 
@@ -123,20 +256,12 @@ def _source(path: Path, key: Optional["Key"]) -> List[str]:
     """How to name an image for reading through its chain: a file name, or with a key
     `--image-opts` options that hand the key to every encrypted layer."""
     if key is None:
-        return [str(path)]
-    from virtbackup.qemu.keys import image_opts
-    path = Path(os.path.abspath(path))
-    return ["--image-opts", image_opts(path, layers(path))]
+        return image_names(path)
+    return image_names(path, layers(Path(os.path.abspath(path))))
 
 
 def info(path: Path, backing_chain: bool = False, force_share: bool = False) -> Any:
-    args = ["info", "--output=json"]
-    if backing_chain:
-        args.append("--backing-chain")
-    if force_share:
-        args.append("-U")
-    args.append(str(path))
-    return json.loads(run(args, f"cannot inspect {path}").stdout)
+    return json.loads(run(info_args(path, backing_chain, force_share), f"cannot inspect {path}").stdout)
 
 
 def check(path: Path, key: Optional["Key"] = None) -> Any:
@@ -146,25 +271,10 @@ def check(path: Path, key: Optional["Key"] = None) -> Any:
     """
     if key is not None and not info(path).get("encrypted"):
         key = None                       # a plain image (verify reports that it should not be)
-    name = str(path)
-    if key is not None:
-        from virtbackup.qemu.keys import SECRET_ID
-        # this image only ("backing": null): checking it needs no other layer's key
-        name = "json:" + json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": os.path.abspath(path)},
-                                     "encrypt": {"key-secret": SECRET_ID}, "backing": None})
+    args = check_args(path, encrypted=key is not None)
     with _key_object(key) as (obj, fds):
-        proc = execute([QEMU_IMG, "check", *obj, "--output=json", name], fds)
-    # exit 0 clean, 2 corruptions, 3 leaks only (harmless), 1 could not check
-    if proc.returncode in (0, 3):
-        try:
-            return json.loads(proc.stdout)
-        except ValueError:
-            return {}
-    lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-    reason = lines[-1] if lines else f"exit status {proc.returncode}"
-    if proc.returncode == 2:
-        reason = "qcow2 corruption found"
-    raise HostError(f"{path}: {reason}")
+        proc = execute(_argv(args, obj), fds)
+    return check_result(path, proc.returncode, proc.stdout, proc.stderr)
 
 
 def convert(src: Path, dst: Path, out_format: str = "qcow2", key: Optional["Key"] = None,
@@ -175,25 +285,24 @@ def convert(src: Path, dst: Path, out_format: str = "qcow2", key: Optional["Key"
     same key, else `dst` is plain.
     """
     from virtbackup import observe
-    args = ["-W", "-O", out_format]
-    if key is not None and encrypt_iter_time is not None:
-        from virtbackup.qemu.keys import create_options
-        args += ["-o", ",".join(create_options(encrypt_iter_time))]
-    args += [*_source(src, key), str(dst)]
     encrypting = key is not None and encrypt_iter_time is not None
-    if observe.active():
+    reporting = observe.active()
+    args = convert_args(_source(src, key), dst, out_format, encrypt_iter_time if key is not None else None,
+                        progress=reporting)
+    if reporting:
         _luks_retry(lambda: _convert_reporting(src, args, key), dst if encrypting else None)
         return
-    _luks_retry(lambda: run(["convert", "-q", *args], f"cannot convert {src}", key), dst if encrypting else None)
+    _luks_retry(lambda: run(args, f"cannot convert {src}", key), dst if encrypting else None)
 
 
 def _convert_reporting(src: Path, args: Sequence[str], key: Optional["Key"]) -> None:
-    """`convert -p`: qemu-img's own progress lines ("    (12.50/100%)\r") go to observe.report."""
+    """`convert -p` (`args` from convert_args): qemu-img's own progress lines ("    (12.50/100%)\r")
+    go to observe.report."""
     import re
 
     from virtbackup import observe
     with _key_object(key) as (obj, fds):
-        cmd = [QEMU_IMG, "convert", *obj, "-p", *args]
+        cmd = _argv(args, obj)
         log.debug("exec %s", " ".join(cmd))
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=fds)
@@ -222,11 +331,11 @@ def _convert_reporting(src: Path, args: Sequence[str], key: Optional["Key"]) -> 
 
 def compare(a: Path, b: Path, key: Optional["Key"] = None) -> bool:
     if key is not None:
-        names = ["--image-opts", _source(a, key)[-1], _source(b, key)[-1]]
+        args = compare_args(a, b, layers(Path(os.path.abspath(a))), layers(Path(os.path.abspath(b))))
     else:
-        names = [str(a), str(b)]
+        args = compare_args(a, b)
     with _key_object(key) as (obj, fds):
-        proc = execute([QEMU_IMG, "compare", *obj, "-q", *names], fds)
+        proc = execute(_argv(args, obj), fds)
     if proc.returncode in (0, 1):
         return proc.returncode == 0
     raise HostError(f"cannot compare {a} and {b}: {proc.stderr.strip()}")
@@ -234,7 +343,7 @@ def compare(a: Path, b: Path, key: Optional["Key"] = None) -> bool:
 
 def bitmap_remove(image: Path, bitmap: str) -> None:
     """Remove a persistent bitmap from an image nobody has open."""
-    run(["bitmap", "--remove", str(image), bitmap], f"could not remove bitmap {bitmap} from {image}")
+    run(bitmap_remove_args(image, bitmap), f"could not remove bitmap {bitmap} from {image}")
 
 
 def rebase(path: Path, backing: Optional[str], safe: bool = True, key: Optional["Key"] = None) -> None:
@@ -248,37 +357,20 @@ def rebase(path: Path, backing: Optional[str], safe: bool = True, key: Optional[
     if key is not None:
         _rebase_encrypted(path, backing, safe, key)
         return
-    args = ["rebase", "-q", "-f", "qcow2"]
-    if not safe:
-        args.append("-u")
-    if backing:
-        args += ["-F", "qcow2", "-b", backing]
-    else:
-        args += ["-b", ""]
-    args.append(str(path))
-    run(args, f"cannot rebase {path}")
+    run(rebase_args(path, backing, safe), f"cannot rebase {path}")
 
 
 def _rebase_encrypted(path: Path, backing: Optional[str], safe: bool, key: "Key") -> None:
-    """`rebase` for LUKS images. qemu-img opens a safe rebase's new backing by file name only,
-    with no way to give it the key: it is given as a `json:` name carrying the key's secret id
-    (absolute), and a second, header-only rebase then writes the relative name we record."""
-    from virtbackup.qemu.keys import image_opts, json_image
+    """`rebase` for LUKS images (see encrypted_rebase_args)."""
     path = Path(os.path.abspath(path))
-    what = f"cannot rebase {path}"
-    if not safe:
-        if backing is None:
-            raise ValueError("an unsafe rebase needs a backing file")
-        run(["rebase", "-q", "-u", "--image-opts", image_opts(path, [True]), "-F", "qcow2", "-b", backing],
-            what, key)
-        return
-    top = image_opts(path, layers(path))
-    if backing is None:
-        run(["rebase", "-q", "--image-opts", top, "-b", ""], what, key)
-        return
-    new = Path(os.path.normpath(path.parent / backing))
-    run(["rebase", "-q", "--image-opts", top, "-F", "qcow2", "-b", json_image(new, layers(new))], what, key)
-    run(["rebase", "-q", "-u", "--image-opts", image_opts(path, [True]), "-F", "qcow2", "-b", backing], what, key)
+    top: List[bool] = []
+    new: List[bool] = []
+    if safe:
+        top = layers(path)
+        if backing is not None:
+            new = layers(Path(os.path.normpath(path.parent / backing)))
+    for args in encrypted_rebase_args(path, backing, safe, top, new):
+        run(args, f"cannot rebase {path}", key)
 
 
 def read_all(path: Path, virtual_size: int, key: Optional["Key"] = None) -> None:
@@ -287,8 +379,7 @@ def read_all(path: Path, virtual_size: int, key: Optional["Key"] = None) -> None
     Finds what `check` and a file hash can't: data that qemu can't read back (a broken
     compressed cluster, an I/O error under the file). Copies into QEMU's null driver.
     """
-    run(["convert", "-q", "-n", *_source(path, key), "--target-image-opts", f"driver=null-co,size={virtual_size}"],
-        f"cannot read {path}", key)
+    run(read_all_args(_source(path, key), virtual_size), f"cannot read {path}", key)
 
 
 # --- QEMU's image locks (no qemu-img involved: asked of the kernel) ---------------------------
