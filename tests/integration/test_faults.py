@@ -448,7 +448,7 @@ def test_changed_backing_link_is_named_by_verify_and_restore(make_domain, tmp_pa
     img = c.bdir / "points/0002/vda.qcow2"
     decoy = tmp_path / "decoy.qcow2"
     qemu_img.create(decoy, 32 * MiB)
-    subprocess.run([qemu_img.QEMU_IMG, "rebase", "-u", "-b", str(decoy), "-F", "qcow2", str(img)], check=True)
+    subprocess.run(["qemu-img", "rebase", "-u", "-b", str(decoy), "-F", "qcow2", str(img)], check=True)
 
     r = cli("verify", c.bdir)
     assert r.rc == 1, r
@@ -461,7 +461,7 @@ def test_changed_backing_link_is_named_by_verify_and_restore(make_domain, tmp_pa
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
     c.assert_restores(["0001"])          # the point below the damage is fine
 
-    subprocess.run([qemu_img.QEMU_IMG, "rebase", "-u", "-b", "../0001/vda.qcow2", "-F", "qcow2", str(img)],
+    subprocess.run(["qemu-img", "rebase", "-u", "-b", "../0001/vda.qcow2", "-F", "qcow2", str(img)],
                    check=True)
     assert cli("verify", c.bdir).rc == 0   # the same header bytes again
     c.assert_restores()

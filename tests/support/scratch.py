@@ -144,7 +144,7 @@ def read_raw(image: Path) -> bytes:
     """An image's guest-visible content (through its backing chain) as raw bytes."""
     out = Path(str(image) + ".raw-check")
     try:
-        subprocess.run([qemu_img.QEMU_IMG, "convert", "-U", "-O", "raw", str(image), str(out)],
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(image), str(out)],
                        check=True, capture_output=True)
         return out.read_bytes()
     finally:

@@ -18,12 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple
 
+from virtbackup import env
 from virtbackup.errors import HostError
 
 if TYPE_CHECKING:
     from virtbackup.qemu.keys import Key
 
-QEMU_IMG = os.environ.get("VIRTBACKUP_QEMU_IMG", "qemu-img")
 log = logging.getLogger(__name__)
 
 
@@ -69,12 +69,12 @@ def run(args: Sequence[str], what: str, key: Optional["Key"] = None) -> "subproc
     """Run qemu-img; on failure raise HostError with its last stderr line.
 
     With `key`, the key's secret object is added after the subcommand."""
-    return run_program([QEMU_IMG, args[0]], args[1:], what, key)
+    return run_program([env.program("qemu-img"), args[0]], args[1:], what, key)
 
 
 def _argv(args: Sequence[str], obj: Sequence[str]) -> List[str]:
     """qemu-img's argv for `args` (subcommand first), the key's secret object after the subcommand."""
-    return [QEMU_IMG, args[0], *obj, *args[1:]]
+    return [env.program("qemu-img"), args[0], *obj, *args[1:]]
 
 
 # --- argument lists (pure: what each wrapper runs, testable without qemu-img) -------------------
@@ -307,7 +307,7 @@ def _convert_reporting(src: Path, args: Sequence[str], key: Optional["Key"]) -> 
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=fds)
         except FileNotFoundError:
-            raise HostError(f"{QEMU_IMG} not found; install qemu-utils") from None
+            raise HostError(f"{cmd[0]} not found; install qemu-utils") from None
     assert proc.stdout is not None and proc.stderr is not None
     buf = b""
     try:
