@@ -94,7 +94,7 @@ def test_create_with_a_key_hands_it_over_a_pipe_named_after_the_subcommand(monke
     monkeypatch.setattr(qemu_img, "execute", rec)
     qemu_img.create(Path("/b/x.qcow2"), MiB, backing="../0001/x.qcow2", key=KEY)
     ((argv, fds, held),) = rec.calls
-    assert argv[:2] == [qemu_img.QEMU_IMG, "create"]
+    assert argv[:2] == ["qemu-img", "create"]
     assert argv[2] == "--object" and len(fds) == 1
     assert dict(opts(argv[3])) == {"secret": "", "id": SECRET_ID, "file": f"/dev/fd/{fds[0]}", "format": "raw"}
     assert held == [SECRET]                                     # the key went through the pipe ...
@@ -138,7 +138,7 @@ def test_every_keyed_run_gets_the_key_through_its_own_pipe_only(monkeypatch, cal
             assert fds == () and "--object" not in argv   # reading headers needs no key
 
 
-def test_a_transient_luks_failure_is_retried_after_removing_the_partial_image(monkeypatch, tmp_path):
+def test_a_transient_luks_failure_is_retried_in_place(monkeypatch, tmp_path):
     target = tmp_path / "x.qcow2"
     outcomes = [(1, "qemu-img: x.qcow2: Unable to get accurate CPU usage"), (0, "")]
     seen: List[bool] = []
@@ -150,8 +150,9 @@ def test_a_transient_luks_failure_is_retried_after_removing_the_partial_image(mo
         return subprocess.CompletedProcess(list(cmd), rc, "", err)
 
     monkeypatch.setattr(qemu_img, "execute", flaky)
+    monkeypatch.setattr(qemu_img.time, "sleep", lambda _s: None)
     qemu_img.create(target, MiB, key=KEY, iter_time=ITER)
-    assert seen == [False, False]                   # the second attempt found no leftover
+    assert seen == [False, True]      # the second attempt rewrites the same file (never unlinked)
 
 
 @pytest.mark.parametrize("key, stderr", [
@@ -166,12 +167,14 @@ def test_other_failures_are_not_retried(monkeypatch, tmp_path, key, stderr):
     assert len(rec.calls) == 1
 
 
-def test_the_transient_gives_up_after_three_attempts(monkeypatch, tmp_path):
+def test_the_transient_gives_up_after_six_attempts(monkeypatch, tmp_path):
     rec = Recorder(returncode=1, stderr="Unable to get accurate CPU usage")
     monkeypatch.setattr(qemu_img, "execute", rec)
+    pauses: List[float] = []
+    monkeypatch.setattr(qemu_img.time, "sleep", pauses.append)
     with pytest.raises(HostError, match="accurate CPU usage"):
         qemu_img.create(tmp_path / "x.qcow2", MiB, key=KEY, iter_time=ITER)
-    assert len(rec.calls) == 3
+    assert len(rec.calls) == 6 and pauses == sorted(pauses) and len(pauses) == 5
 
 
 # --- naming images: plain, --image-opts, json: ----------------------------------------------------
@@ -415,3 +418,4 @@ def test_image_in_use_sees_a_real_qemu_process(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+

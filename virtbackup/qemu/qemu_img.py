@@ -223,28 +223,28 @@ def create(path: Path, size: int, backing: Optional[str] = None, cluster_size: O
     from virtbackup.qemu import keys
     args = create_args(path, size, backing, cluster_size,
                        (iter_time or keys.DEFAULT_ITER_TIME_MS) if key is not None else None)
-    _luks_retry(lambda: run(args, f"cannot create {path}", key), path if key is not None else None)
+    _luks_retry(lambda: run(args, f"cannot create {path}", key), key is not None)
 
 
 # QEMU calibrates PBKDF2 for a new LUKS header by timing it in thread CPU time; on a loaded host
 # that measurement can come back as zero and qemu-img gives up ("Unable to get accurate CPU
-# usage", seen here under load ~25 on 2 cores). A transient: retried, a partial file removed.
+# usage", seen here under load ~25 on 2 cores, and at load ~3 with a 10 ms iteration time).
+# A transient: retried with a growing pause. The file is left where it is between tries (qemu-img
+# rewrites it; unlinking it would let the next try create the name afresh, outside the caller's
+# exclusive create); the caller removes it when the last try fails.
 _LUKS_TRANSIENT = "Unable to get accurate CPU usage"
 
 
-def _luks_retry(fn: Any, made: Optional[Path], attempts: int = 3) -> None:
+def _luks_retry(fn: Any, encrypting: bool, attempts: int = 6) -> None:
     for attempt in range(attempts):
         try:
             fn()
             return
         except HostError as e:
-            if made is None or _LUKS_TRANSIENT not in str(e) or attempt == attempts - 1:
+            if not encrypting or _LUKS_TRANSIENT not in str(e) or attempt == attempts - 1:
                 raise
             log.info("qemu-img: %s; trying again", _LUKS_TRANSIENT)
-            try:
-                made.unlink()
-            except FileNotFoundError:
-                pass
+            time.sleep(0.05 * 2 ** attempt)
 
 
 def layers(path: Path) -> List[bool]:
@@ -290,9 +290,9 @@ def convert(src: Path, dst: Path, out_format: str = "qcow2", key: Optional["Key"
     args = convert_args(_source(src, key), dst, out_format, encrypt_iter_time if key is not None else None,
                         progress=reporting)
     if reporting:
-        _luks_retry(lambda: _convert_reporting(src, args, key), dst if encrypting else None)
+        _luks_retry(lambda: _convert_reporting(src, args, key), encrypting)
         return
-    _luks_retry(lambda: run(args, f"cannot convert {src}", key), dst if encrypting else None)
+    _luks_retry(lambda: run(args, f"cannot convert {src}", key), encrypting)
 
 
 def _convert_reporting(src: Path, args: Sequence[str], key: Optional["Key"]) -> None:
