@@ -236,7 +236,7 @@ class Engine:
             for dp in plan.disks:
                 images[dp.disk.target] = DiskImage(
                     image=dp.target.image, backing=dp.target.backing, virtual_size=dp.virtual_size, size=0,
-                    sha256="", source=dp.disk.source or "", copied_full=dp.backing is None,
+                    digest=None, source=dp.disk.source or "", copied_full=dp.backing is None,
                     full_reason=dp.why_full if dp.backing is None and plan.level != "full" else None)
             job_started = time.monotonic()
             with self._job_secret(plan), host.signals_noted(self.runner.interrupt):   # wake the wait: abort, roll back

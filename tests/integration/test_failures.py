@@ -151,7 +151,6 @@ def test_second_backup_while_locked_fails_at_once(make_domain, tmp_path):
 
 
 def test_verify_names_damaged_image_and_restore_refuses_missing(make_domain, tmp_path):
-    from virtbackup.qemu import qemu_img
     d = make_domain({"vda": 16 * MiB, "vdb": 16 * MiB})
     bdir = tmp_path / "bk"
     d.write("vda", 0x11, 0, 1 * MiB)
@@ -164,19 +163,18 @@ def test_verify_names_damaged_image_and_restore_refuses_missing(make_domain, tmp
     meta_path = bdir / "virtbackup.json"
     meta = json.loads(meta_path.read_text())
     rec = meta["points"][1]["disks"]["vdb"]
-    assert rec["sha256"] == "" and rec["blake3"] == file_digest(bdir / rec["image"], "blake3")
+    assert rec["digest"] == {"algorithm": "blake3", "value": file_digest(bdir / rec["image"], "blake3")}
     if shutil.which("b3sum"):
         out = subprocess.run(["b3sum", "--no-names", str(bdir / rec["image"])], capture_output=True, text=True)
-        assert out.stdout.strip() == rec["blake3"]
+        assert out.stdout.strip() == rec["digest"]["value"]
     rec = meta["points"][0]["disks"]["vda"]
-    rec["sha256"] = file_digest(bdir / rec["image"], "sha256")
-    del rec["blake3"]
+    rec["digest"] = {"algorithm": "sha256", "value": file_digest(bdir / rec["image"], "sha256")}
     meta_path.write_text(json.dumps(meta))
     assert cli("verify", bdir).rc == 0
 
     # flip one byte of guest data inside the full's vda image (its record: SHA-256)
     img = bdir / "points/0001/vda.qcow2"
-    extents = json.loads(subprocess.run([qemu_img.QEMU_IMG, "map", "--output=json", str(img)],
+    extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(img)],
                                         capture_output=True, text=True, check=True).stdout)
     off = next(e["offset"] for e in extents if e.get("data") and "offset" in e)
     with open(img, "r+b") as f:
@@ -191,7 +189,7 @@ def test_verify_names_damaged_image_and_restore_refuses_missing(make_domain, tmp
     assert r.json()["damaged_points"] == ["0001", "0002"]
     # and in an image recorded with BLAKE3 (point 0002's vdb)
     img = bdir / "points/0002/vdb.qcow2"
-    extents = json.loads(subprocess.run([qemu_img.QEMU_IMG, "map", "--output=json", str(img)],
+    extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(img)],
                                         capture_output=True, text=True, check=True).stdout)
     off = next(e["offset"] for e in extents if e.get("data") and "offset" in e and e["depth"] == 0)
     with open(img, "r+b") as f:

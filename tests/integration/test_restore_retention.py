@@ -18,7 +18,6 @@ import pytest
 from tests.support import scratch
 from tests.support.helpers import ROOT, assert_point_restores, checkpoint_names, cli, hmp_write, patched, snapshot_dir
 from virtbackup.qemu import qemu_img
-from virtbackup.store.chain import file_sha256
 from virtbackup.store.digest import file_digest
 from virtbackup.virt import host
 
@@ -117,7 +116,7 @@ def test_instant_restore_leaves_backup_untouched_and_flattens(make_domain, conn,
     bdir = tmp_path / "bk"
     d, _e1, e2 = two_points(make_domain, bdir, {"vda": 32 * MiB, "vdb": 16 * MiB})
     before = snapshot_dir(bdir)
-    hashes = {p: file_sha256(bdir / p) for p in before if p.endswith(".qcow2")}
+    hashes = {p: file_digest(bdir / p, "sha256") for p in before if p.endswith(".qcow2")}
     name = f"vbinstant-{secrets.token_hex(3)}"
     restored_names.append(name)
     out = tmp_path / "inst"
@@ -140,7 +139,7 @@ def test_instant_restore_leaves_backup_untouched_and_flattens(make_domain, conn,
     assert r.rc == 1 and "open in a running QEMU" in r.err, r
     dom.destroy()
     assert snapshot_dir(bdir) == before
-    assert {p: file_sha256(bdir / p) for p in hashes} == hashes
+    assert {p: file_digest(bdir / p, "sha256") for p in hashes} == hashes
 
     want_vda = patched(e2["vda"], 0x5c, 2 * MiB, 1 * MiB)
     assert_reads(out / "vda.qcow2", want_vda)
@@ -286,7 +285,7 @@ def _corrupt_compressed_cluster(image: Path) -> None:
     `qemu-img check` and the file hash (updated by the caller) can't see this; reading can.
     """
     tmp = image.with_suffix(".tmp")
-    subprocess.run([qemu_img.QEMU_IMG, "convert", "-c", "-O", "qcow2", str(image), str(tmp)], check=True)
+    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(image), str(tmp)], check=True)
     with open(tmp, "r+b") as f:
         hdr = f.read(104)
         cluster_bits = struct.unpack(">I", hdr[20:24])[0]
@@ -310,7 +309,8 @@ def test_deep_verify_finds_unreadable_data(make_domain, tmp_path):
     img = bdir / "points/0001/vda.qcow2"
     _corrupt_compressed_cluster(img)
     meta = json.loads((bdir / "virtbackup.json").read_text())
-    meta["points"][0]["disks"]["vda"].update(blake3=file_digest(img, "blake3"), size=img.stat().st_size)
+    meta["points"][0]["disks"]["vda"].update(digest={"algorithm": "blake3", "value": file_digest(img, "blake3")},
+                                             size=img.stat().st_size)
     (bdir / "virtbackup.json").write_text(json.dumps(meta))
     assert cli("verify", bdir).rc == 0                  # recorded, hashed, consistent metadata...
     v = cli("verify", bdir, "--deep", "--json")         # ...but it can't be read back

@@ -10,11 +10,12 @@ import pytest
 
 from virtbackup.errors import ChainCorrupt, LockBusy, OperationFailed, PointNotFound, UnsafePath, UsageError
 from virtbackup.store.chain import BackupDir, Chain, DiskImage, FileLock, Point, create_new, shared_lock, user_path
+from virtbackup.store.digest import Digest
 
 
 def img(pid: str, backing: str | None = None) -> DiskImage:
     return DiskImage(image=f"points/{pid}/vda.qcow2", backing=backing, virtual_size=1 << 20, size=1,
-                     sha256="0" * 64, copied_full=backing is None)
+                     digest=Digest("blake3", "0" * 64), copied_full=backing is None)
 
 
 def pt(pid: str, level: str, parent: str | None, chain: str) -> Point:
@@ -65,6 +66,9 @@ def test_image_chain_follows_backing():
     (lambda d: d["points"][1].update(disks={"": d["points"][1]["disks"]["vda"]}), "disk name"),
     (lambda d: d["points"][1]["disks"]["vda"].update(size="1"), "wrong field types"),
     (lambda d: d["points"][1]["disks"]["vda"].update(image=7), "is corrupt"),
+    (lambda d: d.update(schema=True), "unsupported schema version True"),
+    (lambda d: d["points"][1]["disks"]["vda"]["digest"].update(algorithm="md5"), "point 0002 disk vda: .*md5"),
+    (lambda d: d["points"][1]["disks"]["vda"].pop("digest"), "point 0002 disk vda: no content hash"),
 ])
 def test_bad_metadata_is_refused(tmp_path, mutate, msg):
     data = sample().to_json()

@@ -196,6 +196,7 @@ def test_backup_xml_with_encrypted_targets_validates():
 def sample():
     """A two-point chain (full, inc) on one disk."""
     from virtbackup.store.chain import Chain, DiskImage, Point
+    from virtbackup.store.digest import Digest
     c = Chain(domain_name="d", domain_uuid="u", dir_id="x", next_seq=3)
     for pid, parent in (("0001", None), ("0002", "0001")):
         back = f"points/{parent}/vda.qcow2" if parent else None
@@ -204,21 +205,21 @@ def sample():
             checkpoint=f"virtbackup-x-{pid}", base_checkpoint=f"virtbackup-x-{parent}" if parent else None,
             parent=parent, chain="0001",
             disks={"vda": DiskImage(image=f"points/{pid}/vda.qcow2", backing=back, virtual_size=1 << 20, size=1,
-                                    sha256="0" * 64, copied_full=back is None)},
+                                    digest=Digest("blake3", "0" * 64), copied_full=back is None)},
             domain_xml=f"points/{pid}/domain.xml", checkpoint_xml=f"points/{pid}/checkpoint.xml"))
     return c
 
 
-def test_encrypted_chain_metadata_is_schema_2_and_consistent():
+def test_encrypted_chain_metadata_is_schema_4_and_consistent():
     from virtbackup.store.chain import Chain
     plain = sample()
-    assert plain.to_json()["schema"] == 1 and "encryption" not in plain.to_json()
+    assert plain.to_json()["schema"] == 3 and "encryption" not in plain.to_json()
     enc = sample()
     enc.encryption = crypto.ChainEncryption.new(keys.Key(KEY, "t"), 10)
     for p in enc.points:
         p.encryption = "luks"
     data = json.loads(json.dumps(enc.to_json()))
-    assert data["schema"] == 2 and data["encryption"]["format"] == "luks"
+    assert data["schema"] == 4 and data["encryption"]["format"] == "luks"
     again = Chain.from_json(data)
     assert again.encryption == enc.encryption and again.encryption.matches(keys.Key(KEY, "t"))
     # a plaintext point smuggled into an encrypted chain, or schema/encryption out of step
@@ -227,7 +228,7 @@ def test_encrypted_chain_metadata_is_schema_2_and_consistent():
     with pytest.raises(ValueError, match="encryption None, the chain's is 'luks'"):
         Chain.from_json(bad)
     bad = json.loads(json.dumps(data))
-    bad["schema"] = 1
+    bad["schema"] = 3
     with pytest.raises(ValueError, match="do not match"):
         Chain.from_json(bad)
     bad = json.loads(json.dumps(data))

@@ -8,13 +8,18 @@ import subprocess
 
 import pytest
 
-from virtbackup.store.chain import DiskImage
-from virtbackup.store.digest import file_digest
+from virtbackup.store.chain import BackupDir, DiskImage
+from virtbackup.store.digest import Digest, file_digest
+from virtbackup.store.integrity import image_problem
 
 
 def _image(tmp_path, size=3 << 20):
+    """A file that starts like a standalone qcow2 (magic, no backing file): integrity.py goes on
+    to compare its hash."""
     p = tmp_path / "img.qcow2"
-    p.write_bytes(bytes(range(256)) * (size // 256))
+    data = bytearray(bytes(range(256)) * (size // 256))
+    data[:20] = b"QFI\xfb" + bytes(16)
+    p.write_bytes(bytes(data))
     return p
 
 
@@ -26,30 +31,42 @@ def _flip(p, off):
         f.write(bytes([b[0] ^ 0x01]))
 
 
+def _record(alg: str = "blake3", value: str = "") -> DiskImage:
+    return DiskImage(image="img.qcow2", backing=None, virtual_size=1 << 30, size=0,
+                     digest=Digest(alg, value) if value else None)
+
+
 @pytest.mark.parametrize("alg", ["blake3", "sha256"])
 def test_recorded_hash_detects_a_flipped_byte(tmp_path, alg):
     p = _image(tmp_path)
-    img = DiskImage(image="points/0001/vda.qcow2", backing=None, virtual_size=1 << 30, size=0, sha256="")
+    img = _record()
     img.record_hash(p, alg)
-    assert img.hash_alg == alg and img.hash_matches(p)
-    assert (img.sha256 if alg == "sha256" else img.blake3) == img.digest != ""
+    assert img.digest is not None and img.digest.algorithm == alg and img.digest.value == file_digest(p, alg)
+    img.digest.check()
+    img.size = p.stat().st_size
+    # integrity.py is the one place that compares an image with its record (restore, prune, verify)
+    assert image_problem(BackupDir(tmp_path), img) is None
     _flip(p, (2 << 20) + 12345)          # past the first chunk of BLAKE3's tree
-    assert not img.hash_matches(p)
+    assert image_problem(BackupDir(tmp_path), img) == \
+        f"content hash ({alg}) differs from the one recorded at backup time"
 
 
 def test_old_images_recorded_with_sha256_still_verify(tmp_path):
     p = _image(tmp_path)
-    old = {"image": "points/0001/vda.qcow2", "backing": None, "virtual_size": 1 << 30, "size": 1,
+    old = {"image": "img.qcow2", "backing": None, "virtual_size": 1 << 30, "size": p.stat().st_size,
            "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "source": "/x", "copied_full": True}
-    img = DiskImage(**old)               # a record written before BLAKE3: no "blake3" key
-    assert img.hash_alg == "sha256" and img.hash_matches(p)
-    _flip(p, 7)
-    assert not img.hash_matches(p)
+    img = DiskImage.from_json(old, 1)    # a record written before BLAKE3: no "blake3" key
+    assert img.digest == Digest("sha256", hashlib.sha256(p.read_bytes()).hexdigest())
+    assert image_problem(BackupDir(tmp_path), img) is None
+    _flip(p, 77)
+    assert "content hash (sha256) differs" in (image_problem(BackupDir(tmp_path), img) or "")
 
 
 def test_no_recorded_hash_never_matches(tmp_path):
     p = _image(tmp_path)
-    assert not DiskImage(image="a", backing=None, virtual_size=1, size=1, sha256="").hash_matches(p)
+    img = _record()
+    img.size = p.stat().st_size
+    assert image_problem(BackupDir(tmp_path), img) == "no content hash recorded"
 
 
 def test_empty_file_hashes(tmp_path):

@@ -67,7 +67,7 @@ def _chain_json(**point_extra) -> dict:
     point = {"id": "0001", "level": "full", "created": "2026-11-30T09:00:00+00:00", "checkpoint": "c1",
              "base_checkpoint": None, "parent": None, "chain": "0001",
              "disks": {"vda": {"image": "points/0001/vda.qcow2", "backing": None, "virtual_size": 1,
-                               "size": 1, "sha256": "x"}},
+                               "size": 1, "sha256": "0" * 64}},
              "domain_xml": "points/0001/domain.xml", "checkpoint_xml": "points/0001/checkpoint.xml",
              **point_extra}
     return {"domain_name": "d", "domain_uuid": "u", "dir_id": "ab", "points": [point], "next_seq": 2, "schema": 1}

@@ -13,6 +13,7 @@ from tests.support.schemas import validate
 from virtbackup.backup import point_json
 from virtbackup.drill import DrillResult
 from virtbackup.store.chain import DiskImage, Point
+from virtbackup.store.digest import Digest
 from virtbackup.virt.quiesce import ThawResult
 
 
@@ -41,7 +42,7 @@ def test_thaw_result():
 
 def test_point_records_with_consistency():
     p = Point("0001", "full", "2026-11-30T00:00:00+00:00", "cp", None, None, "0001",
-              {"vda": DiskImage("points/0001/vda.qcow2", None, 1, 7, "x")}, "d.xml", "c.xml",
+              {"vda": DiskImage("points/0001/vda.qcow2", None, 1, 7, Digest("blake3", "0" * 64))}, "d.xml", "c.xml",
               consistency="application", consistency_reason="froze 1 filesystem(s)", frozen_seconds=0.25)
     rec = as_cli(point_json(p))
     validate("list", {"domain": "d", "uuid": "u", "points": [rec]})

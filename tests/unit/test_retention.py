@@ -11,6 +11,7 @@ import pytest
 from virtbackup.errors import PointNotFound, UsageError
 from virtbackup.store import chain as chainmod
 from virtbackup.store.chain import Chain, DiskImage, Point
+from virtbackup.store.digest import Digest
 from virtbackup.store.retention import Decision, Policy, decide, plan_prune, unrecorded
 
 T0 = datetime(2026, 11, 20, 10, 0, tzinfo=timezone.utc)
@@ -27,7 +28,8 @@ def make_chain(spec: Sequence[Tuple[str, Optional[int]]], disks: Sequence[str] =
         imgs: Dict[str, DiskImage] = {}
         for d in disks:
             imgs[d] = DiskImage(image=f"points/{pid}/{d}.qcow2", backing=par.disks[d].image if par else None,
-                                virtual_size=1 << 24, size=1000, sha256=f"sha-{pid}-{d}",
+                                virtual_size=1 << 24, size=1000,
+                                digest=Digest("blake3", f"{pid}{d}".encode().hex().ljust(64, "0")),
                                 copied_full=par is None)
         c.points.append(Point(
             id=pid, level=level, created=when.isoformat(), checkpoint=c.checkpoint_name(pid),

@@ -31,12 +31,20 @@ from virtbackup.errors import (
 )
 from virtbackup.store.crypto import ChainEncryption
 from virtbackup.store.digest import DEFAULT as DEFAULT_HASH
-from virtbackup.store.digest import file_digest
+from virtbackup.store.digest import Digest
 
-SCHEMA_VERSION = 1
-# Encrypted chains are written as schema 2: a virtbackup that does not know encryption refuses
-# them ("unsupported schema version") instead of adding plaintext points or skipping the key.
-SCHEMA_ENCRYPTED = 2
+# Metadata schema versions. A virtbackup refuses a version it does not know ("unsupported schema
+# version"): that keeps older versions from misreading records they don't understand, and
+# versions without encryption from adding plaintext points to an encrypted chain (or skipping
+# its key).
+#   1 plain, 2 encrypted: an image's hash in "sha256" or (images since BLAKE3) "blake3", the other ""
+#   3 plain, 4 encrypted: an image's hash in "digest": {"algorithm", "value"}
+# All four are read (1 and 2 converted in memory); a save always writes 3 or 4.
+SCHEMA_VERSION = 3
+SCHEMA_ENCRYPTED = 4
+ENCRYPTED_SCHEMAS = (2, SCHEMA_ENCRYPTED)
+HASH_FIELD_SCHEMAS = (1, 2)         # records with "sha256"/"blake3" instead of "digest"
+SCHEMAS = (1, 2, SCHEMA_VERSION, SCHEMA_ENCRYPTED)
 METADATA = "virtbackup.json"
 LOCKFILE = ".virtbackup.lock"
 POINTS_DIR = "points"
@@ -108,39 +116,52 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def file_sha256(path: Path) -> str:
-    return file_digest(path, "sha256")
-
-
 @dataclass
 class DiskImage:
     image: str                      # path relative to BACKUP_DIR
     backing: Optional[str]          # image this one is layered on (relative to BACKUP_DIR), None = standalone
     virtual_size: int
     size: int                       # bytes of the image file at backup time
-    sha256: str                     # hash of the image file: SHA-256 (older images), else ""
+    # hash of the image file, with the algorithm that made it (BLAKE3; SHA-256 in older records);
+    # None only while the file is being written: a save refuses an image without it
+    digest: Optional[Digest]
     source: str = ""                # the domain's disk source when it was backed up
     copied_full: bool = True        # this image holds the whole disk (no backing)
     full_reason: Optional[str] = None   # why a disk of an inc/diff point was copied whole
-    blake3: str = ""                # hash of the image file: BLAKE3 (images since 0.2), else ""
-
-    @property
-    def hash_alg(self) -> str:
-        """Which algorithm the recorded hash is: each image records its own (digest.py)."""
-        return "blake3" if self.blake3 else "sha256"
-
-    @property
-    def digest(self) -> str:
-        return self.blake3 or self.sha256
 
     def record_hash(self, path: Path, alg: str = DEFAULT_HASH) -> None:
-        """Hash the final image file and record the digest under its algorithm's name."""
-        value = file_digest(path, alg)
-        self.sha256, self.blake3 = (value, "") if alg == "sha256" else ("", value)
+        """Hash the final image file and record the digest (integrity.py checks it)."""
+        self.digest = Digest.of_file(path, alg)
 
-    def hash_matches(self, path: Path) -> bool:
-        """The file's bytes hash to the recorded digest, with the recorded algorithm."""
-        return bool(self.digest) and file_digest(path, self.hash_alg) == self.digest
+    @classmethod
+    def from_json(cls, data: Any, schema: int) -> "DiskImage":
+        """An image record as metadata of `schema` keeps it; records of schema 1 and 2 carry
+        their hash in "sha256" or "blake3" (the other one empty or, before BLAKE3, absent)."""
+        if not isinstance(data, dict):
+            raise ValueError("an image record is not an object")
+        rec = dict(data)
+        if schema in HASH_FIELD_SCHEMAS:
+            if "digest" in rec:
+                raise ValueError(f'a schema {schema} image record has a "digest"')
+            if "sha256" not in rec:      # every version that wrote this layout wrote it
+                raise ValueError('no "sha256" field (a schema 1 or 2 image record has one)')
+            sha256, blake3 = rec.pop("sha256"), rec.pop("blake3", "")
+            if not isinstance(sha256, str) or not isinstance(blake3, str):
+                raise ValueError("wrong field types of sha256/blake3")
+            if sha256 and blake3:
+                raise ValueError("both a sha256 and a blake3 hash recorded")
+            if not (sha256 or blake3):
+                raise ValueError("no content hash recorded")
+            rec["digest"] = Digest("blake3", blake3) if blake3 else Digest("sha256", sha256)
+        else:
+            stale = sorted({"sha256", "blake3"} & set(rec))
+            if stale:
+                raise ValueError(f'a schema {schema} image record has {" and ".join(stale)}, '
+                                 'not just a "digest"')
+            if "digest" not in rec:
+                raise ValueError("no content hash recorded (digest missing)")
+            rec["digest"] = Digest.from_json(rec["digest"])
+        return cls(**rec)
 
 
 @dataclass
@@ -239,37 +260,49 @@ class Chain:
 
     # -- (de)serialisation ---------------------------------------------------------------------
     def to_json(self) -> Dict[str, Any]:
+        """The metadata in the newest layout (whatever version it was read from)."""
         data = asdict(self)
         data["schema"] = SCHEMA_ENCRYPTED if self.encryption is not None else SCHEMA_VERSION
         if self.encryption is None:
-            del data["encryption"]      # plain chains stay readable by earlier versions
+            del data["encryption"]
         return data
 
     @classmethod
     def from_json(cls, data: Any) -> "Chain":
+        """Metadata of any known schema version, validated; `schema` keeps the version read."""
         if not isinstance(data, dict):
             raise ValueError("top level is not an object")
-        if data.get("schema") not in (SCHEMA_VERSION, SCHEMA_ENCRYPTED):
-            raise ValueError(f"unsupported schema version {data.get('schema')!r}")
+        schema = data.get("schema")
+        if type(schema) is not int or schema not in SCHEMAS:     # bool is an int, true is not 1
+            raise ValueError(f"unsupported schema version {schema!r:.40}")
         encryption = None
         if data.get("encryption") is not None:
             encryption = ChainEncryption.from_json(data["encryption"])
-        if (encryption is not None) != (data["schema"] == SCHEMA_ENCRYPTED):
+        if (encryption is not None) != (schema in ENCRYPTED_SCHEMAS):
             raise ValueError("schema version and encryption do not match")
         points = []
         for p in data["points"]:
             p = dict(p)
-            p["disks"] = {k: DiskImage(**v) for k, v in p["disks"].items()}
+            disks = {}
+            for k, v in p["disks"].items():
+                try:
+                    disks[k] = DiskImage.from_json(v, schema)
+                except ValueError as e:
+                    raise ValueError(f"point {str(p.get('id'))[:40]} disk {str(k)[:40]}: {e}") from None
+            p["disks"] = disks
             p["level"] = cast(Level, p.get("level"))   # checked in validate()
             points.append(Point(**p))
         chain = cls(domain_name=str(data["domain_name"]), domain_uuid=str(data["domain_uuid"]),
                     dir_id=str(data["dir_id"]), points=points, next_seq=int(data["next_seq"]),
-                    schema=int(data["schema"]), path=str(data.get("path", "")), encryption=encryption)
+                    schema=schema, path=str(data.get("path", "")), encryption=encryption)
         chain.validate()
         return chain
 
-    def validate(self) -> None:
-        """Structural checks; raises ValueError naming the first problem."""
+    def validate(self, hashed: bool = True) -> None:
+        """Structural checks; raises ValueError naming the first problem.
+
+        `hashed=False`: images may lack their digest yet (a prune's plan, before it wrote them);
+        a save always checks that every image has one."""
         seen: Dict[str, Point] = {}
         images: Dict[str, str] = {}
         ids = [int(p.id) for p in self.points if isinstance(p.id, str) and p.id.isdigit()]
@@ -305,9 +338,17 @@ class Chain:
                 if not isinstance(name, str) or not DISK_NAME.match(name):
                     raise ValueError(f"point {p.id}: disk name {name!r} is not a disk target name "
                                      "(letters and digits)")
-                if not isinstance(d.image, str) or not isinstance(d.sha256, str) or not isinstance(d.blake3, str) \
-                        or not isinstance(d.size, int) or not isinstance(d.virtual_size, int):
+                if not isinstance(d.image, str) or not isinstance(d.size, int) or not isinstance(d.virtual_size, int) \
+                        or not isinstance(d.digest, (Digest, type(None))):
                     raise ValueError(f"point {p.id} disk {name}: wrong field types")
+                if d.digest is None:
+                    if hashed:
+                        raise ValueError(f"point {p.id} disk {name}: no content hash recorded")
+                else:
+                    try:
+                        d.digest.check()
+                    except ValueError as e:
+                        raise ValueError(f"point {p.id} disk {name}: {e}") from None
                 check_relative(d.image)
                 if d.image in images:
                     raise ValueError(f"point {p.id}: image {d.image} listed twice")

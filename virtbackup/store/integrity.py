@@ -1,5 +1,6 @@
-"""Check images against what the metadata recorded before anything reads them for a restore or
-a prune: size, backing link and hash of the file (with the algorithm each image recorded).
+"""Check images against what the metadata recorded before anything reads them for a restore, a
+prune or a verify: size, backing link and hash of the file (with the algorithm each image
+recorded). This is the one place that decides whether an image is what its record says.
 
 Damage must be refused, never restored and never laundered: a prune that rewrote kept points
 from a damaged image would record fresh hashes of wrong data, and from then on nobody could see
@@ -14,8 +15,9 @@ import stat
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from virtbackup import observe
 from virtbackup.store.chain import BackupDir, Chain, DiskImage, Point
 from virtbackup.store.digest import hasher
 
@@ -66,8 +68,10 @@ def image_problem(bdir: BackupDir, img: DiskImage) -> Optional[str]:
     quick = quick_problem(bdir, img)
     if quick:
         return quick
+    if img.digest is None:
+        return "no content hash recorded"
     path = bdir.resolve(img.image)
-    h = hasher(img.hash_alg)
+    h = hasher(img.digest.algorithm)
     head = b""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -87,27 +91,46 @@ def image_problem(bdir: BackupDir, img: DiskImage) -> Optional[str]:
     expected = bdir.backing_link(img.image, img.backing)
     if backing != expected:
         return f"backing link is {backing!r}, expected {expected!r}"
-    if not img.digest or h.hexdigest() != img.digest:
-        return f"content hash ({img.hash_alg}) differs from the one recorded at backup time"
+    if h.hexdigest() != img.digest.value:
+        return f"content hash ({img.digest.algorithm}) differs from the one recorded at backup time"
     return None
 
 
 def check_images(bdir: BackupDir, chain: Chain, rels: Iterable[str],
-                 workers: Optional[int] = None, quick: bool = False) -> List[ImageDamage]:
+                 workers: Optional[int] = None, quick: bool = False,
+                 then: Optional[Callable[[DiskImage], Optional[str]]] = None,
+                 progress: Optional[str] = None) -> List[ImageDamage]:
     """Check the given recorded images (each once, in parallel); the damaged ones, in chain order.
 
-    `quick`: only what needs no read (missing, wrong size), to refuse at once before copying."""
+    `quick`: only what needs no read (missing, wrong size), to refuse at once before copying.
+    `then`: a further check of each image that matches its record (verify's qemu-img check:
+    no QEMU tool opens an image before this check passed). `progress`: report every image
+    done under that name (observe.report)."""
     owner: Dict[str, Tuple[Point, str, DiskImage]] = {
         d.image: (p, name, d) for p in chain.points for name, d in p.disks.items()}
     todo = list(dict.fromkeys(rels))
     for rel in todo:              # symlinks first, on the main thread: exit 2 before any read
         bdir.resolve(rel)
-    if quick:
-        problems = [quick_problem(bdir, owner[rel][2]) for rel in todo]
-    else:
-        n = workers or max(1, min(len(todo), os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            problems = list(pool.map(lambda rel: image_problem(bdir, owner[rel][2]), todo))
+
+    def check(rel: str) -> Optional[str]:
+        img = owner[rel][2]
+        if quick:
+            return quick_problem(bdir, img)
+        problem = image_problem(bdir, img)
+        return then(img) if problem is None and then is not None else problem
+
+    problems: List[Optional[str]] = []
+    n = 1 if quick else workers or max(1, min(len(todo), os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(max_workers=n)
+    try:
+        # each task in the caller's context (observe.submit): its cancel and progress scope
+        futures = [observe.submit(pool, check, rel) for rel in todo]
+        for f in futures:
+            problems.append(f.result())
+            if progress:
+                observe.report(progress, len(problems), len(todo))     # a cancellation point
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)   # cancelled or failed: start no other image
     order = {d.image: i for i, d in enumerate(d for p in chain.points for d in p.disks.values())}
     out = [ImageDamage(rel, owner[rel][0].id, owner[rel][1], prob)
            for rel, prob in zip(todo, problems, strict=True) if prob]

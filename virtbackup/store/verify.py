@@ -1,4 +1,10 @@
-"""Verify a backup dir: images present, qcow2-consistent, linked as recorded, hashes unchanged."""
+"""Verify a backup dir: images present, qcow2-consistent, linked as recorded, hashes unchanged.
+
+Whether an image is what its record says (size, backing link, hash) is integrity.py's decision,
+the same one restore and prune make; verify adds what only qemu-img can tell (`qemu-img check`,
+an encrypted chain's images really encrypted), and only for images that passed it: no QEMU tool
+opens an image before its integrity check.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from typing import Any, Dict, List, Optional, Set
 from virtbackup import observe
 from virtbackup.errors import VirtBackupError
 from virtbackup.qemu import keys, qemu_img
-from virtbackup.store import crypto
+from virtbackup.store import crypto, integrity
 from virtbackup.store.chain import BackupDir, DiskImage, shared_lock
 
 
@@ -53,32 +59,15 @@ class VerifyResult:
                 "damaged_points": self.damaged_points, "damage": [asdict(d) for d in self.damage]}
 
 
-def _image_problem(bdir: BackupDir, rel: str, img: DiskImage,
-                   key: Optional[keys.Key] = None) -> Optional[str]:
-    path = bdir.resolve(rel)
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        return "not a regular file"
-    if not path.is_file():
-        return "image is missing"
+def _qemu_problem(bdir: BackupDir, img: DiskImage, key: Optional[keys.Key] = None) -> Optional[str]:
+    """What qemu-img finds wrong with an image that matches its record (None: nothing)."""
+    path = bdir.resolve(img.image)
     try:
-        info = qemu_img.info(path)
-    except VirtBackupError as e:
-        return f"qemu-img check failed: {e}"
-    if key is not None and not info.get("encrypted"):
-        return "image is not encrypted, but the chain is"
-    try:
+        if key is not None and not qemu_img.info(path).get("encrypted"):
+            return "image is not encrypted, but the chain is"
         qemu_img.check(path, key)
     except VirtBackupError as e:
         return f"qemu-img check failed: {e}"
-    expected = bdir.backing_link(rel, img.backing)
-    if info.get("backing-filename") != expected:
-        return f"backing link is {info.get('backing-filename')!r}, expected {expected!r}"
-    try:
-        same = img.hash_matches(path)
-    except OSError as e:
-        return f"cannot read the image: {e.strerror}"
-    if not same:
-        return f"content hash ({img.hash_alg}) differs from the one recorded at backup time"
     return None
 
 
@@ -102,25 +91,21 @@ def _verify_locked(bdir: BackupDir, point_id: Optional[str], deep: bool,
     # checked first (exit 2 without it)
     crypto.check_key(chain.encryption, key, f"backup directory {bdir.path}")
     points = [chain.point(point_id)] if point_id else list(chain.points)
-    by_image = {d.image: (p.id, name, d) for p in chain.points for name, d in p.disks.items()}
     result = VerifyResult([p.id for p in points], 0, deep=deep)
-    bad: Set[str] = set()
-    checked: Set[str] = set()
-    total = len({rel for p in points for disk in p.disks for rel in chain.image_chain(p, disk)})
+    # every image the points read, in the order they are reported: by point, disk, top down
+    rels = list(dict.fromkeys(rel for p in points for disk in sorted(p.disks)
+                              for rel in chain.image_chain(p, disk)))
+    found = {d.image: d for d in integrity.check_images(
+        bdir, chain, rels, then=lambda img: _qemu_problem(bdir, img, key), progress="images")}
+    for rel in rels:
+        if rel in found:
+            d = found[rel]
+            result.damage.append(Damage(d.point, d.disk, rel, d.problem))
+    bad: Set[str] = set(found)
     for p in points:
-        for disk in sorted(p.disks):
-            for rel in chain.image_chain(p, disk):
-                if rel not in checked:
-                    checked.add(rel)
-                    owner, name, img = by_image[rel]
-                    problem = _image_problem(bdir, rel, img, key)
-                    if problem:
-                        bad.add(rel)
-                        result.damage.append(Damage(owner, name, rel, problem))
-                    observe.report("images", len(checked), total)
-                if rel in bad and p.id not in result.damaged_points:
-                    result.damaged_points.append(p.id)
-    result.images_checked = len(checked)
+        if any(rel in bad for disk in sorted(p.disks) for rel in chain.image_chain(p, disk)):
+            result.damaged_points.append(p.id)
+    result.images_checked = len(rels)
     if deep:
         for p in points:
             for disk in sorted(p.disks):
