@@ -52,7 +52,7 @@ def by_id(c: Chain) -> Dict[str, Point]:
 # --- decide ---------------------------------------------------------------------------------
 def test_keep_newest_n_with_reasons():
     c = make_chain([("full", None)] + [("inc", i) for i in range(9)])
-    ds = decide(c.points, Policy(keep_last=3))
+    ds = decide(c.points, Policy(keep=3))
     assert [d.point for d in ds if d.keep] == ["0008", "0009", "0010"]
     assert all(d.reasons for d in ds)
     assert "--keep 3" in ds[-1].reasons[0]
@@ -61,7 +61,7 @@ def test_keep_newest_n_with_reasons():
 
 def test_keep_more_than_there_are_keeps_all():
     c = make_chain([("full", None), ("inc", 0)])
-    assert all(d.keep for d in decide(c.points, Policy(keep_last=5)))
+    assert all(d.keep for d in decide(c.points, Policy(keep=5)))
 
 
 def test_daily_and_weekly_keep_newest_of_each_period():
@@ -74,7 +74,7 @@ def test_daily_and_weekly_keep_newest_of_each_period():
     weekly = decide(c.points, Policy(keep_weekly=2))
     # ISO weeks: 16th is a Monday (W47), 23rd and 24th are in W48
     assert [d.point for d in weekly if d.keep] == ["0003", "0007"]
-    both = decide(c.points, Policy(keep_last=1, keep_daily=1, keep_weekly=2))
+    both = decide(c.points, Policy(keep=1, keep_daily=1, keep_weekly=2))
     assert len(both[-1].reasons) == 3
 
 
@@ -85,13 +85,13 @@ def test_newest_is_always_kept_and_empty_policy_refused():
     with pytest.raises(UsageError):
         decide(c.points, Policy())
     with pytest.raises(UsageError):
-        decide(c.points, Policy(keep_last=-1))
+        decide(c.points, Policy(keep=-1))
 
 
 # --- plan_prune -------------------------------------------------------------------------------
 def test_linear_chain_oldest_kept_becomes_new_base():
     c = make_chain([("full", None)] + [("inc", i) for i in range(9)], disks=("vda", "vdb"))
-    plan = plan_prune(c, decide(c.points, Policy(keep_last=3)))
+    plan = plan_prune(c, decide(c.points, Policy(keep=3)))
     assert plan.drop == [f"{i:04d}" for i in range(1, 8)]
     acts = {(o.point, o.disk): (o.action, o.new, o.backing) for o in plan.ops}
     assert acts[("0008", "vda")] == ("standalone", "points/0008/vda.1.qcow2", None)
@@ -137,14 +137,14 @@ def test_gap_in_kept_points_rebases_onto_nearest_kept_ancestor():
 
 def test_old_chain_dropped_whole_and_nothing_to_merge():
     c = make_chain([("full", None), ("inc", 0), ("full", None), ("inc", 2)])
-    plan = plan_prune(c, decide(c.points, Policy(keep_last=2)))
+    plan = plan_prune(c, decide(c.points, Policy(keep=2)))
     assert plan.drop == ["0001", "0002"] and plan.ops == [] and not plan.xml_copies
     assert [p.id for p in plan.new_chain.points] == ["0003", "0004"]
 
 
 def test_keep_spanning_two_chains():
     c = make_chain([("full", None), ("inc", 0), ("inc", 1), ("full", None), ("diff", 3)])
-    plan = plan_prune(c, decide(c.points, Policy(keep_last=3)))
+    plan = plan_prune(c, decide(c.points, Policy(keep=3)))
     assert [(o.point, o.action) for o in plan.ops] == [("0003", "standalone")]
     p = by_id(plan.new_chain)
     assert p["0003"].level == "full" and p["0004"].chain == "0004" and p["0005"].parent == "0004"
@@ -153,8 +153,8 @@ def test_keep_spanning_two_chains():
 
 def test_repeated_prune_names_next_generation():
     c = make_chain([("full", None)] + [("inc", i) for i in range(5)])
-    once = plan_prune(c, decide(c.points, Policy(keep_last=4))).new_chain
-    twice = plan_prune(once, decide(once.points, Policy(keep_last=2)))
+    once = plan_prune(c, decide(c.points, Policy(keep=4))).new_chain
+    twice = plan_prune(once, decide(once.points, Policy(keep=2)))
     assert {o.point: o.new for o in twice.ops} == {"0005": "points/0005/vda.2.qcow2",
                                                    "0006": "points/0006/vda.2.qcow2"}
     assert twice.new_chain.points[0].checkpoint == c.points[0].checkpoint

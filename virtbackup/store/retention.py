@@ -57,15 +57,26 @@ class Decision:
 
 @dataclass(frozen=True)
 class Policy:
-    keep_last: int = 0
+    """What to keep: `prune` options and a job file's [retention] keys, named alike."""
+
+    keep: int = 0
     keep_daily: int = 0
     keep_weekly: int = 0
     keep_monthly: int = 0
 
+    def prune_args(self) -> List[str]:
+        """The `prune` options that say this policy (what `run` passes to its prune child)."""
+        args: List[str] = []
+        for opt, n in (("--keep", self.keep), ("--keep-daily", self.keep_daily),
+                       ("--keep-weekly", self.keep_weekly), ("--keep-monthly", self.keep_monthly)):
+            if n:
+                args += [opt, str(n)]
+        return args
+
     def check(self) -> None:
-        if min(self.keep_last, self.keep_daily, self.keep_weekly, self.keep_monthly) < 0:
+        if min(self.keep, self.keep_daily, self.keep_weekly, self.keep_monthly) < 0:
             raise UsageError("keep counts must not be negative")
-        if not (self.keep_last or self.keep_daily or self.keep_weekly or self.keep_monthly):
+        if not (self.keep or self.keep_daily or self.keep_weekly or self.keep_monthly):
             raise UsageError("say what to keep: --keep N, --keep-daily N, --keep-weekly N and/or --keep-monthly N")
 
 
@@ -79,8 +90,8 @@ def decide(points: Sequence[Point], policy: Policy) -> List[Decision]:
     policy.check()
     reasons: Dict[str, List[str]] = {p.id: [] for p in points}
     newest_first = list(reversed(points))
-    for p in newest_first[:policy.keep_last]:
-        reasons[p.id].append(f"one of the newest {policy.keep_last} (--keep {policy.keep_last})")
+    for p in newest_first[:policy.keep]:
+        reasons[p.id].append(f"one of the newest {policy.keep} (--keep {policy.keep})")
 
     def periodic(count: int, key_of: Callable[[datetime], str], what: str, opt: str) -> None:
         seen: Set[str] = set()
