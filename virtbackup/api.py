@@ -8,6 +8,20 @@ prints. Every result object has a `to_json()` giving the `--json` output of its 
 Logging: modules log to `logging.getLogger("virtbackup.<module>")`; DEBUG shows every argv,
 QMP command and libvirt call (with its XML) and timings. Backup and prune also leave a run log
 in BACKUP_DIR/logs/ (see runlog.py).
+
+Embedding (a host agent running operations in its own worker threads): every long operation
+takes two keyword arguments, both per call, never process-wide, so operations in different
+threads of one process never see each other's:
+- `cancel`: an `observe.Cancel`; `cancel.cancel()` from any thread stops the operation the way
+  SIGINT does the CLI's (a backup's job is aborted and rolled back, nothing is recorded) and
+  it raises `errors.Interrupted` (exit code 1). In the main thread SIGINT/SIGTERM still work
+  as before: where an operation takes them (a backup's job, a live restore's pulls) they
+  cancel it with the signal's name as the reason.
+- `progress`: called with an `observe.ProgressEvent` (operation, phase, disk, done, total,
+  unit, domain) from the operation's threads, one call at a time, a few a second per disk:
+  per disk and phase `total` stays the same, `done` never goes down and the last event of a
+  phase that ended well has done == total. Keep it short; if it raises, the events stop and the
+  operation goes on.
 """
 
 from __future__ import annotations
@@ -16,11 +30,14 @@ import functools
 import importlib
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TypeVar, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar, Union, cast
 
-from virtbackup.errors import HostError, OperationFailed, VirtBackupError
+from virtbackup import observe
+from virtbackup.errors import HostError, Interrupted, OperationFailed, VirtBackupError
+from virtbackup.observe import Cancel, Progress, ProgressEvent
 from virtbackup.qemu.keys import Key
 
 # Only what `list` needs is imported here: every operation imports its module (and libvirt,
@@ -38,7 +55,7 @@ if TYPE_CHECKING:
     from virtbackup.files import FilesystemList, GetResult, ListResult, PointFiles, Status
     from virtbackup.health import RepairReport, StatusReport
     from virtbackup.jobs import Job, JobPlan, RunResult, Watcher
-    from virtbackup.liverestore import LiveResult, Progress
+    from virtbackup.liverestore import LiveResult
     from virtbackup.options import RequestedLevel
     from virtbackup.restore import FlattenResult, RestoreResult
     from virtbackup.runners.base import Notify
@@ -60,6 +77,8 @@ __all__ = [
     "FilesystemList", "ListResult", "GetResult", "PointFiles",
     # encrypted backups
     "read_key", "Key",
+    # embedding: cancellation and progress events
+    "Cancel", "ProgressEvent", "Progress",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -73,6 +92,8 @@ def _boundary(fn: F) -> F:
             return fn(*args, **kwargs)
         except VirtBackupError:
             raise
+        except observe.Cancelled as e:     # a cancellation point was reached after cancel()
+            raise Interrupted(str(e)) from None
         except OSError as e:
             where = f" {e.filename}" if e.filename else ""
             raise OperationFailed(f"{e.strerror or e}{':' if where else ''}{where}") from e
@@ -83,6 +104,16 @@ def _boundary(fn: F) -> F:
                 raise HostError(f"libvirt: {host.libvirt_message(e)}") from e
             raise
     return cast(F, wrapper)
+
+
+@contextmanager
+def _operation(name: str, cancel: Optional[Cancel], progress: Optional[Progress],
+               domain: Optional[str] = None) -> Iterator[None]:
+    """The operation's own progress callback and cancel handle (observe.scope), for this call
+    and the threads it starts; a handle cancelled before the start stops it at once."""
+    with observe.scope(name, progress, cancel, domain):
+        observe.check()
+        yield
 
 
 @dataclass
@@ -123,7 +154,8 @@ def backup(domain: str, backup_dir: PathArg, level: str = "auto", disks: Sequenc
            uri: Optional[str] = None, notify: Optional[Notify] = None,
            reason: Optional[str] = None, quiesce: str = "auto", mode: Optional[str] = None,
            scratch_dir: Optional[str] = None, max_speed: Optional[int] = None, encrypt: bool = False,
-           key: Optional[Key] = None) -> BackupResult:
+           key: Optional[Key] = None, *, cancel: Optional[Cancel] = None,
+           progress: Optional[Progress] = None) -> BackupResult:
     """Take one backup of DOMAIN (name or UUID; running or shut off) into BACKUP_DIR.
 
     `level`: auto | full | inc | diff (see plan.plan_backup); `disks`: only these targets;
@@ -136,10 +168,16 @@ def backup(domain: str, backup_dir: PathArg, level: str = "auto", disks: Sequenc
     `max_speed`: bytes/s per disk (push and offline: QEMU's copy job; pull: our NBD reads).
     `encrypt` with `key` starts an encrypted chain (LUKS qcow2); every later point of an
     encrypted directory needs that `key` (push mode only: pull refuses an encrypted chain).
+    `cancel`: stops the backup from any thread while it runs: its job is aborted, its checkpoint
+    deleted, its partial images removed, nothing is recorded (raises Interrupted); during the
+    metadata commit a cancel is only noted (the point is complete, a warning says so).
+    `progress`: events "copy" (per disk, of its virtual size, while the job runs), "hash" (per
+    disk, the image sealed) and "commit" (see the module doc).
     """
     from virtbackup.backup import backup as _backup
-    return _backup(uri, domain, user_path(backup_dir, "BACKUP_DIR"), level, disks, notify, reason, quiesce,
-                   mode, scratch_dir, max_speed, encrypt=encrypt, key=key)
+    with _operation("backup", cancel, progress, domain):
+        return _backup(uri, domain, user_path(backup_dir, "BACKUP_DIR"), level, disks, notify, reason, quiesce,
+                       mode, scratch_dir, max_speed, encrypt=encrypt, key=key)
 
 
 @_boundary
@@ -153,7 +191,8 @@ def list_points(backup_dir: PathArg) -> PointList:
 def restore(backup_dir: PathArg, output_dir: PathArg, point: Optional[str] = None, disks: Sequence[str] = (),
             instant: bool = False, define: Optional[str] = None, start: bool = False,
             uri: Optional[str] = None, salvage: bool = False, key: Optional[Key] = None,
-            encrypt: bool = False) -> RestoreResult:
+            encrypt: bool = False, *, cancel: Optional[Cancel] = None,
+            progress: Optional[Progress] = None) -> RestoreResult:
     """Restore a point as standalone OUTPUT_DIR/<disk>.qcow2; or `instant` (overlays on the backup
     images, no copy); `define` NAME: a new domain on the restored disks (new UUID and MACs), `start` it.
 
@@ -163,32 +202,45 @@ def restore(backup_dir: PathArg, output_dir: PathArg, point: Optional[str] = Non
     An encrypted backup needs its `key`; the images come out decrypted unless `encrypt`
     (LUKS, same key). `instant`, and `define` with `encrypt`, are refused for encrypted backups
     (the domain would need the key stored in libvirt).
+    `cancel`: stops the copies (qemu-img is ended; nothing is placed, no domain defined; raises
+    Interrupted). `progress`: a "copy" event stream per disk (qemu-img's own progress, in bytes
+    of the disk's virtual size); none for `instant`.
     """
     from virtbackup.restore import restore as _restore
-    return _restore(user_path(backup_dir, "BACKUP_DIR"), user_path(output_dir, "OUTPUT_DIR"), point, disks,
-                    instant=instant, define=define, start=start, uri=uri, salvage=salvage, key=key,
-                    encrypt=encrypt)
+    with _operation("restore", cancel, progress):
+        return _restore(user_path(backup_dir, "BACKUP_DIR"), user_path(output_dir, "OUTPUT_DIR"), point, disks,
+                        instant=instant, define=define, start=start, uri=uri, salvage=salvage, key=key,
+                        encrypt=encrypt)
 
 
 @_boundary
 def verify(backup_dir: PathArg, point: Optional[str] = None, deep: bool = False,
-           key: Optional[Key] = None) -> VerifyResult:
+           key: Optional[Key] = None, *, cancel: Optional[Cancel] = None,
+           progress: Optional[Progress] = None) -> VerifyResult:
     """Check every image (or one point's chain): qemu-img check, backing links, hashes; `deep` also
     reads every point's whole chain through qemu. Damage is reported in the result (`ok`, `damage`),
-    not raised. `key`: of an encrypted backup."""
+    not raised. `key`: of an encrypted backup. `cancel`: stops it after the image (or chain)
+    being checked (raises Interrupted). `progress`: "verify" events (images checked of all,
+    unit images) and with `deep` "read" events (chains read, unit chains)."""
     from virtbackup.store.verify import verify as _verify
-    return _verify(user_path(backup_dir, "BACKUP_DIR"), point, deep=deep, key=key)
+    with _operation("verify", cancel, progress):
+        return _verify(user_path(backup_dir, "BACKUP_DIR"), point, deep=deep, key=key)
 
 
 @_boundary
 def prune(backup_dir: PathArg, keep: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
-          dry_run: bool = False, keep_monthly: int = 0, key: Optional[Key] = None) -> PruneResult:
+          dry_run: bool = False, keep_monthly: int = 0, key: Optional[Key] = None, *,
+          cancel: Optional[Cancel] = None, progress: Optional[Progress] = None) -> PruneResult:
     """Drop the points the policy does not keep, merging them into kept points that depend on them.
-    An encrypted backup needs its `key` (unless `dry_run`); rewritten images stay encrypted."""
+    An encrypted backup needs its `key` (unless `dry_run`); rewritten images stay encrypted.
+    `cancel`: a prune is crash-safe but not cut short: a cancel before it starts stops it
+    (Interrupted), one while it merges lets it finish. `progress`: no events yet (accepted so
+    every long operation takes the same arguments)."""
     from virtbackup.store.retention import Policy
     from virtbackup.store.retention import prune as _prune
-    return _prune(user_path(backup_dir, "BACKUP_DIR"), Policy(keep, keep_daily, keep_weekly, keep_monthly),
-                  dry_run, key)
+    with _operation("prune", cancel, progress):
+        return _prune(user_path(backup_dir, "BACKUP_DIR"), Policy(keep, keep_daily, keep_weekly, keep_monthly),
+                      dry_run, key)
 
 
 @_boundary
@@ -242,11 +294,17 @@ def load_job(job_file: PathArg) -> "Job":
 
 @_boundary
 def run_job(job: "Job", uri: Optional[str] = None, domains: Sequence[str] = (),
-            watch: Optional["Watcher"] = None) -> "RunResult":
+            watch: Optional["Watcher"] = None, *, cancel: Optional[Cancel] = None,
+            progress: Optional[Progress] = None) -> "RunResult":
     """Back up (then prune) every domain the job selects, `parallel` at a time; `domains` narrows
-    the selection. One domain's failure never stops another; the result says what each did."""
+    the selection. One domain's failure never stops another; the result says what each did.
+    `cancel`: the running backups are aborted and rolled back (their child processes get
+    SIGTERM), queued domains are skipped; the result's `interrupted` is the reason (raised as
+    Interrupted only when the handle was cancelled before the call).
+    `progress`: each backup's events, with `domain` set to the domain's name."""
     from virtbackup.jobs import run as _run
-    return _run(job, uri, domains, watch)
+    with _operation("run", cancel, progress):
+        return _run(job, uri, domains, watch)
 
 
 @_boundary
@@ -265,13 +323,17 @@ def thaw(domain: str, uri: Optional[str] = None) -> ThawResult:
 
 @_boundary
 def drill(backup_dir: PathArg, point: Optional[str] = None, timeout: float = 300, check: Optional[str] = None,
-          uri: Optional[str] = None, notify: Optional[Notify] = None) -> DrillResult:
+          uri: Optional[str] = None, notify: Optional[Notify] = None, *, cancel: Optional[Cancel] = None,
+          progress: Optional[Progress] = None) -> DrillResult:
     """Boot a point as a throwaway domain on overlays (`verify --boot`): it passes when the guest
     agent answers within `timeout` s and `check` (a shell command run in the guest) exits 0.
     A failed drill is reported in the result (`ok`, `stage`, `failure`), not raised; bad input
-    (e.g. the point's domain has no agent channel) raises (exit 2)."""
+    (e.g. the point's domain has no agent channel) raises (exit 2). `cancel`: the throwaway
+    domain is destroyed and its overlays removed within a second (raises Interrupted).
+    `progress`: "verify" events while the point's images are checked before the boot."""
     from virtbackup.drill import drill as _drill
-    return _drill(user_path(backup_dir, "BACKUP_DIR"), point, timeout, check, uri, notify)
+    with _operation("drill", cancel, progress):
+        return _drill(user_path(backup_dir, "BACKUP_DIR"), point, timeout, check, uri, notify)
 
 
 # --- single-file restore (libguestfs; virtbackup.files) ----------------------------------------
@@ -322,20 +384,25 @@ def open_point_files(backup_dir: PathArg, point: Optional[str] = None, status: O
 def live_restore(backup_dir: PathArg, output_dir: PathArg, define: str, point: Optional[str] = None,
                  disks: Sequence[str] = (), uri: Optional[str] = None, max_speed: Optional[int] = None,
                  progress: Optional[Progress] = None,
-                 on_running: Optional[Any] = None) -> LiveResult:
+                 on_running: Optional[Any] = None, *, cancel: Optional[Cancel] = None) -> LiveResult:
     """Define and start NAME on instant overlays, then pull the backup's data into them while it
-    runs; returns when no disk depends on the backup. `max_speed`: bytes/s per disk."""
+    runs; returns when no disk depends on the backup. `max_speed`: bytes/s per disk.
+    `progress`: a "copy" event stream per disk (the block pull's position). `cancel`: the pulls
+    are aborted; the domain keeps running on valid overlays and the error (Interrupted) names
+    the command that resumes (`resume_live`)."""
     from virtbackup.liverestore import live_restore as _live_restore
-    return _live_restore(Path(backup_dir), Path(output_dir), define, point, disks, uri, max_speed,
-                         progress, on_running)
+    with _operation("live-restore", cancel, progress):
+        return _live_restore(Path(backup_dir), Path(output_dir), define, point, disks, uri, max_speed, on_running)
 
 
 @_boundary
 def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] = None,
-                progress: Optional[Progress] = None) -> LiveResult:
-    """Finish an interrupted live restore of domain NAME (running: pull; shut off: flatten)."""
+                progress: Optional[Progress] = None, *, cancel: Optional[Cancel] = None) -> LiveResult:
+    """Finish an interrupted live restore of domain NAME (running: pull; shut off: flatten);
+    `progress` and `cancel` as for `live_restore`."""
     from virtbackup.liverestore import resume_live as _resume_live
-    return _resume_live(name, uri, max_speed, progress)
+    with _operation("live-restore", cancel, progress):
+        return _resume_live(name, uri, max_speed)
 
 
 def _refuse_remote_inactive(uri: Optional[str], dom: "libvirt.virDomain", what: str) -> None:
@@ -352,7 +419,7 @@ def _refuse_remote_inactive(uri: Optional[str], dom: "libvirt.virDomain", what: 
 _LAZY = {
     "BackupResult": "backup", "RestoreResult": "restore", "FlattenResult": "restore",
     "VerifyResult": "store.verify", "PruneResult": "store.retention", "Policy": "store.retention",
-    "LiveResult": "liverestore", "Progress": "liverestore", "StatusReport": "health", "RepairReport": "health",
+    "LiveResult": "liverestore", "StatusReport": "health", "RepairReport": "health",
     "ThawResult": "virt.quiesce", "DrillResult": "drill", "Notify": "runners.base", "RequestedLevel": "options",
     "Filesystem": "files", "FilesystemList": "files", "GetResult": "files", "Listing": "files",
     "ListResult": "files", "PointFiles": "files", "Status": "files",

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, cast
 
 import libvirt
 
-from virtbackup import health
+from virtbackup import health, observe
 from virtbackup.errors import (
     BackupFailed,
     ChainCorrupt,
@@ -227,6 +227,9 @@ class Engine:
             if dp.why_full and plan.level != "full":
                 self._say(f"disk {dp.disk.target} copied whole: {dp.why_full}")
 
+        cancel = observe.cancel_handle()
+        if cancel.reason is not None:
+            raise Interrupted(f"backup {observe.interruption(cancel.reason)}; nothing was recorded")
         self._prepare(chain, plan)
         created = now_iso()
         started = time.monotonic()
@@ -239,12 +242,14 @@ class Engine:
                     digest=None, source=dp.disk.source or "", copied_full=dp.backing is None,
                     full_reason=dp.why_full if dp.backing is None and plan.level != "full" else None)
             job_started = time.monotonic()
-            with self._job_secret(plan), host.signals_noted(self.runner.interrupt):   # wake the wait: abort, roll back
+            # a cancel (another thread, or SIGINT/SIGTERM here) wakes the wait: abort, roll back
+            with self._job_secret(plan), cancel.on_cancel(self.runner.interrupt), host.signals_noted(cancel.cancel):
                 self.runner.start(plan)
                 self.runner.wait()
             if self.runner.interrupted:
-                raise Interrupted(f"backup interrupted by {self.runner.interrupted}; nothing was recorded")
+                raise Interrupted(f"backup {observe.interruption(self.runner.interrupted)}; nothing was recorded")
             log.info("%s job done in %.3fs", self.runner.transport, time.monotonic() - job_started)
+            observe.check()
 
             cp = checkpoints.lookup(self.handle.dom, plan.checkpoint)
             if cp is None:
@@ -261,17 +266,24 @@ class Engine:
             with ThreadPoolExecutor(max_workers=max(1, len(paths))) as pool:
                 flushed = [pool.submit(fsync_path, p) for p in paths.values()]
                 for t, img in images.items():
+                    size = paths[t].stat().st_size
+                    observe.emit("hash", t, 0, size)
                     img.record_hash(paths[t])
-                    img.size = paths[t].stat().st_size
+                    img.size = size
+                    observe.finish("hash", t, size)
+                    observe.check()
                 for f in flushed:
                     f.result()
             log.debug("hashing and fsync took %.3fs", time.monotonic() - hashing)
             os.rename(plan.work_dir, plan.final_dir)
             fsync_path(plan.final_dir.parent)
+            observe.check()
         except BaseException as exc:
             self._rollback(plan)
             if isinstance(exc, OSError):
                 raise OperationFailed(f"backup failed: {exc}") from exc
+            if isinstance(exc, observe.Cancelled):
+                raise Interrupted(f"backup {observe.interruption(exc.reason)}; nothing was recorded") from None
             raise
 
         base = plan.base
@@ -291,7 +303,9 @@ class Engine:
         chain.next_seq += 1
         held: List[str] = []
         try:
-            with host.signals_noted(held.append):   # a signal can't cut the commit in half
+            observe.emit("commit", None, 0, 1, "steps")
+            # neither a cancel nor a signal can cut the commit in half: noted, the point is recorded
+            with cancel.on_cancel(held.append), host.signals_noted(held.append):
                 self.bdir.save(chain)   # the commit
         except BaseException:
             chain.points.pop()
@@ -299,8 +313,10 @@ class Engine:
             self._rollback(plan)
             raise
         log.info("recorded point %s (%s) in %s", point.id, point.level, self.bdir.metadata)
+        observe.finish("commit", None, 1, "steps")
         if held:
-            self._warn(f"{held[0]} arrived while point {point.id} was being recorded; the point is complete")
+            what = held[0] if held[0].startswith("SIG") else "a cancel"
+            self._warn(f"{what} arrived while point {point.id} was being recorded; the point is complete")
         removed = self._retire(chain, point)
         return BackupResult(self.handle.dom.name(), point, dict(plan.skipped), removed,
                             self.warnings + self.runner.warnings, dict(self.runner.transfer))

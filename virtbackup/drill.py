@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 from lxml import etree
 
+from virtbackup import observe
 from virtbackup.errors import DamageFound, Interrupted, UsageError, VirtBackupError
 from virtbackup.qemu import qemu_img
 from virtbackup.store import integrity
@@ -135,7 +136,11 @@ def drill(backup_dir: Path, point_id: Optional[str] = None, timeout: float = 300
     bdir = BackupDir(Path(backup_dir))
     bdir.load()          # a backup dir (exit 2 otherwise) before a lock file is made in it
     with shared_lock(bdir):
-        return _drill(backup_dir, point_id, timeout, check, uri, notify)
+        try:
+            return _drill(backup_dir, point_id, timeout, check, uri, notify)
+        except observe.Cancelled as e:      # the cleanup has run
+            raise Interrupted(f"drill {observe.interruption(e.reason)}; the throwaway domain and its "
+                              "overlays were removed") from None
 
 
 def _drill(backup_dir: Path, point_id: Optional[str], timeout: float, check: Optional[str],
@@ -172,7 +177,8 @@ def _drill(backup_dir: Path, point_id: Optional[str], timeout: float, check: Opt
         with _sigterm_raises():
             try:
                 # Never boot damage: every image the overlays read matches its record first.
-                damage = integrity.check_images(bdir, chain, integrity.chain_images(chain, point, sorted(point.disks)))
+                damage = integrity.check_images(bdir, chain, integrity.chain_images(chain, point, sorted(point.disks)),
+                                                progress="images")
                 if damage:
                     raise DamageFound("damaged image(s): " + "; ".join(
                         f"{d.image} (point {d.point}, disk {d.disk}): {d.problem}" for d in damage))
@@ -184,6 +190,7 @@ def _drill(backup_dir: Path, point_id: Optional[str], timeout: float, check: Opt
             except (VirtBackupError, etree.LxmlError, ValueError) as e:
                 result.stage, result.message = "start", f"cannot prepare the throwaway domain: {e}"
                 return result
+            observe.check()
             conn = host.connect(uri)
             say(f"drill: starting point {point.id} as throwaway domain {name} (overlays in {tmp})")
             t0 = time.monotonic()
@@ -196,6 +203,7 @@ def _drill(backup_dir: Path, point_id: Optional[str], timeout: float, check: Opt
             say(f"drill: running after {result.start_seconds:.2f}s; waiting up to {timeout:.0f}s for its guest agent")
             last = "no answer"
             while True:
+                observe.check()         # a cancel (another thread) ends the drill like Ctrl-C
                 try:
                     if not dom.isActive():
                         result.stage, result.message = "agent", "the domain stopped before its guest agent answered"
@@ -249,6 +257,7 @@ def _run_check(dom: object, check: str, timeout: float, result: DrillResult) -> 
             if time.monotonic() - t0 > timeout:
                 result.stage, result.message = "check", f"check {check!r} still running after {timeout:.0f}s"
                 return
+            observe.check()
             time.sleep(0.2)
     except libvirt.libvirtError as e:
         result.stage, result.message = "check", f"could not run check {check!r}: {' '.join(str(e).split())}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from virtbackup import observe
 from virtbackup.errors import BackupDirError, ChainCorrupt, UsageError, VirtBackupError
 from virtbackup.options import QUIESCE_MODES, REQUESTED_LEVELS
 from virtbackup.store.chain import BackupDir, Chain, FileLock, Point, now_iso, point_time
@@ -530,15 +532,40 @@ class JobRun:
                     pass
 
     # -- one domain (worker thread) ------------------------------------------------------------
-    def _spawn(self, s: Selected, args: List[str]) -> Optional[subprocess.Popen]:
+    def _spawn(self, s: Selected, args: List[str], progress_fd: Optional[int] = None) -> Optional[subprocess.Popen]:
         with self._lock:
             if self._stop is not None:
                 return None
+            if progress_fd is not None:
+                args = [*args, "--progress-fd", str(progress_fd)]
             # own session: a terminal's Ctrl-C reaches the child once, forwarded by stop()
             proc = subprocess.Popen(_cli(self.uri, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+                                    pass_fds=() if progress_fd is None else (progress_fd,))
             self._procs[s.name] = proc
             return proc
+
+    def _progress_pipe(self, s: Selected) -> Tuple[Optional[int], Optional[threading.Thread]]:
+        """When someone listens: a pipe the child's backup writes its progress events into (JSON
+        lines, `backup --progress-fd`), forwarded as this run's events with `domain` set by a
+        thread that ends when the child closes it. Returns the child's end and the thread."""
+        if not observe.listening():
+            return None, None
+        rfd, wfd = os.pipe()
+
+        def forward() -> None:
+            with os.fdopen(rfd, "r", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        ev = observe.ProgressEvent.from_json(json.loads(line))
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    observe.forward(observe.ProgressEvent(ev.operation, ev.phase, ev.disk, ev.done, ev.total,
+                                                          ev.unit, s.name))
+
+        t = observe.thread(forward, f"progress-{s.name}")
+        t.start()
+        return wfd, t
 
     def _communicate(self, s: Selected, proc: subprocess.Popen) -> Tuple[int, str, str]:
         out, err = proc.communicate()
@@ -565,11 +592,18 @@ class JobRun:
             if r.reason:
                 args.append(f"--reason={r.reason}")        # `list` then says why the chain broke
             args.append(f"--quiesce={self.job.quiesce}")
-            proc = self._spawn(s, args)
+            wfd, forwarding = self._progress_pipe(s)
+            try:
+                proc = self._spawn(s, args, wfd)
+            finally:
+                if wfd is not None:
+                    os.close(wfd)           # the child has its own copy: EOF when it ends
             if proc is None:
                 r.error = f"not started: the run was stopped by {self._stop}"
                 return r
             rc, out, err = self._communicate(s, proc)
+            if forwarding is not None:
+                forwarding.join(10)         # its last events are delivered before the result
             r.warnings = [ln[len("virtbackup: "):] for ln in err.splitlines()
                           if ln.startswith("virtbackup: warning: ")]
             if rc in (-signal.SIGINT, -signal.SIGTERM) and self._stop is not None:
@@ -623,9 +657,11 @@ class JobRun:
         results: Dict[str, DomainResult] = {}
         for s in self.selected:
             self.watch(s.name, "queued", s.uuid)
-        with _forward_signals(self.stop):
+        # a cancel of the run (observe.Cancel, any thread) stops it like a signal does
+        with _forward_signals(self.stop), observe.cancel_handle().on_cancel(self.stop):
             with ThreadPoolExecutor(max_workers=self.job.parallel, thread_name_prefix="job") as pool:
-                futures = {s.name: pool.submit(self.run_one, s) for s in self.selected}
+                # each domain's progress events go to this run's callback (its context, copied per task)
+                futures = {s.name: observe.submit(pool, self.run_one, s) for s in self.selected}
                 pending = dict(futures)
                 resent = 0.0
                 while pending:

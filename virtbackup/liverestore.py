@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import libvirt
 from lxml import etree
 
+from virtbackup import observe
 from virtbackup.errors import DomainNotFound, Interrupted, OperationFailed, RestoreFailed, UsageError, VirtBackupError
 from virtbackup.qemu import qemu_img
 from virtbackup.store.chain import BackupDir
@@ -44,9 +45,6 @@ log = logging.getLogger(__name__)
 
 LIVE_NS = "https://virtbackup.invalid/xmlns/live-restore/1"
 LIVE_KEY = "virtbackup-live"
-
-# (disk target, bytes done, bytes total) of every disk still pulling, after each poll
-Progress = Callable[[Dict[str, "tuple[int, int]"]], None]
 
 
 @dataclass
@@ -180,27 +178,29 @@ class Puller(host.DomainEvents):
             active.append(disk)
         return active
 
-    def progress(self, disks: Sequence[str]) -> Dict[str, "tuple[int, int]"]:
-        out = {}
+    def progress(self, disks: Sequence[str]) -> None:
+        """Each pull's position (blockJobInfo cur of end) as a copy event (only when someone listens)."""
+        if not observe.listening():
+            return
         for disk in disks:
             try:
                 info = self.dom.blockJobInfo(disk, 0)
             except libvirt.libvirtError:
                 continue
-            if info:
-                out[disk] = (int(info.get("cur", 0)), int(info.get("end", 0)))
-        return out
+            if info and int(info.get("end", 0)) > 0:
+                observe.emit("copy", disk, int(info.get("cur", 0)), int(info.get("end", 0)))
 
-    def wait(self, disks: Sequence[str], progress: Optional[Progress], every: float = 0.5) -> None:
+    def wait(self, disks: Sequence[str], every: float = 0.5) -> None:
         """Until every pull has ended; raises when one failed, the domain stopped, the connection
-        closed or a signal arrived (after aborting the pulls: their copied clusters stay)."""
+        closed or the restore was cancelled (a signal, or another thread), after aborting the
+        pulls: their copied clusters stay."""
         pending = list(disks)
         while pending:
             self.wake.wait(every)
             self.wake.clear()
             if self.interrupted:
                 self.abort(pending)
-                raise Interrupted(f"live restore interrupted by {self.interrupted}")
+                raise Interrupted(f"live restore {observe.interruption(self.interrupted)}")
             if self.stopped:
                 raise RestoreFailed("the domain stopped during the live restore")
             if self.closed:
@@ -223,8 +223,9 @@ class Puller(host.DomainEvents):
                     raise RestoreFailed(f"the block pull of disk {disk} {what} (see the domain's log "
                                         f"/var/log/libvirt/qemu/{self.dom.name()}.log)")
                 pending.remove(disk)
-            if progress is not None and pending:
-                progress(self.progress(pending))
+                observe.finish("copy", disk)
+            if pending:
+                self.progress(pending)
 
     def abort(self, disks: Sequence[str]) -> None:
         """Cancel the pulls (synchronously). What they copied stays in the overlays, valid."""
@@ -238,18 +239,18 @@ class Puller(host.DomainEvents):
 
 
 def _pull_all(conn: libvirt.virConnect, dom: libvirt.virDomain, images: Dict[str, Path],
-              max_speed: Optional[int], progress: Optional[Progress]) -> None:
-    """Pull every disk's backing data into its overlay; on any failure the domain keeps running
-    on valid overlays and the error says how to resume."""
+              max_speed: Optional[int]) -> None:
+    """Pull every disk's backing data into its overlay; on any failure (a cancel too) the domain
+    keeps running on valid overlays and the error says how to resume."""
     name = dom.name()
     puller = Puller(conn, dom, sorted(images), max_speed)
+    cancel = observe.cancel_handle()
     try:
-        with host.signals_noted(puller.interrupt):
+        with cancel.on_cancel(puller.interrupt), host.signals_noted(cancel.cancel):
             try:
                 active = puller.start()
-                if progress is not None and active:
-                    progress(puller.progress(active))
-                puller.wait(active, progress)
+                puller.progress(active)
+                puller.wait(active)
             except VirtBackupError as e:
                 if puller.stopped or not _is_active(dom):
                     raise type(e)(f"{e}; domain '{name}' is not running, its overlays are valid and still "
@@ -292,7 +293,6 @@ def refuse_encrypted(backup_dir: Path) -> None:
 
 def live_restore(backup_dir: Path, output_dir: Path, define: Optional[str], point: Optional[str] = None,
                  disks: Sequence[str] = (), uri: Optional[str] = None, max_speed: Optional[int] = None,
-                 progress: Optional[Progress] = None,
                  on_running: Optional[Callable[[str, float], None]] = None) -> LiveResult:
     """`restore --live --define NAME`: running at once, independent of the backup when it returns.
 
@@ -326,7 +326,7 @@ def live_restore(backup_dir: Path, output_dir: Path, define: Optional[str], poin
         running = time.monotonic() - t0
         if on_running is not None:
             on_running(res.domain, running)
-        _pull_all(conn, dom, images, max_speed, progress)
+        _pull_all(conn, dom, images, max_speed)
         _set_record(dom, None)
         return LiveResult(res.domain, dom.UUIDString(), images, bdir_abs, res.point.id,
                           running, time.monotonic() - t0, notes=res.notes)
@@ -346,8 +346,7 @@ def _take_back(dom: libvirt.virDomain, images: Dict[str, Path]) -> None:
             pass
 
 
-def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] = None,
-                progress: Optional[Progress] = None) -> LiveResult:
+def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] = None) -> LiveResult:
     """`restore --resume-live NAME`: finish an interrupted live restore.
 
     Running domain: pull what is left (adopting pulls still running). Shut-off domain: flatten
@@ -370,14 +369,16 @@ def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] =
         if offline:
             from virtbackup.restore import flatten
             for disk, path in sorted(images.items()):
-                if progress is not None:
-                    progress({disk: (0, 0)})
+                observe.check()
+                size = int(qemu_img.info(path).get("virtual-size", 0)) if observe.listening() else 0
+                observe.emit("copy", disk, 0, size)
                 try:
                     flatten(path)
                 except VirtBackupError as e:
                     raise RestoreFailed(f"disk {disk}: {e}") from None
+                observe.finish("copy", disk)
         else:
-            _pull_all(conn, dom, images, max_speed, progress)
+            _pull_all(conn, dom, images, max_speed)
         _set_record(dom, None)
         return LiveResult(dom.name(), dom.UUIDString(), images, bdir, point, None,
                           time.monotonic() - t0, resumed=True, offline=offline)

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from lxml import etree
 
+from virtbackup import observe
 from virtbackup.errors import DamageFound, DiskNotFound, OutputExists, RestoreFailed, UsageError, VirtBackupError
 from virtbackup.qemu import keys, qemu_img
 from virtbackup.store import crypto, integrity
@@ -279,13 +280,14 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
     # copy finds it in the page cache): a copy is only given its name once every image it was
     # read from has passed. Damage found: the copies are deleted, nothing is restored.
     checker = ThreadPoolExecutor(max_workers=1)
-    check = checker.submit(integrity.check_images, bdir, chain, integrity.chain_images(chain, point, names))
+    check = observe.submit(checker, integrity.check_images, bdir, chain, integrity.chain_images(chain, point, names))
     journal = Journal(output_dir)
     done: Dict[str, Path] = {}
     made: Dict[str, Path] = {}
     try:
         try:
             for n in names:
+                observe.check()     # a cancel between disks (and within one: qemu-img's progress)
                 # our own temp name (pid), created O_EXCL|O_NOFOLLOW: never a file this run did not create
                 tmp = output_dir / f".{n}.qcow2.partial-{os.getpid()}"
                 create_new(tmp)
@@ -296,13 +298,16 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
                     if instant:
                         qemu_img.create(tmp, point.disks[n].virtual_size, backing=str(src.resolve()))
                     else:
-                        qemu_img.convert(src, tmp, key=key, encrypt_iter_time=(
-                            chain.encryption.iter_time_ms if encrypt and chain.encryption else None))
+                        # progress: qemu-img's own (observe.report), as bytes of the disk's size
+                        with observe.task("copy", n, point.disks[n].virtual_size):
+                            qemu_img.convert(src, tmp, key=key, encrypt_iter_time=(
+                                chain.encryption.iter_time_ms if encrypt and chain.encryption else None))
                 except VirtBackupError as e:
                     if not _missing(chain, point, [n], check.result()):
                         raise RestoreFailed(f"restore of disk {n} from point {point.id} failed: {e}") from None
                 os.chmod(tmp, 0o600)
             damage = check.result()
+            observe.check()
             if damage:
                 if not salvage:
                     raise _damage_error(chain, point, damage)

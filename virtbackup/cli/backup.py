@@ -50,16 +50,21 @@ def backup(ctx: typer.Context, domain: Domain, backup_dir: BackupDirArg,
            encrypt: Annotated[bool, typer.Option(
                "--encrypt", help="start an encrypted chain (LUKS qcow2); needs --key-file; push mode only")] = False,
            key_file: KeyFile = None,
+           progress_fd: Annotated[Optional[int], typer.Option(
+               "--progress-fd", hidden=True, metavar="FD",
+               help="write progress events as JSON lines to this file descriptor (used by run)")] = None,
            as_json: AsJson = False) -> None:
     """Back up a domain, running or shut off: full, inc (since the last point) or diff (since the full)."""
     from virtbackup.cli import progress
 
     uri = options(ctx).uri
     key = read_key(key_file)             # read first: a refused key file changes nothing
-    with progress.backup(uri, domain, progress.wanted(as_json, no_progress)):
+    # the bars (or run's pipe) get the engine's progress events; signals cancel the job as always
+    with progress.to_fd(progress_fd) as to_run, \
+            progress.backup(domain, progress.wanted(as_json, no_progress) and to_run is None) as bar:
         r = api.backup(domain, backup_dir, level=level, disks=disk, uri=uri, notify=say, reason=reason,
                        quiesce=quiesce, mode=mode, scratch_dir=scratch_dir, max_speed=max_speed, encrypt=encrypt,
-                       key=key)
+                       key=key, progress=to_run or bar)
     if as_json:
         emit(r.to_json())
         return

@@ -2,21 +2,26 @@
 
 Only when stdout is a TTY, not with --json and not with --no-progress: pipes, files and
 management stacks see exactly the output they saw before. rich is imported here only, and
-only when bars are shown (CLI start-up time). Backups are fed by libvirt's job statistics
-(`virDomainGetJobStats`, polled on a connection of our own, as `virsh domjobinfo` does);
-restores by qemu-img's own progress and verify by images checked (see observe.py).
-A display problem never fails the operation: the bars just stop.
+only when bars are shown (CLI start-up time). The bars are fed by the operation's own progress
+events (observe.ProgressEvent, the `progress` argument of the API): a backup's copy as its
+engine follows the job, a restore's qemu-img progress, verify's images checked, and in `run`
+each domain's backup (its child process sends them through a pipe, `backup --progress-fd`).
+Nothing here talks to libvirt. A display problem never fails the operation: the bars just stop.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-POLL_SECONDS = 0.5
+if TYPE_CHECKING:
+    from virtbackup.observe import ProgressEvent
+
+Callback = Callable[["ProgressEvent"], None]
 
 
 def wanted(as_json: bool, no_progress: bool) -> bool:
@@ -32,7 +37,7 @@ def wanted(as_json: bool, no_progress: bool) -> bool:
 
 
 def _bars(unit: str = "bytes") -> Any:
-    """unit: bytes (libvirt job data), count (images verified) or percent (qemu-img)."""
+    """unit: bytes (copies) or count (images verified)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -54,137 +59,118 @@ def _bars(unit: str = "bytes") -> Any:
                     console=Console(file=sys.stdout), transient=True)
 
 
-def job_data(stats: Dict[str, Any]) -> Optional[Tuple[int, int]]:
-    """(processed, total) bytes of a running job from virDomainGetJobStats, or None."""
-    for done_key, total_key in (("disk_processed", "disk_total"), ("data_processed", "data_total")):
-        total = stats.get(total_key)
-        if total:
-            return int(stats.get(done_key) or 0), int(total)
-    return None
+class CopySum:
+    """One bar for several disks: the sum of each disk's last copy event."""
 
-
-class JobPoller:
-    """Polls libvirt's statistics of the jobs of some domains on its own connection (a thread)."""
-
-    def __init__(self, uri: Optional[str], bars: Any):
-        self.uri = uri
-        self.bars = bars
-        self.tracked: Dict[str, Tuple[int, str]] = {}      # uuid or name -> (task id, label)
+    def __init__(self) -> None:
+        self.disks: Dict[Optional[str], Tuple[int, int]] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
 
-    def track(self, key: str, task: int) -> None:
+    def add(self, ev: "ProgressEvent") -> Tuple[int, int]:
         with self._lock:
-            self.tracked[key] = (task, key)
-
-    def untrack(self, key: str) -> None:
-        with self._lock:
-            self.tracked.pop(key, None)
-
-    def start(self) -> "JobPoller":
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        try:
-            import libvirt
-
-            from virtbackup.virt import host
-            conn = host.connect(self.uri)
-        except Exception:  # noqa: BLE001 -- no bars is all a display problem may cost
-            return
-        try:
-            while not self._stop.wait(POLL_SECONDS):
-                with self._lock:
-                    items = list(self.tracked.items())
-                for key, (task, _label) in items:
-                    try:
-                        dom = host.lookup_domain(conn, key)
-                        if not dom.isActive():
-                            self.bars.update(task, state="shut off: offline backup (private QEMU)")
-                            continue
-                        data = job_data(dom.jobStats())
-                    except Exception:  # noqa: BLE001 -- e.g. the domain was undefined meanwhile
-                        continue
-                    if data is not None:
-                        self.bars.update(task, completed=data[0], total=data[1], state="")
-        finally:
-            try:
-                conn.close()
-            except libvirt.libvirtError:
-                pass
+            self.disks[ev.disk] = (ev.done, ev.total)
+            return sum(d for d, _t in self.disks.values()), sum(t for _d, t in self.disks.values())
 
 
 @contextmanager
-def backup(uri: Optional[str], domain: str, on: bool) -> Iterator[None]:
-    """A bar for one domain's backup while inside."""
+def backup(domain: str, on: bool) -> Iterator[Optional[Callback]]:
+    """A bar for one domain's backup while inside; yields the callback for api.backup's
+    `progress` (None when no bars are shown)."""
     if not on:
-        yield
+        yield None
         return
     bars = _bars()
-    poller = JobPoller(uri, bars)
     with bars:
         task = bars.add_task(f"backup {domain}", total=None, state="")
-        poller.track(domain, task)
-        poller.start()
-        try:
-            yield
-        finally:
-            poller.close()
+        copied = CopySum()
+
+        def update(ev: "ProgressEvent") -> None:
+            if ev.phase == "copy":
+                done, total = copied.add(ev)
+                bars.update(task, completed=done, total=total, state="")
+            else:
+                bars.update(task, state=ev.phase)        # hash, commit
+
+        yield update
 
 
 @contextmanager
-def observed(title: str, on: bool) -> Iterator[None]:
-    """One bar per thing the core reports on (restore: each disk's convert; verify: images)."""
+def observed(title: str, on: bool) -> Iterator[Optional[Callback]]:
+    """A bar per thing the operation reports on (restore: each disk's copy, as its image
+    `<disk>.qcow2`; verify: images checked, chains read); yields the `progress` callback."""
     if not on:
-        yield
+        yield None
         return
-    from virtbackup import observe
-    bars = _bars("percent" if title == "restore" else "count")
-    tasks: Dict[str, int] = {}
+    bars = _bars("bytes" if title == "restore" else "count")
+    tasks: Dict[Tuple[str, Optional[str]], int] = {}
 
-    def update(what: str, done: float, total: float) -> None:
-        if what not in tasks:
-            tasks[what] = bars.add_task(f"{title} {what}", total=total, state="")
-        bars.update(tasks[what], completed=done, total=total)
+    def update(ev: "ProgressEvent") -> None:
+        key = (ev.phase, ev.disk)
+        if key not in tasks:
+            what = f"{ev.disk}.qcow2" if ev.disk is not None and ev.unit == "bytes" else ev.unit
+            tasks[key] = bars.add_task(f"{title} {what}", total=ev.total, state="")
+        bars.update(tasks[key], completed=ev.done, total=ev.total)
 
-    with bars, observe.observing(update):
-        yield
+    with bars:
+        yield update
+
+
+@contextmanager
+def to_fd(fd: Optional[int]) -> Iterator[Optional[Callback]]:
+    """`backup --progress-fd FD` (how `run` follows its child backups): each event as one JSON
+    line on FD; yields the callback (None without FD). A reader that went away stops the lines."""
+    if fd is None:
+        yield None
+        return
+    os.set_inheritable(fd, False)          # no program this backup starts (qemu-nbd) holds it open
+    out = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+    broken = False
+
+    def write(ev: "ProgressEvent") -> None:
+        nonlocal broken
+        if broken:
+            return
+        try:
+            out.write(json.dumps(ev.to_json()) + "\n")
+        except OSError:
+            broken = True
+
+    try:
+        yield write
+    finally:
+        try:
+            out.close()
+        except OSError:
+            pass
 
 
 class RunDisplay:
-    """`run`: a row per domain (queued, backup with libvirt's job progress, prune, result)."""
+    """`run`: a row per domain (queued, backup with its copy progress, prune, result)."""
 
-    def __init__(self, uri: Optional[str]):
+    def __init__(self) -> None:
         self.bars = _bars()
-        self.poller = JobPoller(uri, self.bars)
         self.tasks: Dict[str, int] = {}
+        self.copied: Dict[str, CopySum] = {}
+        self._lock = threading.Lock()
 
     def __enter__(self) -> "RunDisplay":
         self.bars.start()
-        self.poller.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.poller.close()
         self.bars.stop()
 
+    def _task(self, domain: str, state: str) -> int:
+        with self._lock:
+            task = self.tasks.get(domain)
+            if task is None:
+                task = self.tasks[domain] = self.bars.add_task(domain, total=None, state=state)
+            return task
+
     def watch(self, domain: str, phase: str, uuid: Optional[str]) -> None:
-        task = self.tasks.get(domain)
-        if task is None:
-            task = self.tasks[domain] = self.bars.add_task(domain, total=None, state=phase)
-        if phase == "backup" and uuid:
-            self.bars.update(task, state="backup")
-            self.poller.track(uuid, task)
-            return
-        if uuid:
-            self.poller.untrack(uuid)
-        if phase in ("queued", "prune"):
+        """The run's Watcher: what each domain is doing."""
+        task = self._task(domain, phase)
+        if phase in ("queued", "backup", "prune"):
             self.bars.update(task, state=phase)
         else:                                   # ok, failed, skipped: the row is finished
             total = next((t.total for t in self.bars.tasks if t.id == task), None)
@@ -192,3 +178,13 @@ class RunDisplay:
                 self.bars.update(task, completed=total, state=phase)
             else:
                 self.bars.update(task, state=phase)
+
+    def progress(self, ev: "ProgressEvent") -> None:
+        """The run's progress callback: a domain's backup events fill its row."""
+        if ev.domain is None or ev.phase != "copy":
+            return
+        task = self._task(ev.domain, "backup")
+        with self._lock:
+            copied = self.copied.setdefault(ev.domain, CopySum())
+        done, total = copied.add(ev)
+        self.bars.update(task, completed=done, total=total)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Optional, Tuple
 
 import typer
 
@@ -70,9 +70,9 @@ def restore(ctx: typer.Context,
 
     from virtbackup.cli import progress
     key = read_key(key_file)
-    with progress.observed("restore", progress.wanted(as_json, no_progress)):
+    with progress.observed("restore", progress.wanted(as_json, no_progress)) as bars:
         r = api.restore(backup_dir, output_dir, point, disk, instant=instant, define=define, start=start,
-                        uri=uri, salvage=salvage, key=key, encrypt=encrypt)
+                        uri=uri, salvage=salvage, key=key, encrypt=encrypt, progress=bars)
     for note in r.notes:            # what is missing after --salvage is said on stderr also with --json
         say(f"note: {note}")
     if as_json:
@@ -88,18 +88,21 @@ def restore(ctx: typer.Context,
 
 
 class _LiveProgress:
-    """Live-restore progress on stderr: a line redrawn in place on a terminal, in a log a line every
-    10 % or 10 s."""
+    """Live-restore progress on stderr (fed by the restore's copy events): a line redrawn in place
+    on a terminal, in a log a line every 10 % or 10 s."""
 
     def __init__(self, show: bool) -> None:
         self.show = show
         self.tty = sys.stderr.isatty()
         self.last_t = 0.0
         self.last_pct = -1.0
+        self.disks: Dict[str, Tuple[int, int]] = {}
 
-    def __call__(self, disks: Dict[str, Any]) -> None:
-        if not self.show or not disks:
+    def __call__(self, ev: Any) -> None:
+        if not self.show or ev.disk is None or ev.phase != "copy":
             return
+        self.disks[ev.disk] = (ev.done, ev.total)
+        disks = self.disks
         done = sum(c for c, _e in disks.values())
         total = sum(e for _c, e in disks.values())
         pct = 100.0 * done / total if total else 0.0

@@ -41,8 +41,8 @@ def run_job(ctx: typer.Context,
     if not progress.wanted(as_json, no_progress):
         r = api.run_job(job, uri, domain)
     else:
-        with progress.RunDisplay(uri) as display:
-            r = api.run_job(job, uri, domain, display.watch)
+        with progress.RunDisplay() as display:
+            r = api.run_job(job, uri, domain, display.watch, progress=display.progress)
     if as_json:
         emit(r.to_json())
     else:

@@ -49,8 +49,8 @@ def verify(ctx: typer.Context, backup_dir: BackupDirArg,
 
     from virtbackup.cli import progress
     key = read_key(key_file)
-    with progress.observed("verify", progress.wanted(as_json, no_progress)):
-        r = api.verify(backup_dir, point, deep=deep, key=key)
+    with progress.observed("verify", progress.wanted(as_json, no_progress)) as bars:
+        r = api.verify(backup_dir, point, deep=deep, key=key, progress=bars)
     if not as_json:
         for d in r.damage:
             say(f"damaged: point {d.point} disk {d.disk} image {d.image}: {d.problem}")

@@ -37,7 +37,7 @@ QEMU_NBD = os.environ.get("VIRTBACKUP_QEMU_NBD", "qemu-nbd")
 
 # What the copy can be told to stop for: returns a reason (e.g. "SIGINT") or None.
 StopCheck = Callable[[], Optional[str]]
-Progress = Callable[[int, int], None]   # (bytes done, bytes to do)
+Progress = Callable[[int, int], None]   # (bytes of the disk dealt with, the disk's size): see copy()
 
 
 class NbdError(OperationFailed):
@@ -356,6 +356,10 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
     given, the target must be empty and unbacked. `max_speed`: bytes/s read from the source
     (a token bucket of one request; see Pacer). Raises NbdError (with what failed and where)
     or CopyStopped; the target's content is then undefined and the caller discards it.
+
+    `progress(done, size)` after each step: `done` counts the bytes of the disk dealt with,
+    those copied (or zeroed) and those block status showed need nothing (clean, unallocated),
+    so it never goes down, the size stays the same, and it ends at `size`.
     """
     nbd = _nbd()
     started = time.monotonic()
@@ -369,7 +373,8 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
         pending: Deque[Tuple[int, int, bool]] = deque()
         pacer = Pacer(max_speed, request_size)
         status_at = 0           # block status known up to here
-        todo = 0                # bytes found to copy so far (grows as status is read)
+        queued = 0              # bytes in `pending` (for progress: not dealt with yet)
+        issued = 0              # bytes handed to the pump (dealt with once pump.done_bytes has them)
         while True:
             why = should_stop() if should_stop else None
             if why:
@@ -381,9 +386,11 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
                 runs, status_at = extents(s, size, bitmap, status_at)
                 for off, n, zero in runs:
                     stats.extents += 1
-                    todo += n
+                    queued += n
                     for o in range(off, off + n, request_size):
                         pending.append((o, min(request_size, off + n - o), zero))
+                if progress:
+                    progress(status_at - queued - (issued - (pump.done_bytes if pump else 0)), size)
                 continue
             if pump is None:
                 if not pending:
@@ -403,6 +410,8 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
                         break
                     pacer.took(n)
                 pending.popleft()
+                queued -= n
+                issued += n
                 (pump.zero if zero else pump.read)(off, n)
             if not pending and status_at >= size and pump.in_flight == 0 and not pump.to_write:
                 break
@@ -411,12 +420,14 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
             else:
                 pump.step(wait)
             if progress:
-                progress(pump.done_bytes, todo)
+                progress(status_at - queued - (issued - pump.done_bytes), size)
         if d is not None:
             try:
                 d.flush()
             except nbd.Error as e:
                 raise NbdError(f"flushing {target} failed: {_message(e)}") from None
+        if progress:
+            progress(size, size)
         stats.seconds = round(time.monotonic() - started, 3)
         log.debug("copied %s into %s: %s", src.describe(), target, stats)
         return stats

@@ -17,8 +17,12 @@ The contract:
 - `abort()` ends whatever `start` began, bounded; it returns False when a job may still write
   into the targets (the engine then keeps the checkpoint for the next run to remove). It never
   raises and may be called more than once, also before `start`.
-- `interrupt(signal_name)` is called from the signal handler while start/wait run: note it,
-  wake the wait, and let `wait` raise `Interrupted` after stopping the job.
+- `interrupt(reason)` is called when the operation is cancelled while start/wait run (the
+  engine registers it with the operation's `observe.Cancel`: another thread's `cancel()`, or
+  SIGINT/SIGTERM in the main thread, reason "SIGINT"): note it, wake the wait, and let `wait`
+  raise `Interrupted` after stopping the job. It may run in any thread (or a signal handler).
+- While the copy runs a runner reports it as `observe` "copy" events per disk, when someone
+  listens (`observe.listening()`), and finishes each disk's copy when it is complete.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol
 import libvirt
 from lxml import etree
 
+from virtbackup import observe
 from virtbackup.runners.plan import BackupPlan, Transport
 from virtbackup.store.chain import PARTIAL_SUFFIX
 from virtbackup.virt import host
@@ -41,7 +46,7 @@ Notify = Callable[[str], None]
 
 class Runner(Protocol):
     transport: Transport
-    interrupted: Optional[str]      # the signal noted by interrupt(), if any
+    interrupted: Optional[str]      # the reason noted by interrupt() (a signal name, "cancelled"), if any
     warnings: List[str]             # said during the run; reported with the result
     transfer: Dict[str, Dict[str, Any]]   # per disk, how the copy went (pull: bytes read, written, zeroed; seconds)
 
@@ -58,7 +63,12 @@ class Runner(Protocol):
         """Stop the copy; False when a job may still write into the targets."""
 
     def interrupt(self, signal_name: str) -> None:
-        """Note a SIGINT/SIGTERM (called from the signal handler)."""
+        """Note a cancel (any thread) or a SIGINT/SIGTERM (the signal handler): wake the wait."""
+
+
+def received(reason: str) -> str:
+    """'SIGINT received' for a signal, 'cancelled' for a cancel (notices while stopping)."""
+    return f"{reason} received" if reason.startswith("SIG") else observe.interruption(reason)
 
 
 # --- libvirt backup jobs: what the push and pull runners share ------------------------------------

@@ -25,10 +25,11 @@ from typing import Any, Dict, List, Optional
 import libvirt
 from lxml import etree
 
+from virtbackup import observe
 from virtbackup.errors import BackupFailed, Interrupted, LevelNotPossible, OperationFailed
 from virtbackup.qemu import keys, qemu_img
 from virtbackup.qemu.qmp import PrivateQemu, QMPError
-from virtbackup.runners.base import Notify
+from virtbackup.runners.base import Notify, received
 from virtbackup.runners.plan import BackupPlan, Transport
 from virtbackup.virt import bitmaps, checkpoints, host, xmlbuild
 from virtbackup.virt.host import DomainHandle
@@ -109,12 +110,13 @@ class OfflineRunner:
                                       "it cannot be backed up offline now")
 
     def interrupt(self, signal_name: str) -> None:
+        """Noted; the wait sees it within 0.25 s and QEMU is quit cleanly (never killed)."""
         self.interrupted = signal_name
 
     def _check_interrupt(self) -> None:
         if self.interrupted:
-            self.notify(f"{self.interrupted} received: stopping the offline backup")
-            raise Interrupted(f"backup interrupted by {self.interrupted}; nothing was recorded")
+            self.notify(f"{received(self.interrupted)}: stopping the offline backup")
+            raise Interrupted(f"backup {observe.interruption(self.interrupted)}; nothing was recorded")
 
     def _job_disks(self, plan: BackupPlan) -> List[JobDisk]:
         """The plan's disks as they are defined now (the definition may have changed)."""
@@ -256,12 +258,35 @@ class OfflineRunner:
         if found:
             raise LevelNotPossible(f"cannot continue the chain offline: {found}; take a full backup")
 
+    def _progress(self, qemu: PrivateQemu, sizes: Dict[str, int]) -> None:
+        """Each running job's offset of len (query-block-jobs) as its disk's share of the
+        virtual size, a copy event per disk (only asked when someone listens)."""
+        try:
+            jobs = qemu.execute("query-block-jobs") or []
+        except QMPError:
+            return
+        for j in jobs:
+            job, length = str(j.get("device", "")), int(j.get("len") or 0)
+            if job in sizes and length > 0:
+                disk = job[len("backup-"):]
+                observe.emit("copy", disk, sizes[job] * int(j.get("offset") or 0) / length, sizes[job])
+
     def _wait_jobs(self, qemu: PrivateQemu, job_ids: List[str]) -> None:
         """Wait for every job's end (no sleeps: blocks on QMP events); first error wins."""
         pending = set(job_ids)
         errors: List[str] = []
+        plan = self._plan
+        sizes = {f"backup-{dp.disk.target}": dp.virtual_size for dp in plan.disks} if plan else {}
+        following = observe.listening()
+        if following:
+            for job_id, size in sizes.items():
+                observe.emit("copy", job_id[len("backup-"):], 0, size)
+        polled = 0.0
         while pending:
             self._check_interrupt()
+            if following and time.monotonic() - polled >= 0.5:
+                polled = time.monotonic()
+                self._progress(qemu, sizes)
             ev = qemu.next_event(0.25)
             if ev is None:
                 continue
@@ -271,6 +296,8 @@ class OfflineRunner:
                 pending.discard(job)
                 if data.get("error"):
                     errors.append(str(data["error"]))
+                elif job in sizes:
+                    observe.finish("copy", str(job)[len("backup-"):], sizes[job])
             elif ev.get("event") == "BLOCK_JOB_CANCELLED" and job in pending:
                 pending.discard(job)
                 errors.append("the job was cancelled")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import libvirt
 from lxml import etree
 
+from virtbackup import observe
 from virtbackup.errors import BackupFailed, Interrupted, OperationFailed, UsageError
 from virtbackup.qemu import nbdcopy
 from virtbackup.runners.base import Notify, abort_job, checkpoint_prefix, completed_stats, job_gone, job_writes_into
@@ -76,7 +77,8 @@ class PullTarget:
 class PullRunner:
     """The pull job as a job runner (runner.py): start fixes the point in time, wait copies
     every export, flushes and ends the job, abort is bounded and never raises, interrupt comes
-    from the signal handler. It never plans, creates targets or touches the chain."""
+    from a cancel (any thread, or the signal handler). It never plans, creates targets or
+    touches the chain."""
 
     transport: Transport = "pull"
 
@@ -131,7 +133,7 @@ class PullRunner:
         pdisks = [xmlbuild.PullDisk(t.name, scratch_path(self.scratch_dir, t.source, checkpoint, t.name),
                                     full=t.whole) for t in self._targets]
         if self.interrupted:
-            raise Interrupted(f"backup interrupted by {self.interrupted}; nothing was recorded")
+            raise Interrupted(f"backup {observe.interruption(self.interrupted)}; nothing was recorded")
         self._watch = host.JobWatch(self.conn, self.dom)
         if self.interrupted:
             self._watch.interrupt(self.interrupted)
@@ -168,7 +170,7 @@ class PullRunner:
             if not watch.wait(lambda: job_gone(self.dom), check_every=0.5, timeout=60):
                 raise BackupFailed("the backup job did not end within 60 s after all data was read")
             if watch.interrupted:
-                raise Interrupted(f"backup interrupted by {watch.interrupted}; nothing was recorded")
+                raise Interrupted(f"backup {observe.interruption(watch.interrupted)}; nothing was recorded")
             stats = completed_stats(self.dom, watch)
         finally:
             watch.close()
@@ -272,15 +274,21 @@ class PullRunner:
                 if not t.whole and not bitmap:
                     raise BackupFailed(f"libvirt exported disk {t.name} without its dirty bitmap")
                 ep = nbdcopy.Endpoint(export, socket=server.socket, host=server.host, port=server.port)
+
+                def progress(done: int, size: int) -> None:
+                    observe.emit("copy", t.name, done, size)
+
                 return nbdcopy.copy(ep, t.target, None if t.whole else f"qemu:dirty-bitmap:{bitmap}",
-                                    should_stop=stop, max_speed=self.max_speed)
+                                    should_stop=stop, max_speed=self.max_speed,
+                                    progress=progress if observe.listening() else None)
             except BaseException:
                 failed.set()
                 raise
 
         errors: List[BaseException] = []
         with ThreadPoolExecutor(max_workers=max(1, min(len(self._targets), COPY_THREADS))) as pool:
-            futures = {t.name: pool.submit(one, t) for t in self._targets}
+            # each copy reports into this operation's progress (its context, copied per task)
+            futures = {t.name: observe.submit(pool, one, t) for t in self._targets}
             for name, fut in futures.items():
                 try:
                     st = fut.result()
@@ -308,9 +316,9 @@ class PullRunner:
     def _stopped(self, detail: Optional[str] = None) -> OperationFailed:
         """The error for a copy that ended early, by the most telling cause."""
         watch = self._watch
-        if self.interrupted or (watch is not None and watch.interrupted):
-            return Interrupted(f"backup interrupted by {self.interrupted or watch.interrupted}; "  # type: ignore[union-attr]
-                               "nothing was recorded")
+        why = self.interrupted or (watch.interrupted if watch is not None else None)
+        if why:
+            return Interrupted(f"backup {observe.interruption(why)}; nothing was recorded")
         try:
             stopped = not self.dom.isActive()
         except libvirt.libvirtError:

@@ -8,12 +8,14 @@ waited for through libvirt events (host.JobWatch), never by sleeping.
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import libvirt
 
+from virtbackup import observe
 from virtbackup.errors import BackupFailed, HostError, Interrupted
 from virtbackup.qemu import qemu_img
 from virtbackup.runners.base import (
@@ -24,6 +26,7 @@ from virtbackup.runners.base import (
     job_gone,
     job_writes_into,
     operation_name,
+    received,
 )
 from virtbackup.runners.plan import BackupPlan, Transport
 from virtbackup.virt import host, monitor, xmlbuild
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from virtbackup.virt.quiesce import Quiescer
 
 log = logging.getLogger(__name__)
+POLL_SECONDS = 0.5      # progress: how often each disk's copy job is asked where it is
 
 
 class PushRunner:
@@ -90,8 +94,10 @@ class PushRunner:
         cxml = xmlbuild.checkpoint_xml(plan.checkpoint, plan.description,
                                        {dp.disk.target: True for dp in plan.disks})
         if self.interrupted:
-            raise Interrupted(f"backup interrupted by {self.interrupted}; nothing was recorded")
+            raise Interrupted(f"backup {observe.interruption(self.interrupted)}; nothing was recorded")
         self._watch = host.JobWatch(self.handle.conn, self.handle.dom)
+        if self.interrupted:            # arrived while the watch was made: the wait must see it
+            self._watch.interrupt(self.interrupted)
         try:
             # frozen right before the point in time, thawed as soon as backupBegin has fixed it
             with self.quiesce.frozen(self.handle.dom) if self.quiesce else nullcontext():
@@ -121,23 +127,54 @@ class PushRunner:
             self.warnings.append(f"could not limit the copy speed: {e}")
             log.warning("could not limit the copy speed: %s", e)
 
+    def _follow(self, plan: BackupPlan) -> threading.Event:
+        """Copy progress events while the job runs (only when someone listens): each disk's
+        QEMU backup job ("backup-<disk>-<node>", query-block-jobs: offset of len) as its share
+        of the disk's virtual size; libvirt's own job statistics only sum all disks. Set the
+        returned event to stop."""
+        stop = threading.Event()
+        sizes = {dp.disk.target: dp.virtual_size for dp in plan.disks}
+        for disk, size in sizes.items():
+            observe.emit("copy", disk, 0, size)
+        dom = self.handle.dom
+
+        def poll() -> None:
+            while not stop.wait(POLL_SECONDS):
+                try:
+                    jobs = monitor.qmp(dom, "query-block-jobs") or []
+                except HostError:
+                    continue        # e.g. the job just ended; the wait says how
+                for j in jobs:
+                    device, length = str(j.get("device", "")), int(j.get("len") or 0)
+                    disk = next((d for d in sizes if device.startswith(f"backup-{d}-")), None)
+                    if disk is not None and length > 0 and not stop.is_set():
+                        observe.emit("copy", disk, sizes[disk] * int(j.get("offset") or 0) / length, sizes[disk])
+
+        observe.thread(poll, "progress").start()
+        return stop
+
     def wait(self) -> None:
         assert self._watch is not None and self._plan is not None
         watch, dom = self._watch, self.handle.dom
+        following = self._follow(self._plan) if observe.listening() else None
         try:
             watch.wait(lambda: job_gone(dom))
             if watch.interrupted:
-                self.notify(f"{watch.interrupted} received: aborting the backup job")
+                self.notify(f"{received(watch.interrupted)}: aborting the backup job")
                 abort_job(self.handle.conn, dom, watch=watch)
-                raise Interrupted(f"backup interrupted by {watch.interrupted}; nothing was recorded")
+                raise Interrupted(f"backup {observe.interruption(watch.interrupted)}; nothing was recorded")
             stats = completed_stats(dom, watch)
         finally:
+            if following is not None:
+                following.set()
             watch.close()
             self._watch = None
         log.debug("job stats %s", stats)
         jtype = stats.get("type")
         if jtype == libvirt.VIR_DOMAIN_JOB_COMPLETED and stats.get("success", True):
             qemu_img.wait_released([str(dp.target.path) for dp in self._plan.disks])
+            for dp in self._plan.disks:
+                observe.finish("copy", dp.disk.target, dp.virtual_size)
             return
         try:
             stopped = not dom.isActive()

@@ -367,9 +367,12 @@ def signals_noted(note: Callable[[str], None]) -> Iterator[None]:
     """While inside, SIGINT/SIGTERM only call `note(name)` instead of stopping the process.
 
     Used where a signal must not cut a step in half (the metadata commit, a private QEMU that
-    has to quit cleanly) or must wake a waiter that then aborts and rolls back. A signal mask
-    would not do: libvirt's event thread leaves the signals unblocked and Python raises
-    KeyboardInterrupt in the main thread anyway. Outside the main thread this does nothing.
+    has to quit cleanly) or must wake a waiter that then aborts and rolls back: there `note` is
+    the operation's `observe.Cancel.cancel`, so a signal is one more source of the cancel that
+    another thread can also give (the waiter registered with the handle, not with the signal).
+    A signal mask would not do: libvirt's event thread leaves the signals unblocked and Python
+    raises KeyboardInterrupt in the main thread anyway. Outside the main thread this does
+    nothing (an embedding caller cancels through the handle).
     """
     import signal
 
