@@ -34,6 +34,7 @@ from virtbackup import observe
 from virtbackup.errors import BackupDirError, ChainCorrupt, UsageError, VirtBackupError
 from virtbackup.options import QUIESCE_MODES, REQUESTED_LEVELS
 from virtbackup.store.chain import BackupDir, Chain, FileLock, Point, now_iso, point_time
+from virtbackup.store.retention import Policy
 
 MAX_PARALLEL = 64
 
@@ -45,22 +46,6 @@ class JobFileError(UsageError):
 
 
 # --- the job file ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Retention:
-    keep: int = 0
-    keep_daily: int = 0
-    keep_weekly: int = 0
-    keep_monthly: int = 0
-
-    def prune_args(self) -> List[str]:
-        args = []
-        for opt, n in (("--keep", self.keep), ("--keep-daily", self.keep_daily),
-                       ("--keep-weekly", self.keep_weekly), ("--keep-monthly", self.keep_monthly)):
-            if n:
-                args += [opt, str(n)]
-        return args
-
-
 @dataclass
 class Job:
     path: Path
@@ -74,7 +59,7 @@ class Job:
     quiesce: str = "auto"
     parallel: int = 1
     metrics_file: Optional[Path] = None
-    retention: Optional[Retention] = None
+    retention: Optional[Policy] = None
 
 
 # key -> (python type(s), description for messages)
@@ -222,7 +207,7 @@ def load_job(path: Path) -> Job:
             raise fail(None, "metrics_file", f"names a file in {metrics.parent}, which is not an existing directory")
         if metrics.is_dir():
             raise fail(None, "metrics_file", f"names {metrics}, which is a directory")
-    retention: Optional[Retention] = None
+    retention: Optional[Policy] = None
     if "retention" in data:
         r = data["retention"]
         for key, value in r.items():
@@ -232,7 +217,7 @@ def load_job(path: Path) -> Job:
                 raise fail("retention", key, f"must be a whole number, not {_toml_type(value)}")
             if value < 0:
                 raise fail("retention", key, f"must not be negative, not {value}")
-        retention = Retention(**{k: r.get(k, 0) for k in _RETENTION})
+        retention = Policy(**{k: r.get(k, 0) for k in _RETENTION})
         if not any(r.get(k, 0) for k in _RETENTION):
             raise fail(None, "retention", "keeps nothing: set keep, keep_daily, keep_weekly and/or keep_monthly")
     return Job(path=path, name=path.stem, backup_root=root, domains=globs["domains"],
@@ -347,17 +332,16 @@ def choose_level(job: Job, chain: Optional[Chain], now: Optional[datetime] = Non
     return "auto", None
 
 
-def prune_preview(chain: Optional[Chain], retention: Optional[Retention],
+def prune_preview(chain: Optional[Chain], retention: Optional[Policy],
                   now: Optional[datetime] = None) -> List[str]:
     """Point ids the prune after the next backup would drop (pure; the new point counts)."""
-    from virtbackup.store.retention import Policy, decide
+    from virtbackup.store.retention import decide
     if retention is None or chain is None:
         return []
     when = (now or datetime.now(timezone.utc)).replace(microsecond=0).isoformat()
     upcoming = Point(id="next", level="inc", created=when, checkpoint="", base_checkpoint=None, parent=None,
                      chain="next", disks={}, domain_xml="", checkpoint_xml="")
-    policy = Policy(retention.keep, retention.keep_daily, retention.keep_weekly, retention.keep_monthly)
-    return [d.point for d in decide([*chain.points, upcoming], policy) if not d.keep]
+    return [d.point for d in decide([*chain.points, upcoming], retention) if not d.keep]
 
 
 def _owned_chain(s: Selected) -> Tuple[Optional[Chain], Optional[str]]:

@@ -408,11 +408,12 @@ def test_systemd_units_verify(tmp_path):
     assert "run --no-progress /etc/virtbackup/%i.toml" in (src / "virtbackup@.service").read_text()
     # the example job file is a valid job (with its root and metrics dir swapped for this test's)
     from virtbackup import jobs
+    from virtbackup.store.retention import Policy
     text = (src / "nightly.toml").read_text().replace("/srv/backup", str(tmp_path)).replace(
         "/var/lib/prometheus/node-exporter", str(tmp_path))
     (tmp_path / "nightly.toml").write_text(text)
     job = jobs.load_job(tmp_path / "nightly.toml")
-    assert job.parallel == 2 and job.retention == jobs.Retention(7, 14, 8, 12)
+    assert job.parallel == 2 and job.retention == Policy(7, 14, 8, 12)
 
 
 def test_transient_and_unsafely_named_domains_are_reported_not_guessed(conn, tmp_path):

@@ -46,7 +46,7 @@ def test_good_job_file_loads(tmp_path):
     assert job.domains == ["web-*", "db1"] and job.exclude == ["web-scratch*"]
     assert (job.level, job.full_every_days, job.max_chain, job.parallel) == ("auto", 7, 30, 2)
     assert job.metrics_file == tmp_path / "virtbackup.prom"
-    assert job.retention == jobs.Retention(7, 14, 8, 12)
+    assert job.retention == Policy(7, 14, 8, 12)
     assert job.retention.prune_args() == ["--keep", "7", "--keep-daily", "14", "--keep-weekly", "8",
                                           "--keep-monthly", "12"]
 
@@ -186,7 +186,7 @@ def test_prune_preview_counts_the_next_point(tmp_path):
     now = datetime(2026, 11, 30, 12, tzinfo=timezone.utc)
     chain = Chain("d", "u", points=[point(f"000{i}", now - timedelta(days=4 - i), "0001") for i in range(1, 4)],
                   next_seq=4)
-    assert jobs.prune_preview(chain, jobs.Retention(keep=2), now) == ["0001", "0002"]
+    assert jobs.prune_preview(chain, Policy(keep=2), now) == ["0001", "0002"]
     assert jobs.prune_preview(chain, None, now) == []
 
 
