@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
+from virtbackup import env
 from virtbackup.errors import OperationFailed
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ DIRTY = 1               # qemu:dirty-bitmap:*: the extent changed since the bitm
 REQUEST_SIZE = 4 << 20  # per read/write; QEMU's NBD server allows 32 MiB
 MAX_IN_FLIGHT = 16      # requests on the wire, reads and writes together (64 MiB of buffers)
 STATUS_WINDOW = 1 << 30  # block status asked for this much at a time
-QEMU_NBD = os.environ.get("VIRTBACKUP_QEMU_NBD", "qemu-nbd")
 
 # What the copy can be told to stop for: returns a reason (e.g. "SIGINT") or None.
 StopCheck = Callable[[], Optional[str]]
@@ -134,9 +134,9 @@ def open_target(image: Path) -> Any:
     --detect-zeroes=on: data that is all zeroes is stored as zero clusters, not written.
     """
     nbd = _nbd()
-    exe = shutil.which(QEMU_NBD)
+    exe = shutil.which(env.program("qemu-nbd"))
     if exe is None:
-        raise OperationFailed(f"{QEMU_NBD} not found; install qemu-utils")
+        raise OperationFailed(f"{env.program('qemu-nbd')} not found; install qemu-utils")
     argv = [exe, "--format=qcow2", "--cache=writeback", "--detect-zeroes=on", "--discard=ignore",
             str(image)]
     # qemu-nbd exits when its client disconnects, but one whose client was killed before it

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 import libvirt
 from lxml import etree
 
-from virtbackup import observe
+from virtbackup import env, observe
 from virtbackup.errors import BackupFailed, Interrupted, LevelNotPossible, OperationFailed
 from virtbackup.qemu import keys, qemu_img
 from virtbackup.qemu.qmp import PrivateQemu, QMPError
@@ -36,7 +36,6 @@ from virtbackup.virt.host import DomainHandle
 
 log = logging.getLogger(__name__)
 
-QEMU_SYSTEM = os.environ.get("VIRTBACKUP_QEMU_SYSTEM", "qemu-system-x86_64")
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ class OfflineRunner:
     def _emulator(self) -> str:
         root = etree.fromstring(self.handle.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
         emulator = (root.findtext("devices/emulator") or "").strip()
-        return emulator if emulator and os.access(emulator, os.X_OK) else QEMU_SYSTEM
+        return emulator if emulator and os.access(emulator, os.X_OK) else env.program("qemu-system")
 
     def _refuse_if_started(self) -> None:
         if self.handle.dom.isActive():

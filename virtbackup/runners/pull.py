@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import libvirt
 from lxml import etree
 
-from virtbackup import observe
+from virtbackup import env, observe
 from virtbackup.errors import BackupFailed, Interrupted, OperationFailed, UsageError
 from virtbackup.qemu import nbdcopy
 from virtbackup.runners.base import Notify, abort_job, checkpoint_prefix, completed_stats, job_gone, job_writes_into
@@ -42,10 +42,6 @@ log = logging.getLogger(__name__)
 PORT_RANGE = os.environ.get("VIRTBACKUP_NBD_PORTS", "10809-10872")
 PORT_ATTEMPTS = 8
 COPY_THREADS = 4        # disks copied side by side (each: one NBD connection, 16 requests in flight)
-
-
-def run_dir() -> Path:
-    return Path(os.environ.get("VIRTBACKUP_RUN_DIR", "/run/virtbackup"))
 
 
 def _ports() -> List[int]:
@@ -205,7 +201,7 @@ class PullRunner:
         """Servers to try in order: the unix socket, or TCP ports on the remote host."""
         uri = self.conn.getURI()
         if not host.is_remote(uri):
-            rd = run_dir()
+            rd = env.run_dir()
             rd.mkdir(mode=0o700, parents=True, exist_ok=True)
             return [xmlbuild.NbdServer(socket=str(rd / f"nbd-{checkpoint}.sock"))]
         name = host.uri_host(uri) or "localhost"

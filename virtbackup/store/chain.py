@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Literal, Optional, Tuple, cast
 
+from virtbackup import env
 from virtbackup.errors import (
     BackupDirError,
     ChainCorrupt,
@@ -682,8 +683,7 @@ class FileLock:
 
 
 def domain_lock(uuid: str) -> FileLock:
-    run_dir = Path(os.environ.get("VIRTBACKUP_RUN_DIR", "/run/virtbackup"))
-    return FileLock(run_dir / f"domain-{uuid}.lock", f"domain {uuid}")
+    return FileLock(env.run_dir() / f"domain-{uuid}.lock", f"domain {uuid}")
 
 
 def dir_lock(backup_dir: BackupDir) -> FileLock:
