@@ -32,7 +32,8 @@ from virtbackup.errors import DamageFound, Interrupted, UsageError, VirtBackupEr
 from virtbackup.qemu import qemu_img
 from virtbackup.store import integrity
 from virtbackup.store.chain import BackupDir, shared_lock
-from virtbackup.virt.quiesce import AGENT_CHANNEL, agent_command, has_agent_channel
+from virtbackup.virt.domxml import AGENT_CHANNEL, DomainXML
+from virtbackup.virt.quiesce import agent_command, has_agent_channel
 
 Notify = Callable[[str], None]
 NAME_PREFIX = "virtbackup-drill-"
@@ -75,27 +76,18 @@ def drill_domain_xml(saved_xml: str, name: str, overlays: Dict[str, Path], conso
     """
     from virtbackup.virt.restoredom import restored_domain_xml
     xml, _notes = restored_domain_xml(saved_xml, name, overlays, str(uuidlib.uuid4()))
-    root = etree.fromstring(xml.encode())
-    devices = root.find("devices")
-    assert devices is not None          # restored_domain_xml refuses XML without <devices>
+    dom = DomainXML.parse(xml)
     for tag in _HOST_DEVICES:
-        for el in devices.findall(tag):
-            devices.remove(el)
-    for ch in devices.findall("channel"):
+        dom.remove_devices(tag)
+
+    def not_the_agent(ch: etree._Element) -> bool:
         target = ch.find("target")
-        if ch.get("type") != "unix" or target is None or target.get("name") != AGENT_CHANNEL:
-            devices.remove(ch)
-    serial = etree.SubElement(devices, "serial", type="file")
-    etree.SubElement(serial, "source", path=str(console_log))
-    etree.SubElement(serial, "target", port="0")
-    desc = root.find("description")
-    if desc is None:
-        desc = etree.Element("description")
-        uuid_el = root.find("uuid")         # restored_domain_xml always sets one
-        assert uuid_el is not None
-        uuid_el.addnext(desc)
-    desc.text = "virtbackup restore drill (throwaway; destroyed when the drill ends)"
-    return etree.tostring(root, encoding="unicode")
+        return ch.get("type") != "unix" or target is None or target.get("name") != AGENT_CHANNEL
+
+    dom.remove_devices("channel", not_the_agent)
+    dom.add_file_serial(console_log)
+    dom.set_text("description", "virtbackup restore drill (throwaway; destroyed when the drill ends)", after="uuid")
+    return dom.to_string()
 
 
 def _console_tail(path: Path, lines: int = 5) -> str:

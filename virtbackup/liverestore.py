@@ -40,6 +40,7 @@ from virtbackup.errors import DomainNotFound, Interrupted, OperationFailed, Rest
 from virtbackup.qemu import qemu_img
 from virtbackup.store.chain import BackupDir
 from virtbackup.virt import host
+from virtbackup.virt.domxml import DomainXML
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +118,10 @@ def _set_record(dom: libvirt.virDomain, xml: Optional[str]) -> None:
 # --- block pull ----------------------------------------------------------------------------------
 def _backing_of(dom: libvirt.virDomain, disk: str) -> Optional[str]:
     """The backing file libvirt sees under the disk's active layer (live XML), None if none."""
-    root = etree.fromstring(dom.XMLDesc(0).encode())
-    for d in root.findall("./devices/disk"):
-        t = d.find("target")
-        if t is not None and t.get("dev") == disk:
-            src = d.find("./backingStore/source")
-            return None if src is None else (src.get("file") or src.get("dev") or "?")
-    raise OperationFailed(f"domain '{dom.name()}' has no disk {disk}")
+    d = DomainXML.parse(dom.XMLDesc(0)).disk(disk)
+    if d is None:
+        raise OperationFailed(f"domain '{dom.name()}' has no disk {disk}")
+    return d.backing_source
 
 
 def _header_backing(path: Path) -> Optional[str]:

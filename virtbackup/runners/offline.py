@@ -32,6 +32,7 @@ from virtbackup.qemu.qmp import PrivateQemu, QMPError
 from virtbackup.runners.base import Notify, received
 from virtbackup.runners.plan import BackupPlan, Transport
 from virtbackup.virt import bitmaps, checkpoints, host, xmlbuild
+from virtbackup.virt.domxml import DomainXML
 from virtbackup.virt.host import DomainHandle
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,7 @@ class OfflineRunner:
         return {d.target: d for d in host.domain_disks(xml)}
 
     def _emulator(self) -> str:
-        root = etree.fromstring(self.handle.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
-        emulator = (root.findtext("devices/emulator") or "").strip()
+        emulator = DomainXML.parse(self.handle.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).emulator
         return emulator if emulator and os.access(emulator, os.X_OK) else env.program("qemu-system")
 
     def _refuse_if_started(self) -> None:
