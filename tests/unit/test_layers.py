@@ -19,8 +19,9 @@ LAYERS: List[List[str]] = [
     ["errors", "observe", "options", "env"],   # progress events, cancellation; the user's choices; the environment
     ["qemu", "qemu.keys"],                              # the key for QEMU programs (pipe, file, LUKS options)
     ["qemu.qemu_img", "qemu.qmp", "qemu.nbdcopy"],      # one module per QEMU program
-    ["store", "store.crypto", "store.digest", "store.runlog", "store.metrics"],   # no libvirt below virt/
+    ["store", "store.crypto", "store.digest", "store.runlog"],   # no libvirt below virt/
     ["store.chain"],                                    # the model and its metadata file
+    ["store.metrics"],                                  # a run's metrics (written like the metadata)
     ["store.integrity"],                                # images checked against the record
     ["store.retention", "store.verify"],                # retention; verify a whole dir
     ["virt", "virt.domxml", "virt.xmlbuild"],          # domain XML as one typed object; the XML libvirt is given

@@ -108,6 +108,28 @@ def write_private(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def replace_file(path: Path, data: bytes, mode: int, what: str) -> None:
+    """Replace `path` atomically and durably: a temp file beside it with a name of this process
+    (created exclusively, never through a link, `mode` whatever the umask), fsync, rename over
+    `path`. On failure the temp file is removed and OperationFailed names `what`; `path` is untouched."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        fd = open_new(tmp, mode)
+        try:
+            os.fchmod(fd, mode)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise OperationFailed(f"cannot write {what} {path}: {e.strerror}") from None
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory (after a rename, to make the new entry durable)."""
     fd = os.open(path, os.O_RDONLY)
@@ -476,17 +498,8 @@ class BackupDir:
         roll back (it would delete a recorded point's images).
         """
         chain.validate()
-        tmp = self.path / f".{METADATA}.tmp"
         data = json.dumps(chain.to_json(), indent=2, sort_keys=True) + "\n"
-        try:
-            write_private(tmp, data)
-            os.rename(tmp, self.metadata)
-        except OSError as e:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise OperationFailed(f"cannot write chain metadata {self.metadata}: {e.strerror}") from None
+        replace_file(self.metadata, data.encode(), 0o600, "chain metadata")
         try:
             dfd = os.open(self.path, os.O_RDONLY)
             try:

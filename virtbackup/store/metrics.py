@@ -7,11 +7,10 @@ It is mode 0644: it holds no guest data and node_exporter usually runs as anothe
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
-from virtbackup.errors import OperationFailed
+from virtbackup.store.chain import replace_file
 
 
 class DomainRun(Protocol):
@@ -101,20 +100,5 @@ def render(result: RunResult) -> str:
 
 def write(path: Path, result: RunResult) -> None:
     """Replace `path` atomically with the run's metrics."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.fchmod(fd, 0o644)          # whatever the umask: the collector must read it
-            os.write(fd, render(result).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise OperationFailed(f"cannot write metrics file {path}: {e.strerror}") from None
+    # 0644 whatever the umask: it holds no guest data and the collector usually runs as another user
+    replace_file(Path(path), render(result).encode(), 0o644, "metrics file")
