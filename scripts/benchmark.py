@@ -427,7 +427,7 @@ def human(result: Dict[str, Any]) -> str:
 
 
 def markdown(result: Dict[str, Any]) -> str:
-    """The README's tables ("Performance"), regenerated from a run."""
+    """docs/performance.md's tables, regenerated from a run."""
     def fmt(name: str, v: float) -> str:
         return f"{v:.2f} s" if name.endswith("_s") else f"{v:.2f}"
     lines = [f"Run {result['date']} on {result['machine']}; load average {result['load_before']} before, "
@@ -457,7 +457,7 @@ def main() -> int:
     ap.add_argument("--restore-check", action="store_true",
                     help="only the restore figures with and without the image check (full, 50-link chain)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON (else a table)")
-    ap.add_argument("--markdown", action="store_true", help="print the README's tables (Performance)")
+    ap.add_argument("--markdown", action="store_true", help="print docs/performance.md's tables")
     ap.add_argument("--from-json", metavar="FILE", help="measure nothing: print a saved --json run again")
     args = ap.parse_args()
     if args.from_json:

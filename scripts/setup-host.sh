@@ -12,7 +12,7 @@ VENV="${VIRTBACKUP_VENV:-$ROOT/.venv}"
 PACKAGES=(libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients qemu-system-x86 qemu-utils
           libvirt-dev pkg-config python3-venv systemd)
 # Installed without recommends (libguestfs-tools would pull in hundreds of MB otherwise):
-# - the real test guest: a Debian kernel, busybox and the QEMU guest agent (README "Test guest");
+# - the real test guest: a Debian kernel, busybox and the QEMU guest agent (docs/testing.md, "The test guest");
 # - bindings that exist only as Debian packages: python3-guestfs (files), python3-libnbd (pull mode);
 #   b3sum checks the recorded BLAKE3 image hashes by hand (and in the tests);
 #   the virtualenv is made from Debian's /usr/bin/python3 with --system-site-packages to see them;

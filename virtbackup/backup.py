@@ -1,10 +1,11 @@
 """The backup engine: plan, prepare targets, run the copy through a runner, commit or roll back.
 
-One engine for every way the copy runs (runner.py): planning (plan.py), target preparation,
+One engine for every way the copy runs (runners/base.py): planning (runners/plan.py), target preparation,
 the commit protocol (images complete -> checkpoint XML and domain XML saved -> hashed, fsynced ->
 partial directory renamed -> metadata written atomically), rollback and retiring old
 checkpoints happen here, once. Which runner: a running domain gets the libvirt push job
-(pushjob.py) or, in pull mode, the pull job (pull.py); a shut-off one a private QEMU (offline.py).
+(runners/push.py) or, in pull mode, the pull job (runners/pull.py); a shut-off one a private QEMU
+(runners/offline.py).
 """
 
 from __future__ import annotations
@@ -413,7 +414,7 @@ def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: O
     encrypted chain). `max_speed`: bytes/s per disk (push and offline: QEMU's job speed; pull:
     what our NBD client reads). Pull mode never gets an encrypted chain (`_refuse_encrypted_pull`)."""
     if handle.dom.isActive():
-        if mode == "pull":   # libvirt exports the disks over NBD, we copy (pull.py)
+        if mode == "pull":   # libvirt exports the disks over NBD, we copy (runners/pull.py)
             from virtbackup.runners.pull import PullRunner
             return PullRunner(handle, bdir.path / POINTS_DIR, notify, scratch_dir, quiesce, max_speed)
         return PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce, max_speed)

@@ -245,7 +245,7 @@ class PointFiles:
     """One point's filesystems through one libguestfs appliance (a context manager).
 
     Entering loads the chain, takes the directory lock, checks the point's images (sizes,
-    `qemu-img check`, backing links, SHA-256) and starts the appliance; leaving shuts it down
+    `qemu-img check`, backing links, content hashes) and starts the appliance; leaving shuts it down
     (its overlays go with it) and releases the lock.
     """
 
@@ -325,7 +325,7 @@ class PointFiles:
         except RuntimeError as e:
             raise HostError(f"the libguestfs appliance did not start: {' '.join(str(e).split())} (without "
                             "working KVM, set LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg; "
-                            "see README)") from None
+                            "see docs/guide.md)") from None
         finally:
             self.status(None)
         self._scan()
@@ -348,7 +348,7 @@ class PointFiles:
         return self.bdir.resolve(point.disks[disk].image)
 
     def _check_hashes(self, point: Point) -> None:
-        """verify's checks of the point's chain (qemu-img check, backing links, SHA-256), before the
+        """verify's checks of the point's chain (qemu-img check, backing links, content hashes), before the
         appliance starts: a damaged image is reported at once instead of after a 15-60 s start, and
         the host's QEMU never parses an image that differs from the one the backup wrote."""
         from virtbackup.store.verify import verify

@@ -87,7 +87,7 @@ def _nbd() -> Any:
         import nbd
     except ImportError:
         raise OperationFailed("pull mode needs libnbd's Python binding: apt-get install python3-libnbd "
-                              "(and a Python that sees Debian's packages; see README)") from None
+                              "(and a Python that sees Debian's packages; see the README's host setup)") from None
     return nbd
 
 

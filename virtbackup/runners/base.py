@@ -1,7 +1,7 @@
 """The job-runner interface: how one planned backup's copy runs.
 
 The engine (backup.py) plans, pre-creates the targets, commits or rolls back and retires old
-checkpoints; a runner only runs the copy for a `BackupPlan`. Runners today: `pushjob.PushRunner`
+checkpoints; a runner only runs the copy for a `BackupPlan`. Runners today: `push.PushRunner`
 (libvirt push job, running domains), `pull.PullRunner` (libvirt pull job: its NBD export read
 with libnbd, `--mode pull`) and `offline.OfflineRunner` (a private QEMU, shut-off domains).
 

@@ -2,7 +2,7 @@
 
 The backup directory then only has to be reachable by this process, not by the hypervisor's
 QEMU: another host (remote libvirt URIs), or storage the hypervisor does not mount. PullRunner
-is a job runner (runner.py) beside the push and offline ones: planning, target images, metadata,
+is a job runner (runners/base.py) beside the push and offline ones: planning, target images, metadata,
 checkpoints and rollback are the engine's (backup.Engine). The job: `<domainbackup mode='pull'>`
 with libvirt's NBD server (a unix socket for a local libvirtd, TCP on the host's name for a
 remote one) and copy-before-write scratch files on the hypervisor, then nbdcopy.copy() per disk
@@ -71,7 +71,7 @@ class PullTarget:
 
 
 class PullRunner:
-    """The pull job as a job runner (runner.py): start fixes the point in time, wait copies
+    """The pull job as a job runner (runners/base.py): start fixes the point in time, wait copies
     every export, flushes and ends the job, abort is bounded and never raises, interrupt comes
     from a cancel (any thread, or the signal handler). It never plans, creates targets or
     touches the chain."""

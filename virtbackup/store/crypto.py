@@ -37,7 +37,7 @@ from virtbackup.qemu.keys import CIPHER, DEFAULT_ITER_TIME_MS, FORMAT, HASH_ALG,
 # long on this host). An attacker with a backup image pays it per passphrase guess; we pay it
 # every time an image is opened (each link of a chain, at every backup, restore and verify).
 # QEMU's and cryptsetup's default is 2000 ms; 1000 ms halves the cost of reading long chains
-# for one bit of brute-force resistance. A random key file (see README) makes it irrelevant.
+# for one bit of brute-force resistance. A random key file (docs/guide.md) makes it irrelevant.
 ITER_TIME_ENV = "VIRTBACKUP_ENCRYPT_ITER_TIME"
 MAX_ITER_TIME_MS = 60_000
 
