@@ -60,7 +60,12 @@ class Job:
     parallel: int = 1
     metrics_file: Optional[Path] = None
     retention: Optional[Policy] = None
+    allow_empty: bool = False                 # a selection of no domain is a failed run unless this is set
 
+
+# Bounds of the whole-number keys (beyond them a value is a typo, and timedelta overflows)
+MAX_FULL_EVERY_DAYS = 36_500
+MAX_CHAIN = 100_000
 
 # key -> (python type(s), description for messages)
 _TOP: Dict[str, Tuple[type, str]] = {
@@ -68,12 +73,13 @@ _TOP: Dict[str, Tuple[type, str]] = {
     "domains": (list, "a list of names or globs"),
     "exclude": (list, "a list of names or globs"),
     "level": (str, "one of " + ", ".join(REQUESTED_LEVELS)),
-    "full_every_days": (int, "a whole number of days (0: no limit)"),
-    "max_chain": (int, "a whole number of points (0: no limit)"),
+    "full_every_days": (int, f"a whole number of days from 0 (no limit) to {MAX_FULL_EVERY_DAYS}"),
+    "max_chain": (int, f"a whole number of points from 0 (no limit) to {MAX_CHAIN}"),
     "quiesce": (str, "one of " + ", ".join(QUIESCE_MODES)),
     "parallel": (int, f"a whole number from 1 to {MAX_PARALLEL}"),
     "metrics_file": (str, "a string (an absolute path)"),
     "retention": (dict, "a table ([retention])"),
+    "allow_empty": (bool, "true or false"),
 }
 _RETENTION = ("keep", "keep_daily", "keep_weekly", "keep_monthly")
 
@@ -192,9 +198,9 @@ def load_job(path: Path) -> Job:
     quiesce = data.get("quiesce", "auto")
     if quiesce not in QUIESCE_MODES:
         raise fail(None, "quiesce", f"must be one of {', '.join(QUIESCE_MODES)}, not {quiesce!r}")
-    for key in ("full_every_days", "max_chain"):
-        if data.get(key, 0) < 0:
-            raise fail(None, key, f"must not be negative, not {data[key]}")
+    for key, most in (("full_every_days", MAX_FULL_EVERY_DAYS), ("max_chain", MAX_CHAIN)):
+        if not 0 <= data.get(key, 0) <= most:
+            raise fail(None, key, f"must be from 0 (no limit) to {most}, not {data[key]}")
     parallel = data.get("parallel", 1)
     if not 1 <= parallel <= MAX_PARALLEL:
         raise fail(None, "parallel", f"must be from 1 to {MAX_PARALLEL}, not {parallel}")
@@ -223,7 +229,8 @@ def load_job(path: Path) -> Job:
     return Job(path=path, name=path.stem, backup_root=root, domains=globs["domains"],
                exclude=globs.get("exclude", []), level=level,
                full_every_days=data.get("full_every_days", 0), max_chain=data.get("max_chain", 0),
-               quiesce=quiesce, parallel=parallel, metrics_file=metrics, retention=retention)
+               quiesce=quiesce, parallel=parallel, metrics_file=metrics, retention=retention,
+               allow_empty=data.get("allow_empty", False))
 
 
 def _toml_type(value: Any) -> str:
@@ -261,16 +268,23 @@ def select(job: Job, candidates: Sequence[Candidate], only: Sequence[str] = ()) 
     the file that matches no domain fails too (a deleted domain must not go unnoticed).
     """
     by_name = {c.name: c for c in candidates}
+
+    def matches(pat: str) -> List[str]:
+        # an exact name wins over a glob: "hx-g[1]" is the domain of that name when there is one,
+        # not the glob that would pick "hx-g1"
+        return [pat] if pat in by_name else [n for n in by_name if fnmatch.fnmatchcase(n, pat)]
+
     picked: Dict[str, bool] = {}               # name -> named explicitly
     missing: List[str] = []
     for pat in job.domains:
-        hits = [n for n in by_name if fnmatch.fnmatchcase(n, pat)]
+        hits = matches(pat)
         if not is_glob(pat) and not hits:
             missing.append(pat)
         for n in hits:
-            picked[n] = picked.get(n, False) or not is_glob(pat)
+            picked[n] = picked.get(n, False) or not is_glob(pat) or pat == n
+    excluded = {n for pat in job.exclude for n in matches(pat)}
     for n in list(picked):
-        if any(fnmatch.fnmatchcase(n, pat) for pat in job.exclude):
+        if n in excluded:
             del picked[n]
     for name in only:
         if name not in picked and name not in missing:
@@ -695,6 +709,10 @@ def run(job: Job, uri: Optional[str] = None, only: Sequence[str] = (),
     with job_lock(job):
         selected = select(job, list_candidates(uri), only)
         result = JobRun(job, selected, uri, watch).run()
+    if not selected and not job.allow_empty:
+        # a typo in `domains`, or an `exclude` that covers everything: not a successful night
+        result.error = (f"job file {job.path} selects no domain (its domains and exclude match none); "
+                        "set allow_empty = true if that is expected")
     if job.metrics_file is not None:
         from virtbackup.store import metrics
         try:

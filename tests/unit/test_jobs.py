@@ -63,7 +63,7 @@ def test_defaults(tmp_path):
     ('parallel = true', "parallel", "not a boolean"),
     ('level = "incremental"', "level", "must be one of auto, full, inc, diff"),
     ('quiesce = "sometimes"', "quiesce", "must be one of auto, require, off"),
-    ('max_chain = -1', "max_chain", "must not be negative"),
+    ('max_chain = -1', "max_chain", "must be from 0 (no limit) to 100000, not -1"),
     ('exclude = ["web-["]', "exclude", "unclosed '['"),
     ('exclude = ["a/b"]', "exclude", "contains '/'"),
     ('exclude = [1]', "exclude", "not a list holding an integer"),
@@ -279,3 +279,47 @@ def test_runner_forwards_ctrl_c_to_running_children_and_skips_queued(tmp_path, m
     assert by["d3"].status == "skipped" and by["d3"].error == "not started: the run was stopped by SIGINT"
     assert ("d3", "queued") in seen and ("d3", "skipped") in seen and ("d3", "backup") not in seen
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # handlers given back
+
+
+# --- hostile pass (issue 22): D1, D3, D14; each of these failed on 0.2 ------------------------------
+def test_huge_whole_numbers_are_refused_at_load_with_line_and_key(tmp_path):
+    """D1: full_every_days = 1000000000 loaded, then every later run died of OverflowError."""
+    for key, most in (("full_every_days", jobs.MAX_FULL_EVERY_DAYS), ("max_chain", jobs.MAX_CHAIN)):
+        path = write_job(tmp_path, f'backup_root = "ROOT"\ndomains = ["*"]\n{key} = 1000000000\n')
+        with pytest.raises(jobs.JobFileError, match=rf":3: key '{key}' must be from 0 \(no limit\) to {most}"):
+            jobs.load_job(path)
+        ok = jobs.load_job(write_job(tmp_path, f'backup_root = "ROOT"\ndomains = ["*"]\n{key} = {most}\n'))
+        assert getattr(ok, key) == most
+    job = jobs.load_job(write_job(tmp_path, f'backup_root = "ROOT"\ndomains = ["*"]\n'
+                                            f'full_every_days = {jobs.MAX_FULL_EVERY_DAYS}\n'))
+    chain = Chain("d", "u", "id", [point("0001", datetime(2020, 1, 1, tzinfo=timezone.utc), "0001", "full")])
+    assert jobs.choose_level(job, chain)[0] == "auto"          # no OverflowError at the largest value
+
+
+def test_an_exact_name_wins_over_a_glob():
+    """D3: domains = ["hx-g[1]"] backed up hx-g1 and never the domain named hx-g[1]."""
+    job = jobs.Job(Path("/j.toml"), "j", Path("/b"), ["hx-g[1]"])
+    sel = jobs.select(job, [C("hx-g[1]"), C("hx-g1")])
+    assert [(s.name, s.problem) for s in sel] == [("hx-g[1]", None)]
+    # the glob still works where no domain has that name
+    assert [s.name for s in jobs.select(job, [C("hx-g1")])] == ["hx-g1"]
+    # and an exclude entry that is a domain's name excludes that domain, not what it matches as a glob
+    job2 = jobs.Job(Path("/j.toml"), "j", Path("/b"), ["hx-*"], exclude=["hx-g[1]"])
+    assert [s.name for s in jobs.select(job2, [C("hx-g[1]"), C("hx-g1")])] == ["hx-g1"]
+
+
+def test_an_empty_selection_fails_the_run_unless_allowed(tmp_path, monkeypatch):
+    """D14: a job selecting nothing (typo, exclude covering all) exited 0 with job_success 1."""
+    monkeypatch.setenv("VIRTBACKUP_RUN_DIR", str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(jobs, "list_candidates", lambda uri: [C("web1")])
+    prom = tmp_path / "m.prom"
+    body = f'backup_root = "ROOT"\ndomains = ["web-*"]\nmetrics_file = "{prom}"\n'
+    r = jobs.run(jobs.load_job(write_job(tmp_path, body)))
+    assert not r.ok and r.domains == [] and "selects no domain" in (r.error or "")
+    assert "virtbackup_job_success{job=\"nightly\"} 0" in prom.read_text()
+    r = jobs.run(jobs.load_job(write_job(tmp_path, body + "allow_empty = true\n")))
+    assert r.ok and r.error is None
+    assert "virtbackup_job_success{job=\"nightly\"} 1" in prom.read_text()
+    with pytest.raises(jobs.JobFileError, match="allow_empty' must be true or false"):
+        jobs.load_job(write_job(tmp_path, body + 'allow_empty = "yes"\n'))
