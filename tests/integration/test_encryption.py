@@ -359,3 +359,28 @@ def test_encrypted_chain_refuses_pull_mode_and_live_restore(make_domain, tmp_pat
     finally:
         scratch.remove_domain(conn, name)
     assert snapshot_dir(bdir) == before
+
+
+def test_no_key_byte_in_any_output_or_log_under_debug(make_domain, tmp_path):
+    """Hostile pass D6: `virtbackup -v backup ... --key-file K` printed the passphrase in the
+    virSecret.setValue debug line. Every encrypted command, run with -v: neither its stdout, its
+    stderr nor the run logs hold the key or a line of it."""
+    canary = b"canary-7f3e91 passphrase, not for any output\n"
+    key = keyfile(tmp_path / "key", canary)
+    d = make_domain({"vda": 8 * MiB})
+    bdir = tmp_path / "bk"
+    runs = [cli("-v", "backup", d.name, bdir, "--encrypt", "--key-file", key, "--level", "full"),
+            cli("-v", "backup", d.name, bdir, "--key-file", key, "--level", "inc"),
+            cli("-v", "list", bdir, "--json"),
+            cli("-v", "verify", bdir, "--deep", "--key-file", key),
+            cli("-v", "restore", bdir, tmp_path / "out", "--key-file", key),
+            cli("-v", "prune", bdir, "--keep", "1", "--key-file", key)]
+    d.dom.destroy()                                   # shut off: the offline runner's key file path
+    runs.append(cli("-v", "backup", d.name, bdir, "--key-file", key, "--level", "inc"))
+    for r in runs:
+        assert r.rc == 0, r
+        assert "debug:" in r.err, r                   # -v really was on
+    secret = canary.decode().strip()
+    outputs = [r.out + r.err for r in runs] + [p.read_text(errors="replace") for p in (bdir / "logs").iterdir()]
+    assert not [o for o in outputs if secret in o or "canary-7f3e91" in o]
+    assert "not shown>" in "".join(r.err for r in runs)   # the setValue line was logged, without the value

@@ -142,3 +142,24 @@ def test_no_uri_means_the_default_which_is_local(monkeypatch):
     assert host.is_remote(None) is False
     monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "qemu+ssh://hv1/system")
     assert host.is_remote(None) is True
+
+
+def test_debug_log_never_shows_bytes_arguments(caplog):
+    """Hostile pass D6: `-v backup --key-file K` printed the passphrase in the virSecret.setValue line."""
+    import logging
+
+    from virtbackup.virt import host
+
+    seen = []
+
+    def setValue(value: bytes, flags: int) -> int:  # noqa: N802 - libvirt's name
+        seen.append(value)
+        return 0
+
+    with caplog.at_level(logging.DEBUG, logger="virtbackup"):
+        host.call(setValue, b"correct horse battery staple\n", 0)
+        host.call(setValue, "<secret><uuid>u</uuid></secret>", 0)
+    text = caplog.text
+    assert seen[0] == b"correct horse battery staple\n"
+    assert "horse" not in text and "<29 bytes, not shown>" in text
+    assert "\n<secret><uuid>u</uuid></secret>" in text          # XML is still shown, on its own lines

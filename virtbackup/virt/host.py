@@ -248,14 +248,22 @@ def _call(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
 
+def _shown(arg: Any) -> str:
+    """An argument as the debug log shows it: XML on its own lines; bytes never (a secret's value,
+    e.g. the backup key given to virSecret.setValue, is bytes), only their length."""
+    if isinstance(arg, (bytes, bytearray, memoryview)):
+        return f"<{len(arg)} bytes, not shown>"
+    if isinstance(arg, str) and "<" in arg:
+        return f"\n{arg}"
+    return repr(arg)
+
+
 def call(fn: Callable[..., T], *args: Any) -> T:
     """Call a libvirt method, retrying transient errors (bounded); logged at debug with its
     arguments (XML included) and how long it took."""
     name = getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
     if log.isEnabledFor(logging.DEBUG):
-        shown = [a if isinstance(a, (int, str)) else repr(a) for a in args]
-        log.debug("libvirt %s(%s)", name, ", ".join(f"\n{a}" if isinstance(a, str) and "<" in a else repr(a)
-                                                    for a in shown))
+        log.debug("libvirt %s(%s)", name, ", ".join(_shown(a) for a in args))
     started = time.monotonic()
     try:
         return _call(fn, *args)
