@@ -165,3 +165,31 @@ def test_shared_lock_never_creates_the_directory(tmp_path):
         with shared_lock(BackupDir(missing)):
             pass
     assert not missing.exists()
+
+
+def test_a_non_empty_dir_without_metadata_is_refused_untouched(tmp_path):
+    """Hostile pass D11: points/0001..0012 without virtbackup.json lost one point dir per backup run
+    ('left unrecorded by an interrupted run'). Now: exit 2 before anything, nothing touched."""
+    import subprocess
+    import sys
+
+    from virtbackup.errors import BackupDirError
+
+    bdir = tmp_path / "bk"
+    for i in range(1, 13):
+        (bdir / "points" / f"{i:04d}").mkdir(parents=True)
+        (bdir / "points" / f"{i:04d}" / "vda.qcow2").write_bytes(b"guest data")
+    before = sorted(str(p.relative_to(bdir)) for p in bdir.rglob("*"))
+    with pytest.raises(BackupDirError, match=r"is not empty \(points\) and holds no virtbackup metadata"):
+        BackupDir(bdir).check_usable()
+    r = subprocess.run([sys.executable, "-m", "virtbackup.cli", "backup", "no-such-domain", str(bdir)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "holds no virtbackup metadata" in r.stderr, r
+    assert sorted(str(p.relative_to(bdir)) for p in bdir.rglob("*")) == before
+    # what our own killed first run leaves, and a fresh filesystem's lost+found, still count as new
+    fresh = tmp_path / "fresh"
+    (fresh / "logs").mkdir(parents=True)
+    (fresh / "lost+found").mkdir()
+    (fresh / ".virtbackup.lock").touch()
+    assert BackupDir(fresh).check_usable() is False
+    assert BackupDir(tmp_path / "new").check_usable() is True

@@ -424,6 +424,12 @@ def check_relative(rel: str) -> None:
         raise ValueError(f"path {rel!r} points outside the backup directory")
 
 
+# What a directory may hold before its first point and still be taken as new: what a first run
+# killed before it recorded the empty chain leaves (its lock file, its run log), and a fresh
+# filesystem's lost+found.
+FRESH_DIR_ENTRIES = frozenset({LOCKFILE, "logs", "lost+found"})
+
+
 class BackupDir:
     """A BACKUP_DIR: one domain's restore points, their metadata and its lock."""
 
@@ -454,6 +460,14 @@ class BackupDir:
             raise BackupDirError(f"{p} is not a directory")
         if not os.access(p, os.W_OK | os.X_OK):
             raise BackupDirError(f"backup directory {p} is not writable")
+        if not self.metadata.exists() and not self.metadata.is_symlink():
+            # Without our metadata nothing here is provably ours: a dir whose virtbackup.json was
+            # lost must not lose a point per run as "left unrecorded by an interrupted run".
+            foreign = sorted(set(os.listdir(p)) - FRESH_DIR_ENTRIES)
+            if foreign:
+                raise BackupDirError(f"{p} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+                                     f" and holds no virtbackup metadata ({METADATA}); nothing was changed: give an "
+                                     "empty or new directory")
         return False
 
     def create(self) -> None:
