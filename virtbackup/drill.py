@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import tempfile
 import threading
 import time
 import uuid as uuidlib
@@ -27,7 +26,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 from lxml import etree
 
-from virtbackup import observe
+from virtbackup import env, observe
 from virtbackup.errors import DamageFound, Interrupted, UsageError, VirtBackupError
 from virtbackup.qemu import qemu_img
 from virtbackup.store import integrity
@@ -65,6 +64,9 @@ class DrillResult:
     def to_json(self) -> Dict[str, Any]:
         """Every field (the `verify --boot --json` output)."""
         return asdict(self)
+
+
+TMP_PREFIX = "virtbackup-drill-"
 
 
 def drill_domain_xml(saved_xml: str, name: str, overlays: Dict[str, Path], console_log: Path) -> str:
@@ -162,7 +164,8 @@ def _drill(backup_dir: Path, point_id: Optional[str], timeout: float, check: Opt
                          + "; add the channel (and qemu-guest-agent in the guest) to drill later points")
     name = f"{NAME_PREFIX}{secrets.token_hex(4)}"
     result = DrillResult(point.id, name, False, check=check)
-    tmp = Path(tempfile.mkdtemp(prefix="virtbackup-drill-"))
+    env.remove_dead_tempdirs(TMP_PREFIX)         # what a killed drill left (overlays, console log)
+    tmp = env.owned_tempdir(TMP_PREFIX)
     conn = None
     dom = None
     try:

@@ -459,7 +459,7 @@ def test_agent_not_answering_require_fails_clean_auto_is_crash_drill_fails_at_ag
     drill = validate_output("verify-boot", r.out, r.rc)
     assert (drill["ok"], drill["stage"], drill["error"]["kind"]) == (False, "agent", "drill-failed")
     assert no_drill_domains(conn)
-    assert set(glob.glob("/tmp/virtbackup-drill-*")) == drills_before
+    assert set(glob.glob("/tmp/virtbackup-drill-*")) <= drills_before     # nothing new left (dead ones go)
     assert snapshot_dir(bdir) == before
 
 
@@ -502,7 +502,7 @@ def test_drill_boots_point_passes_check_fails_bad_check_and_leaves_nothing(g, do
     finally:
         dom.resume()
     assert no_drill_domains(conn)
-    assert set(glob.glob("/tmp/virtbackup-drill-*")) == drills_before
+    assert set(glob.glob("/tmp/virtbackup-drill-*")) <= drills_before     # nothing new left (dead ones go)
     assert snapshot_dir(bdir) == before and file_state(bdir) == before_state
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Literal, Sequence, Tuple
+
+from virtbackup import env
 
 FORMAT: Literal["luks"] = "luks"
 # QEMU's LUKS defaults (qemu-img info shows them): cipher-alg aes-256, cipher-mode xts,
@@ -124,12 +125,18 @@ def create_options(iter_time: int, secret_id: str = SECRET_ID) -> List[str]:
 
 
 # --- the key for a private QEMU: a file, for as long as QMP object-add takes --------------------
+KEY_DIR_PREFIX = "virtbackup-key-"
+
+
 @contextmanager
 def key_file(key: Key) -> Iterator[Path]:
     """The key in a 0600 file inside a fresh 0700 directory (tmpfs when there is one); both are
-    removed on exit. For QEMU processes that can't be handed a pipe (QMP over stdio)."""
+    removed on exit, and by the next run when this one is killed before that. For QEMU processes
+    that can't be handed a pipe (QMP over stdio)."""
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
-    d = tempfile.mkdtemp(prefix="virtbackup-key-", dir=base)
+    # a run killed while QEMU read its key left the key behind: remove those first
+    env.remove_dead_tempdirs(KEY_DIR_PREFIX, base)
+    d = env.owned_tempdir(KEY_DIR_PREFIX, base)
     try:
         os.chmod(d, 0o700)
         path = Path(d) / "key"

@@ -16,12 +16,12 @@ import signal
 import threading
 import uuid as uuidlib
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import libvirt
 from lxml import etree
 
+from virtbackup import env
 from virtbackup.errors import HostError, Interrupted
 from virtbackup.qemu.keys import Key
 from virtbackup.virt import host, xmlbuild
@@ -29,18 +29,9 @@ from virtbackup.virt import host, xmlbuild
 SECRET_DESCRIPTION = "virtbackup ephemeral key"
 
 
-def _proc_start(pid: int) -> Optional[str]:
-    """A process's start time (clock ticks since boot): with the pid, it names one process."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat_line.rsplit(")", 1)[1].split()[19]
-
-
 def secret_description(purpose: str) -> str:
     pid = os.getpid()
-    return f"{SECRET_DESCRIPTION} pid={pid} start={_proc_start(pid)}: {purpose}"
+    return f"{SECRET_DESCRIPTION} pid={pid} start={env.process_start(pid)}: {purpose}"
 
 
 _DESC_RE = re.compile(rf"^{re.escape(SECRET_DESCRIPTION)} pid=(\d+) start=(\d+):")
@@ -54,7 +45,7 @@ def owner_alive(description: str) -> bool:
     m = _DESC_RE.match(description)
     if not m:
         return True                      # not ours: treat as alive, never touch it
-    return _proc_start(int(m.group(1))) == m.group(2)
+    return env.process_start(int(m.group(1))) == m.group(2)
 
 
 def secret_xml(secret_uuid: str, description: str) -> str:
