@@ -36,9 +36,13 @@ def test_built_wheel_installed_in_a_fresh_venv_backs_up_and_restores_from_root(m
     names = zipfile.ZipFile(wheel).namelist()
     for t in ("domainbackup.xml", "domainbackup-disk.xml", "domaincheckpoint.xml"):
         assert f"virtbackup/_templates/{t}" in names, names
+    for sub in ("cli/__init__.py", "cli/_common.py", "store/chain.py", "qemu/qemu_img.py", "virt/domxml.py",
+                "runners/base.py"):
+        assert f"virtbackup/{sub}" in names, names           # every sub-package ships
     assert not [n for n in names if n.startswith("tests/") or n.endswith(("scratch.py", "demo.py"))], names
     members = tarfile.open(sdist).getnames()
     assert any(m.endswith("/xml-templates/domainbackup.xml") for m in members), members
+    assert any(m.endswith("/docs/virtbackup.1") for m in members), members
 
     venv = tmp_path / "venv"
     assert run("/usr/bin/python3", "-m", "venv", "--system-site-packages", venv).returncode == 0
@@ -47,6 +51,9 @@ def test_built_wheel_installed_in_a_fresh_venv_backs_up_and_restores_from_root(m
     vb = venv / "bin/virtbackup"
     where = run(venv / "bin/python", "-c", "import virtbackup; print(virtbackup.__file__)")
     assert where.stdout.startswith(str(venv)), where          # the installed copy, not the repo's
+    from virtbackup import __version__
+    ver = run(vb, "--version")
+    assert (ver.returncode, ver.stdout) == (0, f"virtbackup {__version__}\n"), ver
 
     d = make_domain({"vda": 16 * MiB})
     bdir = tmp_path / "bk"
