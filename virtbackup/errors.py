@@ -67,6 +67,13 @@ class OutputExists(UsageError):
     kind = "output-exists"
 
 
+class NoSpace(UsageError):
+    """What would be written does not fit where it would go: refused before writing (nothing was
+    changed; another destination is the fix, as for `OutputExists`)."""
+
+    kind = "no-space"
+
+
 class UnsafePath(UsageError):
     """A symlink where virtbackup expects its own file or directory: refused, never followed."""
 

@@ -33,6 +33,7 @@ from virtbackup.errors import (
     FilesystemUnreadable,
     GuestPathError,
     HostError,
+    NoSpace,
     OutputExists,
     PointDamaged,
     UsageError,
@@ -54,6 +55,8 @@ _TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlin
 # what `get` keeps of a guest mode: permission bits and sticky, never setuid/setgid (a guest's
 # setuid file must not become a root-owned setuid file on the host)
 _KEEP_MODE = 0o1777
+_CHUNK = 2 << 20    # bytes per pread of a sparse file (the protocol caps a message at 4 MiB)
+_BLOCK = 4096       # the unit holes are found in: an all-zero block of a sparse file is not written
 
 
 def _read_lock(bdir: BackupDir) -> ContextManager[Any]:
@@ -559,20 +562,32 @@ class PointFiles:
     # -- get -------------------------------------------------------------------------------------
     def get(self, plan: Sequence[Tuple[GuestPath, Path]]) -> GetResult:
         """Copy each source to its target (from `plan_get`): files with mode and mtime, directory
-        trees, symlinks as symlinks (never followed). Never overwrites; on failure everything this
-        call created is removed again."""
+        trees, symlinks as symlinks (never followed), sparse files with their holes. Never
+        overwrites; refuses (NoSpace, nothing written) what would not fit the destination's
+        filesystem; on failure everything this call created is removed again."""
         assert self.point is not None
         result = GetResult(self.point.id)
+        ops: List[_Op] = []
+        for gp, target in plan:         # first the whole list: its size is checked before writing
+            path, st = self._resolve(gp)
+            kind = _mode_type(st["st_mode"])
+            if kind not in ("file", "directory", "symlink"):
+                raise GuestPathError(f"{gp} is a {kind}; only files, directories and symlinks are copied")
+            c = Copied(str(gp), str(target), kind)
+            self._walk(gp, path, st, target, c, result, ops)
+            result.copied.append(c)
+        if plan:
+            check_space(ops, plan[0][1].parent)
         created: List[Path] = []
         try:
-            for gp, target in plan:
-                path, st = self._resolve(gp)
-                kind = _mode_type(st["st_mode"])
-                if kind not in ("file", "directory", "symlink"):
-                    raise GuestPathError(f"{gp} is a {kind}; only files, directories and symlinks are copied")
-                c = Copied(str(gp), str(target), kind)
-                self._copy(gp, path, st, target, c, result, created)
-                result.copied.append(c)
+            for op in ops:
+                self._make(op, created)
+            # directories' mode and mtime last, deepest first: a read-only directory must first be
+            # filled, and every entry made in it changed its mtime
+            for op in reversed(ops):
+                if op.kind == "directory":
+                    os.chmod(op.target, stat.S_IMODE(op.st["st_mode"]) & _KEEP_MODE)
+                    os.utime(op.target, ns=_times(op.st))
         except BaseException:
             for p in reversed(created):
                 try:
@@ -585,34 +600,17 @@ class PointFiles:
             raise
         return result
 
-    def _copy(self, gp: GuestPath, path: str, st: Dict[str, int], target: Path, c: Copied,
-              result: GetResult, created: List[Path]) -> None:
-        mode = st["st_mode"]
-        times = (st["st_atime_sec"] * 10**9 + st["st_atime_nsec"], st["st_mtime_sec"] * 10**9 + st["st_mtime_nsec"])
-        if stat.S_ISLNK(mode):
-            try:
-                link = self._g.readlink(path)
-            except RuntimeError as e:
-                raise self._path_error(gp, e) from None
-            _no_overwrite(lambda: os.symlink(link, target), target)
-            created.append(target)
-            os.utime(target, ns=times, follow_symlinks=False)
+    def _walk(self, gp: GuestPath, path: str, st: Dict[str, int], target: Path, c: Copied,
+              result: GetResult, ops: List["_Op"]) -> None:
+        """What copying `gp` to `target` makes, in order (a directory before its entries)."""
+        kind = _mode_type(st["st_mode"])
+        ops.append(_Op(kind, gp, path, st, target))
+        if kind == "symlink":
             c.symlinks += 1
-        elif stat.S_ISREG(mode):
-            fd = _no_overwrite(lambda: os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                                | os.O_CLOEXEC, 0o600), target)
-            created.append(target)
-            try:
-                self._download(path, fd, gp)
-                os.fchmod(fd, stat.S_IMODE(mode) & _KEEP_MODE)
-                os.utime(fd, ns=times)
-            finally:
-                os.close(fd)
+        elif kind == "file":
             c.files += 1
             c.bytes += st["st_size"]
-        elif stat.S_ISDIR(mode):
-            _no_overwrite(lambda: os.mkdir(target, 0o700), target)
-            created.append(target)
+        elif kind == "directory":
             c.directories += 1
             try:
                 entries = self._entries(path)
@@ -625,11 +623,140 @@ class PointFiles:
                 if _mode_type(est["st_mode"]) not in ("file", "directory", "symlink"):
                     result.skipped.append(f"{child} ({_mode_type(est['st_mode'])})")
                     continue
-                self._copy(child, str(PurePosixPath(path) / name), est, target / name, c, result, created)
-            # mode and mtime last: a read-only directory must first be filled, and every entry
-            # made in it changed its mtime
-            os.chmod(target, stat.S_IMODE(mode) & _KEEP_MODE)
-            os.utime(target, ns=times)
+                self._walk(child, str(PurePosixPath(path) / name), est, target / name, c, result, ops)
+
+    def _make(self, op: "_Op", created: List[Path]) -> None:
+        gp, path, st, target = op.gp, op.path, op.st, op.target
+        self._mount(gp.fs)              # the sources' filesystems in turn (a no-op within one)
+        if op.kind == "symlink":
+            try:
+                link = self._g.readlink(path)
+            except RuntimeError as e:
+                raise self._path_error(gp, e) from None
+            _no_overwrite(lambda: os.symlink(link, target), target)
+            created.append(target)
+            os.utime(target, ns=_times(st), follow_symlinks=False)
+        elif op.kind == "file":
+            fd = _no_overwrite(lambda: os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                                | os.O_CLOEXEC, 0o600), target)
+            created.append(target)
+            try:
+                if _is_sparse(st):
+                    self._download_sparse(path, st["st_size"], fd, gp)
+                else:
+                    self._download(path, fd, gp)
+                os.fchmod(fd, stat.S_IMODE(st["st_mode"]) & _KEEP_MODE)
+                os.utime(fd, ns=_times(st))
+            finally:
+                os.close(fd)
+        else:
+            _no_overwrite(lambda: os.mkdir(target, 0o700), target)
+            created.append(target)
+
+    def _download_sparse(self, path: str, size: int, fd: int, gp: GuestPath) -> None:
+        """A sparse guest file into `fd` (a new, empty file) with its holes as holes: read in
+        chunks, every all-zero block skipped (never written, so never allocated), the length set
+        last. `download` would write every byte of a 6 GiB file that holds a few KiB."""
+        zero = bytes(_CHUNK)
+        off = 0
+        while off < size:
+            try:
+                buf = self._g.pread(path, min(_CHUNK, size - off), off)
+            except RuntimeError as e:
+                raise self._path_error(gp, e) from None
+            if not buf:
+                raise HostError(f"{gp}: the file ended after {off} bytes; its size is {size}")
+            if buf != zero[:len(buf)]:
+                _write_data(fd, buf, off)
+            off += len(buf)
+        os.ftruncate(fd, size)
+
+
+@dataclass
+class _Op:
+    """One thing `get` makes: a file, a directory or a symlink at `target`, from `path` in the appliance."""
+    kind: str
+    gp: GuestPath
+    path: str
+    st: Dict[str, int]
+    target: Path
+
+
+def _times(st: Dict[str, int]) -> Tuple[int, int]:
+    return (st["st_atime_sec"] * 10**9 + st["st_atime_nsec"], st["st_mtime_sec"] * 10**9 + st["st_mtime_nsec"])
+
+
+def _is_sparse(st: Dict[str, int]) -> bool:
+    """Fewer bytes allocated than the file is long: it has holes (copied as holes)."""
+    return st["st_blocks"] * 512 < st["st_size"]
+
+
+def _write_data(fd: int, buf: bytes, off: int) -> None:
+    """Write the runs of `buf` that are not all-zero _BLOCKs at their offsets (off + index)."""
+    zero = bytes(_BLOCK)
+    n = len(buf)
+    view = memoryview(buf)
+    i = 0
+    while i < n:
+        while i < n and buf[i:i + _BLOCK] == zero[:min(_BLOCK, n - i)]:
+            i += _BLOCK
+        j = i
+        while j < n and buf[j:j + _BLOCK] != zero[:min(_BLOCK, n - j)]:
+            j += _BLOCK
+        j = min(j, n)
+        data = view[i:j]
+        pos = off + i
+        while data:
+            k = os.pwrite(fd, data, pos)
+            data, pos = data[k:], pos + k
+        i = j
+
+
+def space_needed(ops: Sequence[_Op], block: int) -> Tuple[int, int]:
+    """(bytes, inodes) the copies will take on a filesystem of `block`-byte blocks: a file what it
+    has allocated in the guest when that is less than its length (a sparse file keeps its holes),
+    else its length; a directory one block; each rounded up to whole blocks."""
+    total = 0
+    for op in ops:
+        if op.kind == "file":
+            n = min(op.st["st_size"], op.st["st_blocks"] * 512)
+        elif op.kind == "directory":
+            n = block
+        else:
+            n = 0           # a symlink's target fits in its inode (or one block: counted as slack)
+        total += -(-n // block) * block
+    return total, len(ops)
+
+
+def check_space(ops: Sequence[_Op], where: Path) -> None:
+    """Refuse (NoSpace, exit 2, nothing written) copies that would not fit the filesystem of
+    `where`: what an unprivileged user may still write there (f_bavail; the blocks the filesystem
+    reserves for root stay the host's), and its free inodes."""
+    try:
+        vfs = os.statvfs(where)
+    except OSError as e:
+        raise HostError(f"cannot see the free space in {where}: {e.strerror}") from None
+    block = vfs.f_frsize or vfs.f_bsize or 4096
+    need, inodes = space_needed(ops, block)
+    free = vfs.f_bavail * block
+    files = sum(op.kind == "file" for op in ops)
+    if need > free:
+        raise NoSpace(f"the copy needs {_size(need)} ({files} file(s), sparse files counted by the data they "
+                      f"hold) and {where} has {_size(free)} free; nothing was copied")
+    if vfs.f_files and inodes > vfs.f_favail:
+        raise NoSpace(f"the copy makes {inodes} files, directories and symlinks and {where} has "
+                      f"{vfs.f_favail} free inodes; nothing was copied")
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    x = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        x /= 1024
+        if x < 1024 or unit == "GiB":
+            break
+    return f"{x:.1f} {unit}"
 
 
 def _no_overwrite(make: Callable[[], Any], target: Path) -> Any:

@@ -38,6 +38,9 @@ T2 = 1609459200          # 2021-01-01T00:00:00Z
 VG = "vbvg"
 BLOB1 = bytes(range(256)) * 1200 + b"tail-1"      # ~300 KiB, crosses many blocks
 BLOB3 = b"\x00\xffv3" * 70000
+# a sparse file in point 3 (hostile pass D13): 1 GiB long, a few KiB of data
+SPARSE_SIZE = 1 << 30
+SPARSE_DATA = ((123 * MiB + 17, b"island in the middle"), (SPARSE_SIZE - 5000, b"tail!" * 1000))
 
 
 class FileModel:
@@ -257,6 +260,11 @@ def files_setup(tmp_path_factory) -> Iterator[Setup]:
             g.chmod(0o600, "/srv/data/blob.bin")
             g.utimens("/srv/data/blob.bin", T2, 0, T2, 500)
             g.utimens("/srv/data", T1, 0, T1, 0)        # keep the tree's own mtime known
+            g.mkdir("/sparse")
+            g.touch("/sparse/big.img")
+            g.truncate_size("/sparse/big.img", SPARSE_SIZE)
+            for off, chunk in SPARSE_DATA:
+                g.pwrite("/sparse/big.img", chunk, off)
             g.umount_all()
             g.mount(f"/dev/{VG}/data", "/")
             g.write("/lv.txt", b"lv version 3\n")
@@ -472,6 +480,47 @@ def test_point_3_get_through_the_cli_several_paths_partitions_and_lvm(files_setu
     assert (out / f"{VG}-data/lost+found").is_dir()
     # and the same path at point 1 read differently: compare with the model of 0001
     assert s.models["0001"]["vda"].items["/etc/app.conf"][1] != (out / "app.conf").read_bytes()
+
+
+def test_point_3_sparse_file_stays_sparse_and_what_does_not_fit_is_refused(files_setup, reads, tmp_path):
+    """Hostile pass D13: a 1 GiB file holding a few KiB is copied with its holes (a few KiB
+    allocated on the host, the same bytes), also into a 256 KiB tmpfs; a file whose data does not
+    fit that tmpfs is refused before anything is written (exit 2), not run into ENOSPC."""
+    from virtbackup.errors import NoSpace
+    from virtbackup.files import parse_guest_path as gp
+    pf = session(reads, "0003")             # shared with the next test, which closes it
+    ref = tmp_path / "ref.img"
+    with open(ref, "wb") as f:
+        f.truncate(SPARSE_SIZE)
+        for off, chunk in SPARSE_DATA:
+            f.seek(off)
+            f.write(chunk)
+    out = tmp_path / "out"
+    out.mkdir()
+    t = time.monotonic()
+    r = pf.get([(gp("vda:/sparse/big.img"), out / "big.img")])
+    took = time.monotonic() - t
+    assert [(c.type, c.bytes) for c in r.copied] == [("file", SPARSE_SIZE)]
+    st = os.stat(out / "big.img")
+    assert st.st_size == SPARSE_SIZE
+    assert st.st_blocks * 512 <= 64 * 1024, f"{st.st_blocks * 512} bytes allocated for a file of ~5 KiB data"
+    assert subprocess.run(["cmp", str(ref), str(out / "big.img")]).returncode == 0
+    print(f"\nsparse 1 GiB file copied in {took:.1f}s")
+
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "vbtest-tiny", str(tiny)], check=True)
+    try:
+        pf.get([(gp("vda:/sparse/big.img"), tiny / "big.img")])   # 1 GiB long, fits a 256 KiB tmpfs
+        assert os.stat(tiny / "big.img").st_size == SPARSE_SIZE
+        assert subprocess.run(["cmp", str(ref), str(tiny / "big.img")]).returncode == 0
+        os.unlink(tiny / "big.img")
+        with pytest.raises(NoSpace) as ei:                          # ~280 KB of data: does not fit
+            pf.get([(gp("vda:/etc/app.conf"), tiny / "app.conf"), (gp("vda:/srv/data"), tiny / "data")])
+        assert ei.value.exit_code == 2 and "nothing was copied" in str(ei.value), str(ei.value)
+        assert os.listdir(tiny) == []
+    finally:
+        subprocess.run(["umount", str(tiny)], check=False)
 
 
 def test_point_3_listing_cat_and_refusals_in_one_appliance(files_setup, session3):

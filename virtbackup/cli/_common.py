@@ -98,9 +98,45 @@ MaxSpeed = Annotated[Optional[int], typer.Option("--max-speed", metavar="BYTES",
 
 
 # --- output ------------------------------------------------------------------------------------
+_NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def shown(text: str) -> str:
+    """TEXT made safe for a terminal: what a guest (or anyone) controls, escaped for human output.
+
+    File names, labels, console and check output come from the guest; printed raw, an ESC or a
+    newline in them would drive the user's terminal (colours, cursor moves, a forged line). Every
+    character Python does not call printable becomes a visible escape: `\\n`, `\\r`, `\\t`,
+    `\\xNN` for the other C0 controls and DEL, `\\uNNNN` (or `\\UNNNNNNNN`) for C1 controls,
+    bidi overrides (U+202A-U+202E, U+2066-U+2069), other format characters and non-space
+    separators; a byte that was not UTF-8 (decoded with surrogateescape, U+DC80-U+DCFF) is
+    `\\xNN` with NN >= 80, so it never looks like U+00NN. A backslash is doubled, so an escape is
+    always one. The space stays a space. JSON output keeps the raw value (JSON escapes itself)."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if ch in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        elif o < 0x80:
+            out.append(f"\\x{o:02x}")
+        elif 0xDC80 <= o <= 0xDCFF:          # surrogateescape: the raw byte o - 0xDC00
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif o <= 0xFFFF:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(f"\\U{o:08x}")
+    return "".join(out)
+
+
 def say(msg: str) -> None:
-    """A line for the user on stderr: `virtbackup: MSG` (errors, warnings, notes)."""
-    print(f"virtbackup: {msg}", file=sys.stderr, flush=True)
+    """A line for the user on stderr: `virtbackup: MSG` (errors, warnings, notes). MSG goes through
+    `shown`: it may quote what a guest controls (a file name, an agent's or a check's message), and
+    it stays one line."""
+    print(f"virtbackup: {shown(msg)}", file=sys.stderr, flush=True)
 
 
 def emit(data: Dict[str, Any]) -> None:
@@ -208,4 +244,4 @@ def enable_debug() -> None:
 
 __all__ = ["EXIT_USAGE", "AsJson", "BackupDirArg", "Disks", "Domain", "KeyFile", "MaxSpeed", "NoProgress",
            "Options", "PointOpt", "api", "app", "command", "emit", "enable_debug", "error_json", "fail",
-           "human_size", "options", "read_key", "say", "usage"]
+           "human_size", "options", "read_key", "say", "shown", "usage"]

@@ -21,6 +21,7 @@ from virtbackup.cli._common import (
     options,
     read_key,
     say,
+    shown,
 )
 
 
@@ -74,7 +75,7 @@ def backup(ctx: typer.Context, domain: Domain, backup_dir: BackupDirArg,
           f"{size} written in {p.duration:.2f}s, checkpoint {p.checkpoint}")
     if p.consistency:
         frozen = f", guest frozen {p.frozen_seconds:.2f}s" if p.frozen_seconds is not None else ""
-        print(f"point {p.id}: {p.consistency}-consistent ({p.consistency_reason}{frozen})")
+        print(f"point {p.id}: {p.consistency}-consistent ({shown(str(p.consistency_reason))}{frozen})")
     for name, img in sorted(p.disks.items()):
         if img.full_reason:
             print(f"  disk {name} copied whole ({human_size(img.size)}): {img.full_reason}")

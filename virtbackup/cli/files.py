@@ -7,11 +7,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional, Tuple
 
 import typer
 
-from virtbackup.cli._common import PointOpt, api, command, emit, human_size, say, usage
+from virtbackup.cli._common import PointOpt, api, command, emit, human_size, say, shown, usage
+
+if TYPE_CHECKING:
+    from virtbackup.files import FilesystemList, GetResult, ListResult
 
 
 class _Spinner:
@@ -48,6 +51,41 @@ class _Spinner:
             self._stop.set()
             self._thread.join()
         self._stop = self._thread = None
+
+
+# --- human output: what the guest controls (names, labels, link targets) goes through shown() ----
+def render_fs(fss: "FilesystemList") -> List[str]:
+    """The lines of `files fs`."""
+    lines = [f"{'NAME':<16} {'TYPE':<12} {'LABEL':<16} {'SIZE':>10}  NOTE"]
+    for f in fss.filesystems:
+        note = "" if f.readable else ("encrypted" if "crypt" in f.type.lower() else "not readable")
+        lines.append(f"{shown(f.name):<16} {shown(f.type):<12} {shown(f.label) or '-':<16} "
+                     f"{human_size(f.size):>10}  {note}".rstrip())
+    return lines
+
+
+def render_ls(listed: "ListResult") -> List[str]:
+    """The lines of `files ls` (a header per path when several were listed)."""
+    lines: List[str] = []
+    listings = listed.listings
+    for i, lst in enumerate(listings):
+        if len(listings) > 1:
+            lines.extend(([""] if i else []) + [f"{shown(lst.path)}:"])
+        for e in lst.entries:
+            link = f" -> {shown(e.target)}" if e.target is not None else ""
+            lines.append(f"{e.type:<9} {e.mode} {e.size:>12} {e.mtime:<25} {shown(e.name)}{link}")
+    return lines
+
+
+def render_get(got: "GetResult") -> Tuple[List[str], List[str]]:
+    """The lines of `files get` on stdout, and its notes for stderr (say() escapes those)."""
+    lines = []
+    for c in got.copied:
+        what = (f"{c.files} file(s), {c.directories} dir(s), {c.symlinks} symlink(s), "
+                f"{human_size(c.bytes)}" if c.type == "directory" else c.type)
+        lines.append(f"{shown(c.source)} -> {shown(c.dest)} ({what})")
+    notes = [f"note: skipped {sk}: only files, directories and symlinks are copied" for sk in got.skipped]
+    return lines, notes
 
 
 # action: (fewest, most) arguments, and what to say when the count is wrong
@@ -94,35 +132,26 @@ def files(backup_dir: Annotated[Path, typer.Argument(metavar="BACKUP_DIR", help=
             if as_json:
                 emit(fss.to_json())
                 return
-            print(f"{'NAME':<16} {'TYPE':<12} {'LABEL':<16} {'SIZE':>10}  NOTE")
-            for f in fss[1]:
-                note = "" if f.readable else ("encrypted" if "crypt" in f.type.lower() else "not readable")
-                print(f"{f.name:<16} {f.type:<12} {f.label or '-':<16} {human_size(f.size):>10}  {note}".rstrip())
+            print("\n".join(render_fs(fss)))
         elif action == "ls":
             listed = api.files_ls(backup_dir, paths, point, spinner)
             spinner(None)
             if as_json:
                 emit(listed.to_json())
                 return
-            listings = listed[1]
-            for i, lst in enumerate(listings):
-                if len(listings) > 1:
-                    print(("\n" if i else "") + f"{lst.path}:")
-                for e in lst.entries:
-                    link = f" -> {e.target}" if e.target is not None else ""
-                    print(f"{e.type:<9} {e.mode} {e.size:>12} {e.mtime:<25} {e.name}{link}")
+            for line in render_ls(listed):
+                print(line)
         elif action == "get":
             got = api.files_get(backup_dir, paths[:-1], Path(paths[-1]), point, spinner)
             spinner(None)
+            lines, notes = render_get(got)
             if as_json:
                 emit(got.to_json())
             else:
-                for c in got.copied:
-                    what = (f"{c.files} file(s), {c.directories} dir(s), {c.symlinks} symlink(s), "
-                            f"{human_size(c.bytes)}" if c.type == "directory" else c.type)
-                    print(f"{c.source} -> {c.dest} ({what})")
-            for sk in got.skipped:
-                say(f"note: skipped {sk}: only files, directories and symlinks are copied")
+                for line in lines:
+                    print(line)
+            for note in notes:
+                say(note)
         else:
             sys.stdout.flush()
             api.files_cat(backup_dir, paths, sys.stdout.buffer, point, spinner)

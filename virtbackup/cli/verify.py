@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional, Tuple
 
 import typer
 
@@ -19,6 +19,9 @@ from virtbackup.cli._common import (
     say,
     usage,
 )
+
+if TYPE_CHECKING:
+    from virtbackup.drill import DrillResult
 
 
 @command()
@@ -60,17 +63,30 @@ def verify(ctx: typer.Context, backup_dir: BackupDirArg,
     fail(as_json, r.to_json(), r.failure, "verify-failed")
 
 
+def render_drill(r: "DrillResult") -> Tuple[List[str], List[str]]:
+    """A drill's human output: notes for stderr and lines for stdout. The console tail (and the
+    check's output quoted in the failure) are the guest's: say() escapes them, the check command is
+    shown as its repr (escaped too), and nothing else here comes from the guest."""
+    notes, lines = [], []
+    times = (f"running after {r.start_seconds:.2f}s" if r.start_seconds is not None else "did not start") + (
+        f", guest agent answered after {r.agent_seconds:.2f}s" if r.agent_seconds is not None else "")
+    if r.console:
+        notes.append(f"console: {r.console}")
+    if r.ok:
+        what = f", check {r.check!r} exited 0" if r.check else ""
+        lines.append(f"ok: point {r.point} boots: {times}{what} (throwaway domain {r.domain} removed)")
+    else:
+        lines.append(f"point {r.point}: {times} (throwaway domain {r.domain} removed)")
+    return notes, lines
+
+
 def _drill(uri: Optional[str], backup_dir: str, point: Optional[str], timeout: float, check: Optional[str],
            as_json: bool) -> None:
     r = api.drill(backup_dir, point, timeout, check, uri, say)
     if not as_json:
-        times = (f"running after {r.start_seconds:.2f}s" if r.start_seconds is not None else "did not start") + (
-            f", guest agent answered after {r.agent_seconds:.2f}s" if r.agent_seconds is not None else "")
-        if r.console:
-            say(f"console: {r.console}")
-        if r.ok:
-            what = f", check {r.check!r} exited 0" if r.check else ""
-            print(f"ok: point {r.point} boots: {times}{what} (throwaway domain {r.domain} removed)")
-        else:
-            print(f"point {r.point}: {times} (throwaway domain {r.domain} removed)")
+        notes, lines = render_drill(r)
+        for note in notes:
+            say(note)
+        for line in lines:
+            print(line)
     fail(as_json, r.to_json(), r.failure, "drill-failed")
