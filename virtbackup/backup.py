@@ -54,6 +54,7 @@ from virtbackup.store.chain import (
     point_json,
     write_private,
 )
+from virtbackup.store.digest import Digest
 from virtbackup.virt import checkpoints, host, keysecret, xmlbuild
 from virtbackup.virt.domain import LibvirtDomain, eligible_disks
 from virtbackup.virt.host import DomainHandle
@@ -259,6 +260,8 @@ class Engine:
             log.debug("checkpoint XML of %s:\n%s", plan.checkpoint, cp_xml)
             write_private(plan.work_dir / "checkpoint.xml", cp_xml)
             write_private(plan.work_dir / "domain.xml", self.handle.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            # hashed like the images: restore and drill use them, integrity.py checks them first
+            xml_digests = {name: Digest.of_file(plan.work_dir / name) for name in ("domain.xml", "checkpoint.xml")}
             # Seal the images: fsync (the flush to disk) runs in threads while the main thread
             # hashes each file from the page cache (BLAKE3 on every core, digest.py); both
             # read the final file, and both finish before the rename and the commit.
@@ -296,7 +299,8 @@ class Engine:
             disks=images, domain_xml=f"{POINTS_DIR}/{plan.point_id}/domain.xml",
             checkpoint_xml=f"{POINTS_DIR}/{plan.point_id}/checkpoint.xml", reason=plan.reason,
             duration=round(time.monotonic() - started, 3), transport=self.runner.transport,
-            encryption=chain.encryption.format if chain.encryption is not None else None)
+            encryption=chain.encryption.format if chain.encryption is not None else None,
+            domain_xml_digest=xml_digests["domain.xml"], checkpoint_xml_digest=xml_digests["checkpoint.xml"])
         if self.quiesce is not None:
             self.quiesce.record(point)
             self.warnings.extend(self.quiesce.warnings)

@@ -151,6 +151,11 @@ def _drill(backup_dir: Path, point_id: Optional[str], timeout: float, check: Opt
         raise UsageError(f"a restore drill of an encrypted backup would need its key stored in libvirt; "
                          f"restore a decrypted copy and boot that: virtbackup restore {bdir.path} OUTPUT_DIR "
                          "--key-file FILE --define NAME --start")
+    # the saved XML is what the throwaway domain is built from: a changed one is never read further
+    xml_damage = integrity.check_xml(bdir, chain, integrity.point_xml(point))
+    if xml_damage:
+        raise DamageFound(f"point {point.id} can't be drilled: damaged " + "; ".join(
+            f"{d.image}: {d.problem}" for d in xml_damage) + "; nothing was started")
     try:
         saved_xml = bdir.resolve(point.domain_xml).read_text()
         agent = has_agent_channel(saved_xml)
@@ -175,8 +180,7 @@ def _drill(backup_dir: Path, point_id: Optional[str], timeout: float, check: Opt
                 damage = integrity.check_images(bdir, chain, integrity.chain_images(chain, point, sorted(point.disks)),
                                                 progress="images")
                 if damage:
-                    raise DamageFound("damaged image(s): " + "; ".join(
-                        f"{d.image} (point {d.point}, disk {d.disk}): {d.problem}" for d in damage))
+                    raise DamageFound("damaged image(s): " + "; ".join(f"{d.where}: {d.problem}" for d in damage))
                 overlays: Dict[str, Path] = {}
                 for disk, img in sorted(point.disks.items()):
                     overlays[disk] = tmp / f"{disk}.qcow2"

@@ -33,6 +33,13 @@ def run_dir() -> Path:
     return Path(os.environ.get("VIRTBACKUP_RUN_DIR") or "/run/virtbackup")
 
 
+def boot_dirs() -> List[str]:
+    """Where a restored domain's direct-boot kernel, initrd and device tree may be: /boot,
+    /var/lib/libvirt/boot and the directories in $VIRTBACKUP_BOOT_DIRS (colon-separated)."""
+    extra = [d for d in os.environ.get("VIRTBACKUP_BOOT_DIRS", "").split(":") if d.startswith("/")]
+    return ["/boot", "/var/lib/libvirt/boot", *extra]
+
+
 # --- private temp dirs a later run can clean up -------------------------------------------------
 def process_start(pid: int) -> Optional[str]:
     """A process's start time (clock ticks since boot): with the pid, it names one process."""

@@ -18,6 +18,7 @@ from lxml import etree
 
 from virtbackup.errors import VirtBackupError
 from virtbackup.runners.plan import DomainView
+from virtbackup.store import integrity
 from virtbackup.store.chain import BackupDir, Chain, Point
 from virtbackup.virt import checkpoints, host, monitor, xmlbuild
 from virtbackup.virt.bitmaps import problem as bitmap_problem
@@ -127,6 +128,8 @@ def _tracked(view: DomainView, bdir: Optional[BackupDir], point: Point, name: st
     if tracked is not None:
         return tracked
     if bdir is not None:
+        if integrity.xml_problem(bdir, point.checkpoint_xml, point.checkpoint_xml_digest):
+            return None                 # changed since the backup: not read
         try:
             return checkpoints.tracked_disks(bdir.resolve(point.checkpoint_xml).read_text())
         except (OSError, ValueError, etree.LxmlError):
@@ -202,7 +205,11 @@ def apply_repair(dom: libvirt.virDomain, bdir: BackupDir, chain: Chain, actions:
                     if warn:
                         raise VirtBackupError(warn)
             elif a.kind == "redefine-checkpoint":
-                saved = bdir.resolve(by_cp[a.name].checkpoint_xml).read_text()
+                point = by_cp[a.name]
+                problem = integrity.xml_problem(bdir, point.checkpoint_xml, point.checkpoint_xml_digest)
+                if problem:             # never redefined from a changed file
+                    raise VirtBackupError(f"saved checkpoint XML {point.checkpoint_xml}: {problem}")
+                saved = bdir.resolve(point.checkpoint_xml).read_text()
                 checkpoints.redefine(dom, xmlbuild.redefine_xml(saved, a.parent))
             a.done = True
         except (VirtBackupError, libvirt.libvirtError, OSError, ValueError, etree.LxmlError) as e:

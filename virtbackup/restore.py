@@ -208,7 +208,7 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
 
 def _damage_error(chain: Chain, point: Point, damage: List[integrity.ImageDamage]) -> DamageFound:
     bad = [d.image for d in damage]
-    listed = "; ".join(f"{d.image} (point {d.point}, disk {d.disk}): {d.problem}" for d in damage[:3])
+    listed = "; ".join(f"{d.where}: {d.problem}" for d in damage[:3])
     more = f"; {len(damage) - 3} more damaged image(s)" if len(damage) > 3 else ""
     return DamageFound(f"point {point.id} can't be restored: damaged image {listed}{more}; affected points: "
                        f"{', '.join(integrity.affected_points(chain, bad))}; nothing was restored "
@@ -241,6 +241,13 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
         raise UsageError(f"{output_dir} is not a directory")
     cleaned = clean_dead_restores(output_dir) if output_dir.is_dir() else []
 
+    # The point's saved XML files: a changed one is refused before anything is written (the
+    # domain XML is what --define defines). --salvage without --define goes on: it needs neither.
+    xml_damage = integrity.check_xml(bdir, chain, integrity.point_xml(point))
+    if xml_damage and (define or not salvage):
+        listed = "; ".join(f"{d.image}: {d.problem}" for d in xml_damage)
+        raise DamageFound(f"point {point.id} can't be restored: damaged {listed}; nothing was restored"
+                          + ("" if define else " (--salvage without --define restores its disks)"))
     # What needs no read (missing, truncated, a symlink) is refused before anything is written.
     rels = integrity.chain_images(chain, point, names)
     missing: Dict[str, str] = {}
@@ -338,6 +345,7 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
         result = RestoreResult(point, done, instant=instant, missing=missing, cleaned=cleaned)
         result.notes = [f"removed {c}, left by an interrupted restore" for c in cleaned]
         result.notes += [f"not restored (--salvage): disk {n}: {why}" for n, why in sorted(missing.items())]
+        result.notes += [f"not used (--salvage): {d.image}: {d.problem}" for d in xml_damage]
         if define:
             define_xml, define_notes = restoredom.restored_domain_xml(
                 saved_xml, define, {n: Path(os.path.abspath(done[n])) for n in names})

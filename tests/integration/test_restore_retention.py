@@ -16,7 +16,16 @@ from typing import Dict, Iterator, List
 import pytest
 
 from tests.support import scratch
-from tests.support.helpers import ROOT, assert_point_restores, checkpoint_names, cli, hmp_write, patched, snapshot_dir
+from tests.support.helpers import (
+    ROOT,
+    assert_point_restores,
+    checkpoint_names,
+    cli,
+    forget_xml_digests,
+    hmp_write,
+    patched,
+    snapshot_dir,
+)
 from virtbackup.qemu import qemu_img
 from virtbackup.store.digest import file_digest
 from virtbackup.virt import host
@@ -346,6 +355,7 @@ def test_define_refused_by_libvirt_or_damaged_xml_leaves_nothing(make_domain, tm
     good = xml_path.read_text()
     name = f"{d.name}-copy"
     restored_names.append(name)
+    forget_xml_digests(bdir)     # else the edited XML is refused as damaged before libvirt sees it
 
     xml_path.write_text(good.replace(">1</vcpu>", ">0</vcpu>", 1))   # well-formed; libvirt refuses it
     assert ">0</vcpu>" in xml_path.read_text()

@@ -45,6 +45,10 @@ import libvirt_qemu
 from lxml import etree
 
 CACHE_ROOT = Path(os.environ.get("VIRTBACKUP_TEST_GUEST_CACHE", "/var/cache/virtbackup-test-guest"))
+# The guest boots its kernel and initramfs from this cache: a restored or drilled copy keeps a
+# direct-boot kernel only from a boot directory the user names (virt/restoredom.py).
+os.environ["VIRTBACKUP_BOOT_DIRS"] = ":".join(
+    d for d in (os.environ.get("VIRTBACKUP_BOOT_DIRS", ""), str(CACHE_ROOT)) if d)
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 # A second port the host writes to and the guest reads from (/dev/virtio-ports/<name>): lets a
 # test hold something in the guest until the host says go, without the agent (e.g. the agent

@@ -227,3 +227,54 @@ def test_a_restore_reads_exactly_the_chain_below_each_disk():
         "points/0005/vda.qcow2", "points/0004/vda.qcow2", "points/0003/vda.qcow2", "points/0001/vda.qcow2",
         "points/0005/vdb.qcow2", "points/0004/vdb.qcow2"]
     assert chain_images(chain, chain.point("0002"), ["vda"]) == ["points/0002/vda.qcow2", "points/0001/vda.qcow2"]
+
+
+# --- the XML files beside the images (hostile pass D9) ----------------------------------------------
+def test_point_xml_digests_round_trip_and_older_records_have_none(tmp_path):
+    """Schema 3 records written before the XML files were hashed load with no digests; a save
+    writes the digests in the image digests' shape, and loading reads them back."""
+    from virtbackup.store.digest import Digest
+    chain = chain_of(SPEC)
+    assert all(p.domain_xml_digest is None and p.checkpoint_xml_digest is None for p in chain.points)
+    data = chain.to_json()
+    assert data["schema"] == 3 and data["points"][0]["domain_xml_digest"] is None
+    for p in data["points"]:                        # a schema-3 record from earlier today: no members
+        del p["domain_xml_digest"], p["checkpoint_xml_digest"]
+    again = Chain.from_json(data)
+    assert again.points[0].domain_xml_digest is None
+    again.points[0].domain_xml_digest = Digest("blake3", "a" * 64)
+    again.points[0].checkpoint_xml_digest = Digest("sha256", "b" * 64)
+    data = again.to_json()
+    assert data["points"][0]["domain_xml_digest"] == {"algorithm": "blake3", "value": "a" * 64}
+    back = Chain.from_json(data)
+    assert back.points[0].checkpoint_xml_digest == Digest("sha256", "b" * 64)
+    data["points"][0]["domain_xml_digest"] = {"algorithm": "md5", "value": "0" * 32}
+    with pytest.raises(ValueError, match="domain_xml_digest"):
+        Chain.from_json(data)
+
+
+def test_a_changed_point_xml_is_damage_one_without_a_digest_is_taken_as_it_is(backup):
+    from virtbackup.store.digest import Digest
+    from virtbackup.store.integrity import check_xml, point_xml
+    bdir, chain = backup
+    for p in chain.points:
+        for rel in point_xml(p):
+            (bdir.path / rel).write_text(f"<domain><name>{p.id}</name></domain>\n")
+    p1, p2 = chain.points[0], chain.points[1]
+    p1.domain_xml_digest = Digest.of_file(bdir.path / p1.domain_xml)
+    p1.checkpoint_xml_digest = Digest.of_file(bdir.path / p1.checkpoint_xml, "sha256")
+    rels = [x for p in chain.points for x in point_xml(p)]
+    assert check_xml(bdir, chain, rels) == []
+    (bdir.path / p1.domain_xml).write_text("<domain><devices><emulator>/tmp/evil.sh</emulator></devices></domain>")
+    (bdir.path / p1.checkpoint_xml).write_text("<domaincheckpoint/>")
+    (bdir.path / p2.domain_xml).write_text("<domain/>")      # no digest recorded: accepted as before
+    damage = check_xml(bdir, chain, rels)
+    assert [(d.image, d.point, d.disk) for d in damage] == [
+        ("points/0001/domain.xml", "0001", ""), ("points/0001/checkpoint.xml", "0001", "")]
+    assert damage[0].problem == "content hash (blake3) differs from the one recorded at backup time"
+    assert damage[0].where == "points/0001/domain.xml (point 0001)"
+    (bdir.path / p2.checkpoint_xml).unlink()
+    assert [d.problem for d in check_xml(bdir, chain, point_xml(p2))] == ["file is missing"]
+    os.symlink("/etc/passwd", bdir.path / p2.checkpoint_xml)
+    with pytest.raises(UnsafePath):
+        check_xml(bdir, chain, point_xml(p2))

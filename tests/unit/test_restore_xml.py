@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from lxml import etree
 
 from virtbackup.virt.restoredom import restored_domain_xml
@@ -90,3 +91,135 @@ def test_hot_plugged_disk_is_attached_with_a_note():
     assert "qqa" not in disks
     assert any("vdd" in n and "hot-plugged" in n for n in notes)
     assert any("qqa" in n and "not attached" in n for n in notes)
+
+
+# A saved XML as someone with write access to the backup dir could leave it (hostile pass D9):
+# every construct of libvirt's domaincommon.rng that names a host file, device, directory,
+# socket or program, each pointing into /tmp/evil. Valid against domain.rng itself.
+HOSTILE = """<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>orig</name>
+  <uuid>11111111-2222-3333-4444-555555555555</uuid>
+  <memory unit='KiB'>65536</memory>
+  <blkiotune><device><path>/tmp/evil/blk</path><weight>500</weight></device></blkiotune>
+  <resource><partition>/tmp/evil/cgroup</partition></resource>
+  <sysinfo type='fwcfg'><entry name='opt/com.example/x' file='/tmp/evil/fwcfg'/></sysinfo>
+  <os><type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>/tmp/evil/vmlinuz</kernel><initrd>/tmp/evil/initrd</initrd><dtb>/tmp/evil/dtb</dtb>
+    <cmdline>console=ttyS0</cmdline>
+    <acpi><table type='slic'>/tmp/evil/slic.dat</table></acpi>
+  </os>
+  <devices>
+    <emulator>/tmp/evil/emulator.sh</emulator>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='/tmp/evil/vda.qcow2'/><target dev='vda' bus='virtio'/>
+      <mirror type='file' file='/tmp/evil/mirror.qcow2' format='qcow2' job='copy'/></disk>
+    <disk type='network' device='cdrom'><driver name='qemu' type='raw'/>
+      <source protocol='nbd' name='x'><host transport='unix' socket='/tmp/evil/nbd.sock'/></source>
+      <target dev='sda' bus='sata'/><readonly/></disk>
+    <interface type='vhostuser'><mac address='52:54:00:12:34:57'/>
+      <source type='unix' path='/tmp/evil/vhost.sock' mode='client'/><model type='virtio'/></interface>
+    <interface type='ethernet'><target dev='evil0' managed='no'/><model type='virtio'/>
+      <script path='/tmp/evil/ifup'/><downscript path='/tmp/evil/ifdown'/>
+      <backend tap='/tmp/evil/tap' vhost='/tmp/evil/vhost-net'/><rom file='/tmp/evil/rom.bin'/></interface>
+    <interface type='network'><source network='default'/><model type='virtio'/></interface>
+    <input type='evdev'><source dev='/tmp/evil/event0'/></input>
+    <input type='passthrough' bus='virtio'><source evdev='/tmp/evil/event1'/></input>
+    <input type='tablet' bus='usb'/>
+    <tpm model='tpm-tis'><backend type='passthrough'><device path='/tmp/evil/tpm0'/></backend></tpm>
+    <tpm model='tpm-crb'><backend type='external'>
+      <source type='unix' mode='connect' path='/tmp/evil/swtpm.sock'/></backend></tpm>
+    <shmem name='evil'><model type='ivshmem-doorbell'/><server path='/tmp/evil/shmem.sock'/></shmem>
+    <memory model='nvdimm'><source><path>/tmp/evil/nvdimm</path></source>
+      <target><size unit='KiB'>524288</size><node>0</node></target></memory>
+    <rng model='virtio'><backend model='random'>/tmp/evil/random</backend></rng>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+    <serial type='unix'><source mode='bind' path='/tmp/evil/serial.sock'/><target port='0'/></serial>
+    <console type='pty'><log file='/tmp/evil/console.log'/><target type='serial' port='0'/></console>
+    <channel type='unix'><source mode='bind' path='/tmp/evil/agent.sock'/>
+      <target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <graphics type='vnc' socket='/tmp/evil/vnc.sock'/>
+    <graphics type='spice'><listen type='socket' socket='/tmp/evil/spice.sock'/>
+      <gl enable='yes' rendernode='/tmp/evil/render'/></graphics>
+    <video><model type='virtio'><acceleration accel3d='yes' rendernode='/tmp/evil/render2'/></model></video>
+    <audio id='1' type='file' path='/tmp/evil/audio.wav'/>
+    <sound model='ich9'><audio id='1'/></sound>
+    <lease><lockspace>evil</lockspace><key>k</key><target path='/tmp/evil/lease'/></lease>
+    <filesystem type='mount'><binary path='/tmp/evil/virtiofsd'/><source dir='/tmp/evil/share'/>
+      <target dir='share'/></filesystem>
+    <hostdev mode='capabilities' type='storage'><source><block>/tmp/evil/sdz</block></source></hostdev>
+    <smartcard mode='host-certificates'><certificate>a</certificate><certificate>b</certificate>
+      <certificate>c</certificate><database>/tmp/evil/nssdb</database></smartcard>
+  </devices>
+  <seclabel type='static' model='dac' relabel='yes'><label>+0:+0</label></seclabel>
+  <launchSecurity type='sev'><policy>0x0003</policy></launchSecurity>
+  <qemu:commandline><qemu:arg value='-device'/><qemu:arg value='loader,file=/tmp/evil/blob'/>
+    <qemu:env name='EVIL' value='/tmp/evil/env'/></qemu:commandline>
+</domain>"""
+
+
+def test_hostile_saved_xml_is_valid_libvirt_xml():
+    from tests.unit.test_xml import rng, valid
+    valid(rng("domain.rng"), HOSTILE)           # the test input is XML libvirt would accept
+
+
+def test_restored_domain_takes_no_host_path_from_the_backup():
+    """D9: the restored domain's XML keeps nothing of /tmp/evil (emulator, kernel, sockets, scripts,
+    qemu:commandline ...), is still valid, and says what it dropped."""
+    from tests.unit.test_xml import rng, valid
+    xml, notes = restored_domain_xml(HOSTILE, "copy", {"vda": Path("/r/vda.qcow2")})
+    valid(rng("domain.rng"), xml)
+    assert "/tmp/evil" not in xml and "evil" not in xml, xml
+    root = etree.fromstring(xml.encode())
+    assert root.find("devices/emulator") is None            # libvirt picks this host's
+    assert root.find("os/kernel") is None and root.find("os/cmdline") is None
+    assert root.find("seclabel") is None and root.find("launchSecurity") is None
+    assert not [el for el in root.iter() if isinstance(el.tag, str) and el.tag.startswith("{")]
+    kept = {el.tag for el in root.find("devices")}
+    for tag in ("tpm", "shmem", "memory", "lease", "filesystem", "hostdev", "smartcard", "serial", "audio"):
+        assert tag not in kept, tag
+    assert [i.get("type") for i in root.findall("devices/interface")] == ["ethernet", "network"]
+    assert [i.get("type") for i in root.findall("devices/input")] == ["tablet"]
+    assert [r.findtext("backend") for r in root.findall("devices/rng")] == ["/dev/urandom"]
+    assert root.find("devices/sound/audio") is None
+    assert [d.find("source").get("file") for d in root.findall("devices/disk") if d.find("source") is not None] \
+        == ["/r/vda.qcow2"]
+    assert any("emulator /tmp/evil/emulator.sh" in n for n in notes)
+    assert any("direct kernel boot removed" in n for n in notes)
+    assert any("commandline" in n for n in notes)
+
+
+def test_drill_domain_takes_no_host_path_from_the_backup(tmp_path):
+    from tests.unit.test_xml import rng, valid
+    from virtbackup.drill import drill_domain_xml
+    xml = drill_domain_xml(HOSTILE, "virtbackup-drill-x", {"vda": tmp_path / "vda.qcow2"}, tmp_path / "console.log")
+    valid(rng("domain.rng"), xml)
+    assert "evil" not in xml, xml
+
+
+@pytest.mark.parametrize("os_xml", [
+    "<loader readonly='yes' type='pflash'>/tmp/evil/OVMF_CODE.fd</loader>",
+    "<loader readonly='yes' type='pflash'>/usr/share/OVMF/../../../tmp/evil/OVMF_CODE.fd</loader>",
+    "<loader readonly='yes' type='pflash'>/usr/share/OVMF/no-such-firmware.fd</loader>",
+    "<nvram template='/tmp/evil/VARS.fd'/>",
+])
+def test_firmware_outside_the_hosts_firmware_dirs_is_refused(os_xml):
+    saved = SAVED.replace("<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader>", "") \
+        .replace("<nvram>/var/lib/libvirt/qemu/nvram/orig_VARS.fd</nvram>", os_xml)
+    with pytest.raises(ValueError, match="not a firmware file of this host"):
+        restored_domain_xml(saved, "copy", {"vda": Path("/r/vda.qcow2")})
+
+
+def test_firmware_of_the_host_and_kernels_of_named_boot_dirs_are_kept(tmp_path, monkeypatch):
+    firmware = next((p for p in sorted(Path("/usr/share/OVMF").glob("OVMF_CODE*.fd")) if p.is_file()), None)
+    if firmware is None:
+        pytest.skip("no OVMF firmware on this host")
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    (tmp_path / "initrd").write_bytes(b"i")
+    monkeypatch.setenv("VIRTBACKUP_BOOT_DIRS", str(tmp_path))
+    saved = SAVED.replace("/usr/share/OVMF/OVMF_CODE.fd", str(firmware)).replace(
+        "</os>", f"<kernel>{tmp_path}/vmlinuz</kernel><initrd>{tmp_path}/initrd</initrd><cmdline>quiet</cmdline></os>")
+    xml, notes = restored_domain_xml(saved, "copy", {"vda": Path("/r/vda.qcow2")})
+    root = etree.fromstring(xml.encode())
+    assert root.findtext("os/loader") == str(firmware)
+    assert root.findtext("os/kernel") == f"{tmp_path}/vmlinuz" and root.findtext("os/cmdline") == "quiet"
+    assert not any("kernel" in n for n in notes)

@@ -198,3 +198,18 @@ def test_point_by_time():
     with pytest.raises(PointNotFound):
         c.point("yesterday")
     assert chainmod.parse_point_time("0002") is None
+
+
+def test_a_new_base_takes_over_the_dropped_fulls_checkpoint_xml_digest():
+    """D9: the copied checkpoint XML keeps the digest of the file it is a byte copy of; the domain
+    XML (not copied) keeps its own."""
+    c = make_chain([("full", None)] + [("inc", i) for i in range(4)])
+    for p in c.points:
+        p.domain_xml_digest = Digest("blake3", f"d{p.id}".encode().hex().ljust(64, "0"))
+        p.checkpoint_xml_digest = Digest("blake3", f"c{p.id}".encode().hex().ljust(64, "0"))
+    plan = plan_prune(c, decide(c.points, Policy(keep=2)))
+    p = by_id(plan.new_chain)
+    assert plan.xml_copies == [("points/0001/checkpoint.xml", "points/0004/checkpoint-0001.xml")]
+    assert p["0004"].checkpoint_xml_digest == c.points[0].checkpoint_xml_digest
+    assert p["0004"].domain_xml_digest == c.points[3].domain_xml_digest
+    assert p["0005"].checkpoint_xml_digest == c.points[4].checkpoint_xml_digest

@@ -39,7 +39,9 @@ from virtbackup.store.digest import Digest
 # versions without encryption from adding plaintext points to an encrypted chain (or skipping
 # its key).
 #   1 plain, 2 encrypted: an image's hash in "sha256" or (images since BLAKE3) "blake3", the other ""
-#   3 plain, 4 encrypted: an image's hash in "digest": {"algorithm", "value"}
+#   3 plain, 4 encrypted: an image's hash in "digest": {"algorithm", "value"}; a point's two XML
+#     files' hashes in "domain_xml_digest"/"checkpoint_xml_digest" (same shape; absent or null in
+#     points recorded before they were hashed: no new version, 3 and 4 have no release without them)
 # All four are read (1 and 2 converted in memory); a save always writes 3 or 4.
 SCHEMA_VERSION = 3
 SCHEMA_ENCRYPTED = 4
@@ -208,6 +210,13 @@ class Point:
     frozen_seconds: Optional[float] = None      # how long the guest's filesystems were frozen
     transport: str = "push"         # how the data travelled: push | pull | offline (older points: push)
     encryption: Optional[str] = None    # "luks": every image of the point is LUKS-encrypted
+    # hashes of the two XML files, checked like the images (integrity.py) before anything uses
+    # them; None in points recorded before they were hashed (their XML is taken as it is)
+    domain_xml_digest: Optional[Digest] = None
+    checkpoint_xml_digest: Optional[Digest] = None
+
+
+XML_DIGESTS = ("domain_xml_digest", "checkpoint_xml_digest")
 
 
 @dataclass
@@ -314,6 +323,15 @@ class Chain:
                     raise ValueError(f"point {str(p.get('id'))[:40]} disk {str(k)[:40]}: {e}") from None
             p["disks"] = disks
             p["level"] = cast(Level, p.get("level"))   # checked in validate()
+            for k in XML_DIGESTS:
+                if p.get(k) is None:
+                    continue
+                if schema in HASH_FIELD_SCHEMAS:
+                    raise ValueError(f"point {str(p.get('id'))[:40]}: a schema {schema} point record has {k}")
+                try:
+                    p[k] = Digest.from_json(p[k])
+                except ValueError as e:
+                    raise ValueError(f"point {str(p.get('id'))[:40]} {k}: {e}") from None
             points.append(Point(**p))
         chain = cls(domain_name=str(data["domain_name"]), domain_uuid=str(data["domain_uuid"]),
                     dir_id=str(data["dir_id"]), points=points, next_seq=int(data["next_seq"]),
@@ -357,6 +375,16 @@ class Chain:
                 raise ValueError(f"point {p.id}: parent {p.parent} is not an earlier point")
             for rel in (p.domain_xml, p.checkpoint_xml):
                 check_relative(rel)
+            for k in XML_DIGESTS:
+                xd = getattr(p, k)
+                if xd is None:
+                    continue
+                if not isinstance(xd, Digest):
+                    raise ValueError(f"point {p.id}: {k} has a wrong type")
+                try:
+                    xd.check()
+                except ValueError as e:
+                    raise ValueError(f"point {p.id} {k}: {e}") from None
             for name, d in p.disks.items():
                 if not isinstance(name, str) or not DISK_NAME.match(name):
                     raise ValueError(f"point {p.id}: disk name {name!r} is not a disk target name "

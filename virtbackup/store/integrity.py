@@ -1,6 +1,8 @@
 """Check images against what the metadata recorded before anything reads them for a restore, a
 prune or a verify: size, backing link and hash of the file (with the algorithm each image
-recorded). This is the one place that decides whether an image is what its record says.
+recorded). This is the one place that decides whether an image is what its record says, and
+whether a point's saved domain and checkpoint XML are the files its backup wrote (a hand-edited
+domain XML would otherwise be defined, or booted by a drill, with whatever host paths it names).
 
 Damage must be refused, never restored and never laundered: a prune that rewrote kept points
 from a damaged image would record fresh hashes of wrong data, and from then on nobody could see
@@ -19,7 +21,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from virtbackup import observe
 from virtbackup.store.chain import BackupDir, Chain, DiskImage, Point
-from virtbackup.store.digest import hasher
+from virtbackup.store.digest import Digest, hasher
 
 CHUNK = 4 << 20
 QCOW2_MAGIC = b"QFI\xfb"
@@ -27,10 +29,15 @@ QCOW2_MAGIC = b"QFI\xfb"
 
 @dataclass
 class ImageDamage:
-    image: str          # relative to BACKUP_DIR
+    image: str          # relative to BACKUP_DIR (an image, or a point's domain or checkpoint XML)
     point: str          # the point that recorded it
-    disk: str
+    disk: str           # "" for a point's XML file
     problem: str
+
+    @property
+    def where(self) -> str:
+        """`image (point P, disk D)`, or `file (point P)` for an XML file: what messages name."""
+        return f"{self.image} (point {self.point}" + (f", disk {self.disk})" if self.disk else ")")
 
 
 def _header_backing(head: bytes) -> Tuple[bool, Optional[str]]:
@@ -154,3 +161,58 @@ def affected_points(chain: Chain, bad: Iterable[str], disks: Optional[Sequence[s
 def chain_images(chain: Chain, point: Point, disks: Sequence[str]) -> List[str]:
     """Every recorded image a restore of `disks` of `point` reads."""
     return list(dict.fromkeys(rel for d in disks for rel in chain.image_chain(point, d)))
+
+
+# --- the XML files beside the images ---------------------------------------------------------------
+def point_xml(point: Point) -> List[str]:
+    """The point's two saved XML files (relative to BACKUP_DIR)."""
+    return [point.domain_xml, point.checkpoint_xml]
+
+
+def xml_problem(bdir: BackupDir, rel: str, digest: Optional[Digest]) -> Optional[str]:
+    """Why a point's saved XML file can't be used (None: it is the file the backup wrote).
+
+    A point recorded before the XML files were hashed has no digest: its file is taken as it
+    is (it must still be a regular file). A symlink raises UnsafePath (exit 2), as for images."""
+    path = bdir.resolve(rel)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return "file is missing"
+    except OSError as e:
+        return f"cannot read the file: {e.strerror}"
+    try:
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return "not a regular file"
+            if digest is None:
+                return None
+            h = hasher(digest.algorithm)
+            while True:
+                buf = f.read(CHUNK)
+                if not buf:
+                    break
+                h.update(buf)
+    except OSError as e:
+        return f"cannot read the file: {e.strerror}"
+    if h.hexdigest() != digest.value:
+        return f"content hash ({digest.algorithm}) differs from the one recorded at backup time"
+    return None
+
+
+def check_xml(bdir: BackupDir, chain: Chain, rels: Iterable[str]) -> List[ImageDamage]:
+    """Check the given recorded XML files (point_xml() of some points); the damaged ones.
+
+    Small files, read on this thread. Damage here is refused like an image's: a changed domain
+    XML is never defined or booted, a changed checkpoint XML never redefined or copied."""
+    owner: Dict[str, Tuple[Point, Optional[Digest]]] = {}
+    for p in chain.points:
+        owner[p.domain_xml] = (p, p.domain_xml_digest)
+        owner[p.checkpoint_xml] = (p, p.checkpoint_xml_digest)
+    out: List[ImageDamage] = []
+    for rel in dict.fromkeys(rels):
+        p, digest = owner[rel]
+        problem = xml_problem(bdir, rel, digest)
+        if problem:
+            out.append(ImageDamage(rel, p.id, "", problem))
+    return out

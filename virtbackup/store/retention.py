@@ -244,6 +244,8 @@ def plan_prune(chain: Chain, decisions: List[Decision]) -> PrunePlan:
                 xml_to = _next_xml_name(p.id, old_full.id, taken)
                 xml_copies.append((old_full.checkpoint_xml, xml_to))
                 p.checkpoint_xml = xml_to
+                # a byte copy (checked against this digest before and after): same hash
+                p.checkpoint_xml_digest = old_full.checkpoint_xml_digest
                 p.reason = (f"new base of the chain after prune (was {was}; merged full {old_full.id}; "
                             f"takes over checkpoint {old_full.checkpoint})")
                 notes.append(f"point {p.id} becomes the chain's full (was {was}) and takes over "
@@ -338,12 +340,20 @@ def check_sources(bdir: BackupDir, chain: Chain, plan: "PrunePlan") -> None:
     reads: Dict[Tuple[str, str], List[str]] = {(o.point, o.disk): chain.image_chain(chain.point(o.point), o.disk)
                                                 for o in plan.ops}
     wanted = list(dict.fromkeys(rel for rels in reads.values() for rel in rels))
+    # the checkpoint XML a new base takes over is copied: a changed one is refused like an image
+    xml_damage = integrity.check_xml(bdir, chain, [src for src, _ in plan.xml_copies])
+    if xml_damage:
+        takers = sorted(PurePosixPath(dst).parts[1] for src, dst in plan.xml_copies
+                        if src in {d.image for d in xml_damage})
+        listed = "; ".join(f"{d.where}: {d.problem}" for d in xml_damage)
+        raise DamageFound(f"prune refused: it would copy damaged {listed}; cannot consolidate point(s) "
+                          f"{', '.join(takers)}; nothing was changed (see 'virtbackup verify')")
     damage = integrity.check_images(bdir, chain, wanted)
     if not damage:
         return
     bad = {d.image for d in damage}
     stuck = sorted({pid for (pid, _), rels in reads.items() if bad.intersection(rels)})
-    listed = "; ".join(f"{d.image} (point {d.point}, disk {d.disk}): {d.problem}" for d in damage[:3])
+    listed = "; ".join(f"{d.where}: {d.problem}" for d in damage[:3])
     more = f"; {len(damage) - 3} more" if len(damage) > 3 else ""
     raise DamageFound(f"prune refused: it would rewrite kept points from damaged image(s) {listed}{more}; "
                       f"cannot consolidate point(s) {', '.join(stuck)}; nothing was changed "
@@ -457,6 +467,10 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False, key: Optional
                     shutil.copyfileobj(inp, out)
                 os.chmod(target, 0o600)
                 fsync_path(target)
+                taker = next(p for p in plan.new_chain.points if p.checkpoint_xml == dst)
+                problem = integrity.xml_problem(bdir, dst, taker.checkpoint_xml_digest)
+                if problem:                 # changed since check_sources: never recorded as good
+                    raise OperationFailed(f"copy {dst} of {src}: {problem}")
             images = {(p.id, n): d for p in plan.new_chain.points for n, d in p.disks.items()}
             for op in plan.ops:
                 path = bdir.resolve(op.new)

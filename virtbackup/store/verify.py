@@ -1,4 +1,5 @@
-"""Verify a backup dir: images present, qcow2-consistent, linked as recorded, hashes unchanged.
+"""Verify a backup dir: images present, qcow2-consistent, linked as recorded, hashes unchanged;
+each point's domain and checkpoint XML unchanged (where their hashes are recorded).
 
 Whether an image is what its record says (size, backing link, hash) is integrity.py's decision,
 the same one restore and prune make; verify adds what only qemu-img can tell (`qemu-img check`,
@@ -22,7 +23,7 @@ from virtbackup.store.chain import BackupDir, DiskImage, shared_lock
 @dataclass
 class Damage:
     point: str
-    disk: str
+    disk: str           # "" when `image` is one of the point's XML files
     image: str
     problem: str
 
@@ -46,8 +47,9 @@ class VerifyResult:
         if self.ok:
             return None
         first = self.damage[0]
-        return (f"verify failed: {first.image} (point {first.point}, disk {first.disk}): {first.problem}"
-                + (f"; {len(self.damage) - 1} more damaged image(s)" if len(self.damage) > 1 else "")
+        where = f"{first.image} (point {first.point}" + (f", disk {first.disk})" if first.disk else ")")
+        return (f"verify failed: {where}: {first.problem}"
+                + (f"; {len(self.damage) - 1} more damaged file(s)" if len(self.damage) > 1 else "")
                 + f"; affected points: {', '.join(self.damaged_points)}")
 
     def to_json(self) -> Dict[str, Any]:
@@ -92,6 +94,10 @@ def _verify_locked(bdir: BackupDir, point_id: Optional[str], deep: bool,
     crypto.check_key(chain.encryption, key, f"backup directory {bdir.path}")
     points = [chain.point(point_id)] if point_id else list(chain.points)
     result = VerifyResult([p.id for p in points], 0, deep=deep)
+    # the XML files beside the images first: restore --define and drills use them
+    xml_bad = integrity.check_xml(bdir, chain, [x for p in points for x in integrity.point_xml(p)])
+    for d in xml_bad:
+        result.damage.append(Damage(d.point, "", d.image, d.problem))
     # every image the points read, in the order they are reported: by point, disk, top down
     rels = list(dict.fromkeys(rel for p in points for disk in sorted(p.disks)
                               for rel in chain.image_chain(p, disk)))
@@ -102,8 +108,9 @@ def _verify_locked(bdir: BackupDir, point_id: Optional[str], deep: bool,
             d = found[rel]
             result.damage.append(Damage(d.point, d.disk, rel, d.problem))
     bad: Set[str] = set(found)
+    xml_points = {d.point for d in xml_bad}
     for p in points:
-        if any(rel in bad for disk in sorted(p.disks) for rel in chain.image_chain(p, disk)):
+        if p.id in xml_points or any(rel in bad for disk in sorted(p.disks) for rel in chain.image_chain(p, disk)):
             result.damaged_points.append(p.id)
     result.images_checked = len(rels)
     if deep:

@@ -10,7 +10,7 @@ once. Pure XML: no libvirt calls.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from lxml import etree
 
@@ -18,6 +18,8 @@ from virtbackup.errors import OperationFailed
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 REMOVABLE = ("cdrom", "floppy")
+DIRECT_BOOT = ("kernel", "initrd", "dtb")
+RNG_DEVICES = ("/dev/urandom", "/dev/random", "/dev/hwrng")
 
 
 def _source_name(src: Optional[etree._Element]) -> Optional[str]:
@@ -75,7 +77,7 @@ class DiskXML:
     def set_file_source(self, path: Path, fmt: str = "qcow2") -> None:
         """Point the disk at a local image file: no other source, no backing store, the driver's format."""
         self.el.set("type", "file")
-        for tag in ("source", "backingStore"):
+        for tag in ("source", "backingStore", "mirror"):
             for old in self.el.findall(tag):
                 self.el.remove(old)
         driver = self.el.find("driver")
@@ -87,9 +89,11 @@ class DiskXML:
 
     def eject(self) -> None:
         """No media (removable devices), no backing store."""
-        for tag in ("source", "backingStore"):
+        for tag in ("source", "backingStore", "mirror"):
             for old in self.el.findall(tag):
                 self.el.remove(old)
+        if self.type not in ("file", "block"):      # network, volume, vhostuser, dir: an empty drive
+            self.el.set("type", "file")
 
 
 class DomainXML:
@@ -177,6 +181,127 @@ class DomainXML:
             if ch.get("type") == "unix" and src is not None and "path" in src.attrib:
                 del src.attrib["path"]
 
+    # -- host paths (libvirt's domaincommon.rng: every element or attribute naming a host file,
+    # device, directory or socket, and what restoredom.py does with it) ----------------------------
+    def drop_emulator(self) -> Optional[str]:
+        """Remove <devices><emulator>: libvirt fills in this host's binary for the arch and
+        machine when the domain is defined. The old value, if there was one."""
+        old = self.emulator or None
+        for el in self.root.findall("devices/emulator"):
+            self.devices.remove(el)
+        return old
+
+    @property
+    def loader(self) -> Optional[str]:
+        """The firmware file <os><loader> names (None: none, or firmware autoselection)."""
+        text = (self.root.findtext("os/loader") or "").strip()
+        return text or None
+
+    @property
+    def nvram_template(self) -> Optional[str]:
+        nv = self.root.find("os/nvram")
+        return nv.get("template") if nv is not None else None
+
+    @property
+    def direct_boot(self) -> Dict[str, str]:
+        """Host files of a direct kernel boot: {"kernel"|"initrd"|"dtb": path}."""
+        out = {}
+        for tag in DIRECT_BOOT:
+            text = (self.root.findtext(f"os/{tag}") or "").strip()
+            if text:
+                out[tag] = text
+        return out
+
+    def drop_direct_boot(self) -> None:
+        """No kernel, initrd, device tree or kernel command line: the guest boots from its disks."""
+        self._remove(*(f"os/{t}" for t in (*DIRECT_BOOT, "cmdline")))
+
+    def drop_os_host_files(self) -> List[str]:
+        """ACPI tables loaded from host files (<os><acpi><table>), a container's init/initdir."""
+        return self._remove("os/acpi", "os/init", "os/initdir")
+
+    def drop_foreign_namespaces(self) -> List[str]:
+        """Elements of other XML namespaces (qemu:commandline, qemu:override, xen:commandline ...),
+        except inside <metadata>: raw hypervisor arguments can name any host path or program."""
+        gone = []
+        for el in list(self.root.iter()):
+            if not isinstance(el.tag, str) or not el.tag.startswith("{"):
+                continue
+            if any(a.tag == "metadata" for a in el.iterancestors()):
+                continue
+            parent = el.getparent()
+            if parent is not None:
+                gone.append(etree.QName(el).localname)
+                parent.remove(el)
+        return gone
+
+    def drop_host_settings(self) -> List[str]:
+        """Domain-level settings that take host resources by path or label: security labels
+        (a static DAC label runs QEMU as any user), <launchSecurity>, <blkiotune> host block
+        devices, <resource> cgroup partitions, <sysinfo> fw_cfg entries read from host files."""
+        return self._remove(".//seclabel", "launchSecurity", "blkiotune/device", "resource",
+                            "sysinfo/entry[@file]")
+
+    def strip_device_host_paths(self) -> List[str]:
+        """Host paths inside devices that are otherwise kept: interface scripts (run by libvirt),
+        tap/vhost backends and fixed tap names, option ROM files, character device logs, ttys,
+        graphics sockets and render nodes. libvirt generates what it needs in their place."""
+        gone = self._remove("devices/interface/script", "devices/interface/downscript",
+                            "devices/interface/backend", "devices/interface/target", "devices/*/log")
+        for xpath, attr in (("devices//rom", "file"), ("devices/*", "tty"), ("devices/graphics", "socket"),
+                            ("devices/graphics/listen", "socket"), ("devices/graphics/gl", "rendernode"),
+                            ("devices/video/model/acceleration", "rendernode"), ("devices/audio", "serverName")):
+            for el in self.root.findall(xpath):
+                if attr in el.attrib:
+                    del el.attrib[attr]
+                    gone.append(f"{el.tag} {attr}")
+        return gone
+
+    def remove_host_devices(self) -> List[str]:
+        """Remove the devices that take a host file, device or socket by path: vhost-user and
+        host-device interfaces, evdev and passthrough input, TPM passthrough or external, ivshmem
+        (<shmem>), NVDIMM and virtio-pmem memory backed by host files, an RNG reading anything but
+        /dev/urandom, /dev/random or /dev/hwrng, audio to files or host sound devices, sanlock
+        leases, and serial/console/parallel ports on unix sockets. "<tag type='x'>" of each."""
+        def tpm_of_host(el: etree._Element) -> bool:
+            backend = el.find("backend")
+            return backend is None or backend.get("type") != "emulator" or backend.find("source") is not None
+
+        def rng_of_host(el: etree._Element) -> bool:
+            backend = el.find("backend")
+            return backend is None or backend.get("model") != "random" or \
+                (backend.text or "").strip() not in ("", *RNG_DEVICES)
+
+        rules: List[Tuple[str, Callable[[etree._Element], bool]]] = [
+            ("interface", lambda el: el.get("type") in ("vhostuser", "hostdev")),
+            ("input", lambda el: el.get("type") in ("evdev", "passthrough") or el.find("source") is not None),
+            ("tpm", tpm_of_host),
+            ("shmem", lambda _el: True),
+            ("memory", lambda el: el.find("source/path") is not None),
+            ("rng", rng_of_host),
+            ("audio", lambda el: el.get("type") in ("file", "alsa", "oss")),
+            ("lease", lambda _el: True),
+        ]
+        rules += [(tag, lambda el: el.get("type") == "unix") for tag in ("serial", "console", "parallel")]
+        gone = []
+        for tag, where in rules:
+            for el in self.remove_devices(tag, where):
+                gone.append(f"<{tag}" + (f" type='{el.get('type')}'" if el.get("type") else "") + ">")
+                if tag == "audio" and el.get("id"):     # the sound cards' references to it
+                    for ref in self.root.findall(f"devices/sound/audio[@id='{el.get('id')}']"):
+                        ref.getparent().remove(ref)  # type: ignore[union-attr]
+        return gone
+
+    def _remove(self, *xpaths: str) -> List[str]:
+        gone = []
+        for xpath in xpaths:
+            for el in self.root.findall(xpath):
+                parent = el.getparent()
+                if parent is not None:
+                    gone.append(el.tag)
+                    parent.remove(el)
+        return gone
+
     def remove_devices(self, tag: str, where: Callable[[etree._Element], bool] = lambda _el: True
                        ) -> List[etree._Element]:
         """Remove the <devices> children named `tag` for which `where` holds; the removed ones."""
@@ -202,4 +327,4 @@ class DomainXML:
         etree.SubElement(serial, "target", port="0")
 
 
-__all__ = ["AGENT_CHANNEL", "REMOVABLE", "DiskXML", "DomainXML"]
+__all__ = ["AGENT_CHANNEL", "DIRECT_BOOT", "REMOVABLE", "DiskXML", "DomainXML"]

@@ -5,15 +5,67 @@ libvirt calls (define, start) are host.py's.
 The new domain must never share anything writable with the original: it gets a new name and
 UUID, libvirt generates new MAC addresses and a fresh NVRAM, and every disk that was not restored
 is removed (removable media are kept, ejected), so it can't write into the original's storage.
+
+Nor does it take any host path from the backup directory (invariant 8; the saved XML is checked
+against its recorded hash, but older points have none, and a backup dir may come from another
+host): the emulator is dropped (libvirt takes this host's for the arch and machine), a firmware
+loader or NVRAM template outside this host's firmware directories is refused, a direct-boot
+kernel, initrd or device tree outside its boot directories is dropped (the guest boots from its
+disks), and every device or setting that names a host file, device or socket is removed or loses
+that path (domxml.py lists them, from libvirt's domaincommon.rng), each with a note.
 """
 
 from __future__ import annotations
 
+import os
 import uuid as uuidlib
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
+from virtbackup import env
 from virtbackup.virt.domxml import REMOVABLE, DomainXML
+
+# Where libvirt's and the distributions' firmware descriptors point (OVMF, AAVMF, SeaBIOS, QEMU's own).
+FIRMWARE_DIRS = ("/usr/share/OVMF", "/usr/share/AAVMF", "/usr/share/qemu", "/usr/share/seabios",
+                 "/usr/share/qemu-efi-aarch64", "/usr/share/edk2")
+
+
+def host_file_in(path: str, dirs: Sequence[str]) -> bool:
+    """`path` is a regular file of this host inside one of `dirs` (also after resolving links)."""
+    if not path.startswith("/") or os.path.normpath(path) != path:
+        return False
+    real = os.path.realpath(path)
+    inside = [d for d in dirs if d.startswith("/")]
+    return (os.path.isfile(real) and any(path.startswith(d.rstrip("/") + "/") for d in inside)
+            and any(real.startswith(os.path.realpath(d) + "/") for d in inside))
+
+
+def _drop_host_paths(dom: DomainXML, notes: List[str]) -> None:
+    """What of the saved XML names host paths (see the module docstring): refused (ValueError)
+    or dropped with a note."""
+    for what, path in (("firmware loader", dom.loader), ("NVRAM template", dom.nvram_template)):
+        if path is not None and not host_file_in(path, FIRMWARE_DIRS):
+            raise ValueError(f"its {what} {path!r} is not a firmware file of this host "
+                             f"(in {', '.join(FIRMWARE_DIRS)}); not defining a domain that loads it")
+    emulator = dom.drop_emulator()
+    if emulator:
+        notes.append(f"emulator {emulator} not taken from the backup: libvirt uses this host's")
+    boot = dom.direct_boot
+    outside = sorted(f"{k} {v}" for k, v in boot.items() if not host_file_in(v, env.boot_dirs()))
+    if outside:
+        dom.drop_direct_boot()
+        notes.append(f"direct kernel boot removed ({', '.join(outside)} not in this host's boot directories "
+                     f"{', '.join(env.boot_dirs())}): the domain boots from its disks")
+    for tag in dom.drop_os_host_files():
+        notes.append(f"<os><{tag}> removed: it loads host files")
+    for tag in dom.drop_foreign_namespaces():
+        notes.append(f"<{tag}> (hypervisor-specific namespace) removed: raw arguments can name host paths")
+    for tag in dom.drop_host_settings():
+        notes.append(f"<{tag}> removed: a host resource of the original domain")
+    for what in dom.remove_host_devices():
+        notes.append(f"{what} removed: it uses a host file, device or socket")
+    for what in dom.strip_device_host_paths():
+        notes.append(f"{what} dropped: a host path (libvirt chooses its own)")
 
 
 def restored_domain_xml(saved_xml: str, name: str, images: Dict[str, Path],
@@ -22,6 +74,7 @@ def restored_domain_xml(saved_xml: str, name: str, images: Dict[str, Path],
     dom = DomainXML.parse(saved_xml)
     notes: List[str] = []
     dom.set_identity(name, uuid or str(uuidlib.uuid4()))
+    _drop_host_paths(dom, notes)
     if dom.drop_nvram():                     # the original's EFI variable store; libvirt makes a new one
         notes.append("NVRAM not restored (not in the backup): a fresh one is created from the template")
     dom.drop_macs()
@@ -68,4 +121,4 @@ def _bus_for(dev: str, q35: bool) -> Optional[str]:
     return None
 
 
-__all__ = ["restored_domain_xml"]
+__all__ = ["FIRMWARE_DIRS", "host_file_in", "restored_domain_xml"]
