@@ -378,8 +378,14 @@ def test_bad_job_files_exit_2_with_one_line(tmp_path):
     assert r.rc == 2 and f"{bad}:4: key 'retention.keep_yearly' is unknown" in one_error_line(r)
     r = cli("run", tmp_path / "missing.toml")
     assert r.rc == 2 and "cannot read job file" in one_error_line(r)
-    # a glob that matches nothing: an empty, successful run
+    # a glob that matches nothing: a failed run (hostile pass D14: it was a successful one), unless
+    # the job says an empty selection is fine
     bad.write_text(f'backup_root = "{root}"\ndomains = ["vbjob-none-{secrets.token_hex(4)}-*"]\n')
+    out = run(bad, expect_rc=1)
+    assert out["domains"] == [] and list(root.iterdir()) == []
+    r = cli("run", bad)
+    assert r.rc == 1 and "selects no domain" in one_error_line(r)
+    bad.write_text(bad.read_text() + "allow_empty = true\n")
     out = run(bad, expect_rc=0)
     assert out["domains"] == [] and list(root.iterdir()) == []
 
