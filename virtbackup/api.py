@@ -35,9 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar, Union, cast
 
-from virtbackup import observe
 from virtbackup.errors import HostError, Interrupted, OperationFailed, VirtBackupError
-from virtbackup.observe import Cancel, Progress, ProgressEvent
 from virtbackup.qemu.keys import Key
 
 # Only what `list` needs is imported here: every operation imports its module (and libvirt,
@@ -56,6 +54,7 @@ if TYPE_CHECKING:
     from virtbackup.health import RepairReport, StatusReport
     from virtbackup.jobs import Job, JobPlan, RunResult, Watcher
     from virtbackup.liverestore import LiveResult
+    from virtbackup.observe import Cancel, Progress, ProgressEvent
     from virtbackup.options import RequestedLevel
     from virtbackup.restore import FlattenResult, RestoreResult
     from virtbackup.runners.base import Notify
@@ -92,8 +91,11 @@ def _boundary(fn: F) -> F:
             return fn(*args, **kwargs)
         except VirtBackupError:
             raise
-        except observe.Cancelled as e:     # a cancellation point was reached after cancel()
-            raise Interrupted(str(e)) from None
+        except KeyboardInterrupt as e:
+            obs = sys.modules.get("virtbackup.observe")    # not imported: nothing was cancelled
+            if obs is not None and isinstance(e, obs.Cancelled):   # a cancellation point after cancel()
+                raise Interrupted(str(e)) from None
+            raise
         except OSError as e:
             where = f" {e.filename}" if e.filename else ""
             raise OperationFailed(f"{e.strerror or e}{':' if where else ''}{where}") from e
@@ -111,6 +113,7 @@ def _operation(name: str, cancel: Optional[Cancel], progress: Optional[Progress]
                domain: Optional[str] = None) -> Iterator[None]:
     """The operation's own progress callback and cancel handle (observe.scope), for this call
     and the threads it starts; a handle cancelled before the start stops it at once."""
+    from virtbackup import observe
     with observe.scope(name, progress, cancel, domain):
         observe.check()
         yield
@@ -423,6 +426,7 @@ _LAZY = {
     "ThawResult": "virt.quiesce", "DrillResult": "drill", "Notify": "runners.base", "RequestedLevel": "options",
     "Filesystem": "files", "FilesystemList": "files", "GetResult": "files", "Listing": "files",
     "ListResult": "files", "PointFiles": "files", "Status": "files",
+    "Cancel": "observe", "ProgressEvent": "observe", "Progress": "observe",
 }
 
 

@@ -9,8 +9,6 @@ call time, not at import, so a caller that sets one before the operation is hear
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -55,6 +53,8 @@ def owned_tempdir(prefix: str, base: Optional[str] = None) -> Path:
 
     The name says which process made it, so a later run can remove what a killed one left
     (`remove_dead_tempdirs`) and never what a running one still uses."""
+    import tempfile  # here, not at import: every command loads this module
+
     pid = os.getpid()
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{pid}-{process_start(pid)}-", dir=base))
 
@@ -64,6 +64,9 @@ def remove_dead_tempdirs(prefix: str, base: Optional[str] = None) -> List[Path]:
 
     Only real directories of this user whose name parses; a symlink, another user's directory or
     a name of another shape is left alone."""
+    import shutil
+    import tempfile
+
     where = Path(base or tempfile.gettempdir())
     removed: List[Path] = []
     try:
