@@ -6,7 +6,6 @@ import fcntl
 import os
 import re
 import stat
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -248,13 +247,15 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
         listed = "; ".join(f"{d.image}: {d.problem}" for d in xml_damage)
         raise DamageFound(f"point {point.id} can't be restored: damaged {listed}; nothing was restored"
                           + ("" if define else " (--salvage without --define restores its disks)"))
-    # What needs no read (missing, truncated, a symlink) is refused before anything is written.
+    # Every image the restore reads is checked against its record (size, backing link, content
+    # hash) before any QEMU tool opens one (invariant 8): qemu-img follows what a header says (a
+    # json: backing spec connects to a socket, an external data file opens a host file or device),
+    # so a hand-made image must be refused before qemu-img sees it, not after.
     rels = integrity.chain_images(chain, point, names)
-    missing: Dict[str, str] = {}
-    quick = integrity.check_images(bdir, chain, rels, quick=True)
-    if quick and not salvage:
-        raise _damage_error(chain, point, quick)
-    missing = _missing(chain, point, names, quick)
+    damage = integrity.check_images(bdir, chain, rels)
+    if damage and not salvage:
+        raise _damage_error(chain, point, damage)
+    missing = _missing(chain, point, names, damage)
     names = [n for n in names if n not in missing]
     if not names:
         raise DamageFound(f"point {point.id}: nothing can be salvaged: "
@@ -283,11 +284,6 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create {output_dir}: {e.strerror}") from None
-    # The hashes are checked while the copies are made (each image is read once from disk, the
-    # copy finds it in the page cache): a copy is only given its name once every image it was
-    # read from has passed. Damage found: the copies are deleted, nothing is restored.
-    checker = ThreadPoolExecutor(max_workers=1)
-    check = observe.submit(checker, integrity.check_images, bdir, chain, integrity.chain_images(chain, point, names))
     journal = Journal(output_dir)
     done: Dict[str, Path] = {}
     made: Dict[str, Path] = {}
@@ -310,19 +306,9 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
                             qemu_img.convert(src, tmp, key=key, encrypt_iter_time=(
                                 chain.encryption.iter_time_ms if encrypt and chain.encryption else None))
                 except VirtBackupError as e:
-                    if not _missing(chain, point, [n], check.result()):
-                        raise RestoreFailed(f"restore of disk {n} from point {point.id} failed: {e}") from None
+                    raise RestoreFailed(f"restore of disk {n} from point {point.id} failed: {e}") from None
                 os.chmod(tmp, 0o600)
-            damage = check.result()
             observe.check()
-            if damage:
-                if not salvage:
-                    raise _damage_error(chain, point, damage)
-                missing.update(_missing(chain, point, names, damage))
-                names = [n for n in names if n not in missing]
-                if not names:
-                    raise DamageFound(f"point {point.id}: nothing can be salvaged: "
-                                      + "; ".join(f"disk {n}: {why}" for n, why in sorted(missing.items())))
             for n in names:
                 # noted before it gets its name: a kill right after must not leave an unknown disk
                 journal.note("placed", outs[n], os.lstat(made[n]).st_ino)
@@ -336,7 +322,6 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
                     pass
             raise
         finally:
-            checker.shutdown(wait=True)
             for tmp in made.values():
                 try:
                     tmp.unlink()

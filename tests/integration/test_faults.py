@@ -467,6 +467,57 @@ def test_changed_backing_link_is_named_by_verify_and_restore(make_domain, tmp_pa
     c.assert_restores()
 
 
+def test_no_qemu_tool_opens_an_image_before_its_check(make_domain, tmp_path):
+    """Hostile pass D15: an image whose backing is a json: spec of an NBD unix socket made restore's
+    qemu-img connect to that socket before the integrity check refused the image (the hash was
+    checked while the copy ran). Now restore, restore --instant and verify refuse it without any
+    QEMU tool opening it: the planted socket sees no connection."""
+    import socket
+    import threading
+
+    d = make_domain({"vda": 16 * MiB})
+    c = Chain(d, tmp_path / "bk", tmp_path)
+    d.write("vda", 0x11, 0, 1 * MiB)
+    c.backup()
+    d.write("vda", 0x12, 2 * MiB, 1 * MiB)
+    c.backup()
+    sock_path = tmp_path / "planted.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    connections: List[str] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            connections.append("connected")
+            conn.close()
+
+    watcher = threading.Thread(target=accept, daemon=True)
+    watcher.start()
+    try:
+        spec = json.dumps({"driver": "qcow2", "file": {"driver": "nbd", "server": {"type": "unix",
+                                                                                   "path": str(sock_path)}}})
+        img = c.bdir / "points/0002/vda.qcow2"
+        subprocess.run(["qemu-img", "rebase", "-u", "-b", f"json:{spec}", "-F", "qcow2", str(img)], check=True)
+        for args in (("restore", c.bdir, tmp_path / "out"), ("restore", c.bdir, tmp_path / "out2", "--instant"),
+                     ("verify", c.bdir), ("verify", c.bdir, "--deep")):
+            r = cli(*args)
+            assert r.rc == 1 and "points/0002/vda.qcow2" in one_error_line(r), (args, r)
+        time.sleep(0.5)
+        assert connections == [], "a QEMU tool opened the hostile image before its check refused it"
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+        listener.close()
+
+
 def test_modes_and_unusual_names_end_to_end(make_domain, tmp_path, procs):
     """Spaces, quotes, '&', '$' and non-ASCII in the domain name, its disk files and both paths;
     images and metadata 0600 in 0700 directories even with umask 0."""
