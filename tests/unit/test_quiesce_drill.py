@@ -98,3 +98,54 @@ def test_drill_and_quiesce_usage_errors_change_nothing(tmp_path):
         assert r.rc == 2, (args, r)
         assert text in r.err, (args, r)
     assert sorted(tmp_path.iterdir()) == []
+
+
+class _FakeDom:
+    def isActive(self) -> int:  # noqa: N802 - libvirt's names
+        return 1
+
+    def XMLDesc(self, _flags: int) -> str:  # noqa: N802
+        return ("<domain><devices><channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/>"
+                "</channel></devices></domain>")
+
+    def name(self) -> str:
+        return "vm1"
+
+    def UUIDString(self) -> str:  # noqa: N802
+        return "11111111-2222-3333-4444-555555555555"
+
+
+def test_the_guest_is_thawed_even_when_saying_so_fails(tmp_path, monkeypatch):
+    """Hostile pass D4: with stderr on a full device (2>/dev/full) the 'froze' message raised
+    outside the block that thaws, and the guest stayed frozen. Saying things never raises now,
+    and the message is inside the block."""
+    from virtbackup.virt import quiesce
+
+    monkeypatch.setenv("VIRTBACKUP_RUN_DIR", str(tmp_path))
+    sent = []
+    monkeypatch.setattr(quiesce, "agent_command", lambda dom, cmd, arguments=None, timeout=5: sent.append(cmd) or 1)
+
+    def full(_msg: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    q = quiesce.Quiescer(_FakeDom(), "require", full)   # type: ignore[arg-type]
+    q.check()
+    with q.frozen():
+        assert sent == ["guest-fsfreeze-freeze"]
+    assert sent == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    assert q.result.consistency == "application"
+    assert not list(tmp_path.glob("frozen-*"))           # the marker went with the thaw
+
+
+def test_say_survives_a_broken_stderr(monkeypatch):
+    """A `run` child whose parent was killed writes into a closed pipe; a full device likewise."""
+    import io
+
+    from virtbackup.cli import _common
+
+    class Broken(io.StringIO):
+        def write(self, _s: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(_common.sys, "stderr", Broken())
+    _common.say("warning: this goes nowhere, and that is no reason to stop")

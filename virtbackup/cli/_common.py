@@ -136,7 +136,12 @@ def say(msg: str) -> None:
     """A line for the user on stderr: `virtbackup: MSG` (errors, warnings, notes). MSG goes through
     `shown`: it may quote what a guest controls (a file name, an agent's or a check's message), and
     it stays one line."""
-    print(f"virtbackup: {shown(msg)}", file=sys.stderr, flush=True)
+    try:
+        print(f"virtbackup: {shown(msg)}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        # stderr on a full device, a closed pipe (the `run` that started us was killed): the
+        # operation goes on (a frozen guest is thawed, a job finishes or rolls back); the run log has it
+        pass
 
 
 def emit(data: Dict[str, Any]) -> None:

@@ -242,9 +242,13 @@ class Quiescer:
             self.result = Consistency(CRASH, "the domain has no guest agent channel")
 
     def notify(self, msg: str) -> None:
-        """Say it (stderr via the caller) and log it (the run log)."""
+        """Say it (stderr via the caller) and log it (the run log). Never raises: saying a thing
+        must not be what leaves a guest frozen (stderr on a full device, a closed pipe)."""
         (log.warning if msg.startswith("warning: ") else log.info)("%s", msg)
-        self._notify(msg)
+        try:
+            self._notify(msg)
+        except Exception as e:  # noqa: BLE001 -- any failure to say it; the run log has it
+            log.warning("could not say %r: %s", msg, e)
 
     @property
     def wants_freeze(self) -> bool:
@@ -290,8 +294,8 @@ class Quiescer:
                 self.notify(f"warning: {why}; the backup goes on crash-consistent")
                 yield
                 return
-            self.notify(f"froze {n} filesystem(s) of domain '{name}' in {frozen_at - t0:.2f}s")
             try:
+                self.notify(f"froze {n} filesystem(s) of domain '{name}' in {frozen_at - t0:.2f}s")
                 yield
             finally:
                 thawed = self._thaw_or_warn(name, uuid)
