@@ -437,14 +437,20 @@ def test_another_tools_job_is_left_alone(make_domain, tmp_path):
     c.assert_restores()
 
 
-def test_changed_backing_link_is_named_by_verify_and_restore(make_domain, tmp_path):
-    from virtbackup.qemu import qemu_img
+def two_points(make_domain, tmp_path: Path) -> "Chain":
+    """A full and an incremental of a 32 MiB disk, each after a write."""
     d = make_domain({"vda": 32 * MiB})
     c = Chain(d, tmp_path / "bk", tmp_path)
     d.write("vda", 0x11, 0, 1 * MiB)
     c.backup()
     d.write("vda", 0x12, 2 * MiB, 1 * MiB)
     c.backup()
+    return c
+
+
+def test_changed_backing_link_is_named_by_verify_and_restore(make_domain, tmp_path):
+    from virtbackup.qemu import qemu_img
+    c = two_points(make_domain, tmp_path)
     img = c.bdir / "points/0002/vda.qcow2"
     decoy = tmp_path / "decoy.qcow2"
     qemu_img.create(decoy, 32 * MiB)
@@ -475,12 +481,7 @@ def test_no_qemu_tool_opens_an_image_before_its_check(make_domain, tmp_path):
     import socket
     import threading
 
-    d = make_domain({"vda": 16 * MiB})
-    c = Chain(d, tmp_path / "bk", tmp_path)
-    d.write("vda", 0x11, 0, 1 * MiB)
-    c.backup()
-    d.write("vda", 0x12, 2 * MiB, 1 * MiB)
-    c.backup()
+    c = two_points(make_domain, tmp_path)
     sock_path = tmp_path / "planted.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(sock_path))
