@@ -3,6 +3,8 @@ server in tests/integration/test_pull.py)."""
 
 from __future__ import annotations
 
+import pytest
+
 from virtbackup.qemu import nbdcopy
 
 MiB = 1 << 20
@@ -87,3 +89,22 @@ def test_pacer_holds_reads_to_the_speed_with_one_request_of_burst(monkeypatch):
     assert slow.wait_for(4 << 20) == 4.0
     unpaced = nbdcopy.Pacer(None, 4 << 20)
     assert unpaced.wait_for(1 << 40) == 0.0       # no limit: never waits
+
+
+def test_the_target_server_never_starts_after_its_parent_died(tmp_path):
+    """qemu-nbd is tied to the process that starts it (parent-death signal); a parent killed before
+    that signal was set left a server nobody ended. The wrapper execs the server only while its
+    parent is still the process that asked for it, keeping the pid (socket activation needs it)."""
+    import subprocess
+
+    from virtbackup.qemu import nbdcopy
+
+    marker = tmp_path / "ran"
+    argv = nbdcopy.tied_to_this_process(["/bin/sh", "-c", f'echo $$ > {marker}'])
+    if argv[0].endswith("sh"):
+        pytest.skip("setpriv is not installed")
+    proc = subprocess.Popen(argv)                       # our child: its parent is still us
+    assert proc.wait() == 0 and marker.read_text().strip() == str(proc.pid)   # exec'd in place
+    marker.unlink()
+    stale = argv[:argv.index("sh") + 1] + ["1"] + argv[argv.index("sh") + 2:]   # as if our parent were pid 1
+    assert subprocess.run(stale).returncode == 1 and not marker.exists()

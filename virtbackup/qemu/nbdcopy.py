@@ -125,6 +125,22 @@ def open_source(src: Endpoint, contexts: List[str]) -> Any:
     return h
 
 
+# Run by setpriv after it set the parent-death signal: exec the server only if the process that
+# started it is still its parent. A parent killed before the signal was set would otherwise leave
+# a server nobody ends (seen once at load ~20: a qemu-nbd outlived its SIGKILLed run for good).
+_PARENT_CHECK = 'read -r _ _ _ ppid _ < /proc/$$/stat && [ "$ppid" = "$1" ] || exit 1; shift; exec "$@"'
+
+
+def tied_to_this_process(argv: List[str]) -> List[str]:
+    """`argv` run so that it ends with this process (SIGTERM on its death, PR_SET_PDEATHSIG) and
+    never starts after it. Every layer execs in place: the pid stays the one libnbd forked, so
+    socket activation's LISTEN_PID check still holds. Unchanged where setpriv is missing."""
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        return argv
+    return [setpriv, "--pdeathsig", "TERM", "/bin/sh", "-c", _PARENT_CHECK, "sh", str(os.getpid()), *argv]
+
+
 def open_target(image: Path) -> Any:
     """Serve `image` (qcow2, with its backing link) with qemu-nbd over socket activation.
 
@@ -139,12 +155,7 @@ def open_target(image: Path) -> Any:
         raise OperationFailed(f"{env.program('qemu-nbd')} not found; install qemu-utils")
     argv = [exe, "--format=qcow2", "--cache=writeback", "--detect-zeroes=on", "--discard=ignore",
             str(image)]
-    # qemu-nbd exits when its client disconnects, but one whose client was killed before it
-    # connected would wait forever: tie it to this thread's life (setpriv execs qemu-nbd in
-    # place, so the socket-activation pid check still holds)
-    setpriv = shutil.which("setpriv")
-    if setpriv:
-        argv = [setpriv, "--pdeathsig", "TERM", *argv]
+    argv = tied_to_this_process(argv)
     log.debug("target server: %s", argv)
     h = nbd.NBD()
     h.set_handle_name("virtbackup-dst")
