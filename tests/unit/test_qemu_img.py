@@ -167,14 +167,15 @@ def test_other_failures_are_not_retried(monkeypatch, tmp_path, key, stderr):
     assert len(rec.calls) == 1
 
 
-def test_the_transient_gives_up_after_six_attempts(monkeypatch, tmp_path):
+def test_the_transient_gives_up_after_forty_attempts_with_capped_pauses(monkeypatch, tmp_path):
     rec = Recorder(returncode=1, stderr="Unable to get accurate CPU usage")
     monkeypatch.setattr(qemu_img, "execute", rec)
     pauses: List[float] = []
     monkeypatch.setattr(qemu_img.time, "sleep", pauses.append)
     with pytest.raises(HostError, match="accurate CPU usage"):
         qemu_img.create(tmp_path / "x.qcow2", MiB, key=KEY, iter_time=ITER)
-    assert len(rec.calls) == 6 and pauses == sorted(pauses) and len(pauses) == 5
+    assert len(rec.calls) == 40 and pauses == sorted(pauses) and len(pauses) == 39
+    assert max(pauses) == 0.25 and sum(pauses) < 10
 
 
 # --- naming images: plain, --image-opts, json: ----------------------------------------------------

@@ -228,14 +228,17 @@ def create(path: Path, size: int, backing: Optional[str] = None, cluster_size: O
 
 # QEMU calibrates PBKDF2 for a new LUKS header by timing it in thread CPU time; on a loaded host
 # that measurement can come back as zero and qemu-img gives up ("Unable to get accurate CPU
-# usage", seen here under load ~25 on 2 cores, and at load ~3 with a 10 ms iteration time).
-# A transient: retried with a growing pause. The file is left where it is between tries (qemu-img
+# usage"). Thread CPU time here is counted in 4 ms scheduler ticks, and QEMU's first calibration
+# round (2^15 iterations) takes about 3 ms, so a round often sees no tick at all: 12 of 40
+# `qemu-img create` runs failed so on an idle machine, and CI once lost six tries in a row. Each
+# try is an independent draw costing ~30 ms, so we retry many times (0.3^40 is nil) with a short
+# pause that grows to a cap. The file is left where it is between tries (qemu-img
 # rewrites it; unlinking it would let the next try create the name afresh, outside the caller's
 # exclusive create); the caller removes it when the last try fails.
 _LUKS_TRANSIENT = "Unable to get accurate CPU usage"
 
 
-def _luks_retry(fn: Any, encrypting: bool, attempts: int = 6) -> None:
+def _luks_retry(fn: Any, encrypting: bool, attempts: int = 40) -> None:
     for attempt in range(attempts):
         try:
             fn()
@@ -244,7 +247,7 @@ def _luks_retry(fn: Any, encrypting: bool, attempts: int = 6) -> None:
             if not encrypting or _LUKS_TRANSIENT not in str(e) or attempt == attempts - 1:
                 raise
             log.info("qemu-img: %s; trying again", _LUKS_TRANSIENT)
-            time.sleep(0.05 * 2 ** attempt)
+            time.sleep(min(0.01 * 2 ** attempt, 0.25))
 
 
 def layers(path: Path) -> List[bool]:
