@@ -19,8 +19,14 @@ PACKAGES=(libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients qemu-system-
 # - openssh-server: only its sshd binary, for the remote-URI tests (qemu+ssh to 127.0.0.1), which
 #   start a private sshd with a throwaway key and config and stop it again. The package's own
 #   service is never started by this script.
+# - a throwaway Ceph cluster with a RADOS Gateway (S3) for the off-site tests: the test suite
+#   starts it on 127.0.0.1 (memstore OSD, no auth inside) and stops it again;
+# - Cockpit and a headless Chromium with its WebDriver for the Backups page's browser tests: the
+#   suite starts a private cockpit-ws on 127.0.0.1; the packages' own services are not started.
 EXTRA_PACKAGES=(linux-image-amd64 busybox-static qemu-guest-agent e2fsprogs cpio
-                libguestfs-tools python3-guestfs python3-libnbd openssh-server b3sum)
+                libguestfs-tools python3-guestfs python3-libnbd openssh-server b3sum
+                ceph-mon ceph-osd ceph-common radosgw
+                cockpit-ws cockpit-bridge cockpit-system chromium chromium-driver)
 
 log() { echo "setup-host: $*" >&2; }
 
