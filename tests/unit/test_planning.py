@@ -159,12 +159,15 @@ def test_disk_selection_and_skipped_disks():
     cdrom = Disk("sda", "cdrom", "file", "raw", None, "sata0-0-0", None)
     dom = FakeDomain([qcow2("vda"), raw, cdrom], {"vda": MiB, "vdb": MiB, "sda": 0})
     plan = plan_backup(dom, c, BDIR, "full")
-    assert [dp.disk.target for dp in plan.disks] == ["vda"]
-    assert set(plan.skipped) == {"vdb", "sda"} and "qcow2" in plan.skipped["vdb"]
+    # D16: a raw disk is never left out (it used to be skipped: "format 'raw'"); only the cdrom is
+    assert [dp.disk.target for dp in plan.disks] == ["vda", "vdb"]
+    assert set(plan.skipped) == {"sda"} and "cdrom" in plan.skipped["sda"]
+    assert [dp.tracks for dp in plan.disks] == [True, False]
+    assert "cannot hold a dirty bitmap" in (plan.disks[1].why_full or "")
     with pytest.raises(DiskNotFound):
         plan_backup(dom, c, BDIR, "full", only=["vdz"])
-    with pytest.raises(UsageError, match="cannot be backed up"):
-        plan_backup(dom, c, BDIR, "full", only=["vdb"])
+    with pytest.raises(UsageError, match="disk sda cannot be backed up: device type 'cdrom'"):
+        plan_backup(dom, c, BDIR, "full", only=["sda"])
     with pytest.raises(UsageError, match="unknown level"):
         plan_backup(dom, c, BDIR, "weekly")  # type: ignore[arg-type]
 
@@ -222,3 +225,33 @@ def test_repair_redefines_lost_checkpoints_parent_first_when_bitmaps_are_intact(
     # a lost checkpoint whose bitmap is gone is not redefined; its orphan-free state stays
     dom.disk_bitmaps["vda"] = [bitmap(c.checkpoint_name("0001"))]
     assert kinds(plan_repair(dom, c)) == [("redefine-checkpoint", c.checkpoint_name("0001"))]
+
+
+@pytest.mark.parametrize("kind, fmt, source", [("file", "raw", "/vm/vda.raw"), ("block", "raw", "/dev/vg0/sys"),
+                                               ("network", "raw", "rbd/sys"), ("network", None, None),
+                                               ("volume", "raw", "pool-vol")])
+def test_a_disk_without_bitmaps_is_copied_whole_in_every_point_of_a_mixed_chain(kind, fmt, source):
+    """D16: a raw/block/network system disk beside a qcow2 data disk: every point holds it whole
+    (recorded with why), the qcow2 disk continues from its bitmap; the checkpoint tracks only it."""
+    c = chain_with(["full", "inc"], disks=("vda", "vdb"))
+    dom = healthy(c, disks=("vda", "vdb"))
+    dom.disk_list[0] = Disk("vda", "disk", kind, fmt, source, "virtio-disk0", 1)
+    for cp in dom.checkpoints:
+        dom.checkpoints[cp] = ["vdb"]          # checkpoint='no' on vda
+    dom.disk_bitmaps["vda"] = []
+    plan = plan_backup(dom, c, BDIR, "auto")
+    assert plan.level == "inc" and not plan.skipped
+    modes = {dp.disk.target: (dp.mode, dp.tracks, dp.why_full, dp.target.backing) for dp in plan.disks}
+    assert modes["vda"][:2] == ("full", False) and "cannot hold a dirty bitmap" in modes["vda"][2]
+    assert modes["vda"][3] is None
+    assert modes["vdb"] == ("bitmap", True, None, "points/0002/vdb.qcow2")
+
+
+def test_a_domain_whose_disks_all_lack_bitmaps_gets_fulls_and_says_why():
+    c = chain_with(["full"], disks=("vda",))
+    dom = FakeDomain([Disk("vda", "disk", "file", "raw", "/vm/vda.raw", "virtio-disk0", 1)], {"vda": 64 * MiB},
+                     {n: [] for n in c.needed_checkpoints()}, {})
+    plan = plan_backup(dom, c, BDIR, "auto")
+    assert plan.level == "full" and "no disk of the domain can hold a dirty bitmap (vda: format 'raw')" in plan.reason
+    with pytest.raises(LevelNotPossible, match="cannot take an incremental backup: no disk .* dirty bitmap"):
+        plan_backup(dom, c, BDIR, "inc")

@@ -223,3 +223,31 @@ def test_firmware_of_the_host_and_kernels_of_named_boot_dirs_are_kept(tmp_path, 
     assert root.findtext("os/loader") == str(firmware)
     assert root.findtext("os/kernel") == f"{tmp_path}/vmlinuz" and root.findtext("os/cmdline") == "quiet"
     assert not any("kernel" in n for n in notes)
+
+
+def test_raw_block_and_network_disks_become_restored_qcow2_files():
+    """D16: the disks now in every point (raw file, raw LVM/loop device, NBD/RBD network disk)
+    are defined on their restored qcow2 files: no host device, network host or secret left."""
+    saved = """<domain type='kvm'><name>orig</name><memory unit='KiB'>65536</memory>
+      <os><type arch='x86_64' machine='q35'>hvm</type></os><devices>
+      <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/>
+        <source file='/vm/sys.raw'/><target dev='vda' bus='virtio'/></disk>
+      <disk type='block' device='disk'><driver name='qemu' type='raw'/>
+        <source dev='/dev/vg0/data'/><target dev='vdb' bus='virtio'/></disk>
+      <disk type='network' device='disk'><driver name='qemu' type='raw'/>
+        <auth username='admin'><secret type='ceph' uuid='2ec115d7-3a88-3ceb-bc12-0ac909a6fd87'/></auth>
+        <source protocol='rbd' name='pool/img'><host name='10.0.0.1' port='6789'/></source>
+        <target dev='vdc' bus='virtio'/></disk>
+      <disk type='network' device='disk'><driver name='qemu' type='raw'/>
+        <source protocol='nbd'><host transport='unix' socket='/run/nbd.sock'/></source>
+        <target dev='vdd' bus='virtio'/></disk>
+      </devices></domain>"""
+    images = {t: Path(f"/r/{t}.qcow2") for t in ("vda", "vdb", "vdc", "vdd")}
+    xml, _ = restored_domain_xml(saved, "copy", images)
+    root = etree.fromstring(xml.encode())
+    for d in root.findall("devices/disk"):
+        dev = d.find("target").get("dev")
+        assert d.get("type") == "file" and d.find("driver").get("type") == "qcow2", dev
+        assert [s.attrib for s in d.findall("source")] == [{"file": f"/r/{dev}.qcow2"}], dev
+    assert "10.0.0.1" not in xml and "/dev/vg0" not in xml and "nbd.sock" not in xml and "/vm/" not in xml
+    assert root.find("devices/disk/auth") is None, "a Ceph secret of the original has no use on a file"

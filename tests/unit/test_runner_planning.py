@@ -300,9 +300,17 @@ def test_offline_job_disks_follow_the_plan_and_the_current_definition():
     gone = FakeDomain(dom.disk_list[:1], dom.sizes)
     with pytest.raises(BackupFailed, match="disk vdb is no longer part of the domain"):
         offline_runner(gone)._job_disks(plan)
+    # D16: a raw disk is read through QEMU's raw driver (it used to be refused); a network disk is
+    # refused offline with what to do, never left out; a format QEMU's job can't open too
     raw = FakeDomain([dom.disk_list[0], Disk("vdb", "disk", "file", "raw", "/vm/vdb.raw", None, 2)], dom.sizes)
-    with pytest.raises(BackupFailed, match="disk vdb cannot be backed up offline: format 'raw'"):
-        offline_runner(raw)._job_disks(plan)
+    vdb = offline_runner(raw)._job_disks(plan)[1]
+    assert (vdb.format, vdb.tracks, vdb.driver) == ("raw", False, "file")
+    net = FakeDomain([dom.disk_list[0], Disk("vdb", "disk", "network", "raw", "rbd/vdb", None, 2)], dom.sizes)
+    with pytest.raises(BackupFailed, match="disk vdb is a 'network' disk: .*start the domain.*--disk"):
+        offline_runner(net)._job_disks(plan)
+    vmdk = FakeDomain([dom.disk_list[0], Disk("vdb", "disk", "file", "vmdk", "/vm/vdb.vmdk", None, 2)], dom.sizes)
+    with pytest.raises(BackupFailed, match="format 'vmdk' cannot be read offline"):
+        offline_runner(vmdk)._job_disks(plan)
 
 
 def test_offline_transaction_adds_the_new_bitmap_everywhere_and_reads_the_base_only_where_planned(monkeypatch):

@@ -49,6 +49,12 @@ class JobDisk:
     dest: Path           # pre-created qcow2 in the .partial point dir
     full: bool           # sync=full (else sync=bitmap from the base checkpoint's bitmap)
     encrypted: bool = False     # the target is LUKS: opened with the key's secret object
+    format: str = "qcow2"       # the image's format driver: qcow2, or raw (copied whole, no bitmap)
+
+    @property
+    def tracks(self) -> bool:
+        """The new checkpoint's persistent bitmap goes into this image (qcow2 only)."""
+        return self.format == "qcow2"
 
     @property
     def src_node(self) -> str:
@@ -104,7 +110,8 @@ class OfflineRunner:
         """Before planning: an image someone else has open would read as 'in-use' (inconsistent)."""
         self._refuse_if_started()
         for d in self._inactive_disks().values():
-            if d.skip_reason() is None and d.source and qemu_img.image_in_use(d.source):
+            if d.skip_reason() is None and d.type in ("file", "block") and d.source \
+                    and qemu_img.image_in_use(d.source):
                 raise OperationFailed(f"disk {d.target} image {d.source} is in use by another process; "
                                       "it cannot be backed up offline now")
 
@@ -128,11 +135,13 @@ class OfflineRunner:
                 raise BackupFailed(f"disk {name} is no longer part of the domain")
             if d.skip_reason():
                 raise BackupFailed(f"disk {name} cannot be backed up offline: {d.skip_reason()}")
+            if d.offline_reason():
+                raise BackupFailed(str(d.offline_reason()))
             if dp.target.encryption is not None and self.key is None:
                 raise BackupFailed(f"disk {name}: the target is encrypted but the runner has no key")
             out.append(JobDisk(name, d.source, "host_device" if d.type == "block" else "file",
                                dp.target.path, full=dp.mode == "full",
-                               encrypted=dp.target.encryption is not None))
+                               encrypted=dp.target.encryption is not None, format=d.format or "qcow2"))
         if not out:
             raise BackupFailed("no disk takes part in the backup")
         return out
@@ -145,7 +154,7 @@ class OfflineRunner:
         for d in disks:
             # A bitmap of this name can only be left by a run that died before recording the
             # point: the name is ours and was never committed.
-            if plan.checkpoint in image_bitmaps(d.image):
+            if d.tracks and plan.checkpoint in image_bitmaps(d.image):
                 warn = checkpoints.remove_bitmap_offline(d.image, plan.checkpoint)
                 if warn:
                     raise BackupFailed(warn)
@@ -172,7 +181,7 @@ class OfflineRunner:
             raise BackupFailed("the private QEMU did not exit cleanly; the images' bitmaps may be "
                                "inconsistent (the next backup then starts a new chain)")
         for d in self._disks:
-            if not bitmaps.stored_ok(Path(d.image), plan.checkpoint):
+            if d.tracks and not bitmaps.stored_ok(Path(d.image), plan.checkpoint):
                 raise BackupFailed(f"bitmap {plan.checkpoint} was not stored correctly in {d.image}")
         self._redefine(plan)
 
@@ -198,8 +207,9 @@ class OfflineRunner:
         speed = self.max_speed or int(os.environ.get("VIRTBACKUP_OFFLINE_SPEED", "0") or 0)
         actions: List[Dict[str, Any]] = []
         for d in disks:
-            actions.append({"type": "block-dirty-bitmap-add",
-                            "data": {"node": d.src_node, "name": cp_name, "persistent": True}})
+            if d.tracks:
+                actions.append({"type": "block-dirty-bitmap-add",
+                                "data": {"node": d.src_node, "name": cp_name, "persistent": True}})
         for d in disks:
             job: Dict[str, Any] = {"job-id": d.job_id, "device": d.src_node, "target": d.dest_node}
             if speed > 0:
@@ -232,7 +242,7 @@ class OfflineRunner:
             self._add_key(qemu)
         for d in disks:
             try:
-                qemu.execute("blockdev-add", {"driver": "qcow2", "node-name": d.src_node,
+                qemu.execute("blockdev-add", {"driver": d.format, "node-name": d.src_node,
                                               "file": {"driver": d.driver, "filename": d.image}})
             except QMPError as e:
                 if "lock" in e.desc:
@@ -312,7 +322,7 @@ class OfflineRunner:
         libvirtd may have restarted while the private QEMU copied (which it doesn't disturb at
         all): reconnect rather than lose a finished copy to a dead connection."""
         cxml = xmlbuild.checkpoint_xml(plan.checkpoint, plan.description,
-                                       {dp.disk.target: True for dp in plan.disks})
+                                       {dp.disk.target: dp.tracks for dp in plan.disks})
         created = str(int(time.time()))
         for attempt in (1, 2):
             lost = attempt == 2 or not self.handle.alive()

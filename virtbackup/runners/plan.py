@@ -65,11 +65,16 @@ class DiskPlan:
     base_bitmap: Optional[str]          # bitmap changes are read from (mode == "bitmap")
     backing: Optional[DiskImage]        # recorded image the target is layered on
     target: TargetSpec
-    why_full: Optional[str] = None      # why a disk is copied whole inside an inc/diff
+    why_full: Optional[str] = None      # why a disk is copied whole (inside an inc/diff, or always)
 
     @property
     def virtual_size(self) -> int:
         return self.target.virtual_size
+
+    @property
+    def tracks(self) -> bool:
+        """The new checkpoint puts a bitmap on this disk (False: raw and the like, copied whole)."""
+        return self.disk.bitmap_reason() is None
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def _choose_disks(view: DomainView, only: Sequence[str]) -> Tuple[List[Disk], Di
         else:
             chosen.append(d)
     if not chosen:
-        raise UsageError("no disk of the domain can be backed up (only qcow2 disks can)")
+        raise UsageError("no disk of the domain can be backed up")
     return chosen, skipped
 
 
@@ -160,8 +165,8 @@ def plan_backup(view: DomainView, chain: Chain, bdir: BackupDir, level: Requeste
                           final_dir=bdir.point_dir(point_id), skipped=dict(skipped), reason=why)
 
     def full(why: Optional[str]) -> BackupPlan:
-        return make("full", None, [DiskPlan(d, "full", None, None, target(d, None)) for d in chosen],
-                    why or reason)
+        return make("full", None, [DiskPlan(d, "full", None, None, target(d, None), d.bitmap_reason())
+                                   for d in chosen], why or reason)
 
     if level == "full":
         return full(None)
@@ -180,8 +185,12 @@ def plan_backup(view: DomainView, chain: Chain, bdir: BackupDir, level: Requeste
             found = f"checkpoint {base.checkpoint} of point {base.id} is not known to libvirt"
         else:
             tracked = cp_disks
-            continuing = [d for d in chosen if d.target in base.disks and d.target in tracked]
-            if not continuing:
+            continuing = [d for d in chosen if d.target in base.disks and d.target in tracked
+                          and d.bitmap_reason() is None]
+            if not any(d.bitmap_reason() is None for d in chosen):
+                found = "no disk of the domain can hold a dirty bitmap (" + "; ".join(
+                    f"{d.target}: format '{d.format or 'unknown'}'" for d in chosen) + ")"
+            elif not continuing:
                 found = "no disk of the previous point takes part in this backup"
             else:
                 unusable = _bitmap_problems(view, continuing, base.checkpoint)
@@ -196,8 +205,10 @@ def plan_backup(view: DomainView, chain: Chain, bdir: BackupDir, level: Requeste
     plans: List[DiskPlan] = []
     for d in chosen:
         prev = base.disks.get(d.target)
-        why_full: Optional[str] = None
-        if prev is None:
+        why_full: Optional[str] = d.bitmap_reason()
+        if why_full is not None:
+            pass                    # raw and the like: every point holds it whole
+        elif prev is None:
             why_full = "disk is new since the base point"
         elif d.target not in tracked:
             # e.g. a prune made this point the chain's base with an older checkpoint that

@@ -118,8 +118,13 @@ class PullRunner:
             if dp.target.encryption is not None:
                 raise UsageError("encrypted targets are not supported in pull mode yet")
         cxml = xmlbuild.checkpoint_xml(plan.checkpoint, plan.description,
-                                       {dp.disk.target: True for dp in plan.disks})
-        self._start([PullTarget(dp.disk.target, dp.target.path, dp.mode == "full", dp.disk.source or "")
+                                       {dp.disk.target: dp.tracks for dp in plan.disks})
+        # the default scratch dir is beside the disk's image file; a block device's or network
+        # disk's "directory" is no place for one (/dev is a small tmpfs): beside a file disk of
+        # the same domain then, else libvirt's image dir (--scratch-dir chooses)
+        files = [dp.disk.source for dp in plan.disks if dp.disk.type == "file" and dp.disk.source]
+        self._start([PullTarget(dp.disk.target, dp.target.path, dp.mode == "full",
+                                (dp.disk.source or "") if dp.disk.type == "file" else (files[0] if files else ""))
                      for dp in plan.disks], plan.base_checkpoint, plan.checkpoint, cxml)
 
     def _start(self, targets: Sequence[PullTarget], base: Optional[str], checkpoint: str, cxml: str) -> None:

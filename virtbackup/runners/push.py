@@ -92,7 +92,7 @@ class PushRunner:
                                  encryption=dp.target.encryption) for dp in plan.disks],
             plan.base_checkpoint)
         cxml = xmlbuild.checkpoint_xml(plan.checkpoint, plan.description,
-                                       {dp.disk.target: True for dp in plan.disks})
+                                       {dp.disk.target: dp.tracks for dp in plan.disks})
         if self.interrupted:
             raise Interrupted(f"backup {observe.interruption(self.interrupted)}; nothing was recorded")
         self._watch = host.JobWatch(self.handle.conn, self.handle.dom)

@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence
 
 import libvirt
 
+from virtbackup.errors import BackupFailed
 from virtbackup.virt import bitmaps, checkpoints, host
 from virtbackup.virt.bitmaps import Bitmap
 from virtbackup.virt.host import Disk
@@ -22,7 +23,16 @@ class LibvirtDomain:
         return host.domain_disks(self.dom.XMLDesc(flags))
 
     def disk_size(self, target: str) -> int:
-        return int(host.call(self.dom.blockInfo, target)[0])
+        try:
+            return int(host.call(self.dom.blockInfo, target)[0])
+        except libvirt.libvirtError:
+            # a shut-off domain's network disk: libvirt has no storage backend to ask; say what
+            # the backup can't do rather than libvirt's "missing storage backend"
+            if not self.dom.isActive():
+                for d in self.disks():
+                    if d.target == target and d.offline_reason():
+                        raise BackupFailed(str(d.offline_reason())) from None
+            raise
 
     def checkpoint_disks(self, name: str) -> Optional[List[str]]:
         cp = checkpoints.lookup(self.dom, name)
@@ -38,5 +48,5 @@ class LibvirtDomain:
 
 
 def eligible_disks(dom: libvirt.virDomain) -> List[Disk]:
-    """The disks a checkpoint-based backup can take part with (qcow2 files/devices)."""
-    return [d for d in LibvirtDomain(dom).disks() if d.skip_reason() is None]
+    """The disks that carry checkpoints' bitmaps (qcow2 disks a backup takes part with)."""
+    return [d for d in LibvirtDomain(dom).disks() if d.skip_reason() is None and d.bitmap_reason() is None]

@@ -75,9 +75,10 @@ class DiskXML:
         return None if src is None else (_source_name(src) or "?")
 
     def set_file_source(self, path: Path, fmt: str = "qcow2") -> None:
-        """Point the disk at a local image file: no other source, no backing store, the driver's format."""
+        """Point the disk at a local image file: no other source, no backing store, the driver's format,
+        no network credentials (<auth> of an RBD/iSCSI disk names a host secret)."""
         self.el.set("type", "file")
-        for tag in ("source", "backingStore", "mirror"):
+        for tag in ("source", "backingStore", "mirror", "auth"):
             for old in self.el.findall(tag):
                 self.el.remove(old)
         driver = self.el.find("driver")

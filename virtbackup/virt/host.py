@@ -224,15 +224,36 @@ class Disk:
         return f"libvirt-{self.index}-format" if self.index is not None else None
 
     def skip_reason(self) -> Optional[str]:
-        """Why this disk can't take part in a checkpoint-based backup (None = it can)."""
+        """Why this disk takes no part in a backup at all (None = it does).
+
+        Only what is not a guest's disk image: removable media, passthrough LUNs, empty drives,
+        and disk types QEMU's backup job cannot read (vhost-user, NVMe passthrough, directories).
+        A disk that cannot carry a dirty bitmap is still backed up (`bitmap_reason`)."""
         if self.device != "disk":
             return f"device type '{self.device}'"
-        if self.type not in ("file", "block"):
-            return f"disk type '{self.type}'"
-        if self.format != "qcow2":
-            return f"format '{self.format or 'unknown'}' (checkpoints need qcow2)"
-        if not self.source:
+        if self.type not in ("file", "block", "network", "volume"):
+            return f"disk type '{self.type}' (QEMU's backup job cannot read it)"
+        if self.type in ("file", "block") and not self.source:
             return "no source"
+        return None
+
+    def offline_reason(self) -> Optional[str]:
+        """Why a shut-off domain's backup (a private QEMU opening images by path) cannot read
+        this disk (None = it can)."""
+        if self.type not in ("file", "block"):
+            # a network or pool volume disk needs libvirt to open it: refused, never left out
+            return (f"disk {self.target} is a '{self.type}' disk: a shut-off domain's backup opens images by "
+                    "path; start the domain to back it up, or leave it out with --disk")
+        if self.format not in ("qcow2", "raw"):
+            return f"disk {self.target}: format '{self.format or 'unknown'}' cannot be read offline (qcow2 or raw)"
+        return None
+
+    def bitmap_reason(self) -> Optional[str]:
+        """Why this disk cannot carry a persistent dirty bitmap (None = it can): such a disk is
+        copied whole in every point, incrementals included, and takes no part in checkpoints."""
+        if self.format != "qcow2":
+            return (f"format '{self.format or 'unknown'}' cannot hold a dirty bitmap (only qcow2 can): "
+                    "copied whole")
         return None
 
 
