@@ -395,8 +395,8 @@ class Engine:
             self._warn(f"the guest was paused by an I/O error during the backup and could not be resumed: "
                        f"{host.libvirt_message(e)}; resume it with 'virsh resume {dom.name()}'")
             return
-        self._warn("the guest was paused by an I/O error during the backup (a guest write could not "
-                   "copy its old data into the full backup target); resumed it now that the job is gone")
+        self._warn("the guest was paused by an I/O error during the backup (a guest write could not copy its "
+                   "old data into the full backup target or scratch file); resumed it now that the job is gone")
         if self.quiesce is not None:
             self.quiesce.retry_thaw()    # a thaw the pause cut short
 

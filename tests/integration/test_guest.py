@@ -27,7 +27,7 @@ import pytest
 from lxml import etree
 
 from tests.support import guest as guestlib
-from tests.support.helpers import ROOT, checkpoint_names, cli, one_error_line, snapshot_dir, tmpfs
+from tests.support.helpers import ROOT, checkpoint_names, cli, finish, one_error_line, snapshot_dir, start_cli, tmpfs
 from tests.support.schemas import validate, validate_output
 
 MiB = 1 << 20
@@ -281,6 +281,43 @@ def test_job_failure_enospc_thaws(g, dom, tmp_path):
         assert not any(bdir.glob("points/*"))
     assert ours(dom) == before_cps
     assert not guestlib_marker(dom).exists()
+
+
+def test_pull_scratch_that_fills_never_leaves_the_guest_paused(g, dom, tmp_path):
+    """Hostile pass D5: pull mode with a 2 MiB scratch filesystem while the guest rewrites 20 MiB.
+    The old data its writes must save does not fit; QEMU pauses the guest (ENOSPC policy). 0.2
+    finished the copy, exited 0 and left the guest paused. Now the run ends the job, resumes the
+    guest (its write then goes through), fails with one line that says what to do, and records
+    nothing; the guest's rewrite completes."""
+    rc, _o, err = g.exec("dd if=/dev/urandom of=/data/d5 bs=1M count=20 2>/dev/null && sync", timeout=600)
+    assert rc == 0, err
+    before_cps = ours(dom)
+    with tmpfs(tmp_path / "scratch", "2M") as mnt:
+        bdir = tmp_path / "bk"
+        # slow enough that the rewrite happens while the job runs
+        proc = start_cli("backup", g.name, bdir, "--mode", "pull", "--scratch-dir", mnt, "--max-speed", str(MiB))
+        deadline = time.monotonic() + 120
+        while not list(mnt.glob("*.scratch")):
+            assert proc.poll() is None, finish(proc)
+            assert time.monotonic() < deadline, "the pull job did not start"
+            time.sleep(0.1)
+        # started, not waited for: while the guest is paused its agent does not answer
+        pid = guestlib.agent_command(dom, "guest-exec", {"path": "/bin/sh", "capture-output": True, "arg": [
+            "-c", "dd if=/dev/urandom of=/data/d5 bs=1M count=20 conv=notrunc 2>/dev/null && sync"]})["pid"]
+        r = finish(proc, timeout=600)
+        assert r.rc == 1, r
+        line = one_error_line(r)
+        assert "paused the guest" in line and "--scratch-dir" in line, line
+        assert "resumed it" in r.err, r.err
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, ("guest left paused", dom.state(), r.err)
+        deadline = time.monotonic() + 600
+        while not (st := guestlib.agent_command(dom, "guest-exec-status", {"pid": pid}, timeout=30)).get("exited"):
+            assert time.monotonic() < deadline, "the guest's rewrite did not finish"
+            time.sleep(0.5)
+        assert st.get("exitcode") == 0, ("the guest's rewrite failed", st)
+        assert points(bdir) == [] and not any(bdir.glob("points/*"))
+        assert not list(mnt.iterdir()), "scratch file left behind"
+    assert ours(dom) == before_cps
 
 
 def test_sigkill_between_freeze_and_thaw_next_run_thaws_first(g, dom, tmp_path):

@@ -326,6 +326,12 @@ class PullRunner:
             stopped = False
         if stopped:
             return BackupFailed("backup job failed: the domain stopped during the backup")
+        if watch is not None and watch.io_paused:
+            # the scratch file is where copy-before-write puts the old data in pull mode
+            return BackupFailed("backup job failed: a guest write failed and QEMU paused the guest (I/O error): "
+                                "the old data it had to copy did not fit in the scratch file's filesystem; "
+                                "give --scratch-dir a filesystem with room for what the guest rewrites "
+                                "during a backup")
         if watch is not None and watch.reason:
             return BackupFailed(f"backup job failed: {watch.reason}")
         if (watch is not None and watch.done.is_set()) or job_gone(self.dom):

@@ -159,6 +159,10 @@ class PushRunner:
         following = self._follow(self._plan) if observe.listening() else None
         try:
             watch.wait(lambda: job_gone(dom))
+            if watch.io_paused and not job_gone(dom):
+                # the guest is paused until the job is gone: end it now (the engine resumes it)
+                abort_job(self.handle.conn, dom, watch=watch)
+                raise BackupFailed(f"backup job failed: {watch.reason}")
             if watch.interrupted:
                 self.notify(f"{received(watch.interrupted)}: aborting the backup job")
                 abort_job(self.handle.conn, dom, watch=watch)

@@ -306,6 +306,7 @@ class DomainEvents:
         self.wake = threading.Event()
         self.stopped = False            # the domain stopped or crashed
         self.closed = False             # the connection to libvirtd closed
+        self.io_paused = False          # QEMU paused the guest on an I/O error (its werror policy)
         self.interrupted: Optional[str] = None
         self._ids: List[int] = []
         uuid = dom.UUIDString()
@@ -314,10 +315,17 @@ class DomainEvents:
             if d.UUIDString() == uuid and on_job(*args[:-1]):
                 self.wake.set()
 
-        def on_life(_c: Any, d: libvirt.virDomain, event: int, _detail: int, _o: Any) -> None:
-            if d.UUIDString() == uuid and event in (libvirt.VIR_DOMAIN_EVENT_STOPPED,
-                                                     libvirt.VIR_DOMAIN_EVENT_CRASHED):
+        def on_life(_c: Any, d: libvirt.virDomain, event: int, detail: int, _o: Any) -> None:
+            if d.UUIDString() != uuid:
+                return
+            if event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_CRASHED):
                 self.stopped = True
+                self.wake.set()
+            elif event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED and detail == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR:
+                # a guest write failed, typically inside the job's copy-before-write filter (the
+                # scratch file's or the push target's storage is full): the job must end now,
+                # so that the guest can be resumed and its write go through
+                self.io_paused = True
                 self.wake.set()
 
         def on_close(_c: Any, _reason: int, _o: Any) -> None:
@@ -370,6 +378,9 @@ class JobWatch(DomainEvents):
     @property
     def reason(self) -> Optional[str]:
         """Why we woke, if not JOB_COMPLETED."""
+        if self.io_paused:
+            return ("a guest write failed and QEMU paused the guest (I/O error): the old data it had "
+                    "to copy did not fit (the scratch file's or the backup target's filesystem is full?)")
         if self.stopped:
             return "the domain stopped during the backup"
         if self.closed:
