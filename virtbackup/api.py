@@ -239,11 +239,17 @@ def prune(backup_dir: PathArg, keep: int = 0, keep_daily: int = 0, keep_weekly: 
     `cancel`: a prune is crash-safe but not cut short: a cancel before it starts stops it
     (Interrupted), one while it merges lets it finish. `progress`: no events yet (accepted so
     every long operation takes the same arguments)."""
+    from virtbackup.liverestore import domains_using
     from virtbackup.store.retention import Policy
     from virtbackup.store.retention import prune as _prune
     with _operation("prune", cancel, progress):
-        return _prune(user_path(backup_dir, "BACKUP_DIR"), Policy(keep, keep_daily, keep_weekly, keep_monthly),
-                      dry_run, key)
+        path = user_path(backup_dir, "BACKUP_DIR")
+        # what a defined domain is layered on (an unfinished instant or live restore) stays
+        users, warning = domains_using(path) if path.is_dir() else ({}, None)
+        result = _prune(path, Policy(keep, keep_daily, keep_weekly, keep_monthly), dry_run, key, users)
+        if warning:
+            result.warnings.append(warning)
+        return result
 
 
 @_boundary

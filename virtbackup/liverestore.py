@@ -41,11 +41,10 @@ from virtbackup.qemu import qemu_img
 from virtbackup.store.chain import BackupDir
 from virtbackup.virt import host
 from virtbackup.virt.domxml import DomainXML
+from virtbackup.virt.restoredom import LIVE_KEY, LIVE_NS, live_record
 
 log = logging.getLogger(__name__)
 
-LIVE_NS = "https://virtbackup.invalid/xmlns/live-restore/1"
-LIVE_KEY = "virtbackup-live"
 
 
 @dataclass
@@ -78,12 +77,8 @@ def resume_hint(name: str) -> str:
 
 # --- the record in the domain's <metadata> -----------------------------------------------------
 def _record_xml(backup_dir: str, point: str, images: Dict[str, Path]) -> str:
-    root = etree.Element("live", nsmap=None)
-    root.set("backup-dir", backup_dir)
-    root.set("point", point)
-    for disk, path in sorted(images.items()):
-        etree.SubElement(root, "disk", target=disk, overlay=str(path))
-    return etree.tostring(root, encoding="unicode")
+    """The record as libvirt's setMetadata takes it (libvirt adds the namespace)."""
+    return etree.tostring(live_record(backup_dir, point, images, namespaced=False), encoding="unicode")
 
 
 def _read_record(dom: libvirt.virDomain) -> Optional["tuple[str, str, Dict[str, Path]]"]:
@@ -304,15 +299,18 @@ def live_restore(backup_dir: Path, output_dir: Path, define: Optional[str], poin
     check_speed(max_speed)
     refuse_encrypted(Path(backup_dir))
     t0 = time.monotonic()
+    # the domain is defined with its record (D8: a run killed right after the define leaves a
+    # domain that --resume-live finishes and that prune sees, never one on overlays nobody knows)
     res = restore_mod.restore(Path(backup_dir), Path(output_dir), point, disks, instant=True,
-                              define=define, start=False, uri=uri)
+                              define=define, start=False, uri=uri, live=True)
     assert res.domain is not None
     images = {d: Path(os.path.abspath(p)) for d, p in res.images.items()}
     bdir_abs = os.path.abspath(backup_dir)
     with host.connection(uri) as conn:
         dom = host.lookup_domain(conn, res.domain)
         try:
-            _set_record(dom, _record_xml(bdir_abs, res.point.id, images))
+            if _read_record(dom) is None:
+                raise RestoreFailed(f"domain '{res.domain}' was defined without its live-restore record")
             dom.create()
         except BaseException as e:
             _take_back(dom, images)     # nothing ran on the overlays yet: leave nothing behind
@@ -382,4 +380,39 @@ def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] =
                           time.monotonic() - t0, resumed=True, offline=offline)
 
 
-__all__ = ["LiveResult", "live_restore", "resume_live", "resume_hint", "LIVE_NS"]
+def domains_using(backup_dir: Path, uri: Optional[str] = None) -> "tuple[Dict[str, str], Optional[str]]":
+    """Images of `backup_dir` that a defined domain's disk is layered on (an instant or live
+    restore, running or not): {real path: "domain 'NAME' (disk vda)"}, and a warning when libvirt
+    could not be asked. Read from the qcow2 headers of the domains' own disk files (never opened
+    by QEMU), following backing links outside the backup dir up to 32 deep."""
+    from virtbackup.store.integrity import backing_name
+    root = os.path.realpath(backup_dir)
+    users: Dict[str, str] = {}
+    try:
+        with host.connection(uri) as conn:
+            domains = conn.listAllDomains(0)
+            for dom in domains:
+                xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)]
+                if dom.isActive():
+                    xmls.append(dom.XMLDesc(0))
+                for xml in xmls:
+                    for d in DomainXML.parse(xml).disks:
+                        if d.type != "file" or not d.source:
+                            continue
+                        path = d.source
+                        for _ in range(32):
+                            link = backing_name(Path(path))
+                            if not link or link.startswith("json:") or ":" in link.split("/")[0]:
+                                break
+                            path = os.path.realpath(os.path.join(os.path.dirname(path), link))
+                            if path == root or path.startswith(root + os.sep):
+                                users.setdefault(path, f"domain '{dom.name()}' (disk {d.target})")
+                                break
+    except (libvirt.libvirtError, VirtBackupError) as e:
+        msg = host.libvirt_message(e) if isinstance(e, libvirt.libvirtError) else str(e)
+        return users, (f"could not ask libvirt which domains are layered on this directory ({msg}): a shut-off "
+                       "domain on an instant or live restore overlay is not protected from this prune")
+    return users, None
+
+
+__all__ = ["LiveResult", "live_restore", "resume_live", "resume_hint", "LIVE_NS", "domains_using"]

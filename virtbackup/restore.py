@@ -167,7 +167,7 @@ def _check_encrypted_restore(bdir: BackupDir, chain: Chain, key: Optional[keys.K
 def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
             disks: Sequence[str] = (), instant: bool = False, define: Optional[str] = None,
             start: bool = False, uri: Optional[str] = None, salvage: bool = False,
-            key: Optional[keys.Key] = None, encrypt: bool = False) -> RestoreResult:
+            key: Optional[keys.Key] = None, encrypt: bool = False, live: bool = False) -> RestoreResult:
     """Restore a point into OUTPUT_DIR; optionally define (and start) a new domain on the result.
 
     `instant`: no copy; each disk gets a qcow2 overlay whose backing is the point's image in the
@@ -178,7 +178,8 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
     whose chains are intact and says which are missing). A failed define removes the images again.
     The backup dir's shared lock is held throughout: a prune can't change what is being read.
     An encrypted chain needs its `key` (checked before anything else, exit 2); the restored
-    images are plain unless `encrypt` (then LUKS with the same key).
+    images are plain unless `encrypt` (then LUKS with the same key). `live` (with `instant` and
+    `define`): the domain is defined with its live-restore record (liverestore.py).
     """
     if start and not define:
         raise UsageError("--start needs --define NAME")
@@ -202,7 +203,7 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
         if chain.encryption != first.encryption:    # replaced meanwhile: the key check again
             _check_encrypted_restore(bdir, chain, key, encrypt, instant, define)
         return _restore_locked(bdir, chain, Path(output_dir), point_id, disks, instant, define, start,
-                               uri, salvage, key, encrypt)
+                               uri, salvage, key, encrypt, live)
 
 
 def _damage_error(chain: Chain, point: Point, damage: List[integrity.ImageDamage]) -> DamageFound:
@@ -228,7 +229,7 @@ def _missing(chain: Chain, point: Point, names: Sequence[str],
 def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: Optional[str],
                     disks: Sequence[str], instant: bool, define: Optional[str], start: bool,
                     uri: Optional[str], salvage: bool, key: Optional[keys.Key] = None,
-                    encrypt: bool = False) -> RestoreResult:
+                    encrypt: bool = False, live: bool = False) -> RestoreResult:
     point = chain.point(point_id)
     names = list(dict.fromkeys(disks)) or sorted(point.disks)
     for n in names:
@@ -333,7 +334,8 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
         result.notes += [f"not used (--salvage): {d.image}: {d.problem}" for d in xml_damage]
         if define:
             define_xml, define_notes = restoredom.restored_domain_xml(
-                saved_xml, define, {n: Path(os.path.abspath(done[n])) for n in names})
+                saved_xml, define, {n: Path(os.path.abspath(done[n])) for n in names},
+                live=(os.path.abspath(bdir.path), point.id) if live and instant else None)
             result.notes += define_notes
             try:
                 d = host.define(uri, define_xml)
@@ -343,6 +345,7 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
                         p.unlink()
                     except OSError:
                         pass
+                done.clear()                         # and the OUTPUT_DIR we made (finally below)
                 raise
             result.domain, result.domain_uuid = d.name, d.uuid
             if start:

@@ -109,7 +109,7 @@ def test_live_restore_runs_at_once_keeps_guest_writes_and_frees_itself(make_doma
     v = cli("verify", bdir, "--json")
     assert v.rc == 0 and v.json()["ok"], v
     r = cli("prune", bdir, "--keep", "1")
-    assert r.rc == 1 and "open in a running QEMU" in r.err, r
+    assert r.rc == 1 and f"is the backing of domain '{name}' (disk vda)" in r.err, r
     assert pulling(dom, "vda"), "the copy ended before the checks ran; they proved nothing"
 
     stdout, stderr = p.communicate(timeout=120)
@@ -171,7 +171,7 @@ def test_live_restore_interrupted_then_resumed(make_domain, conn, live_names, pr
     # dropping 0001 would rewrite the images the running domain still reads: refused
     before = snapshot_dir(bdir)
     r = cli("prune", bdir, "--keep", "1")
-    assert r.rc == 1 and "open in a running QEMU" in r.err, r
+    assert r.rc == 1 and f"is the backing of domain '{name}' (disk vda)" in r.err, r
     assert snapshot_dir(bdir) == before
     hmp_write(dom, "vda", 0x3a, 6 * MiB, 1 * MiB)       # the guest goes on writing
     want = patched(want, 0x3a, 6 * MiB, 1 * MiB)
@@ -263,3 +263,61 @@ def test_live_restore_domain_that_cannot_start_leaves_nothing(make_domain, conn,
     assert f"domain '{name}' did not start" in r.err and "undefined and its overlays removed" in r.err, r
     assert lookup(conn, name) is None
     assert not list(out.iterdir())
+
+
+def test_live_restore_killed_right_after_define_is_resumable_and_prune_keeps_its_backing(
+        make_domain, conn, live_names, tmp_path):
+    """Hostile pass D8: SIGKILL just after the define left a domain on overlays backed by the
+    backup dir without its resume record: --resume-live found nothing and a prune removed the
+    backing file. Now the domain is defined with its record; prune (also a dry run) refuses to
+    remove or rewrite what it is layered on until the live restore is finished."""
+    import subprocess
+    import sys
+
+    from tests.support.helpers import ROOT
+    d = make_domain({"vda": 16 * MiB})
+    d.write("vda", 0x41, 0, 4 * MiB)
+    bdir = tmp_path / "bk"
+    take_backup(d.name, bdir, "full")
+    want = d.expected()["vda"]
+    d.write("vda", 0x42, 8 * MiB, 1 * MiB)
+    take_backup(d.name, bdir, "inc")
+    name = f"vblive-{secrets.token_hex(3)}"
+    live_names.append(name)
+    out = tmp_path / "live"
+    img = out / "vda.qcow2"
+    p = subprocess.run([sys.executable, "-m", "tests.support.faultpoint", "kill", "define", "restore", str(bdir),
+                        str(out), "--point", "0001", "--live", "--define", name],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p
+    dom = lookup(conn, name)
+    assert dom is not None and not dom.isActive()
+    assert header_backing(img) == str((bdir / "points/0001/vda.qcow2").resolve())
+
+    before = snapshot_dir(bdir)
+    for dry in ((), ("--dry-run",)):
+        r = cli("prune", bdir, "--keep", "1", *dry)
+        assert r.rc == 1 and f"is the backing of domain '{name}' (disk vda)" in r.err, r
+        assert "--resume-live" in r.err, r
+    assert snapshot_dir(bdir) == before
+
+    r = cli("restore", "--resume-live", name, "--json")
+    assert r.rc == 0, r
+    assert r.json()["resumed"] and r.json()["offline"]
+    assert header_backing(img) is None
+    assert_reads(img, want)
+    r = cli("prune", bdir, "--keep", "1")
+    assert r.rc == 0, r
+
+
+def test_a_failed_define_leaves_no_output_dir(make_domain, conn, tmp_path):
+    """Smaller finding of the hostile pass: a --define that libvirt refuses used to leave an
+    empty OUTPUT_DIR behind (the images were taken back, the directory not)."""
+    d = make_domain({"vda": 8 * MiB})
+    d.write("vda", 0x51, 0, MiB)
+    bdir = tmp_path / "bk"
+    take_backup(d.name, bdir, "full")
+    out = tmp_path / "never"
+    r = cli("restore", bdir, out, "--define", "bad/name")
+    assert r.rc != 0, r
+    assert not out.exists(), list(out.iterdir())

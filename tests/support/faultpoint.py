@@ -6,7 +6,8 @@
 
 `restore-placed:N`: right after the N-th restored disk got its name (the run holds the backup
 dir's shared lock and has a half restore on disk). `prune-locked`: once prune holds the exclusive
-lock and has checked its sources, before it changes anything. `stop` lets a test run other
+lock and has checked its sources, before it changes anything. `define`: right after libvirt
+defined a restored domain (restore --define, --live). `stop` lets a test run other
 commands against a process holding its lock, then SIGCONT it.
 """
 
@@ -45,6 +46,16 @@ def arm(action: str, step: str) -> None:
             real_check(*args, **kwargs)
             hit()
         retention.check_sources = check
+    elif where == "define":
+        # right after libvirt defined the restored domain (restore --define, --live)
+        from virtbackup.virt import host
+        real_define = host.define
+
+        def define(*args: Any, **kwargs: Any) -> Any:
+            d = real_define(*args, **kwargs)
+            hit()
+            return d
+        host.define = define
     else:
         raise SystemExit(f"unknown fault point {step}")
 

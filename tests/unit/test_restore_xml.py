@@ -251,3 +251,21 @@ def test_raw_block_and_network_disks_become_restored_qcow2_files():
         assert [s.attrib for s in d.findall("source")] == [{"file": f"/r/{dev}.qcow2"}], dev
     assert "10.0.0.1" not in xml and "/dev/vg0" not in xml and "nbd.sock" not in xml and "/vm/" not in xml
     assert root.find("devices/disk/auth") is None, "a Ceph secret of the original has no use on a file"
+
+
+def test_a_live_restore_domain_is_defined_with_its_record_and_never_inherits_one():
+    """D8: the record is in the XML that is defined (a kill after the define can't lose it); a
+    point of a domain that was itself being live-restored does not carry the original's record."""
+    from virtbackup.virt.restoredom import LIVE_NS
+    inherited = SAVED.replace("<memory unit='KiB'>65536</memory>", f"""<memory unit='KiB'>65536</memory>
+      <metadata><l:live xmlns:l='{LIVE_NS}' backup-dir='/other' point='0009'>
+        <l:disk target='vda' overlay='/elsewhere/vda.qcow2'/></l:live>
+        <app:x xmlns:app='https://example.org/app'>kept</app:x></metadata>""")
+    xml, notes = restored_domain_xml(inherited, "copy", {"vda": Path("/r/vda.qcow2")})
+    assert "/elsewhere" not in xml and "kept" in xml and any("live-restore record" in n for n in notes)
+    xml, _ = restored_domain_xml(inherited, "copy", {"vda": Path("/r/vda.qcow2")}, live=("/b/dir", "0003"))
+    root = etree.fromstring(xml.encode())
+    recs = root.findall(f"metadata/{{{LIVE_NS}}}live")
+    assert len(recs) == 1 and recs[0].get("backup-dir") == "/b/dir" and recs[0].get("point") == "0003"
+    assert [(d.get("target"), d.get("overlay")) for d in recs[0]] == [("vda", "/r/vda.qcow2")]
+    assert "/elsewhere" not in xml and "kept" in xml

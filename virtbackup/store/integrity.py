@@ -17,6 +17,7 @@ import stat
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from virtbackup import observe
@@ -50,6 +51,18 @@ def _header_backing(head: bytes) -> Tuple[bool, Optional[str]]:
     if offset + size > len(head):
         return True, "<unreadable>"
     return True, head[offset:offset + size].decode(errors="replace")
+
+
+def backing_name(path: Path) -> Optional[str]:
+    """The backing link in a qcow2 image's header, read without QEMU (None: no backing, not
+    qcow2, or unreadable). What prune asks of a domain's disk images: QEMU never opens them."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return None
+    is_qcow2, backing = _header_backing(head)
+    return backing if is_qcow2 and backing != "<unreadable>" else None
 
 
 def quick_problem(bdir: BackupDir, img: DiskImage) -> Optional[str]:

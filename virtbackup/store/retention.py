@@ -25,7 +25,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Set, Tuple
 
 from virtbackup.errors import DamageFound, OperationFailed, UnsafePath, UsageError, VirtBackupError
 from virtbackup.qemu import qemu_img
@@ -422,8 +422,13 @@ def _write_image(bdir: BackupDir, op: ImageOp, key: Optional[Key] = None,
         raise
 
 
-def prune(backup_dir: Path, policy: Policy, dry_run: bool = False, key: Optional[Key] = None) -> PruneResult:
-    """An encrypted chain needs its `key` (unless `dry_run`): rewritten images are encrypted too."""
+def prune(backup_dir: Path, policy: Policy, dry_run: bool = False, key: Optional[Key] = None,
+          users: Optional[Mapping[str, str]] = None) -> PruneResult:
+    """An encrypted chain needs its `key` (unless `dry_run`): rewritten images are encrypted too.
+
+    `users`: images of this directory (real paths) a defined domain's disk is layered on (an
+    instant or live restore), with who: the prune is refused (also as a dry run) when it would
+    remove or rewrite one of them."""
     bdir = BackupDir(Path(backup_dir))
     policy.check()
     first = bdir.load()                           # exit 2 on a missing/corrupt dir before locking
@@ -443,11 +448,18 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False, key: Optional
         result = PruneResult(dry_run, plan, warnings=log_problems)
         leftovers = unrecorded(bdir, chain)          # refuses symlinks before anything changes
         check_sources(bdir, chain, plan)
+        touched = [bdir.resolve(d.image) for p in chain.points for d in p.disks.values()
+                   if p.id in plan.drop or any(o.old == d.image for o in plan.ops)]
+        for path in touched:
+            who = (users or {}).get(os.path.realpath(path))
+            if who is not None:
+                raise OperationFailed(f"{path} is the backing of {who}; finish it first ('virtbackup restore "
+                                      "--resume-live NAME' or 'virtbackup flatten OVERLAY'), or undefine it; "
+                                      "nothing was changed")
         if dry_run:
             result.leftovers = [str(p.relative_to(bdir.path)) for p in leftovers]
             return result
-        busy = _in_use([bdir.resolve(d.image) for p in chain.points for d in p.disks.values()
-                        if p.id in plan.drop or any(o.old == d.image for o in plan.ops)])
+        busy = _in_use(touched)
         if busy:
             raise OperationFailed(f"{busy[0]} is open in a running QEMU (an instant restore?); "
                                   "flatten or stop it first; nothing was changed")

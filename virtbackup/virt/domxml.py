@@ -236,6 +236,32 @@ class DomainXML:
                 parent.remove(el)
         return gone
 
+    def set_metadata(self, el: etree._Element) -> None:
+        """Put a namespaced element under <metadata>, replacing one of the same namespace (what
+        libvirt's setMetadata does for a running domain, here before the domain exists)."""
+        ns = etree.QName(el).namespace
+        meta = self.root.find("metadata")
+        if meta is None:
+            meta = etree.SubElement(self.root, "metadata")
+            # libvirt's schema wants <metadata> early; after <description>/<title>, or after <uuid>
+            anchor = next((self.root.find(t) for t in ("description", "title", "uuid", "name")
+                           if self.root.find(t) is not None), None)
+            if anchor is not None:
+                anchor.addnext(meta)
+        for old in [c for c in meta if isinstance(c.tag, str) and etree.QName(c).namespace == ns]:
+            meta.remove(old)
+        meta.append(el)
+
+    def drop_metadata(self, ns: str) -> int:
+        """Remove every <metadata> child of namespace `ns`; how many there were."""
+        meta = self.root.find("metadata")
+        if meta is None:
+            return 0
+        gone = [c for c in meta if isinstance(c.tag, str) and etree.QName(c).namespace == ns]
+        for c in gone:
+            meta.remove(c)
+        return len(gone)
+
     def drop_host_settings(self) -> List[str]:
         """Domain-level settings that take host resources by path or label: security labels
         (a static DAC label runs QEMU as any user), <launchSecurity>, <blkiotune> host block

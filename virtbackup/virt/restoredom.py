@@ -22,8 +22,29 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from lxml import etree
+
 from virtbackup import env
 from virtbackup.virt.domxml import REMOVABLE, DomainXML
+
+# The live-restore record (liverestore.py) in a domain's <metadata>: which overlays a live restore
+# of which backup dir and point still has to make independent. Here because a restored domain is
+# defined with it (before the domain exists nothing can lose it) and never inherits one.
+LIVE_NS = "https://virtbackup.invalid/xmlns/live-restore/1"
+LIVE_KEY = "virtbackup-live"
+
+
+def live_record(backup_dir: str, point: str, images: Dict[str, Path], namespaced: bool = True) -> etree._Element:
+    """<live backup-dir= point=><disk target= overlay=/>...</live>; `namespaced=False` for
+    libvirt's setMetadata (which adds the namespace itself)."""
+    tag = f"{{{LIVE_NS}}}live" if namespaced else "live"
+    root = etree.Element(tag, nsmap={LIVE_KEY: LIVE_NS} if namespaced else None)
+    root.set("backup-dir", backup_dir)
+    root.set("point", point)
+    for disk, path in sorted(images.items()):
+        etree.SubElement(root, f"{{{LIVE_NS}}}disk" if namespaced else "disk", target=disk, overlay=str(path))
+    return root
+
 
 # Where libvirt's and the distributions' firmware descriptors point (OVMF, AAVMF, SeaBIOS, QEMU's own).
 FIRMWARE_DIRS = ("/usr/share/OVMF", "/usr/share/AAVMF", "/usr/share/qemu", "/usr/share/seabios",
@@ -69,11 +90,20 @@ def _drop_host_paths(dom: DomainXML, notes: List[str]) -> None:
 
 
 def restored_domain_xml(saved_xml: str, name: str, images: Dict[str, Path],
-                        uuid: Optional[str] = None) -> "tuple[str, List[str]]":
-    """The XML to define, and notes on what was left out (one line each)."""
+                        uuid: Optional[str] = None,
+                        live: Optional["tuple[str, str]"] = None) -> "tuple[str, List[str]]":
+    """The XML to define, and notes on what was left out (one line each).
+
+    `live`: (backup dir, point) of a live restore: the domain is defined with its record."""
     dom = DomainXML.parse(saved_xml)
     notes: List[str] = []
     dom.set_identity(name, uuid or str(uuidlib.uuid4()))
+    # a point of a domain that was itself being live-restored: its record names the original's
+    # overlays, never this domain's
+    if dom.drop_metadata(LIVE_NS):
+        notes.append("the original's unfinished live-restore record removed")
+    if live is not None:
+        dom.set_metadata(live_record(live[0], live[1], images))
     _drop_host_paths(dom, notes)
     if dom.drop_nvram():                     # the original's EFI variable store; libvirt makes a new one
         notes.append("NVRAM not restored (not in the backup): a fresh one is created from the template")
