@@ -284,7 +284,7 @@ def test_job_failure_enospc_thaws(g, dom, tmp_path):
 
 
 def test_pull_scratch_that_fills_never_leaves_the_guest_paused(g, dom, tmp_path):
-    """Hostile pass D5: pull mode with a 2 MiB scratch filesystem while the guest rewrites 20 MiB.
+    """Hostile pass D5: pull mode with 2 MiB left on the scratch filesystem while the guest rewrites 20 MiB.
     The old data its writes must save does not fit; QEMU pauses the guest (ENOSPC policy). 0.2
     finished the copy, exited 0 and left the guest paused. Now the run ends the job, resumes the
     guest (its write then goes through), fails with one line that says what to do, and records
@@ -292,7 +292,7 @@ def test_pull_scratch_that_fills_never_leaves_the_guest_paused(g, dom, tmp_path)
     rc, _o, err = g.exec("dd if=/dev/urandom of=/data/d5 bs=1M count=20 2>/dev/null && sync", timeout=600)
     assert rc == 0, err
     before_cps = ours(dom)
-    with tmpfs(tmp_path / "scratch", "2M") as mnt:
+    with tmpfs(tmp_path / "scratch", "128M") as mnt:
         bdir = tmp_path / "bk"
         # slow enough that the rewrite happens while the job runs
         proc = start_cli("backup", g.name, bdir, "--mode", "pull", "--scratch-dir", mnt, "--max-speed", str(MiB))
@@ -301,6 +301,12 @@ def test_pull_scratch_that_fills_never_leaves_the_guest_paused(g, dom, tmp_path)
             assert proc.poll() is None, finish(proc)
             assert time.monotonic() < deadline, "the pull job did not start"
             time.sleep(0.1)
+        # the run checked the room before the job (a full of this disk could need ~50 MiB);
+        # now something else fills the filesystem, leaving 2 MiB
+        vfs = os.statvfs(mnt)
+        with open(mnt / "filler", "wb") as f:
+            f.truncate(0)
+            os.posix_fallocate(f.fileno(), 0, vfs.f_bavail * vfs.f_frsize - 2 * MiB)
         # started, not waited for: while the guest is paused its agent does not answer
         pid = guestlib.agent_command(dom, "guest-exec", {"path": "/bin/sh", "capture-output": True, "arg": [
             "-c", "dd if=/dev/urandom of=/data/d5 bs=1M count=20 conv=notrunc 2>/dev/null && sync"]})["pid"]
@@ -316,7 +322,7 @@ def test_pull_scratch_that_fills_never_leaves_the_guest_paused(g, dom, tmp_path)
             time.sleep(0.5)
         assert st.get("exitcode") == 0, ("the guest's rewrite failed", st)
         assert points(bdir) == [] and not any(bdir.glob("points/*"))
-        assert not list(mnt.iterdir()), "scratch file left behind"
+        assert [p.name for p in mnt.iterdir()] == ["filler"], "scratch file left behind"
     assert ours(dom) == before_cps
 
 

@@ -182,7 +182,9 @@ def test_pull_chain_into_a_dir_only_virtbackup_sees(make_domain, hidden, tmp_pat
     d.write("vdb", 0, 1 * MiB, 512 * KiB)
     sdir = tmp_path / "scratch"
     r = h.cli("backup", d.name, bdir, "--mode", "pull", "--scratch-dir", sdir)    # does not exist yet
-    assert r.rc == 1 and "backup could not start" in one_error_line(r) and str(sdir) in r.err, r
+    # refused before the job (issue 23: the room check), as a usage error
+    assert r.rc == 2 and f"scratch directory {sdir} for disk" in one_error_line(r), r
+    assert "No such file or directory" in r.err, r
     for bad in (["--scratch-dir", "rel/dir"], ["--scratch-dir", sdir, "--mode", "push"]):
         r = h.cli("backup", d.name, bdir, *bad)
         assert r.rc == 2 and "--scratch-dir" in one_error_line(r), r
@@ -384,3 +386,30 @@ def test_pull_local_target_full_enospc(make_domain, hidden, tmp_path):
     assert h.listing() == files and checkpoint_names(d.dom) == cps
     assert leftovers(d, bdir) == {}
     restore_and_compare(h, bdir, "0001", e1, tmp_path / "o1")
+
+
+def test_a_scratch_filesystem_without_room_is_refused_before_the_job(make_domain, tmp_path):
+    """Issue 23, fleecing that cannot hurt the guest: the scratch files may have to hold the old
+    data of everything the guest rewrites before it is read (a full: the allocated bytes; an
+    incremental: the dirty bytes). A scratch filesystem with less room is refused before
+    backupBegin (exit 2, nothing recorded, no job, no checkpoint); an incremental whose dirty
+    bytes fit goes through on the same filesystem."""
+    from tests.support.helpers import tmpfs
+    d = make_domain({"vda": 64 * MiB})
+    d.write("vda", 0x61, 0, 24 * MiB)
+    bdir = tmp_path / "bk"
+    with tmpfs(tmp_path / "small", "8M") as small:
+        r = cli("backup", d.name, bdir, "--mode", "pull", "--scratch-dir", small, "--json")
+        assert r.rc == 2, r
+        line = one_error_line(r)
+        assert f"scratch files in {small} may need up to" in line and "--scratch-dir" in line, line
+        assert r.json()["error"]["kind"] == "no-space"
+        assert not checkpoint_names(d.dom) and not leftovers(d, bdir)
+        assert not (bdir / "points").exists() or not any((bdir / "points").iterdir())
+        assert not list(small.iterdir())
+        # an incremental of 2 MiB dirty fits in 8 MiB
+        assert cli("backup", d.name, bdir, "--mode", "pull", "--level", "full").rc == 0
+        d.write("vda", 0x62, 4 * MiB, 2 * MiB)
+        r = cli("backup", d.name, bdir, "--mode", "pull", "--scratch-dir", small, "--json")
+        assert r.rc == 0 and r.json()["point"]["level"] == "inc", r
+        assert_point_restores(bdir, r.json()["point"]["id"], d.expected(), tmp_path / "r")

@@ -25,7 +25,7 @@ import libvirt
 from lxml import etree
 
 from virtbackup import env, observe
-from virtbackup.errors import BackupFailed, Interrupted, OperationFailed, UsageError
+from virtbackup.errors import BackupFailed, Interrupted, NoSpace, OperationFailed, UsageError
 from virtbackup.qemu import nbdcopy
 from virtbackup.runners.base import Notify, abort_job, checkpoint_prefix, completed_stats, job_gone, job_writes_into
 from virtbackup.runners.plan import BackupPlan, Transport
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from virtbackup.virt.quiesce import Quiescer
 
 log = logging.getLogger(__name__)
+MiB = 1 << 20
 
 # libvirt 9.0 needs an explicit TCP port for a pull backup's NBD server (it has no allocator);
 # these are tried in random order until one is free on the host (NBD's own port first).
@@ -123,9 +124,47 @@ class PullRunner:
         # disk's "directory" is no place for one (/dev is a small tmpfs): beside a file disk of
         # the same domain then, else libvirt's image dir (--scratch-dir chooses)
         files = [dp.disk.source for dp in plan.disks if dp.disk.type == "file" and dp.disk.source]
-        self._start([PullTarget(dp.disk.target, dp.target.path, dp.mode == "full",
-                                (dp.disk.source or "") if dp.disk.type == "file" else (files[0] if files else ""))
-                     for dp in plan.disks], plan.base_checkpoint, plan.checkpoint, cxml)
+        targets = [PullTarget(dp.disk.target, dp.target.path, dp.mode == "full",
+                              (dp.disk.source or "") if dp.disk.type == "file" else (files[0] if files else ""))
+                   for dp in plan.disks]
+        self._check_scratch_room(plan, targets)
+        self._start(targets, plan.base_checkpoint, plan.checkpoint, cxml)
+
+    def _check_scratch_room(self, plan: BackupPlan, targets: Sequence[PullTarget]) -> None:
+        """Refuse (NoSpace, exit 2, nothing changed) when the scratch files' filesystems can't
+        hold what the guest could make them hold: the old data of every cluster it rewrites
+        before we have read it, at most the data still to be read (a full: the disk's allocated
+        bytes; an incremental: the base bitmap's dirty bytes). A fill would pause the guest
+        (QEMU's ENOSPC policy; the run then ends the job and resumes it, see host.JobWatch).
+        Only on this host: a remote hypervisor's filesystems are not ours to inspect."""
+        if host.is_remote(self.conn.getURI()):
+            return
+        dirty: Dict[str, int] = {}
+        if any(dp.mode == "bitmap" for dp in plan.disks):
+            from virtbackup.virt import bitmaps
+            live = bitmaps.live(self.dom, [dp.disk for dp in plan.disks if dp.mode == "bitmap"])
+            for dp in plan.disks:
+                bm = next((b for b in live.get(dp.disk.target, []) if b.name == dp.base_bitmap), None)
+                dirty[dp.disk.target] = bm.count if bm is not None and bm.count >= 0 else dp.virtual_size
+        need: Dict[int, Tuple[str, int, int]] = {}       # st_dev -> (dir, bytes needed, bytes free)
+        for dp, t in zip(plan.disks, targets, strict=True):
+            where = os.path.dirname(scratch_path(self.scratch_dir, t.source, plan.checkpoint, t.name))
+            try:
+                st, vfs = os.stat(where), os.statvfs(where)
+            except OSError as e:
+                raise UsageError(f"scratch directory {where} for disk {t.name}: {e.strerror}; "
+                                 "choose one with --scratch-dir") from None
+            if dp.mode == "full":
+                n = int(host.call(self.dom.blockInfo, t.name)[1])      # allocated bytes of the disk
+            else:
+                n = dirty.get(t.name, dp.virtual_size)
+            d, have, free = need.get(st.st_dev, (where, 0, vfs.f_bavail * vfs.f_frsize))
+            need[st.st_dev] = (d, have + n, free)
+        for where, n, free in need.values():
+            if n > free:
+                raise NoSpace(f"the pull job's scratch files in {where} may need up to {n / MiB:.1f} MiB (the old "
+                              f"data of what the guest rewrites before it is read), {free / MiB:.1f} MiB are free; "
+                              "give --scratch-dir a filesystem with room; nothing was changed")
 
     def _start(self, targets: Sequence[PullTarget], base: Optional[str], checkpoint: str, cxml: str) -> None:
         self._targets = list(targets)
