@@ -416,11 +416,11 @@ def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: O
     """The push job (or the pull job, `mode` pull) for a running domain, frozen around its start
     by `quiesce`; a private QEMU for a shut-off one (consistent by nature; it gets the key of an
     encrypted chain). `max_speed`: bytes/s per disk (push and offline: QEMU's job speed; pull:
-    what our NBD client reads). Pull mode never gets an encrypted chain (`_refuse_encrypted_pull`)."""
+    what our NBD client reads). The pull job's qemu-nbd targets get the key as the private QEMU does."""
     if handle.dom.isActive():
         if mode == "pull":   # libvirt exports the disks over NBD, we copy (runners/pull.py)
             from virtbackup.runners.pull import PullRunner
-            return PullRunner(handle, bdir.path / POINTS_DIR, notify, scratch_dir, quiesce, max_speed)
+            return PullRunner(handle, bdir.path / POINTS_DIR, notify, scratch_dir, quiesce, max_speed, key)
         return PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce, max_speed)
     if mode == "pull":
         notify("domain is shut off: backing up its images offline, not over NBD")
@@ -442,13 +442,6 @@ def _check_encryption(bdir: BackupDir, chain: Optional[Chain], encrypt: bool, ke
     crypto.check_key(chain.encryption, key, f"backup directory {bdir.path}")
 
 
-def _refuse_encrypted_pull(bdir: BackupDir, chain: Optional[Chain], encrypt: bool, mode: str) -> None:
-    """Pull mode writes the targets through qemu-nbd, which does not open LUKS targets yet: exit 2."""
-    if mode == "pull" and (encrypt or (chain is not None and chain.encryption is not None)):
-        raise UsageError(f"pull mode can't write an encrypted chain yet ({bdir.path}); nothing was changed; "
-                         "back up with --mode push on the hypervisor (pull is the default for a remote URI)")
-
-
 def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto",
            disks: Sequence[str] = (), notify: Optional[Notify] = None,
            reason: Optional[str] = None, quiesce: str = "auto", mode: Optional[str] = None,
@@ -458,8 +451,8 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
     """Take one backup of DOMAIN (running or shut off) into BACKUP_DIR; see api.backup.
 
     `encrypt` with `key` starts an encrypted chain; an encrypted chain's later points need the
-    same `key`, checked against the metadata before anything is touched. Pull mode refuses an
-    encrypted chain (exit 2)."""
+    same `key`, checked against the metadata before anything is touched (every transport writes
+    encrypted chains)."""
     if level not in REQUESTED_LEVELS:
         raise UsageError(f"unknown level '{level}' (auto, full, inc, diff)")
     if quiesce not in QUIESCE_MODES:
@@ -480,7 +473,6 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
     must_create = bdir.check_usable()
     existing = bdir.load_or_none()          # corrupt metadata -> exit 2 before libvirt is touched
     _check_encryption(bdir, existing, encrypt, key)
-    _refuse_encrypted_pull(bdir, existing, encrypt, mode)
     # the iter-time is chosen when a chain is created (later points keep the chain's)
     new_chain = existing is None or not existing.points
     iter_time = crypto.iter_time_ms() if key is not None and new_chain else keys.DEFAULT_ITER_TIME_MS
@@ -519,7 +511,6 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                 bdir.check_owner(chain, dom.name(), uuid)
                 if existing is None or chain.encryption != existing.encryption:
                     _check_encryption(bdir, chain, encrypt, key)   # changed before we got the lock
-                    _refuse_encrypted_pull(bdir, chain, encrypt, mode)
                 if key is not None and chain.encryption is None:
                     chain.encryption = crypto.ChainEncryption.new(key, iter_time)
                 if chain.encryption is not None:

@@ -247,8 +247,7 @@ def test_encrypted_points_keep_their_transport():
     assert [(p.encryption, p.transport) for p in again.points] == [("luks", "offline")] * len(enc.points)
 
 
-def test_pull_mode_and_live_restore_refuse_an_encrypted_chain(tmp_path):
-    from virtbackup.backup import _refuse_encrypted_pull
+def test_live_restore_refuses_an_encrypted_chain(tmp_path):
     from virtbackup.liverestore import refuse_encrypted
     from virtbackup.store.chain import BackupDir
     bdir = BackupDir(tmp_path)
@@ -256,13 +255,6 @@ def test_pull_mode_and_live_restore_refuse_an_encrypted_chain(tmp_path):
     enc.encryption = crypto.ChainEncryption.new(keys.Key(KEY, "t"), 10)
     for p in enc.points:
         p.encryption = "luks"
-    _refuse_encrypted_pull(bdir, plain, False, "pull")
-    _refuse_encrypted_pull(bdir, None, False, "pull")
-    _refuse_encrypted_pull(bdir, enc, True, "push")
-    for chain, encrypt in ((enc, False), (None, True), (plain, True)):
-        with pytest.raises(UsageError, match="pull mode can't write an encrypted chain") as e:
-            _refuse_encrypted_pull(bdir, chain, encrypt, "pull")
-        assert e.value.exit_code == 2
     bdir.save(plain)
     refuse_encrypted(tmp_path)
     bdir.save(enc)

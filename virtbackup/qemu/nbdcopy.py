@@ -21,10 +21,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from virtbackup import env
 from virtbackup.errors import OperationFailed
+
+if TYPE_CHECKING:
+    from virtbackup.qemu.keys import Key
 
 log = logging.getLogger(__name__)
 
@@ -141,28 +144,43 @@ def tied_to_this_process(argv: List[str]) -> List[str]:
     return [setpriv, "--pdeathsig", "TERM", "/bin/sh", "-c", _PARENT_CHECK, "sh", str(os.getpid()), *argv]
 
 
-def open_target(image: Path) -> Any:
+def open_target(image: Path, key: Optional["Key"] = None) -> Any:
     """Serve `image` (qcow2, with its backing link) with qemu-nbd over socket activation.
 
     Call it from the thread that will close the handle: the server gets SIGTERM when the
     thread that started it ends (PR_SET_PDEATHSIG), which is what cleans up after a SIGKILL.
 
     --detect-zeroes=on: data that is all zeroes is stored as zero clusters, not written.
+    `key`: the image and its encrypted backing layers are LUKS: qemu-nbd reads the key from a
+    0600 file in a private directory (keys.key_file) that is removed as soon as the server has
+    answered the handshake (it has created its secret object by then); never in its argv.
     """
     nbd = _nbd()
     exe = shutil.which(env.program("qemu-nbd"))
     if exe is None:
         raise OperationFailed(f"{env.program('qemu-nbd')} not found; install qemu-utils")
-    argv = [exe, "--format=qcow2", "--cache=writeback", "--detect-zeroes=on", "--discard=ignore",
-            str(image)]
-    argv = tied_to_this_process(argv)
-    log.debug("target server: %s", argv)
+    common = [exe, "--cache=writeback", "--detect-zeroes=on", "--discard=ignore"]
     h = nbd.NBD()
     h.set_handle_name("virtbackup-dst")
-    try:
-        h.connect_systemd_socket_activation(argv)
-    except nbd.Error as e:
-        raise NbdError(f"cannot serve {image} with qemu-nbd: {_message(e)}") from None
+    if key is None:
+        argv = tied_to_this_process([*common, "--format=qcow2", str(image)])
+        log.debug("target server: %s", argv)
+        try:
+            h.connect_systemd_socket_activation(argv)
+        except nbd.Error as e:
+            raise NbdError(f"cannot serve {image} with qemu-nbd: {_message(e)}") from None
+    else:
+        from virtbackup.qemu import keys, qemu_img
+        path = Path(os.path.abspath(image))
+        opts = keys.image_opts(path, qemu_img.layers(path))
+        with keys.key_file(key) as kf:
+            argv = tied_to_this_process([*common, "--object", keys.secret_object(keys.SECRET_ID, str(kf)),
+                                         "--image-opts", opts])
+            log.debug("target server: %s", argv)
+            try:
+                h.connect_systemd_socket_activation(argv)
+            except nbd.Error as e:
+                raise NbdError(f"cannot serve {image} with qemu-nbd: {_message(e)}") from None
     if h.is_read_only():
         raise NbdError(f"qemu-nbd serves {image} read-only")
     return h
@@ -359,13 +377,14 @@ class Pacer:
 def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
          should_stop: Optional[StopCheck] = None, progress: Optional[Progress] = None,
          request_size: int = REQUEST_SIZE, max_in_flight: int = MAX_IN_FLIGHT,
-         max_speed: Optional[int] = None) -> CopyStats:
+         max_speed: Optional[int] = None, key: Optional["Key"] = None) -> CopyStats:
     """Copy the export into `target` (see the module doc); flushed before returning.
 
     `bitmap` is the dirty-bitmap meta context (e.g. `qemu:dirty-bitmap:backup-vda`): given, only
     dirty extents are copied and the target must have the previous image as backing; not
     given, the target must be empty and unbacked. `max_speed`: bytes/s read from the source
-    (a token bucket of one request; see Pacer). Raises NbdError (with what failed and where)
+    (a token bucket of one request; see Pacer). `key`: the target is LUKS-encrypted (open_target).
+    Raises NbdError (with what failed and where)
     or CopyStopped; the target's content is then undefined and the caller discards it.
 
     `progress(done, size)` after each step: `done` counts the bytes of the disk dealt with,
@@ -406,7 +425,7 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
             if pump is None:
                 if not pending:
                     break       # nothing to copy: the target stays as created (reads as its backing)
-                d = open_target(target)
+                d = open_target(target, key)
                 if d.get_size() < size:
                     raise NbdError(f"target {target} ({d.get_size()} bytes) is smaller than "
                                    f"{src.describe()} ({size} bytes)")

@@ -26,7 +26,7 @@ from lxml import etree
 
 from virtbackup import env, observe
 from virtbackup.errors import BackupFailed, Interrupted, NoSpace, OperationFailed, UsageError
-from virtbackup.qemu import nbdcopy
+from virtbackup.qemu import keys, nbdcopy
 from virtbackup.runners.base import Notify, abort_job, checkpoint_prefix, completed_stats, job_gone, job_writes_into
 from virtbackup.runners.plan import BackupPlan, Transport
 from virtbackup.virt import host, xmlbuild
@@ -69,6 +69,7 @@ class PullTarget:
     target: Path            # pre-created qcow2 (with its backing link when not whole)
     whole: bool             # copy the whole disk (full, or a disk new since the base point)
     source: str             # the disk's image on the hypervisor (the default scratch dir)
+    encrypted: bool = False  # the target is LUKS (qemu-nbd opens it with the runner's key)
 
 
 class PullRunner:
@@ -81,8 +82,9 @@ class PullRunner:
 
     def __init__(self, handle: DomainHandle, points_dir: Path, notify: Notify,
                  scratch_dir: Optional[str] = None, quiesce: Optional["Quiescer"] = None,
-                 max_speed: Optional[int] = None):
+                 max_speed: Optional[int] = None, key: Optional["keys.Key"] = None):
         self.handle = handle
+        self.key = key                  # of an encrypted chain: the targets are LUKS
         self.max_speed = max_speed      # bytes/s read per disk (nbdcopy.Pacer)
         self.points_dir = points_dir
         self.notify = notify
@@ -116,8 +118,8 @@ class PullRunner:
     def start(self, plan: BackupPlan) -> None:
         """backupBegin in pull mode: fixes the point in time and creates the plan's checkpoint."""
         for dp in plan.disks:
-            if dp.target.encryption is not None:
-                raise UsageError("encrypted targets are not supported in pull mode yet")
+            if dp.target.encryption is not None and self.key is None:
+                raise BackupFailed(f"disk {dp.disk.target}: the target is encrypted but the runner has no key")
         cxml = xmlbuild.checkpoint_xml(plan.checkpoint, plan.description,
                                        {dp.disk.target: dp.tracks for dp in plan.disks})
         # the default scratch dir is beside the disk's image file; a block device's or network
@@ -125,7 +127,8 @@ class PullRunner:
         # the same domain then, else libvirt's image dir (--scratch-dir chooses)
         files = [dp.disk.source for dp in plan.disks if dp.disk.type == "file" and dp.disk.source]
         targets = [PullTarget(dp.disk.target, dp.target.path, dp.mode == "full",
-                              (dp.disk.source or "") if dp.disk.type == "file" else (files[0] if files else ""))
+                              (dp.disk.source or "") if dp.disk.type == "file" else (files[0] if files else ""),
+                              encrypted=dp.target.encryption is not None)
                    for dp in plan.disks]
         self._check_scratch_room(plan, targets)
         self._start(targets, plan.base_checkpoint, plan.checkpoint, cxml)
@@ -320,7 +323,8 @@ class PullRunner:
 
                 return nbdcopy.copy(ep, t.target, None if t.whole else f"qemu:dirty-bitmap:{bitmap}",
                                     should_stop=stop, max_speed=self.max_speed,
-                                    progress=progress if observe.listening() else None)
+                                    progress=progress if observe.listening() else None,
+                                    key=self.key if t.encrypted else None)
             except BaseException:
                 failed.set()
                 raise
