@@ -170,7 +170,7 @@ def backup(domain: str, backup_dir: PathArg, level: str = "auto", disks: Sequenc
     where a pull backup's scratch files go on the hypervisor (default: beside each disk image).
     `max_speed`: bytes/s per disk (push and offline: QEMU's copy job; pull: our NBD reads).
     `encrypt` with `key` starts an encrypted chain (LUKS qcow2); every later point of an
-    encrypted directory needs that `key` (push mode only: pull refuses an encrypted chain).
+    encrypted directory needs that `key` (every mode: push, pull, offline).
     `cancel`: stops the backup from any thread while it runs: its job is aborted, its checkpoint
     deleted, its partial images removed, nothing is recorded (raises Interrupted); during the
     metadata commit a cancel is only noted (the point is complete, a warning says so).

@@ -49,7 +49,7 @@ def backup(ctx: typer.Context, domain: Domain, backup_dir: BackupDirArg,
                     "image)")] = None,
            max_speed: MaxSpeed = None,
            encrypt: Annotated[bool, typer.Option(
-               "--encrypt", help="start an encrypted chain (LUKS qcow2); needs --key-file; push mode only")] = False,
+               "--encrypt", help="start an encrypted chain (LUKS qcow2); needs --key-file")] = False,
            key_file: KeyFile = None,
            progress_fd: Annotated[Optional[int], typer.Option(
                "--progress-fd", hidden=True, metavar="FD",
