@@ -413,3 +413,27 @@ def test_a_scratch_filesystem_without_room_is_refused_before_the_job(make_domain
         r = cli("backup", d.name, bdir, "--mode", "pull", "--scratch-dir", small, "--json")
         assert r.rc == 0 and r.json()["point"]["level"] == "inc", r
         assert_point_restores(bdir, r.json()["point"]["id"], d.expected(), tmp_path / "r")
+
+
+def test_a_scratch_file_left_behind_does_not_block_the_next_pull(make_domain, tmp_path):
+    """Smaller finding of the hostile pass: a scratch file a failed run left (libvirt deletes
+    them when a job ends; a crash of libvirtd does not) blocked every later pull backup of that
+    directory, the name being the same each retry. It is removed (it is this chain's and no job
+    of ours runs), and each run's scratch names carry a tag of their own."""
+    d = make_domain({"vda": 16 * MiB})
+    d.write("vda", 0x71, 0, 2 * MiB)
+    bdir = tmp_path / "bk"
+    p1 = point_of(cli("backup", d.name, bdir, "--mode", "pull", "--json"))
+    prefix = p1["checkpoint"][:-4]
+    stale = Path(d.workdir) / f"{prefix}0002-vda.scratch"          # the next point's plain name
+    stale.write_bytes(b"left by a crash")
+    other = Path(d.workdir) / "virtbackup-00000000-0002-vda.scratch"   # another chain's: kept
+    other.write_bytes(b"not ours")
+    d.write("vda", 0x72, 4 * MiB, MiB)
+    r = cli("backup", d.name, bdir, "--mode", "pull", "--json")
+    p2 = point_of(r)
+    assert p2["level"] == "inc" and f"removed {stale}" in r.err, r
+    assert not stale.exists() and other.read_bytes() == b"not ours"
+    other.unlink()
+    assert not leftovers(d, bdir)
+    assert_point_restores(bdir, p2["id"], d.expected(), tmp_path / "r")

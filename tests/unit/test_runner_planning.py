@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.fakes import FakeDomain, bitmap, qcow2
 from virtbackup.backup import Engine
-from virtbackup.errors import BackupFailed, LevelNotPossible, UsageError
+from virtbackup.errors import BackupFailed, LevelNotPossible
 from virtbackup.qemu import keys
 from virtbackup.runners.base import checkpoint_prefix
 from virtbackup.runners.offline import JobDisk, OfflineRunner
@@ -246,12 +246,33 @@ def test_pull_scratch_files_carry_the_chains_checkpoint_prefix():
     assert other.checkpoint_prefix() not in Path(files["vda"]).name
 
 
-def test_pull_refuses_an_encrypted_plan_before_touching_the_domain():
+def test_pull_without_the_key_refuses_an_encrypted_plan_before_touching_the_domain():
     c = make_chain([("full", ["vda"])])
     plan = encrypted(plan_backup(domain_for(c), c, BDIR, "inc"))
     runner = PullRunner(None, BDIR.path / POINTS_DIR, lambda _m: None)  # type: ignore[arg-type]
-    with pytest.raises(UsageError, match="encrypted targets are not supported in pull mode"):
+    with pytest.raises(BackupFailed, match="the target is encrypted but the runner has no key"):
         runner.start(plan)
+
+
+def test_stale_scratch_files_of_this_chain_only_are_removed(tmp_path):
+    """A scratch file a failed run left (same point, same name each retry) blocked every later
+    pull backup; now names carry a per-run tag and this chain's stale ones are removed. Nothing
+    else in the directory is touched: other chains' files, look-alikes, symlinks, directories."""
+    from virtbackup.runners.pull import remove_stale_scratch
+    prefix = "virtbackup-0a1b2c3d-"
+    ours = [f"{prefix}0007-vda.scratch", f"{prefix}0007-vdb-1f2e3d.scratch"]
+    others = ["virtbackup-99999999-0007-vda.scratch", f"{prefix}0007-vda.qcow2", "vm.qcow2",
+              f"{prefix}x-vda.scratch"]
+    for n in ours + others:
+        (tmp_path / n).write_bytes(b"x")
+    (tmp_path / f"{prefix}0008-vda.scratch").symlink_to(tmp_path / "vm.qcow2")
+    (tmp_path / f"{prefix}0009-vda.scratch").mkdir()
+    said: List[str] = []
+    remove_stale_scratch(str(tmp_path), prefix, said.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        others + [f"{prefix}0008-vda.scratch", f"{prefix}0009-vda.scratch"])
+    assert len(said) == 2 and all("left by an earlier run" in m for m in said)
+    assert scratch_path("/s", "/vm/a.qcow2", f"{prefix}0007", "vda", "abc123") == f"/s/{prefix}0007-vda-abc123.scratch"
 
 
 # --- offline: the private QEMU's job -------------------------------------------------------------------

@@ -14,6 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
+import secrets
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -52,13 +55,36 @@ def _ports() -> List[int]:
     return ports[:PORT_ATTEMPTS]
 
 
-def scratch_path(scratch_dir: Optional[str], source: str, cp_name: str, disk: str) -> str:
+def scratch_path(scratch_dir: Optional[str], source: str, cp_name: str, disk: str, tag: str = "") -> str:
     """The scratch file of one disk on the hypervisor: in `scratch_dir`, or else beside the
     disk's image (a directory that exists on that host and has room for the disk's data).
     The name carries the checkpoint name: that is how a later run recognises a job of this
-    directory (backup._job_writes_into)."""
+    directory (base.job_writes_into); and the run's `tag`, so that a scratch file some failure
+    left behind (libvirt deletes them when a job ends) never blocks a retry of the same point."""
     where = scratch_dir or os.path.dirname(source) or "/var/lib/libvirt/images"
-    return str(Path(where) / f"{cp_name}-{disk}.scratch")
+    return str(Path(where) / f"{cp_name}-{disk}{'-' + tag if tag else ''}.scratch")
+
+
+_STALE_SCRATCH = re.compile(r"^virtbackup-[0-9a-f]{8}-\d{4,}-.+\.scratch$")
+
+
+def remove_stale_scratch(where: str, prefix: str, notify: Notify) -> None:
+    """Scratch files of this chain (names start with its checkpoint prefix) that a failed run
+    left in `where` on this host, while no job of ours runs: removed (regular files only)."""
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return
+    for n in names:
+        if not (n.startswith(prefix) and _STALE_SCRATCH.match(n)):
+            continue
+        p = os.path.join(where, n)
+        try:
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                os.unlink(p)
+                notify(f"removed {p}, a scratch file left by an earlier run")
+        except OSError as e:
+            log.warning("cannot remove stale scratch file %s: %s", p, e.strerror)
 
 
 @dataclass(frozen=True)
@@ -173,7 +199,12 @@ class PullRunner:
         self._targets = list(targets)
         self._prefix = checkpoint_prefix(checkpoint)
         self._clear_leftover_job()
-        pdisks = [xmlbuild.PullDisk(t.name, scratch_path(self.scratch_dir, t.source, checkpoint, t.name),
+        tag = secrets.token_hex(3)
+        if not host.is_remote(self.conn.getURI()):      # no job of ours runs now: its files are stale
+            for where in sorted({os.path.dirname(scratch_path(self.scratch_dir, t.source, checkpoint, t.name))
+                                 for t in self._targets}):
+                remove_stale_scratch(where, self._prefix, self.notify)
+        pdisks = [xmlbuild.PullDisk(t.name, scratch_path(self.scratch_dir, t.source, checkpoint, t.name, tag),
                                     full=t.whole) for t in self._targets]
         if self.interrupted:
             raise Interrupted(f"backup {observe.interruption(self.interrupted)}; nothing was recorded")
