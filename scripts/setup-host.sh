@@ -60,17 +60,56 @@ getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
 id libvirt-qemu >/dev/null 2>&1 || useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
 mkdir -p /var/log/libvirt/qemu /var/run/libvirt /var/lib/libvirt/qemu /var/cache/libvirt/qemu /etc/libvirt
 
+# NBD over TLS for remote pull backups (docs/guide.md "Remote hosts"): a throwaway CA made here,
+# a server certificate for 127.0.0.1/localhost that libvirt gives QEMU's NBD server
+# (backup_tls_x509_cert_dir, client certificates required), and a client certificate for
+# virtbackup in $TLS_DIR/client. Test material for this machine only: never a production CA.
+TLS_DIR=/etc/pki/virtbackup-test
+if [ ! -s "$TLS_DIR/client/client-key.pem" ]; then
+    log "making a throwaway CA and NBD TLS certificates in $TLS_DIR"
+    rm -rf "$TLS_DIR"
+    mkdir -p "$TLS_DIR/client"
+    chmod 700 "$TLS_DIR" "$TLS_DIR/client"
+    (
+        cd "$TLS_DIR"
+        umask 077
+        openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=virtbackup test CA" \
+            -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+            -keyout ca-key.pem -out ca-cert.pem 2>/dev/null
+        for who in server client; do
+            if [ "$who" = server ]; then
+                ext="subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"
+            else
+                ext="extendedKeyUsage=clientAuth"
+            fi
+            printf "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n$ext\n" > "$who.ext"
+            openssl req -newkey rsa:2048 -nodes -subj "/CN=virtbackup test $who" \
+                -keyout "$who-key.pem" -out "$who.csr" 2>/dev/null
+            openssl x509 -req -in "$who.csr" -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 3650 \
+                -extfile "$who.ext" -out "$who-cert.pem" 2>/dev/null
+            rm -f "$who.csr" "$who.ext"
+        done
+        mv client-key.pem client-cert.pem client/
+        cp ca-cert.pem client/
+        chmod 644 ca-cert.pem client/ca-cert.pem server-cert.pem client/client-cert.pem
+    )
+fi
+
 QEMU_CONF=/etc/libvirt/qemu.conf
-want='# virtbackup-setup: sandbox settings
-user = "root"
-group = "root"
-security_driver = "none"
+want="# virtbackup-setup: sandbox settings, v2
+user = \"root\"
+group = \"root\"
+security_driver = \"none\"
 cgroup_controllers = [ ]
 namespaces = [ ]
-remember_owner = 0'
-if ! grep -q '^# virtbackup-setup' "$QEMU_CONF" 2>/dev/null; then
+remember_owner = 0
+backup_tls_x509_cert_dir = \"$TLS_DIR\"
+backup_tls_x509_verify = 1"
+if [ "$(cat "$QEMU_CONF" 2>/dev/null)" != "$want" ]; then
     log "writing $QEMU_CONF"
-    [ -f "$QEMU_CONF" ] && cp "$QEMU_CONF" "$QEMU_CONF.orig-virtbackup"
+    if [ -f "$QEMU_CONF" ] && ! grep -q '^# virtbackup-setup' "$QEMU_CONF"; then
+        cp "$QEMU_CONF" "$QEMU_CONF.orig-virtbackup"
+    fi
     printf '%s\n' "$want" > "$QEMU_CONF"
     if pgrep -x libvirtd >/dev/null; then
         log "restarting libvirtd for the new qemu.conf"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import time
 import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
@@ -299,6 +300,7 @@ class Engine:
             disks=images, domain_xml=f"{POINTS_DIR}/{plan.point_id}/domain.xml",
             checkpoint_xml=f"{POINTS_DIR}/{plan.point_id}/checkpoint.xml", reason=plan.reason,
             duration=round(time.monotonic() - started, 3), transport=self.runner.transport,
+            nbd_tls=self.runner.nbd_tls,
             encryption=chain.encryption.format if chain.encryption is not None else None,
             domain_xml_digest=xml_digests["domain.xml"], checkpoint_xml_digest=xml_digests["checkpoint.xml"])
         if self.quiesce is not None:
@@ -410,9 +412,33 @@ def _ioerror_paused(dom: libvirt.virDomain) -> bool:
     return bool(state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR)
 
 
+TLS_DIR_ENV = "VIRTBACKUP_NBD_TLS_DIR"
+DEFAULT_TLS_DIR = "/etc/pki/virtbackup"
+TLS_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+
+
+def check_tls_dir(given: Optional[str]) -> str:
+    """The directory of our NBD TLS client certificate (given, $VIRTBACKUP_NBD_TLS_DIR, or
+    /etc/pki/virtbackup) with its three files, the key not readable by others: else exit 2."""
+    d = given or os.environ.get(TLS_DIR_ENV) or DEFAULT_TLS_DIR
+    if not os.path.isabs(d):
+        raise UsageError(f"--nbd-tls-dir must be an absolute path, not '{d}'")
+    missing = [f for f in TLS_FILES if not os.path.isfile(os.path.join(d, f))]
+    if missing:
+        raise UsageError(f"a pull from a remote hypervisor uses NBD over TLS: {d} lacks {', '.join(missing)} "
+                         f"(the CA certificate libvirt's backup_tls_x509_cert_dir on the hypervisor trusts, and "
+                         f"this client's certificate and key; --nbd-tls-dir DIR or ${TLS_DIR_ENV}); or, on a "
+                         "network you trust, --insecure-nbd; nothing was changed")
+    st = os.stat(os.path.join(d, "client-key.pem"))
+    if st.st_mode & 0o077:
+        raise UsageError(f"{os.path.join(d, 'client-key.pem')} is readable by other users (mode "
+                         f"{stat.S_IMODE(st.st_mode):o}); chmod 600 it; nothing was changed")
+    return d
+
+
 def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: Optional[Quiescer] = None,
                mode: str = "push", scratch_dir: Optional[str] = None, max_speed: Optional[int] = None,
-               key: Optional[keys.Key] = None) -> Runner:
+               key: Optional[keys.Key] = None, tls_dir: Optional[str] = None, insecure_nbd: bool = False) -> Runner:
     """The push job (or the pull job, `mode` pull) for a running domain, frozen around its start
     by `quiesce`; a private QEMU for a shut-off one (consistent by nature; it gets the key of an
     encrypted chain). `max_speed`: bytes/s per disk (push and offline: QEMU's job speed; pull:
@@ -420,7 +446,8 @@ def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: O
     if handle.dom.isActive():
         if mode == "pull":   # libvirt exports the disks over NBD, we copy (runners/pull.py)
             from virtbackup.runners.pull import PullRunner
-            return PullRunner(handle, bdir.path / POINTS_DIR, notify, scratch_dir, quiesce, max_speed, key)
+            return PullRunner(handle, bdir.path / POINTS_DIR, notify, scratch_dir, quiesce, max_speed, key,
+                              tls_dir, insecure_nbd)
         return PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce, max_speed)
     if mode == "pull":
         notify("domain is shut off: backing up its images offline, not over NBD")
@@ -447,8 +474,13 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
            reason: Optional[str] = None, quiesce: str = "auto", mode: Optional[str] = None,
            scratch_dir: Optional[str] = None, max_speed: Optional[int] = None,
            encrypt: bool = False,
-           key: Optional[keys.Key] = None) -> BackupResult:
+           key: Optional[keys.Key] = None, nbd_tls_dir: Optional[str] = None,
+           insecure_nbd: bool = False) -> BackupResult:
     """Take one backup of DOMAIN (running or shut off) into BACKUP_DIR; see api.backup.
+
+    A pull from a remote hypervisor reads its NBD exports over TCP with TLS, our client
+    certificate from `nbd_tls_dir` (check_tls_dir); plaintext only with `insecure_nbd` (warned
+    about, and recorded in the point).
 
     `encrypt` with `key` starts an encrypted chain; an encrypted chain's later points need the
     same `key`, checked against the metadata before anything is touched (every transport writes
@@ -466,6 +498,11 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
             raise UsageError("--scratch-dir is for pull mode (--mode pull)")
         if not os.path.isabs(scratch_dir):
             raise UsageError(f"--scratch-dir must be an absolute path on the hypervisor, not '{scratch_dir}'")
+    tls_dir: Optional[str] = None
+    if insecure_nbd or nbd_tls_dir is not None:
+        if not (remote and mode == "pull"):
+            raise UsageError("--insecure-nbd and --nbd-tls-dir are for a pull from a remote URI (--connect "
+                             "qemu+ssh://...): a local pull never leaves this host (a unix socket)")
     if max_speed is not None and max_speed <= 0:
         raise UsageError(f"--max-speed must be a positive number of bytes per second, not {max_speed}")
     say: Notify = notify or (lambda _m: None)
@@ -484,6 +521,8 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
         if remote and not dom.isActive():
             from virtbackup.runners.pull import refuse_remote
             refuse_remote(uri, "an offline backup")
+        if remote and mode == "pull" and not insecure_nbd:
+            tls_dir = check_tls_dir(nbd_tls_dir)      # before anything is written
         quiescer = Quiescer(dom, quiesce, say)
         quiescer.check()        # --quiesce=require without an agent channel: refused before anything
         with domain_lock(uuid):
@@ -521,8 +560,11 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                 chain.path = str(bdir.path)
                 handle = DomainHandle(conn, dom)
                 try:
+                    if insecure_nbd and dom.isActive():
+                        say("warning: --insecure-nbd: the disks travel from the hypervisor as plaintext NBD over "
+                            "TCP; anyone who reaches the port during the job can read them (recorded in the point)")
                     engine = Engine(handle, bdir, runner_for(handle, bdir, say, quiescer, mode, scratch_dir, max_speed,
-                                                           key),
+                                                           key, tls_dir, insecure_nbd),
                                     say, quiescer, key, iter_time)
                     engine.cleanup_leftovers(chain)
                     result = engine.run(chain, cast(RequestedLevel, level), disks, reason)

@@ -14,6 +14,7 @@ it, so the fault always lands before the point is recorded.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -32,6 +33,8 @@ from tests.support.sshd import PrivateSshd
 MiB = 1 << 20
 KiB = 1 << 10
 GRANULARITY = 64 * KiB      # the checkpoints' bitmap granularity (qcow2 cluster size)
+# the client certificate scripts/setup-host.sh makes (its throwaway CA signs libvirt's NBD server's too)
+TLS_CLIENT = Path("/etc/pki/virtbackup-test/client")
 
 
 @pytest.fixture
@@ -244,13 +247,19 @@ def test_remote_uri_over_ssh_backup_status_repair_and_refusals(make_domain, hidd
     uri = sshd.uri
 
     d.write("vda", 0x11, 0, 3 * MiB)
-    p = point_of(h.cli("backup", d.name, bdir, "--json", uri=uri))     # no --mode: pull for remote
-    assert p["transport"] == "pull" and p["level"] == "full"
+    # issue 23: a remote pull is NBD over TLS; without a client certificate: refused up front
+    r = h.cli("backup", d.name, bdir, "--json", "--nbd-tls-dir", tmp_path / "nocerts", uri=uri)
+    assert r.rc == 2 and "uses NBD over TLS" in one_error_line(r) and "--insecure-nbd" in r.err, r
+    assert not bdir.exists() and leftovers(d, bdir) == {}
+    p = point_of(h.cli("backup", d.name, bdir, "--json", "--nbd-tls-dir", TLS_CLIENT, uri=uri))  # no --mode: pull
+    assert p["transport"] == "pull" and p["level"] == "full" and p["nbd_tls"] is True
     e1 = d.expected()
     d.write("vda", 0x22, 8 * MiB, 1 * MiB)
-    r = h.cli("backup", d.name, bdir, "--json", uri=uri)
+    # plaintext only when asked: warned about and recorded
+    r = h.cli("backup", d.name, bdir, "--json", "--insecure-nbd", uri=uri)
     p = point_of(r)
-    assert p["transport"] == "pull" and p["level"] == "inc"
+    assert p["transport"] == "pull" and p["level"] == "inc" and p["nbd_tls"] is False
+    assert "warning: --insecure-nbd" in r.err, r
     assert r.json()["transfer"]["vda"]["read"] == 1 * MiB
     e2 = d.expected()
 
@@ -437,3 +446,34 @@ def test_a_scratch_file_left_behind_does_not_block_the_next_pull(make_domain, tm
     other.unlink()
     assert not leftovers(d, bdir)
     assert_point_restores(bdir, p2["id"], d.expected(), tmp_path / "r")
+
+
+def test_a_remote_pull_client_the_hypervisor_does_not_trust_is_refused(make_domain, sshd, tmp_path):
+    """Issue 23: libvirt's NBD server for a remote pull requires TLS and a client certificate of
+    the CA it trusts (backup_tls_x509_verify): a client whose certificate another CA signed gets
+    no data (exit 1, nothing recorded, the job ended); the same run with the right certificate
+    restores bit-exact."""
+    d = make_domain({"vda": 16 * MiB})
+    d.write("vda", 0x33, 0, 2 * MiB)
+    other = tmp_path / "other-ca"
+    other.mkdir()
+    for cmd in (["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=another CA",
+                 "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
+                 "-keyout", "ca-key.pem", "-out", "ca-cert.pem"],
+                ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=intruder", "-keyout", "client-key.pem",
+                 "-out", "c.csr"],
+                ["x509", "-req", "-in", "c.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+                 "-days", "2", "-out", "client-cert.pem"]):
+        subprocess.run(["openssl", *cmd], cwd=other, check=True, capture_output=True)
+    # it trusts the hypervisor's CA (so the failure is the server refusing it, not the reverse)
+    (other / "ca-cert.pem").write_bytes((TLS_CLIENT / "ca-cert.pem").read_bytes())
+    os.chmod(other / "client-key.pem", 0o600)
+    bdir = tmp_path / "bk"
+    r = cli("-c", sshd.uri, "backup", d.name, bdir, "--json", "--nbd-tls-dir", other)
+    assert r.rc == 1 and "cannot connect to NBD" in one_error_line(r), r
+    assert not (bdir / "virtbackup.json").exists() or not json.loads((bdir / "virtbackup.json").read_text())["points"]
+    assert leftovers(d, bdir) == {}
+    r = cli("-c", sshd.uri, "backup", d.name, bdir, "--json", "--nbd-tls-dir", TLS_CLIENT)
+    p = point_of(r)
+    assert p["nbd_tls"] is True
+    assert_point_restores(bdir, p["id"], d.expected(), tmp_path / "r")

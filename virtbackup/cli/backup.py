@@ -48,6 +48,15 @@ def backup(ctx: typer.Context, domain: Domain, backup_dir: BackupDirArg,
                help="pull: directory on the hypervisor for the scratch files (default: beside each disk "
                     "image)")] = None,
            max_speed: MaxSpeed = None,
+           nbd_tls_dir: Annotated[Optional[str], typer.Option(
+               "--nbd-tls-dir", metavar="DIR",
+               help="pull from a remote URI: NBD over TLS with this client's certificate in DIR (ca-cert.pem, "
+                    "client-cert.pem, client-key.pem; default $VIRTBACKUP_NBD_TLS_DIR, else "
+                    "/etc/pki/virtbackup)")] = None,
+           insecure_nbd: Annotated[bool, typer.Option(
+               "--insecure-nbd",
+               help="pull from a remote URI as plaintext NBD over TCP (no TLS): anyone who reaches the port "
+                    "during the job reads the disks; warned about and recorded in the point")] = False,
            encrypt: Annotated[bool, typer.Option(
                "--encrypt", help="start an encrypted chain (LUKS qcow2); needs --key-file")] = False,
            key_file: KeyFile = None,
@@ -65,7 +74,7 @@ def backup(ctx: typer.Context, domain: Domain, backup_dir: BackupDirArg,
             progress.backup(domain, progress.wanted(as_json, no_progress) and to_run is None) as bar:
         r = api.backup(domain, backup_dir, level=level, disks=disk, uri=uri, notify=say, reason=reason,
                        quiesce=quiesce, mode=mode, scratch_dir=scratch_dir, max_speed=max_speed, encrypt=encrypt,
-                       key=key, progress=to_run or bar)
+                       key=key, progress=to_run or bar, nbd_tls_dir=nbd_tls_dir, insecure_nbd=insecure_nbd)
     if as_json:
         emit(r.to_json())
         return

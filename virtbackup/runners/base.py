@@ -46,6 +46,7 @@ Notify = Callable[[str], None]
 
 class Runner(Protocol):
     transport: Transport
+    nbd_tls: Optional[bool]         # the point's record of it (chain.Point.nbd_tls): pull over TCP only
     interrupted: Optional[str]      # the reason noted by interrupt() (a signal name, "cancelled"), if any
     warnings: List[str]             # said during the run; reported with the result
     transfer: Dict[str, Dict[str, Any]]   # per disk, how the copy went (pull: bytes read, written, zeroed; seconds)

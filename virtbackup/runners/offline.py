@@ -78,6 +78,7 @@ class OfflineRunner:
     """The copy of a shut-off domain's disks, run by a private QEMU over QMP."""
 
     transport: Transport = "offline"
+    nbd_tls: Optional[bool] = None      # no network crossed
 
     def __init__(self, handle: DomainHandle, notify: Notify, max_speed: Optional[int] = None,
                  key: Optional[keys.Key] = None):

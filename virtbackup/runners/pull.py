@@ -108,9 +108,15 @@ class PullRunner:
 
     def __init__(self, handle: DomainHandle, points_dir: Path, notify: Notify,
                  scratch_dir: Optional[str] = None, quiesce: Optional["Quiescer"] = None,
-                 max_speed: Optional[int] = None, key: Optional["keys.Key"] = None):
+                 max_speed: Optional[int] = None, key: Optional["keys.Key"] = None,
+                 tls_dir: Optional[str] = None, insecure: bool = False):
         self.handle = handle
         self.key = key                  # of an encrypted chain: the targets are LUKS
+        # a remote hypervisor's NBD export over TCP: TLS with the client certificates in
+        # tls_dir (ca-cert.pem, client-cert.pem, client-key.pem), plaintext only if `insecure`
+        self.tls_dir = tls_dir
+        self.insecure = insecure
+        self.nbd_tls: Optional[bool] = None     # what the point records (see chain.Point.nbd_tls)
         self.max_speed = max_speed      # bytes/s read per disk (nbdcopy.Pacer)
         self.points_dir = points_dir
         self.notify = notify
@@ -283,7 +289,7 @@ class PullRunner:
             rd.mkdir(mode=0o700, parents=True, exist_ok=True)
             return [xmlbuild.NbdServer(socket=str(rd / f"nbd-{checkpoint}.sock"))]
         name = host.uri_host(uri) or "localhost"
-        return [xmlbuild.NbdServer(host=name, port=p) for p in _ports()]
+        return [xmlbuild.NbdServer(host=name, port=p, tls=not self.insecure) for p in _ports()]
 
     def _begin(self, disks: List[xmlbuild.PullDisk], base: Optional[str], cxml: str,
                checkpoint: str) -> xmlbuild.NbdServer:
@@ -299,7 +305,9 @@ class PullRunner:
             try:
                 with self.quiesce.frozen(self.dom) if self.quiesce else nullcontext():
                     host.call(self.dom.backupBegin, bxml, cxml, 0)
-                log.info("pull job started; NBD server %s", server.socket or f"{server.host}:{server.port}")
+                log.info("pull job started; NBD server %s%s", server.socket or f"{server.host}:{server.port}",
+                         " (TLS)" if server.tls else "")
+                self.nbd_tls = None if server.socket else server.tls
                 return server
             except libvirt.libvirtError as e:
                 last = host.libvirt_message(e)
@@ -347,7 +355,8 @@ class PullRunner:
                 export, bitmap = exports.get(t.name, (t.name, None))
                 if not t.whole and not bitmap:
                     raise BackupFailed(f"libvirt exported disk {t.name} without its dirty bitmap")
-                ep = nbdcopy.Endpoint(export, socket=server.socket, host=server.host, port=server.port)
+                ep = nbdcopy.Endpoint(export, socket=server.socket, host=server.host, port=server.port,
+                                      tls=server.tls, tls_certificates=self.tls_dir if server.tls else None)
 
                 def progress(done: int, size: int) -> None:
                     observe.emit("copy", t.name, done, size)

@@ -43,6 +43,7 @@ class PushRunner:
     """libvirt push mode: backupBegin with REUSE_EXTERNAL targets, events for the end."""
 
     transport: Transport = "push"
+    nbd_tls: Optional[bool] = None      # no network crossed
 
     def __init__(self, handle: DomainHandle, points_dir: Path, notify: Notify, quiesce: Optional["Quiescer"] = None,
                  max_speed: Optional[int] = None):
