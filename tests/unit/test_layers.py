@@ -18,7 +18,8 @@ PACKAGE = Path(__file__).resolve().parent.parent.parent / "virtbackup"
 LAYERS: List[List[str]] = [
     ["errors", "observe", "options", "env"],   # progress events, cancellation; the user's choices; the environment
     ["qemu", "qemu.keys"],                              # the key for QEMU programs (pipe, file, LUKS options)
-    ["qemu.qemu_img", "qemu.qmp", "qemu.nbdcopy"],      # one module per QEMU program
+    ["qemu.qemu_img", "qemu.qmp"],                      # one module per QEMU program
+    ["qemu.nbdcopy"],                                   # qemu-nbd (asks qemu-img which layers are encrypted)
     ["store", "store.crypto", "store.digest", "store.runlog"],   # no libvirt below virt/
     ["store.chain"],                                    # the model and its metadata file
     ["store.metrics"],                                  # a run's metrics (written like the metadata)
