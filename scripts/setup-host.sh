@@ -22,11 +22,12 @@ PACKAGES=(libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients qemu-system-
 # - a throwaway Ceph cluster with a RADOS Gateway (S3) for the off-site tests: the test suite
 #   starts it on 127.0.0.1 (memstore OSD, no auth inside) and stops it again;
 # - Cockpit and a headless Chromium with its WebDriver for the Backups page's browser tests: the
-#   suite starts a private cockpit-ws on 127.0.0.1; the packages' own services are not started.
+#   suite starts a private cockpit-ws on 127.0.0.1; the packages' own services are not started;
+#   sudo: Cockpit's administrative access (the tests' login user is in group sudo).
 EXTRA_PACKAGES=(linux-image-amd64 busybox-static qemu-guest-agent e2fsprogs cpio
                 libguestfs-tools python3-guestfs python3-libnbd openssh-server b3sum
                 ceph-mon ceph-osd ceph-common radosgw
-                cockpit-ws cockpit-bridge cockpit-system chromium chromium-driver)
+                cockpit-ws cockpit-bridge cockpit-system chromium chromium-driver sudo)
 
 log() { echo "setup-host: $*" >&2; }
 
@@ -155,4 +156,6 @@ if [ ! -f "$stamp" ]; then
     fi
     touch "$stamp"
 fi
+# the Backups page for Cockpit (docs/cockpit.md); the browser tests install their own copy per test user
+"$ROOT/scripts/install-cockpit.sh" >/dev/null
 log "ready (libvirtd running, venv $VENV)"
