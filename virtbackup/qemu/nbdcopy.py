@@ -19,9 +19,10 @@ import select
 import shutil
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from virtbackup import env
 from virtbackup.errors import OperationFailed
@@ -469,5 +470,127 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
             close(d)
 
 
-__all__ = ["Endpoint", "CopyStats", "NbdError", "CopyStopped", "copy", "extents", "open_source",
-           "open_target"]
+
+
+
+def _source_opts(src: Endpoint, tls_id: Optional[str]) -> str:
+    """The export as qemu-img `--image-opts` (QEMU's own NBD client; raw, no format probing)."""
+    from virtbackup.qemu.keys import qemu_opt
+    if src.socket:
+        where = f"server.type=unix,server.path={qemu_opt(src.socket)}"
+    else:
+        where = f"server.type=inet,server.host={qemu_opt(src.host or 'localhost')},server.port={src.port}"
+    return f"driver=nbd,{where},export={qemu_opt(src.export)}" + (f",tls-creds={tls_id}" if tls_id else "")
+
+
+def _allocated(image: Path) -> int:
+    """Data bytes stored in the image file itself (qemu-img map, depth 0)."""
+    from virtbackup.qemu import qemu_img
+    proc = qemu_img.execute([env.program("qemu-img"), "map", "--output=json", "-U", str(image)])
+    if proc.returncode != 0:
+        return 0
+    try:
+        import json
+        return sum(int(e["length"]) for e in json.loads(proc.stdout) if e.get("depth") == 0 and e.get("data"))
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def convert_whole(src: Endpoint, target: Path, *, should_stop: Optional[StopCheck] = None,
+                  progress: Optional[Progress] = None, max_speed: Optional[int] = None,
+                  key: Optional["Key"] = None) -> CopyStats:
+    """Copy a whole export into the empty, unbacked `target` with `qemu-img convert`: QEMU's NBD
+    client reads with block status (holes and zeroes are skipped), 16 coroutines, writes out of
+    order straight into the qcow2 (no second NBD hop through qemu-nbd, no Python per request):
+    about twice the speed of copy() for whole disks here (scripts/benchmark.py). Incrementals
+    stay with copy(), which follows the dirty bitmap. Same contract as copy(): flushed on
+    return; NbdError or CopyStopped otherwise (the caller discards the target)."""
+    import re
+    import select
+    import subprocess
+
+    from virtbackup.qemu import keys
+    started = time.monotonic()
+    exe = shutil.which(env.program("qemu-img"))
+    if exe is None:
+        raise OperationFailed(f"{env.program('qemu-img')} not found; install qemu-utils")
+    objects: List[str] = []
+    tls_id = None
+    if src.tls:
+        tls_id = "vbtls0"
+        objects += ["--object", f"tls-creds-x509,id={tls_id},endpoint=client,"
+                                f"dir={keys.qemu_opt(src.tls_certificates or '/etc/pki/qemu')}"]
+    argv = [exe, "convert", "-p", "-n", "--target-is-zero", "-W", "-m", "16", "-t", "writeback"]
+    if max_speed:
+        argv += ["-r", str(max_speed)]
+    with (keys.key_pipe(key) if key is not None else _no_key()) as (key_obj, fd):
+        argv += [*objects, *key_obj, "--image-opts", _source_opts(src, tls_id)]
+        if key is not None:
+            argv += ["--target-image-opts", keys.image_opts(Path(os.path.abspath(target)), [True])]
+        else:
+            argv += ["-O", "qcow2", str(target)]
+        argv = tied_to_this_process(argv)
+        log.debug("exec %s", " ".join(argv))
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=[fd] if fd >= 0 else [])
+    assert proc.stdout is not None and proc.stderr is not None
+    size = 0
+    buf = b""
+    try:
+        while True:
+            why = should_stop() if should_stop else None
+            if why:
+                raise CopyStopped(why)
+            ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+            if not ready:
+                continue
+            chunk = os.read(proc.stdout.fileno(), 256)
+            if not chunk:
+                break
+            buf = (buf + chunk)[-256:]
+            found = re.findall(rb"\(([0-9.]+)/100%\)", buf)
+            if found and progress:
+                size = size or _export_size(src)
+                progress(int(size * float(found[-1]) / 100), size)
+        err = proc.stderr.read().decode(errors="replace")
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    if rc != 0:
+        lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+        raise NbdError(f"copy of NBD {src.describe()} into {target} failed: "
+                       f"{lines[-1] if lines else f'qemu-img exited with {rc}'}")
+    stored = _allocated(target)
+    stats = CopyStats(size=size, read=stored, written=stored, seconds=round(time.monotonic() - started, 3))
+    if progress:
+        size = size or _export_size(src)
+        progress(size, size)
+    log.debug("converted %s into %s: %s", src.describe(), target, stats)
+    return stats
+
+
+@contextmanager
+def _no_key() -> Iterator[Tuple[List[str], int]]:
+    yield [], -1
+
+
+def _export_size(src: Endpoint) -> int:
+    """The export's size (one short NBD connection; only for progress)."""
+    try:
+        h = open_source(src, [ALLOCATION])
+    except NbdError:
+        return 0
+    try:
+        return int(h.get_size())
+    finally:
+        close(h)
+
+
+__all__ = ["Endpoint", "CopyStats", "NbdError", "CopyStopped", "copy", "convert_whole", "extents",
+           "open_source", "open_target"]

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
+# how a whole disk is copied: qemu-img (convert from the export, the default) or libnbd (our
+# own NBD pump, as for incrementals); for scripts/benchmark.py's side-by-side figures
+WHOLE_COPY_ENV = "VIRTBACKUP_PULL_WHOLE_COPY"
 
 # libvirt 9.0 needs an explicit TCP port for a pull backup's NBD server (it has no allocator);
 # these are tried in random order until one is free on the host (NBD's own port first).
@@ -361,6 +364,11 @@ class PullRunner:
                 def progress(done: int, size: int) -> None:
                     observe.emit("copy", t.name, done, size)
 
+                if t.whole and os.environ.get(WHOLE_COPY_ENV, "qemu-img") != "libnbd":
+                    # a whole disk: qemu-img convert reads the export and writes the qcow2 itself
+                    return nbdcopy.convert_whole(ep, t.target, should_stop=stop, max_speed=self.max_speed,
+                                                 progress=progress if observe.listening() else None,
+                                                 key=self.key if t.encrypted else None)
                 return nbdcopy.copy(ep, t.target, None if t.whole else f"qemu:dirty-bitmap:{bitmap}",
                                     should_stop=stop, max_speed=self.max_speed,
                                     progress=progress if observe.listening() else None,
