@@ -55,6 +55,11 @@ if TYPE_CHECKING:
     from virtbackup.jobs import Job, JobPlan, RunResult, Watcher
     from virtbackup.liverestore import LiveResult
     from virtbackup.observe import Cancel, Progress, ProgressEvent
+    from virtbackup.offsite import PullResult as OffsitePull
+    from virtbackup.offsite import PushResult as OffsitePush
+    from virtbackup.offsite import RemoteList as OffsiteList
+    from virtbackup.offsite import RemotePrune as OffsitePrune
+    from virtbackup.offsite import RemoteVerify as OffsiteVerify
     from virtbackup.options import RequestedLevel
     from virtbackup.restore import FlattenResult, RestoreResult
     from virtbackup.runners.base import Notify
@@ -70,10 +75,12 @@ __all__ = [
     "backup", "list_points", "restore", "verify", "prune", "flatten",
     "status", "repair", "load_job", "run_job", "plan_job", "thaw", "drill", "live_restore", "resume_live",
     "files_filesystems", "files_ls", "files_get", "files_cat", "open_point_files",
+    "offsite_push", "offsite_pull", "offsite_list", "offsite_verify", "offsite_prune",
     # results and helpers
     "BackupResult", "PointList", "RestoreResult", "VerifyResult", "PruneResult", "FlattenResult", "LiveResult",
     "StatusReport", "RepairReport", "ThawResult", "DrillResult", "Notify", "RequestedLevel", "point_json", "chain_json",
     "FilesystemList", "ListResult", "GetResult", "PointFiles",
+    "OffsitePush", "OffsitePull", "OffsiteList", "OffsiteVerify", "OffsitePrune",
     # encrypted backups
     "read_key", "Key",
     # embedding: cancellation and progress events
@@ -158,7 +165,8 @@ def backup(domain: str, backup_dir: PathArg, level: str = "auto", disks: Sequenc
            reason: Optional[str] = None, quiesce: str = "auto", mode: Optional[str] = None,
            scratch_dir: Optional[str] = None, max_speed: Optional[int] = None, encrypt: bool = False,
            key: Optional[Key] = None, *, cancel: Optional[Cancel] = None,
-           progress: Optional[Progress] = None) -> BackupResult:
+           progress: Optional[Progress] = None, nbd_tls_dir: Optional[str] = None,
+           insecure_nbd: bool = False) -> BackupResult:
     """Take one backup of DOMAIN (name or UUID; running or shut off) into BACKUP_DIR.
 
     `level`: auto | full | inc | diff (see plan.plan_backup); `disks`: only these targets;
@@ -171,6 +179,9 @@ def backup(domain: str, backup_dir: PathArg, level: str = "auto", disks: Sequenc
     `max_speed`: bytes/s per disk (push and offline: QEMU's copy job; pull: our NBD reads).
     `encrypt` with `key` starts an encrypted chain (LUKS qcow2); every later point of an
     encrypted directory needs that `key` (every mode: push, pull, offline).
+    A pull from a remote URI reads NBD over TLS with the client certificate in `nbd_tls_dir`
+    (default $VIRTBACKUP_NBD_TLS_DIR, else /etc/pki/virtbackup: ca-cert.pem, client-cert.pem,
+    client-key.pem); `insecure_nbd`: plaintext instead (warned about, recorded as nbd_tls false).
     `cancel`: stops the backup from any thread while it runs: its job is aborted, its checkpoint
     deleted, its partial images removed, nothing is recorded (raises Interrupted); during the
     metadata commit a cancel is only noted (the point is complete, a warning says so).
@@ -180,7 +191,8 @@ def backup(domain: str, backup_dir: PathArg, level: str = "auto", disks: Sequenc
     from virtbackup.backup import backup as _backup
     with _operation("backup", cancel, progress, domain):
         return _backup(uri, domain, user_path(backup_dir, "BACKUP_DIR"), level, disks, notify, reason, quiesce,
-                       mode, scratch_dir, max_speed, encrypt=encrypt, key=key)
+                       mode, scratch_dir, max_speed, encrypt=encrypt, key=key, nbd_tls_dir=nbd_tls_dir,
+                       insecure_nbd=insecure_nbd)
 
 
 @_boundary
@@ -414,6 +426,63 @@ def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] =
         return _resume_live(name, uri, max_speed)
 
 
+# --- off-site copies on S3 object storage (virtbackup.offsite; boto3, the `s3` extra) -----------
+# Credentials and endpoint the boto3 way (environment, ~/.aws/config and credentials, `profile`);
+# `endpoint_url` for Ceph RGW and other S3 servers. Unreachable or refusing servers raise
+# offsite.RemoteError (exit 1); no boto3, no credentials, no such bucket raise UsageError (exit 2).
+@_boundary
+def offsite_push(backup_dir: PathArg, url: str, endpoint_url: Optional[str] = None, profile: Optional[str] = None,
+                 lock_days: Optional[int] = None, max_speed: Optional[int] = None, *,
+                 cancel: Optional[Cancel] = None, progress: Optional[Progress] = None) -> "OffsitePush":
+    """Copy the points of BACKUP_DIR that s3://BUCKET/PREFIX does not hold yet (files first, the
+    manifest last: the remote always holds a consistent chain); a killed push's uploaded parts are
+    resumed. `lock_days`: lock every object version (S3 Object Lock, COMPLIANCE) for that long
+    (the bucket must have Object Lock, else UsageError). `max_speed`: bytes/s over the whole push.
+    `progress`: "upload" events (bytes of all files to send)."""
+    from virtbackup.offsite import push
+    with _operation("offsite-push", cancel, progress):
+        return push(user_path(backup_dir, "BACKUP_DIR"), url, endpoint_url, profile, lock_days, max_speed)
+
+
+@_boundary
+def offsite_pull(url: str, local_dir: PathArg, point: Optional[str] = None, endpoint_url: Optional[str] = None,
+                 profile: Optional[str] = None, *, cancel: Optional[Cancel] = None,
+                 progress: Optional[Progress] = None) -> "OffsitePull":
+    """Download the off-site chain (or `point` and the points it depends on) into a new or empty
+    LOCAL_DIR, every file checked against the chain's digests (a damaged or missing object raises
+    DamageFound, and what was downloaded is removed); then restore, verify, files work on it.
+    `progress`: "download" events (bytes)."""
+    from virtbackup.offsite import pull
+    with _operation("offsite-pull", cancel, progress):
+        return pull(url, user_path(local_dir, "LOCAL_DIR"), point, endpoint_url, profile)
+
+
+@_boundary
+def offsite_list(url: str, endpoint_url: Optional[str] = None, profile: Optional[str] = None) -> "OffsiteList":
+    """The points of the off-site copy at s3://BUCKET/PREFIX (its manifest, validated)."""
+    from virtbackup.offsite import list_remote
+    return list_remote(url, endpoint_url, profile)
+
+
+@_boundary
+def offsite_verify(url: str, deep: bool = False, endpoint_url: Optional[str] = None, profile: Optional[str] = None,
+                   *, cancel: Optional[Cancel] = None, progress: Optional[Progress] = None) -> "OffsiteVerify":
+    """Every object of the off-site copy present at its recorded version, size and ETag; `deep`:
+    downloaded and hashed against the chain's BLAKE3/SHA-256 digests. Damage is in the result."""
+    from virtbackup.offsite import verify_remote
+    with _operation("offsite-verify", cancel, progress):
+        return verify_remote(url, deep, endpoint_url, profile)
+
+
+@_boundary
+def offsite_prune(url: str, dry_run: bool = False, endpoint_url: Optional[str] = None,
+                  profile: Optional[str] = None) -> "OffsitePrune":
+    """Delete object versions the newest manifest no longer references (points the local prune
+    dropped, older manifests) once their lock expired; locked ones are kept and listed."""
+    from virtbackup.offsite import prune_remote
+    return prune_remote(url, dry_run, endpoint_url, profile)
+
+
 def _refuse_remote_inactive(uri: Optional[str], dom: "libvirt.virDomain", what: str) -> None:
     """A shut-off domain's bitmaps are only in its image headers, on the hypervisor: a remote
     one's can't be read from here (QMP answers only for a running domain)."""
@@ -434,9 +503,18 @@ _LAZY = {
     "ListResult": "files", "PointFiles": "files", "Status": "files",
     "Cancel": "observe", "ProgressEvent": "observe", "Progress": "observe",
 }
+# result types whose name here differs from their module's
+_RENAMED = {"OffsitePush": ("offsite", "PushResult"), "OffsitePull": ("offsite", "PullResult"),
+            "OffsiteList": ("offsite", "RemoteList"), "OffsiteVerify": ("offsite", "RemoteVerify"),
+            "OffsitePrune": ("offsite", "RemotePrune")}
 
 
 def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        where, real = _RENAMED[name]
+        found = getattr(importlib.import_module(f".{where}", __package__), real)
+        globals()[name] = found
+        return found
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -61,6 +61,30 @@ class Job:
     metrics_file: Optional[Path] = None
     retention: Optional[Policy] = None
     allow_empty: bool = False                 # a selection of no domain is a failed run unless this is set
+    offsite: Optional["OffsiteTarget"] = None  # [offsite]: push each domain's dir after its backup and prune
+
+
+@dataclass
+class OffsiteTarget:
+    """The job's [offsite] table: every domain's backup dir is pushed to URL/<domain name>."""
+
+    url: str
+    lock_days: Optional[int] = None
+    profile: Optional[str] = None
+    endpoint_url: Optional[str] = None
+
+    def domain_url(self, name: str) -> str:
+        return f"{self.url.rstrip('/')}/{name}"
+
+    def push_args(self, backup_dir: Path, name: str) -> List[str]:
+        args = ["offsite", "push", str(backup_dir), self.domain_url(name), "--json", "--no-progress"]
+        if self.lock_days is not None:
+            args.append(f"--lock-days={self.lock_days}")
+        if self.profile is not None:
+            args.append(f"--profile={self.profile}")
+        if self.endpoint_url is not None:
+            args.append(f"--endpoint-url={self.endpoint_url}")
+        return args
 
 
 # Bounds of the whole-number keys (beyond them a value is a typo, and timedelta overflows)
@@ -80,8 +104,16 @@ _TOP: Dict[str, Tuple[type, str]] = {
     "metrics_file": (str, "a string (an absolute path)"),
     "retention": (dict, "a table ([retention])"),
     "allow_empty": (bool, "true or false"),
+    "offsite": (dict, "a table ([offsite])"),
 }
 _RETENTION = ("keep", "keep_daily", "keep_weekly", "keep_monthly")
+# [offsite] key -> (python type, description)
+_OFFSITE: Dict[str, Tuple[type, str]] = {
+    "url": (str, "a string (s3://BUCKET/PREFIX; each domain goes to PREFIX/<domain name>)"),
+    "lock_days": (int, "a whole number of days (S3 Object Lock, COMPLIANCE)"),
+    "profile": (str, "a string (a credentials profile of ~/.aws/config)"),
+    "endpoint_url": (str, "a string (the S3 server, e.g. http://rgw.example:7480)"),
+}
 
 
 def _line_of(text: str, section: Optional[str], key: str) -> Optional[int]:
@@ -226,11 +258,33 @@ def load_job(path: Path) -> Job:
         retention = Policy(**{k: r.get(k, 0) for k in _RETENTION})
         if not any(r.get(k, 0) for k in _RETENTION):
             raise fail(None, "retention", "keeps nothing: set keep, keep_daily, keep_weekly and/or keep_monthly")
+    offsite_target: Optional[OffsiteTarget] = None
+    if "offsite" in data:
+        from virtbackup.offsite import MAX_LOCK_DAYS, parse_url
+        o = data["offsite"]
+        for key, value in o.items():
+            if key not in _OFFSITE:
+                raise fail("offsite", key, f"is unknown (known keys: {', '.join(_OFFSITE)})")
+            typ, desc = _OFFSITE[key]
+            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+                raise fail("offsite", key, f"must be {desc}, not {_toml_type(value)}")
+        if "url" not in o:
+            raise JobFileError(f"job file {path}: key 'offsite.url' is missing")
+        try:
+            parse_url(o["url"])
+        except UsageError as e:
+            raise fail("offsite", "url", f"is not usable: {e}") from None
+        if "lock_days" in o and not 1 <= o["lock_days"] <= MAX_LOCK_DAYS:
+            raise fail("offsite", "lock_days", f"must be from 1 to {MAX_LOCK_DAYS}, not {o['lock_days']}")
+        for key in ("profile", "endpoint_url"):
+            if key in o and not o[key].strip():
+                raise fail("offsite", key, "must not be empty")
+        offsite_target = OffsiteTarget(o["url"], o.get("lock_days"), o.get("profile"), o.get("endpoint_url"))
     return Job(path=path, name=path.stem, backup_root=root, domains=globs["domains"],
                exclude=globs.get("exclude", []), level=level,
                full_every_days=data.get("full_every_days", 0), max_chain=data.get("max_chain", 0),
                quiesce=quiesce, parallel=parallel, metrics_file=metrics, retention=retention,
-               allow_empty=data.get("allow_empty", False))
+               allow_empty=data.get("allow_empty", False), offsite=offsite_target)
 
 
 def _toml_type(value: Any) -> str:
@@ -424,6 +478,9 @@ class DomainResult:
     chain_length: Optional[int] = None         # points in the newest chain after the run
     last_success: Optional[float] = None       # unix time the newest recorded point finished
     warnings: List[str] = field(default_factory=list)
+    # the [offsite] push after the backup and prune: {"url", "bytes_sent", "points_sent",
+    # "lag_points" (local points the remote lacks), "last_success" (unix time) or "error"}
+    offsite: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -630,6 +687,8 @@ class JobRun:
                     r.error = f"point {r.point} was recorded, but prune failed: {_child_error(out, err, rc)}"
                     return r
                 r.pruned = list(json.loads(out)["dropped"])
+            if self.job.offsite is not None:
+                self._push_offsite(s, r, self.job.offsite)
             return r
         except (OSError, ValueError, KeyError, VirtBackupError) as e:
             r.status, r.error = "failed", f"{type(e).__name__}: {e}" if not isinstance(e, VirtBackupError) else str(e)
@@ -638,6 +697,36 @@ class JobRun:
             r.seconds = round(time.monotonic() - t0, 3)
             _finish_stats(r, s)
             self.watch(s.name, r.status, s.uuid)
+
+    def _push_offsite(self, s: Selected, r: DomainResult, target: OffsiteTarget) -> None:
+        """`offsite push` of the domain's dir (the point is recorded whatever happens here). The
+        child takes SIGINT/SIGTERM (it is not started with them ignored): a push killed anywhere
+        leaves the remote's previous chain, and the next run resumes its parts."""
+        assert s.backup_dir is not None
+        url = target.domain_url(s.name)
+        with self._lock:
+            if self._stop is not None:
+                r.warnings.append(f"offsite push not run: the run was stopped by {self._stop}")
+                return
+            self.watch(s.name, "offsite", s.uuid)
+            cmd = [sys.executable, "-c", "import sys; sys.argv[0] = 'virtbackup'\n"
+                   "from virtbackup.cli import main\nmain()\n", *target.push_args(s.backup_dir, s.name)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                    text=True, start_new_session=True)
+            self._procs[s.name] = proc
+        rc, out, err = self._communicate(s, proc)
+        if rc != 0 and self._stop is not None:
+            r.warnings.append(f"offsite push stopped by {self._stop}; the next run resumes it")
+            r.offsite = {"url": url, "error": f"stopped by {self._stop}"}
+            return
+        if rc != 0:
+            r.status = "failed"
+            r.error = f"point {r.point} was recorded, but the offsite push failed: {_child_error(out, err, rc)}"
+            r.offsite = {"url": url, "error": r.error}
+            return
+        data = json.loads(out)
+        r.offsite = {"url": data["url"], "bytes_sent": data["bytes_sent"], "points_sent": data["points_sent"],
+                     "lag_points": 0, "last_success": time.time()}
 
     def _skipped(self, name: str) -> DomainResult:
         s = next(x for x in self.selected if x.name == name)
@@ -750,7 +839,8 @@ def dry_run(job: Job, uri: Optional[str] = None, only: Sequence[str] = ()) -> Jo
 def domain_json(d: DomainResult) -> Dict[str, Any]:
     return {"domain": d.domain, "status": d.status, "level": d.level, "point": d.point, "bytes": d.bytes,
             "seconds": d.seconds, "error": d.error, "backup_dir": d.backup_dir, "reason": d.reason,
-            "pruned": d.pruned, "points": d.points, "chain_length": d.chain_length, "warnings": d.warnings}
+            "pruned": d.pruned, "points": d.points, "chain_length": d.chain_length, "warnings": d.warnings,
+            **({"offsite": d.offsite} if d.offsite is not None else {})}
 
 
 def result_json(r: RunResult) -> Dict[str, Any]:

@@ -35,18 +35,19 @@ LAYERS: List[List[str]] = [
     ["runners.base"],                                   # the runner protocol and the libvirt job helpers
     ["runners.push", "runners.offline", "runners.pull"],   # the runners
     ["health"],                                         # status, repair planning
-    ["backup", "restore", "files"],                     # the engine; restore; single files (libguestfs)
+    ["backup", "restore", "files", "offsite"],          # the engine; restore; single files; off-site copies (S3)
     ["jobs", "drill", "liverestore"],                   # whole-host runs; restore drills; restore --live
     ["__init__", "api"],
     ["cli.progress", "cli._common"],                    # the CLI's bars; its error boundary and options
-    ["cli.backup", "cli.restore", "cli.verify", "cli.chain", "cli.run", "cli.files", "cli.host"],
+    ["cli.backup", "cli.restore", "cli.verify", "cli.chain", "cli.run", "cli.files", "cli.host",
+     "cli.offsite"],
     ["cli"],                                            # the app: every command module registered
     ["cli.__main__"],                                   # python -m virtbackup.cli
 ]
 # Sub-packages, lowest first: a module may import only from its own package or lower ones.
 PACKAGES = ["base", "qemu", "store", "virt", "runners", "", "cli"]   # base: errors, observe; "": operations, api
 # Modules that must work without libvirt (a backup dir is restorable with qemu-img alone).
-NO_LIBVIRT = {"errors", "observe", "options", "env", "__init__", "files", "virt.domxml", "virt.xmlbuild",
+NO_LIBVIRT = {"errors", "observe", "options", "env", "__init__", "files", "offsite", "virt.domxml", "virt.xmlbuild",
               "virt.restoredom"} | {m for layer in LAYERS for m in layer if m.split(".")[0] in ("qemu", "store", "cli")}
 
 

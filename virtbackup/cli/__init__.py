@@ -15,7 +15,7 @@ from typing import Annotated, List, NoReturn, Optional
 
 # _common first: it imports typer with rich hidden (start-up time); then the command modules register
 from virtbackup.cli._common import Options, app, emit, enable_debug, error_json, say  # isort: skip
-from virtbackup.cli import backup, chain, files, host, restore, run, verify  # noqa: F401,E402  # isort: skip
+from virtbackup.cli import backup, chain, files, host, offsite, restore, run, verify  # noqa: F401,E402  # isort: skip
 
 import typer  # noqa: E402
 
