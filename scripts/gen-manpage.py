@@ -93,20 +93,29 @@ def render() -> str:
         out += [".TP", f"\\fB{esc(_param_line(root_ctx, p))}\\fR", esc(getattr(p, "help", "") or "")]
     out.append(".SH COMMANDS")
     assert isinstance(group, click.Group)
-    for name in group.list_commands(root_ctx):
-        cmd = group.get_command(root_ctx, name)
-        if cmd is None or cmd.hidden:
-            continue
-        ctx = click.Context(cmd, info_name=name, parent=root_ctx)
-        usage = " ".join(cmd.collect_usage_pieces(ctx))
-        out += [f".SS {esc(name)}", f"\\fBvirtbackup {esc(name)}\\fR {esc(usage)}", ".PP", esc(cmd.help or "")]
-        for p in cmd.params:
-            if getattr(p, "hidden", False) or p.name == "help":
+
+    def commands(grp: Any, parent: Any, prefix: str) -> None:
+        """Every command, a group's sub-commands too (`offsite push`, ...)."""
+        for name in grp.list_commands(parent):
+            cmd = grp.get_command(parent, name)
+            if cmd is None or cmd.hidden:
                 continue
-            help_text = getattr(p, "help", None) or ""
-            if isinstance(p, click.Argument) and not help_text:
+            full = f"{prefix}{name}"
+            ctx = click.Context(cmd, info_name=name, parent=parent)
+            if isinstance(cmd, click.Group):
+                commands(cmd, ctx, f"{full} ")
                 continue
-            out += [".TP", f"\\fB{esc(_param_line(ctx, p))}\\fR", esc(help_text)]
+            usage = " ".join(cmd.collect_usage_pieces(ctx))
+            out.extend([f".SS {esc(full)}", f"\\fBvirtbackup {esc(full)}\\fR {esc(usage)}", ".PP",
+                        esc(cmd.help or "")])
+            for p in cmd.params:
+                if getattr(p, "hidden", False) or p.name == "help":
+                    continue
+                help_text = getattr(p, "help", None) or ""
+                if isinstance(p, click.Argument) and not help_text:
+                    continue
+                out.extend([".TP", f"\\fB{esc(_param_line(ctx, p))}\\fR", esc(help_text)])
+    commands(group, root_ctx, "")
     _section(out, "EXIT STATUS", EXIT_STATUS)
     _section(out, "ENVIRONMENT", ENVIRONMENT)
     _section(out, "FILES", FILES)

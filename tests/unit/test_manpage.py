@@ -17,11 +17,21 @@ CLI = [sys.executable, "-m", "virtbackup.cli"]
 
 
 def commands() -> list:
+    import click
     import typer
 
     from virtbackup.cli import app
     group = typer.main.get_command(app)
-    return [n for n in group.list_commands(None) if not group.get_command(None, n).hidden]  # type: ignore
+    out = []
+    for n in group.list_commands(None):  # type: ignore[attr-defined]
+        cmd = group.get_command(None, n)  # type: ignore[attr-defined]
+        if cmd.hidden:
+            continue
+        if isinstance(cmd, click.Group):      # a group's sub-commands: "offsite push", ...
+            out += [f"{n} {s}" for s in cmd.list_commands(None) if not cmd.get_command(None, s).hidden]
+        else:
+            out.append(n)
+    return out
 
 
 def test_man_page_is_what_the_cli_says():
