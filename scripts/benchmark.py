@@ -15,6 +15,8 @@ Targets (DESIGN.md "Performance targets"):
   package virtnbdbackup) on twin domains;
 - `run` over 8 domains with parallel = 2 >= 1.6x parallel = 1 (`--jobs`, only that);
 - `--restore-check` (only that): what checking every image costs a restore (reported);
+- pull mode (issue 23): pull full <= 1.2x push full and <= 1.5x `qemu-img convert -t none` of the
+  same disk; pull incrementals (4/32/128 MiB dirty) <= 1.0x push incrementals of the same writes;
 - guest impact (`--guest-impact`): the guest's write throughput while a full backup of its disk
   runs, as a fraction of its idle write throughput: push without and with `--max-speed`, and
   pull mode (reported).
@@ -213,6 +215,59 @@ def full_vs_convert(b: Bench, disk: int, data: int) -> Path:
             b.add(f"inc_{mib}mib_dirty_s", timed(lambda: run(*CLI, "backup", d.name, last, "--level", "inc")))
     b.drop(d)
     return last
+
+
+def pull_vs_push(b: Bench, disk: int, data: int) -> None:
+    """Issue 23's targets, side by side: a pull full against a push full of the same disk and
+    against `qemu-img convert -t none` of it; pull incrementals (4/32/128 MiB dirty) against push
+    incrementals of the same data (two directories of the same domain, one per mode: each
+    incremental pair copies the same writes); pull's whole-disk copy with qemu-img (default)
+    and with the libnbd pump (VIRTBACKUP_PULL_WHOLE_COPY=libnbd), for what qemu-img bought."""
+    d = b.domain({"vda": disk}, "vbpull")
+    fill(d, "vda", data)
+    src = d.disk_path("vda")
+    out = b.work / "pull-conv.qcow2"
+    libnbd = dict(os.environ, VIRTBACKUP_PULL_WHOLE_COPY="libnbd")
+
+    def full(name: str, mode: str, env: Optional[Dict[str, str]] = None) -> None:
+        bdir = b.work / f"pf-{secrets.token_hex(3)}"
+        run("sync")
+        t = timed(lambda: subprocess.run([*map(str, CLI), "backup", d.name, str(bdir), "--level", "full",
+                                          "--mode", mode], check=True, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, env=env))
+        b.add(name, t)
+        shutil.rmtree(bdir)
+
+    def convert() -> None:
+        run("sync")
+        b.add("pull_baseline_convert_direct_s", timed(lambda: run("qemu-img", "convert", "-U", "-t", "none", "-O",
+                                                                  "qcow2", src, out)))
+        out.unlink()
+
+    steps = [lambda: full("pull_push_full_s", "push"), lambda: full("pull_full_s", "pull"),
+             lambda: full("pull_full_libnbd_s", "pull", libnbd), convert]
+    for i in range(b.reps):
+        for step in (steps if i % 2 == 0 else list(reversed(steps))):
+            step()
+    push = b.median("pull_push_full_s")
+    b.target("pull full / push full (medians)", b.median("pull_full_s") / push, 1.2, "x")
+    conv = b.median("pull_baseline_convert_direct_s")
+    b.target("pull full / qemu-img convert -t none", b.median("pull_full_s") / conv, 1.5, "x")
+    b.notes["pull_full_libnbd_over_push"] = round(b.median("pull_full_libnbd_s") / push, 2)
+    # incrementals: a chain per mode, the same writes before each pair
+    dirs = {m: b.work / f"pinc-{m}" for m in ("push", "pull")}
+    for m, bdir in dirs.items():
+        run(*CLI, "backup", d.name, bdir, "--level", "full", "--mode", m)
+    for mib in (4, 32, 128):
+        for i in range(max(1, b.reps // 2)):
+            d.write("vda", 0x90 + i, 0, mib * MiB)
+            for m in (("push", "pull") if i % 2 == 0 else ("pull", "push")):
+                run("sync")
+                b.add(f"pull_inc_{mib}mib_{m}_s", timed(lambda m=m: run(*CLI, "backup", d.name, dirs[m], "--level",
+                                                                        "inc", "--mode", m)))
+        b.target(f"pull inc / push inc, {mib} MiB dirty", b.median(f"pull_inc_{mib}mib_pull_s")
+                 / b.median(f"pull_inc_{mib}mib_push_s"), 1.0, "x")
+    b.drop(d)
 
 
 def restore_chain(b: Bench, disk: int, links: int = 50) -> None:
@@ -448,7 +503,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small disks (a smoke run; figures not comparable)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved runs per figure (default 5)")
-    ap.add_argument("--only", choices=["full", "restore", "virtnbdbackup", "guest", "jobs", "restore-check"],
+    ap.add_argument("--only", choices=["full", "pull", "restore", "virtnbdbackup", "guest", "jobs", "restore-check"],
                     action="append", help="run only these sections (repeatable)")
     ap.add_argument("--virtnbdbackup", action="store_true", help="also time virtnbdbackup on twin domains")
     ap.add_argument("--guest-impact", action="store_true",
@@ -466,7 +521,7 @@ def main() -> int:
         return 0
     disk = (256 if args.quick else 4096) * MiB
     data = (64 if args.quick else 768) * MiB
-    sections = set(args.only or ["full", "restore"]
+    sections = set(args.only or ["full", "pull", "restore"]
                    + (["virtnbdbackup"] if args.virtnbdbackup else [])
                    + (["guest"] if args.guest_impact else []))
     if args.jobs or args.restore_check:
@@ -480,6 +535,7 @@ def main() -> int:
     b = Bench(max(1, args.reps), work)
     runs: List[tuple] = [
         ("full", lambda: full_vs_convert(b, disk, data)),
+        ("pull", lambda: pull_vs_push(b, disk, data)),
         ("restore", lambda: restore_chain(b, (256 if args.quick else 1024) * MiB)),
         ("virtnbdbackup", lambda: virtnbdbackup_cycle(b)),
         ("guest", lambda: guest_impact(b, (256 if args.quick else 2048) * MiB, (128 if args.quick else 1024) * MiB,
