@@ -74,13 +74,14 @@ class BackupResult:
     removed_checkpoints: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
     transfer: Dict[str, Dict[str, Any]] = field(default_factory=dict)   # pull: per disk bytes read/written
+    transport_reason: str = ""                  # why the point's transport was the one used
 
     def to_json(self) -> Dict[str, Any]:
         """{"domain", "point": {...point record, "size"}, "skipped", "removed_checkpoints",
-        "warnings", "transfer"} (the `backup --json` output)."""
+        "warnings", "transfer", "transport_reason"} (the `backup --json` output)."""
         return {"domain": self.domain, "point": point_json(self.point), "skipped": self.skipped,
                 "removed_checkpoints": self.removed_checkpoints, "warnings": self.warnings,
-                "transfer": self.transfer}
+                "transfer": self.transfer, "transport_reason": self.transport_reason}
 
 
 class Engine:
@@ -417,6 +418,19 @@ DEFAULT_TLS_DIR = "/etc/pki/virtbackup"
 TLS_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
 
 
+def _transport_reason(transport: str, asked: Optional[str], remote: bool) -> str:
+    """Why a point's data travelled the way it did (backup --json, the run log)."""
+    if transport == "offline":
+        return ("the domain is shut off: a private QEMU read its images (libvirt runs backup jobs only for "
+                "running domains)")
+    if asked is not None:
+        return f"--mode {asked} was asked for"
+    if transport == "pull":
+        return "the default for a remote URI: the hypervisor cannot write into this host's backup directory"
+    return ("the default for a local running domain: push is faster than pull here for now; --mode pull keeps "
+            "the copy-before-write out of the guest's write path (docs/performance.md)")
+
+
 def check_tls_dir(given: Optional[str]) -> str:
     """The directory of our NBD TLS client certificate (given, $VIRTBACKUP_NBD_TLS_DIR, or
     /etc/pki/virtbackup) with its three files, the key not readable by others: else exit 2."""
@@ -490,6 +504,7 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
     if quiesce not in QUIESCE_MODES:
         raise UsageError(f"unknown quiesce mode '{quiesce}' (auto, require, off)")
     remote = host.is_remote(uri)
+    asked_mode = mode
     mode = mode or ("pull" if remote else "push")
     if mode not in BACKUP_MODES:
         raise UsageError(f"unknown mode '{mode}' (push, pull)")
@@ -569,6 +584,8 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                     engine.cleanup_leftovers(chain)
                     result = engine.run(chain, cast(RequestedLevel, level), disks, reason)
                     result.warnings[:0] = log_problems
+                    result.transport_reason = _transport_reason(result.point.transport, asked_mode, remote)
+                    log.info("transport %s: %s", result.point.transport, result.transport_reason)
                     log.info("done: point %s, %s bytes written, %.3fs", result.point.id,
                              sum(i.size for i in result.point.disks.values()), result.point.duration)
                     return result

@@ -122,6 +122,7 @@ def test_raw_block_and_network_disks_are_in_every_point_and_restore_bit_exact(mi
         sd.write(t, pat, 1 * MiB, 2 * MiB)
     full = backup(sd, bdir, "--mode", mode)
     assert full["skipped"] == {} and sorted(disks_of(full)) == ["vda", "vdb", "vdc", "vdd"]
+    assert full["transport_reason"] == f"--mode {mode} was asked for"
     want[full["point"]["id"]] = sd.expected()
 
     ids: List[str] = []
@@ -166,6 +167,7 @@ def test_offline_raw_file_disk_is_read_by_the_private_qemu_and_a_network_disk_is
     assert not list((bdir / "points").glob("*")) if (bdir / "points").exists() else True
 
     res = backup(sd, bdir, "--disk", "vda", "--disk", "vdb", "--disk", "vdd")
+    assert res["point"]["transport"] == "offline" and "shut off" in res["transport_reason"]
     d = disks_of(res)
     assert sorted(d) == ["vda", "vdb", "vdd"] and d["vda"]["copied_full"] is True
     # bytes written to the raw file directly (the domain is off): a later offline point holds them
@@ -199,6 +201,7 @@ def test_the_readme_recipe_a_qcow2_in_front_of_a_raw_volume_gives_small_incremen
         bdir = tmp_path / "bk"
         sd.write("vda", 0x33, 0, 8 * MiB)
         full = backup(sd, bdir)
+        assert full["point"]["transport"] == "push" and "local running domain" in full["transport_reason"]
         want = {full["point"]["id"]: sd.expected()}
         sd.write("vda", 0x44, 16 * MiB, 1 * MiB)
         inc = backup(sd, bdir)

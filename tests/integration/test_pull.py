@@ -251,8 +251,10 @@ def test_remote_uri_over_ssh_backup_status_repair_and_refusals(make_domain, hidd
     r = h.cli("backup", d.name, bdir, "--json", "--nbd-tls-dir", tmp_path / "nocerts", uri=uri)
     assert r.rc == 2 and "uses NBD over TLS" in one_error_line(r) and "--insecure-nbd" in r.err, r
     assert not bdir.exists() and leftovers(d, bdir) == {}
-    p = point_of(h.cli("backup", d.name, bdir, "--json", "--nbd-tls-dir", TLS_CLIENT, uri=uri))  # no --mode: pull
+    r = h.cli("backup", d.name, bdir, "--json", "--nbd-tls-dir", TLS_CLIENT, uri=uri)    # no --mode: pull
+    p = point_of(r)
     assert p["transport"] == "pull" and p["level"] == "full" and p["nbd_tls"] is True
+    assert "the default for a remote URI" in r.json()["transport_reason"], r.json()
     e1 = d.expected()
     d.write("vda", 0x22, 8 * MiB, 1 * MiB)
     # plaintext only when asked: warned about and recorded
