@@ -9,6 +9,7 @@ call time, not at import, so a caller that sets one before the operation is hear
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import List, Optional
 
@@ -36,6 +37,31 @@ def boot_dirs() -> List[str]:
     /var/lib/libvirt/boot and the directories in $VIRTBACKUP_BOOT_DIRS (colon-separated)."""
     extra = [d for d in os.environ.get("VIRTBACKUP_BOOT_DIRS", "").split(":") if d.startswith("/")]
     return ["/boot", "/var/lib/libvirt/boot", *extra]
+
+
+# --- directories virtbackup creates its own files in ------------------------------------------
+def unsafe_dir(st: os.stat_result) -> Optional[str]:
+    """Why a directory is no place for virtbackup to create or replace files in (None: it is).
+
+    It must be owned by root or by this user, and no other user may write to it unless it is
+    sticky (/tmp, /dev/shm: others can't rename or remove what we created there). Otherwise
+    another user could swap names under us between two steps (a symlink where our file was, a
+    directory renamed away), and we would write, chmod or remove through them as root."""
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"it is owned by uid {st.st_uid}, not by root or this user"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        return (f"other users can write to it (mode {stat.S_IMODE(st.st_mode):04o}) and it is not sticky")
+    return None
+
+
+def open_dir(path: Path, follow: bool = True) -> int:
+    """An O_DIRECTORY fd of `path` (the last component not followed unless `follow`); the caller
+    checks it with `unsafe_dir(os.fstat(fd))` and then works relative to the fd, so the directory
+    checked is the one written into."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    return os.open(path, flags)
 
 
 # --- private temp dirs a later run can clean up -------------------------------------------------

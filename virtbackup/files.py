@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Callable, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from virtbackup import env
 from virtbackup.errors import (
     FilesystemNotFound,
     FilesystemUnreadable,
@@ -36,6 +37,7 @@ from virtbackup.errors import (
     NoSpace,
     OutputExists,
     PointDamaged,
+    UnsafePath,
     UsageError,
     VirtBackupError,
 )
@@ -56,6 +58,7 @@ _TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlin
 # setuid file must not become a root-owned setuid file on the host)
 _KEEP_MODE = 0o1777
 _CHUNK = 2 << 20    # bytes per pread of a sparse file (the protocol caps a message at 4 MiB)
+LS0_DIR_PREFIX = "virtbackup-ls0-"   # a private temp dir for the raw names of one directory
 _BLOCK = 4096       # the unit holes are found in: an all-zero block of a sparse file is not written
 
 
@@ -98,6 +101,9 @@ def parse_guest_path(spec: str) -> GuestPath:
         raise GuestPathError(f"'{fs}' is not a filesystem name (vda, vda1 or vg/lv)")
     if "\0" in path:
         raise GuestPathError(f"path in '{spec}' contains a NUL byte")
+    if not utf8(path):      # the binding can take only UTF-8 (it crashed the process on others)
+        raise GuestPathError(f"path {path.encode('utf-8', 'surrogateescape')!r} is not UTF-8: libguestfs's Python "
+                             "binding can't open it; get or list its directory instead")
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise GuestPathError(f"path '{path}' contains '..'; give the path from the root of {fs}")
@@ -129,10 +135,17 @@ class Entry:
     mode: str               # octal permission bits, e.g. "0644"
     mtime: str              # ISO 8601, UTC
     target: Optional[str] = None    # a symlink's target, as stored in the guest
+    note: Optional[str] = None      # why something is not known (a name or target that is not UTF-8)
 
     def to_json(self) -> Dict[str, Any]:
-        """{"name", "type", "size", "mode", "mtime", "target"} (target: null unless a symlink)."""
-        return asdict(self)
+        """{"name", "type", "size", "mode", "mtime", "target"} (target: null unless a symlink), and
+        "note" when something could not be read. A name (or target) that is not UTF-8 has each
+        byte that is not as a lone surrogate U+DC80+byte (Python's surrogateescape: `\\udcff` in
+        the JSON text, os.fsencode(name) gives the guest's bytes)."""
+        out = asdict(self)
+        if self.note is None:
+            del out["note"]
+        return out
 
 
 @dataclass
@@ -201,8 +214,26 @@ def _iso(sec: int, nsec: int) -> str:
     return t.isoformat(timespec="seconds" if nsec == 0 else "microseconds")
 
 
-def _entry(name: str, st: Dict[str, int], target: Optional[str]) -> Entry:
+NOT_UTF8 = "its name is not UTF-8: libguestfs's Python binding can't look at it"
+LINK_NOT_UTF8 = "its target is not UTF-8: libguestfs's Python binding can't read it"
+
+
+def utf8(name: str) -> bool:
+    """Can the binding take this name (no byte that was not UTF-8)?"""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _entry(name: str, st: Optional[Dict[str, int]], target: Optional[str]) -> Entry:
+    if st is None:       # nothing can be asked about a name that is not UTF-8
+        return Entry(name, "unknown", 0, "0000", _iso(0, 0), None, note=NOT_UTF8)
     kind = _mode_type(st["st_mode"])
+    if kind == "symlink" and target is None:
+        return Entry(name, kind, st["st_size"], f"{stat.S_IMODE(st['st_mode']):04o}",
+                     _iso(st["st_mtime_sec"], st["st_mtime_nsec"]), None, note=LINK_NOT_UTF8)
     return Entry(name, kind, st["st_size"], f"{stat.S_IMODE(st['st_mode']):04o}",
                  _iso(st["st_mtime_sec"], st["st_mtime_nsec"]), target if kind == "symlink" else None)
 
@@ -213,7 +244,8 @@ def plan_get(sources: Sequence[str], dest: Path, backup_dir: Path) -> List[Tuple
 
     One source and a DEST that does not exist: DEST is the copy's name. Otherwise DEST must be an
     existing directory and each source lands in it under its own name. Nothing may go into the
-    backup directory.
+    backup directory, nor into a directory that is not root's or ours or that other users can
+    write to (unless sticky: /tmp is fine), exit 2.
     """
     if not sources:
         raise UsageError("get needs at least one FS:PATH and a DEST")
@@ -229,6 +261,12 @@ def plan_get(sources: Sequence[str], dest: Path, backup_dir: Path) -> List[Tuple
         raise UsageError(f"{dest.parent} is not an existing directory")
     else:
         targets = [dest]
+    dest_dir = targets[0].parent
+    problem = env.unsafe_dir(os.stat(dest_dir))
+    if problem:
+        # the copy works by name below it: another user could swap a directory we made for a
+        # symlink, and root would then write, chmod and utime through it
+        raise UnsafePath(f"not copying into {dest_dir}: {problem}")
     seen: Dict[Path, GuestPath] = {}
     bd = os.path.realpath(backup_dir)
     for gp, target in zip(paths, targets, strict=True):
@@ -471,26 +509,57 @@ class PointFiles:
             return GuestPathError(f"{gp}: a symlink loop in point {self.point.id}")
         return HostError(f"{gp}: {' '.join(msg.split())}")
 
-    def _entries(self, path: str) -> List[Tuple[str, Dict[str, int], str]]:
-        """(name, lstat, symlink target or '') of every entry of a guest directory, in batches."""
-        g = self._g
+    def _names(self, path: str) -> List[str]:
+        """A guest directory's names. The binding's `ls` decodes them strictly, so one name that is
+        not UTF-8 made the whole directory unreadable; then `ls0` (raw names into a host file in a
+        private temp dir) gives them, decoded with surrogateescape (os.fsencode gives the bytes)."""
         try:
-            names = g.ls(path)
+            return list(self._g.ls(path))
         except UnicodeDecodeError:
-            raise HostError(f"{path}: a file name there is not UTF-8; the libguestfs binding can't list it") from None
-        out: List[Tuple[str, Dict[str, int], str]] = []
-        for i in range(0, len(names), _BATCH):
-            chunk = names[i:i + _BATCH]
+            pass
+        env.remove_dead_tempdirs(LS0_DIR_PREFIX)
+        d = env.owned_tempdir(LS0_DIR_PREFIX)
+        try:
+            self._g.ls0(path, str(d / "names"))
+            raw = (d / "names").read_bytes()
+        finally:
+            import shutil
+            shutil.rmtree(d, ignore_errors=True)
+        return [n.decode("utf-8", "surrogateescape") for n in sorted(n for n in raw.split(b"\0") if n)]
+
+    def _entries(self, path: str) -> List[Tuple[str, Optional[Dict[str, int]], Optional[str]]]:
+        """(name, lstat, symlink target or '') of every entry of a guest directory, in batches.
+
+        A name that is not UTF-8 gets no lstat (None): the binding can take only UTF-8 names (it
+        crashed the process on others), so nothing about it can be asked. A symlink target that
+        is not UTF-8 is None."""
+        g = self._g
+        names = self._names(path)
+        good = [n for n in names if utf8(n)]
+        found: Dict[str, Tuple[Dict[str, int], Optional[str]]] = {}
+        for i in range(0, len(good), _BATCH):
+            chunk = good[i:i + _BATCH]
             stats = g.lstatnslist(path, chunk)
-            links = g.readlinklist(path, chunk)
-            out.extend(zip(chunk, stats, links, strict=True))
-        return out
+            try:
+                links: List[Optional[str]] = list(g.readlinklist(path, chunk))
+            except UnicodeDecodeError:      # a target that is not UTF-8: ask one by one
+                links = [self._readlink(str(PurePosixPath(path) / n)) if stat.S_ISLNK(st["st_mode"]) else ""
+                         for n, st in zip(chunk, stats, strict=True)]
+            found.update(zip(chunk, zip(stats, links, strict=True), strict=True))
+        return [(n, *found[n]) if n in found else (n, None, None) for n in names]
+
+    def _readlink(self, path: str) -> Optional[str]:
+        """A symlink's target, None when it is not UTF-8 (the binding can't return it)."""
+        try:
+            return str(self._g.readlink(path))
+        except UnicodeDecodeError:
+            return None
 
     def ls(self, gp: GuestPath) -> Listing:
         """A directory's entries (or the one entry of a file), symlinks not followed."""
         path, st = self._resolve(gp)
         if not stat.S_ISDIR(st["st_mode"]):
-            target = self._g.readlink(path) if stat.S_ISLNK(st["st_mode"]) else None
+            target = self._readlink(path) if stat.S_ISLNK(st["st_mode"]) else None
             return Listing(str(gp), [_entry(gp.basename, st, target)])
         try:
             entries = [_entry(n, s, t) for n, s, t in self._entries(path)]
@@ -616,10 +685,16 @@ class PointFiles:
                 entries = self._entries(path)
             except RuntimeError as e:
                 raise self._path_error(gp, e) from None
-            for name, est, _link in entries:
+            for name, est, link in entries:
                 if "/" in name or name in (".", ".."):
                     raise HostError(f"{gp}: the guest returned an impossible file name {name!r}")
                 child = GuestPath(gp.fs, str(PurePosixPath(gp.path) / name))
+                if est is None:
+                    result.skipped.append(f"{child} (name not UTF-8)")
+                    continue
+                if _mode_type(est["st_mode"]) == "symlink" and link is None:
+                    result.skipped.append(f"{child} (link target not UTF-8)")
+                    continue
                 if _mode_type(est["st_mode"]) not in ("file", "directory", "symlink"):
                     result.skipped.append(f"{child} ({_mode_type(est['st_mode'])})")
                     continue
@@ -630,9 +705,12 @@ class PointFiles:
         self._mount(gp.fs)              # the sources' filesystems in turn (a no-op within one)
         if op.kind == "symlink":
             try:
-                link = self._g.readlink(path)
+                target_text = self._readlink(path)
             except RuntimeError as e:
                 raise self._path_error(gp, e) from None
+            if target_text is None:
+                raise GuestPathError(f"{gp}: {LINK_NOT_UTF8}")
+            link = target_text
             _no_overwrite(lambda: os.symlink(link, target), target)
             created.append(target)
             os.utime(target, ns=_times(st), follow_symlinks=False)

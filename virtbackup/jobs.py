@@ -245,6 +245,11 @@ def load_job(path: Path) -> Job:
             raise fail(None, "metrics_file", f"names a file in {metrics.parent}, which is not an existing directory")
         if metrics.is_dir():
             raise fail(None, "metrics_file", f"names {metrics}, which is a directory")
+        from virtbackup.store import metrics as metrics_store
+        try:        # a device node, a fifo, a symlink or another file at the name: refused, not replaced
+            metrics_store.check_target(metrics)
+        except VirtBackupError as e:
+            raise fail(None, "metrics_file", f"is refused: {e}") from None
     retention: Optional[Policy] = None
     if "retention" in data:
         r = data["retention"]
@@ -818,7 +823,7 @@ def job_lock(job: Job) -> FileLock:
 
     from virtbackup import env
     key = hashlib.sha256(str(job.path.resolve()).encode()).hexdigest()[:16]
-    return FileLock(env.run_dir() / f"job-{key}.lock", f"job file {job.path}")
+    return FileLock(env.run_dir() / f"job-{key}.lock", f"job file {job.path}", run_dir=True)
 
 
 @dataclass

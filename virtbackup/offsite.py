@@ -657,7 +657,7 @@ def _local_problem(bdir: BackupDir, chain: Chain, ref: FileRef) -> Optional[str]
 def _push_lock(remote: Remote) -> Iterator[None]:
     """One push at a time per remote on this host: two would abort each other's uploads."""
     name = hashlib.sha256(remote.url.encode()).hexdigest()[:16]
-    lock = FileLock(env.run_dir() / f"offsite-{name}.lock", f"off-site copy {remote.url}")
+    lock = FileLock(env.run_dir() / f"offsite-{name}.lock", f"off-site copy {remote.url}", run_dir=True)
     with lock:
         yield
 

@@ -12,8 +12,16 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from lxml import etree
 
-from virtbackup import observe
-from virtbackup.errors import DamageFound, DiskNotFound, OutputExists, RestoreFailed, UsageError, VirtBackupError
+from virtbackup import env, observe
+from virtbackup.errors import (
+    DamageFound,
+    DiskNotFound,
+    OutputExists,
+    RestoreFailed,
+    UnsafePath,
+    UsageError,
+    VirtBackupError,
+)
 from virtbackup.qemu import keys, qemu_img
 from virtbackup.store import crypto, integrity
 from virtbackup.store.chain import BackupDir, Chain, Point, create_new, open_new, shared_lock
@@ -145,6 +153,82 @@ def _place(tmp: Path, out: Path) -> None:
     os.rename(tmp, out)
 
 
+# What libvirt refuses in a domain name (seen on libvirt 9.0): '/', a newline, any character XML
+# can't carry (the C0 controls), and a name too long for /etc/libvirt/qemu/NAME.xml.new (255 bytes).
+_XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
+MAX_DOMAIN_NAME_BYTES = 255 - len(".xml.new")
+
+
+def domain_name_problem(name: str) -> Optional[str]:
+    """Why libvirt would refuse `name` for a new domain (None: it would take it)."""
+    if not name.strip():
+        return "it is empty"
+    if name in (".", ".."):
+        return "it names a directory"
+    if "/" in name:
+        return "it contains '/'"
+    if "\n" in name or "\r" in name or "\t" in name or _XML_BAD.search(name):
+        return "it contains a control character"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_DOMAIN_NAME_BYTES:
+        return f"it is longer than {MAX_DOMAIN_NAME_BYTES} bytes"
+    return None
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse (UnsafePath, exit 2) an OUTPUT_DIR, or the nearest existing directory above a new
+    one, that is not root's or ours or that other users can write to (not sticky): the restore
+    works by name in it, and another user could swap names under it (env.unsafe_dir)."""
+    where = Path(os.path.abspath(output_dir))
+    while True:
+        try:
+            st = os.stat(where)
+            break
+        except FileNotFoundError:
+            if where.parent == where:
+                return
+            where = where.parent
+        except OSError:
+            return          # unreadable: the restore says why when it gets there
+    if not stat.S_ISDIR(st.st_mode):
+        return              # not a directory: the restore refuses it with its own message
+    problem = env.unsafe_dir(st)
+    if problem:
+        raise UnsafePath(f"not restoring into {output_dir}: {where} is unsafe: {problem}")
+
+
+def _make_output_dir(output_dir: Path) -> List[Path]:
+    """Create OUTPUT_DIR and the missing directories above it (0755 as mkdir -p would; the images
+    are 0600), one by one and exclusively, below the nearest existing directory `check_output_dir`
+    checked. One that appeared meanwhile (in a sticky /tmp another user may take the name first)
+    is refused: it would not be ours. Returns the directories made, top first."""
+    missing: List[Path] = []
+    where = Path(os.path.abspath(output_dir))
+    while not os.path.lexists(where):
+        missing.append(where)
+        where = where.parent
+    made: List[Path] = []
+    try:
+        for d in reversed(missing):
+            os.mkdir(d, 0o755)
+            made.append(d)
+    except FileExistsError:
+        _remove_dirs(made)
+        raise UnsafePath(f"{d} appeared while the restore created it; not using a directory it did not "
+                         "make") from None
+    except OSError as e:
+        _remove_dirs(made)
+        raise UsageError(f"cannot create {output_dir}: {e.strerror}") from None
+    return made
+
+
+def _remove_dirs(dirs: List[Path]) -> None:
+    for d in reversed(dirs):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
 def _check_encrypted_restore(bdir: BackupDir, chain: Chain, key: Optional[keys.Key], encrypt: bool,
                              instant: bool, define: Optional[str]) -> None:
     """Exit 2 before anything is written when the key or the options don't fit the chain."""
@@ -185,6 +269,11 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
         raise UsageError("--start needs --define NAME")
     if define is not None and not define.strip():
         raise UsageError("--define needs a domain name, not an empty string")
+    if define is not None:
+        problem = domain_name_problem(define)
+        if problem:     # before anything is read or written, not after the copy (libvirt says it then)
+            raise UsageError(f"--define {define!r}: not a domain name libvirt accepts: {problem}; nothing was restored")
+    check_output_dir(Path(output_dir))
     for n in disks:
         if not n:
             raise UsageError("--disk needs a disk name, not an empty string")
@@ -280,12 +369,13 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
             restoredom.restored_domain_xml(saved_xml, define, {n: Path(os.path.abspath(o)) for n, o in outs.items()})
         except (ValueError, etree.LxmlError) as e:
             raise RestoreFailed(f"point {point.id}: its domain XML {point.domain_xml} is unusable: {e}") from None
-    made_dir = not output_dir.exists()
+    made_dirs = _make_output_dir(output_dir)
+    made_dir = bool(made_dirs)
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create {output_dir}: {e.strerror}") from None
-    journal = Journal(output_dir)
+        journal = Journal(output_dir)
+    except BaseException:
+        _remove_dirs(made_dirs)
+        raise
     done: Dict[str, Path] = {}
     made: Dict[str, Path] = {}
     try:
@@ -355,10 +445,7 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
     finally:
         journal.close()
         if made_dir and not done:
-            try:
-                output_dir.rmdir()          # a refused restore leaves no trace
-            except OSError:
-                pass
+            _remove_dirs(made_dirs)         # a refused restore leaves no trace
 
 
 def flatten(image: Path) -> FlattenResult:

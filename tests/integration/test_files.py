@@ -192,6 +192,12 @@ def files_setup(tmp_path_factory) -> Iterator[Setup]:
         os.symlink("sub/deep.txt", src / "srv/data/rel-link")
         os.symlink("/etc", src / "lnk-etc")
         os.mkfifo(src / "srv/data/fifo")
+        # names the libguestfs binding can't decode (issue 22: one made its whole directory unreadable)
+        (src / "odd").mkdir()
+        (src / "odd/good.txt").write_bytes(b"good\n")
+        with open(os.fsencode(src / "odd") + b"/bad-\xff\xfe.txt", "wb") as f:
+            f.write(b"bad\n")
+        os.symlink(b"/t\xfe", os.fsencode(src / "odd") + b"/ln-bad")
         for rel, (data, mode) in files.items():
             os.chmod(src / rel, mode)
             os.utime(src / rel, (T1, T1))
@@ -454,6 +460,23 @@ def test_point_1_has_its_own_files_listed_and_copied(files_setup, session1):
     assert_copy(out / "data", s.models["0001"]["vda"], "/srv/data")
     assert_copy(out / "app.conf", s.models["0001"]["vda"], "/etc/app.conf")
     assert not (out / "data/fifo").exists()
+
+    # a name that is not UTF-8 (and a link target): the rest of the directory is still listed and
+    # copied; the JSON keeps the bytes (surrogateescape), get skips what it can't read, with a note
+    odd = pf.ls(gp("vda:/odd"))
+    text = json.dumps(ListResult("0001", [odd]).to_json())
+    assert text.isascii()
+    validate("files-ls", json.loads(text))
+    by = {os.fsencode(e.name): e for e in odd.entries}
+    assert set(by) == {b"good.txt", b"bad-\xff\xfe.txt", b"ln-bad"}, by
+    assert by[b"good.txt"].type == "file" and by[b"good.txt"].size == 5
+    assert by[b"bad-\xff\xfe.txt"].type == "unknown" and "not UTF-8" in (by[b"bad-\xff\xfe.txt"].note or "")
+    assert by[b"ln-bad"].type == "symlink" and by[b"ln-bad"].target is None
+    r = pf.get([(gp("vda:/odd"), out / "odd")])
+    assert sorted(r.skipped) == ["vda:/odd/bad-\udcff\udcfe.txt (name not UTF-8)",
+                                 "vda:/odd/ln-bad (link target not UTF-8)"], r.skipped
+    assert [p.name for p in (out / "odd").iterdir()] == ["good.txt"]
+    assert (out / "odd/good.txt").read_bytes() == b"good\n"
 
 
 def test_point_3_get_through_the_cli_several_paths_partitions_and_lvm(files_setup, reads):

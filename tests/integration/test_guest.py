@@ -557,3 +557,111 @@ def test_offline_point_is_consistent_by_nature(make_domain, tmp_path):
     assert (p["consistency"], p["frozen_seconds"]) == ("application", None)
     assert "shut off" in p["consistency_reason"]
     assert not d.dom.isActive()
+
+
+# -- hostile pass D4 (second half): whatever happens to stderr, or to the `run` that started it ----
+def test_quiesce_require_with_stderr_on_a_full_device_leaves_the_guest_thawed(g, dom, tmp_path):
+    """`backup --quiesce=require 2>/dev/full`: every write to stderr fails (ENOSPC), the "froze"
+    notice included. 0.2 wrote that notice outside the block that thaws and left the guest frozen.
+    The run must still thaw; its result is on stdout (a point, application-consistent)."""
+    bdir = tmp_path / "bk"
+    content = write_unsynced(g, "devfull.txt")
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "virtbackup.cli", "backup", g.name, bdir, "--quiesce=require",
+                            "--json"], stdout=subprocess.PIPE, stderr=full, text=True, timeout=600,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert freeze_status(dom) == "thawed", "the guest was left frozen"
+    assert not guestlib_marker(dom).exists()
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert r.returncode == 0, r
+    p = json.loads(r.stdout)["point"]
+    assert p["consistency"] == "application", p
+    assert restored_file(bdir, p["id"], "/data/devfull.txt", tmp_path / "r") == content
+    assert cli("verify", bdir).rc == 0
+
+
+def _children_of(bdir: Path) -> List[int]:
+    """The `backup` children of a `run` (their own session: they outlive it), by their argv."""
+    pids = []
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            argv = Path(d, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"backup" in argv and os.fsencode(str(bdir)) in argv:
+            pids.append(int(os.path.basename(d)))
+    return pids
+
+
+def _kill_run_at(job: Path, bdir: Path, dom: libvirt.virDomain, when: str) -> "tuple[List[int], float]":
+    """Start `virtbackup run JOB` and SIGKILL it: 0.3 s in, as soon as its child exists, or as soon
+    as the child wrote its freeze marker (it is about to freeze, or frozen). Returns the children
+    seen and when the kill happened (seconds after the start)."""
+    from virtbackup.virt import quiesce
+    marker = quiesce.marker_path(dom.UUIDString())
+    proc = subprocess.Popen([sys.executable, "-m", "virtbackup.cli", "run", str(job)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    t0 = time.monotonic()
+    children: List[int] = []
+    try:
+        deadline = t0 + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            children = children or _children_of(bdir)
+            if when == "0.3s" and time.monotonic() - t0 >= 0.3:
+                break
+            if when == "child" and children:
+                break
+            if when == "frozen" and marker.exists():
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, ("the run ended before the kill", when, proc.communicate())
+        proc.send_signal(signal.SIGKILL)
+        at = time.monotonic() - t0
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()           # the read ends go: a child's next write gets EPIPE
+    return children or _children_of(bdir), at
+
+
+@pytest.mark.parametrize("when", ["0.3s", "child", "frozen"])
+def test_children_of_a_sigkilled_run_finish_or_roll_back_and_thaw(g, dom, tmp_path, when):
+    """SIGKILL of `virtbackup run JOBFILE` (0.3 s in, and later): the README promises its children
+    finish or roll back on their own. 0.2's children died at their first stderr write (the pipe to
+    the dead run) and could leave the guest frozen. Each child must end by itself with the guest
+    thawed and running, no partial point, no marker, and a chain that verifies and goes on."""
+    root = tmp_path / "root"
+    root.mkdir()
+    job = tmp_path / "killed.toml"
+    job.write_text(f'backup_root = "{root}"\ndomains = ["{g.name}"]\nquiesce = "require"\n')
+    bdir = root / g.name
+    write_unsynced(g, f"kill-{when}.txt")
+    seen: List[int] = []
+    try:
+        seen, at = _kill_run_at(job, bdir, dom, when)
+        deadline = time.monotonic() + 600
+        while (left := _children_of(bdir)):
+            assert time.monotonic() < deadline, f"children {left} of the killed run did not end"
+            time.sleep(0.2)
+    finally:
+        for pid in _children_of(bdir):      # a failed test: nothing of it runs on
+            if pid in seen:
+                os.kill(pid, signal.SIGKILL)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, dom.state()
+    assert freeze_status(dom) == "thawed", f"guest left frozen (run killed {at:.2f} s in, {when})"
+    assert not guestlib_marker(dom).exists()
+    assert dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE, "a backup job is left running"
+    assert not list(bdir.glob("points/*.partial")), "the child did not roll back"
+    recorded = points(bdir)
+    if recorded:                            # the child finished: its point is whole
+        assert cli("verify", bdir).rc == 0
+        assert recorded[-1]["consistency"] == "application"
+    # and the next run goes on from whatever the child left
+    r = cli("run", job, "--json")
+    assert r.rc == 0, r
+    assert points(bdir)[-1]["consistency"] == "application"
+    assert freeze_status(dom) == "thawed" and not guestlib_marker(dom).exists()

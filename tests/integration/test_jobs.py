@@ -446,3 +446,20 @@ def test_transient_and_unsafely_named_domains_are_reported_not_guessed(conn, tmp
     finally:
         scratch.remove_domain(conn, transient)
         scratch.remove_domain(conn, odd)
+
+
+def test_quiesce_require_in_a_job_fails_a_domain_that_cannot_be_frozen(make_domain, tmp_path):
+    """Issue 22: an old README said a job's `quiesce = "require"` was refused; it is accepted and
+    means what `backup --quiesce=require` means (the docs say so now): a domain whose guest can't
+    be frozen fails (nothing recorded), the others go on, the run exits 1 and its metric says 0."""
+    prefix = f"vbjob-{secrets.token_hex(3)}"
+    a = make_domain({"vda": 8 * MiB}, name=f"{prefix}-a")           # no guest agent channel
+    off = make_domain({"vda": 8 * MiB}, name=f"{prefix}-off", start=False)   # shut off: consistent anyway
+    prom = tmp_path / "m.prom"
+    job = job_file(tmp_path, prefix, f'quiesce = "require"\nmetrics_file = "{prom}"\n')
+    res = by_domain(run(job, expect_rc=1))
+    assert res[a.name]["status"] == "failed" and "cannot quiesce" in res[a.name]["error"], res
+    assert res[off.name]["status"] == "ok", res
+    assert not (tmp_path / "root" / a.name / "points").exists() or \
+        not list((tmp_path / "root" / a.name / "points").iterdir())
+    assert metric_values(prom)[("virtbackup_job_success", (("job", "nightly"),))] == 0

@@ -119,3 +119,81 @@ def test_results_to_json_match_their_schemas():
     got = GetResult("0001", [Copied("vda:/srv", "/tmp/x/srv", "directory", 2, 1, 1, 10)], ["vda:/srv/f (fifo)"])
     out = validate("files-get", json.loads(json.dumps(got.to_json())))
     assert out["copied"][0]["bytes"] == 10 and out["skipped"] == ["vda:/srv/f (fifo)"]
+
+
+# --- names that are not UTF-8 (issue 22: one such name made its whole directory unreadable) ------
+class FakeGuestfs:
+    """What the libguestfs binding does with a directory holding names that are not UTF-8 (seen
+    on the real one): `ls`, `readdir` and `readlinklist` decode strictly and raise; `ls0` writes
+    the raw names; the calls that take names crash the process on one that is not UTF-8 (here:
+    an assertion)."""
+
+    def __init__(self, entries):
+        self.entries = entries          # raw name -> (st_mode, raw symlink target or None)
+
+    @staticmethod
+    def _check(*names):
+        for n in names:
+            n.encode("utf-8")          # a surrogate here segfaulted the real binding
+
+    def ls(self, path):
+        return sorted(n.decode() for n in self.entries)
+
+    def ls0(self, path, out):
+        with open(out, "wb") as f:
+            f.write(b"\0".join(self.entries) + b"\0")
+
+    def lstatnslist(self, path, names):
+        self._check(path, *names)
+        return [{"st_mode": self.entries[n.encode()][0], "st_size": 7, "st_mtime_sec": 0, "st_mtime_nsec": 0}
+                for n in names]
+
+    def readlinklist(self, path, names):
+        self._check(path, *names)
+        return [(self.entries[n.encode()][1] or b"").decode() for n in names]
+
+    def readlink(self, path):
+        self._check(path)
+        return self.entries[path.rsplit("/", 1)[1].encode()][1].decode()
+
+
+def test_a_name_that_is_not_utf8_leaves_the_rest_of_its_directory_listed(tmp_path, monkeypatch):
+    import json
+    import stat as st
+
+    from tests.support.schemas import validate
+    from virtbackup.cli.files import render_get, render_ls
+    from virtbackup.files import GetResult, Listing, ListResult, PointFiles, _entry
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    pf = PointFiles.__new__(PointFiles)
+    pf._g = FakeGuestfs({b"good": (st.S_IFREG | 0o644, None), b"\xffbad\x1b[2J": (st.S_IFREG | 0o600, None),
+                         b"ln": (st.S_IFLNK | 0o777, b"/t\xfe"), b"ok-ln": (st.S_IFLNK | 0o777, b"/etc")})
+    entries = {n: _entry(n, s, t) for n, s, t in pf._entries("/d")}
+    assert sorted(entries) == sorted(["good", "\udcffbad\x1b[2J", "ln", "ok-ln"])
+    assert entries["good"].type == "file" and entries["ok-ln"].target == "/etc"
+    bad = entries["\udcffbad\x1b[2J"]
+    assert bad.type == "unknown" and "not UTF-8" in (bad.note or "")
+    ln = entries["ln"]
+    assert ln.type == "symlink" and ln.target is None and "target is not UTF-8" in (ln.note or "")
+    assert list(tmp_path.iterdir()) == [], "ls0's temp dir is removed"
+    # JSON: ASCII text, valid against the schema, the guest's bytes recoverable
+    listed = ListResult("0001", [Listing("vda:/d", list(entries.values()))])
+    text = json.dumps(listed.to_json())
+    assert text.isascii()
+    names = [e["name"] for e in validate("files-ls", json.loads(text))["listings"][0]["entries"]]
+    assert os.fsencode("\udcffbad\x1b[2J") in [os.fsencode(n) for n in names]
+    assert "note" not in json.loads(text)["listings"][0]["entries"][names.index("good")]
+    # human output: escaped, never raw bytes or ESC
+    lines = render_ls(listed)
+    assert any("\\xffbad\\x1b[2J" in ln for ln in lines) and not any("\x1b" in ln for ln in lines)
+    "\n".join(lines).encode("utf-8")        # printable to a UTF-8 terminal
+    _lines, notes = render_get(GetResult("0001", [], ["vda:/d/\udcffbad (name not UTF-8)"]))
+    assert "not UTF-8" in notes[0]
+
+
+def test_a_path_that_is_not_utf8_is_refused_before_the_appliance():
+    with pytest.raises(GuestPathError, match="not UTF-8"):
+        parse_guest_path("vda:/etc/\udcffx")

@@ -73,7 +73,11 @@ def render_ls(listed: "ListResult") -> List[str]:
             lines.extend(([""] if i else []) + [f"{shown(lst.path)}:"])
         for e in lst.entries:
             link = f" -> {shown(e.target)}" if e.target is not None else ""
-            lines.append(f"{e.type:<9} {e.mode} {e.size:>12} {e.mtime:<25} {shown(e.name)}{link}")
+            note = f"  ({e.note})" if e.note else ""
+            if e.type == "unknown" and e.note:      # a name the binding can't stat: nothing is known
+                lines.append(f"{e.type:<9} {'?':<4} {'?':>12} {'?':<25} {shown(e.name)}{note}")
+            else:
+                lines.append(f"{e.type:<9} {e.mode} {e.size:>12} {e.mtime:<25} {shown(e.name)}{link}{note}")
     return lines
 
 
@@ -84,7 +88,9 @@ def render_get(got: "GetResult") -> Tuple[List[str], List[str]]:
         what = (f"{c.files} file(s), {c.directories} dir(s), {c.symlinks} symlink(s), "
                 f"{human_size(c.bytes)}" if c.type == "directory" else c.type)
         lines.append(f"{shown(c.source)} -> {shown(c.dest)} ({what})")
-    notes = [f"note: skipped {sk}: only files, directories and symlinks are copied" for sk in got.skipped]
+    notes = [f"note: skipped {sk}: libguestfs's Python binding can't read a name or link target that is not UTF-8"
+             if sk.endswith("not UTF-8)") else f"note: skipped {sk}: only files, directories and symlinks are copied"
+             for sk in got.skipped]
     return lines, notes
 
 

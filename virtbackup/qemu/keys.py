@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 from virtbackup import env
+from virtbackup.errors import OperationFailed, UnsafePath
 
 FORMAT: Literal["luks"] = "luks"
 # QEMU's LUKS defaults (qemu-img info shows them): cipher-alg aes-256, cipher-mode xts,
@@ -128,23 +130,51 @@ def create_options(iter_time: int, secret_id: str = SECRET_ID) -> List[str]:
 KEY_DIR_PREFIX = "virtbackup-key-"
 
 
+def key_base() -> Optional[str]:
+    """Where key directories go: /dev/shm (tmpfs: never on a disk) when we can write there, else
+    $TMPDIR or /tmp (None)."""
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
+
+
 @contextmanager
 def key_file(key: Key) -> Iterator[Path]:
     """The key in a 0600 file inside a fresh 0700 directory (tmpfs when there is one); both are
     removed on exit, and by the next run when this one is killed before that. For QEMU processes
-    that can't be handed a pipe (QMP over stdio)."""
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
+    that can't be handed a pipe (QMP over stdio).
+
+    The base directory must be owned by root or us and not writable by other users unless sticky
+    (env.unsafe_dir): in a plain world-writable one, another user could rename our directory away
+    and put a symlink in its place between its creation and the key's. The key file is created
+    relative to an fd of the directory we made (checked: ours, 0700), exclusively, never through a link."""
+    import tempfile
+
+    base = key_base()
+    where = base or tempfile.gettempdir()
+    try:
+        st = os.stat(where)
+    except OSError as e:
+        raise OperationFailed(f"cannot use {where} for a key file: {e.strerror}") from None
+    problem = env.unsafe_dir(st)
+    if problem:
+        raise UnsafePath(f"not writing a key file into {where}: {problem}")
     # a run killed while QEMU read its key left the key behind: remove those first
     env.remove_dead_tempdirs(KEY_DIR_PREFIX, base)
     d = env.owned_tempdir(KEY_DIR_PREFIX, base)
     try:
-        os.chmod(d, 0o700)
-        path = Path(d) / "key"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        dfd = env.open_dir(d, follow=False)
         try:
-            os.write(fd, key.data)
+            st = os.fstat(dfd)
+            if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+                raise UnsafePath(f"{d} changed under us (owner {st.st_uid}, mode "
+                                 f"{stat.S_IMODE(st.st_mode):04o}); not writing a key file into it")
+            fd = os.open("key", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dfd)
+            try:
+                os.write(fd, key.data)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
-        yield path
+            os.close(dfd)
+        yield Path(d) / "key"
     finally:
         shutil.rmtree(d, ignore_errors=True)

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, List, Literal, Optional, Tuple, cast
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, cast
 
 from virtbackup import env
 from virtbackup.errors import (
@@ -95,14 +95,9 @@ def now_iso() -> str:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a file readable by root only (it describes guest data), durably; never through a symlink."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise UnsafePath(f"{path} is a symlink where virtbackup writes its own file; "
-                             "not following it") from None
-        raise
+    """Write a new file readable by root only (it describes guest data), durably; created
+    exclusively and never through a symlink (a file already at the name is refused, not truncated)."""
+    fd = open_new(path, 0o600)
     try:
         os.write(fd, text.encode())
         os.fsync(fd)
@@ -110,26 +105,117 @@ def write_private(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def replace_file(path: Path, data: bytes, mode: int, what: str) -> None:
+_KINDS = {stat.S_IFLNK: "a symlink", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFIFO: "a fifo", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def file_kind(mode: int) -> str:
+    """'a symlink', 'a character device', ... for messages ('a regular file' for one)."""
+    return _KINDS.get(stat.S_IFMT(mode), "a regular file" if stat.S_ISREG(mode) else "a special file")
+
+
+def checked_dir(path: Path, what: str, follow: bool = True) -> int:
+    """An fd of the directory `path` after checking it is a place to create `what` in
+    (env.unsafe_dir: owned by root or us, not writable by other users unless sticky); UnsafePath
+    (exit 2) otherwise. Work relative to the fd: the directory checked is the one written."""
+    try:
+        fd = env.open_dir(path, follow)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
+            raise UnsafePath(f"{path} is a symlink; not creating {what} through it") from None
+        raise OperationFailed(f"cannot open {path} for {what}: {e.strerror}") from None
+    problem = env.unsafe_dir(os.fstat(fd))
+    if problem:
+        os.close(fd)
+        raise UnsafePath(f"not writing {what} into {path}: {problem}")
+    return fd
+
+
+Ours = Callable[[bytes], bool]
+
+
+def check_replaceable(dir_fd: int, name: str, path: Path, what: str, ours: Optional[Ours] = None) -> None:
+    """Refuse (UnsafePath, exit 2) to replace `name` in `dir_fd` unless it is absent or a regular
+    file; with `ours`, also unless it is owned by this user and empty or `ours(its first 4 KiB)`:
+    a device node, fifo, symlink or somebody else's file is never replaced by our file."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePath(f"{path} is {file_kind(st.st_mode)}, not {what} virtbackup wrote; not replacing it")
+    if ours is None:
+        return
+    if st.st_uid != os.geteuid():
+        raise UnsafePath(f"{path} is owned by uid {st.st_uid}, not {what} virtbackup wrote; not replacing it")
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            head = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UnsafePath(f"cannot read {path} ({e.strerror}); not replacing it") from None
+    if head and not ours(head):
+        raise UnsafePath(f"{path} does not look like {what} virtbackup wrote; not replacing it "
+                         "(remove it, or choose another name)")
+
+
+def replace_file(path: Path, data: bytes, mode: int, what: str, ours: Optional[Ours] = None,
+                 check_dir: bool = True) -> None:
     """Replace `path` atomically and durably: a temp file beside it with a name of this process
     (created exclusively, never through a link, `mode` whatever the umask), fsync, rename over
-    `path`. On failure the temp file is removed and OperationFailed names `what`; `path` is untouched."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    `path`, fsync the directory; all relative to one fd of the directory.
+
+    `check_dir`: the directory must pass `checked_dir` (owned by root or us, not writable by
+    others unless sticky). What is at `path` must pass `check_replaceable` (a regular file; with
+    `ours`, one we wrote). Refusals are UnsafePath (exit 2); on failure the temp file is removed
+    and OperationFailed names `what`; `path` is untouched either way."""
+    path = Path(path)
+    if check_dir:
+        dfd = checked_dir(path.parent, what)
+    else:
+        try:
+            dfd = env.open_dir(path.parent)
+        except OSError as e:
+            raise OperationFailed(f"cannot write {what} {path}: {e.strerror}") from None
+    tmp = f".{path.name}.{os.getpid()}.tmp"
+    made = False
     try:
-        fd = open_new(tmp, mode)
+        check_replaceable(dfd, path.name, path, what, ours)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                         dir_fd=dfd)
+        except FileExistsError:
+            if stat.S_ISLNK(os.stat(tmp, dir_fd=dfd, follow_symlinks=False).st_mode):
+                raise UnsafePath(f"{path.parent / tmp} is a symlink where virtbackup creates its own file; "
+                                 "not following it") from None
+            raise OperationFailed(f"{path.parent / tmp} exists; not overwriting it") from None
+        made = True
         try:
             os.fchmod(fd, mode)
             os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, path)
-    except OSError as e:
+        check_replaceable(dfd, path.name, path, what, ours)   # again: it may have appeared meanwhile
+        os.rename(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        made = False
         try:
-            tmp.unlink()
+            os.fsync(dfd)
         except OSError:
-            pass
+            pass            # renamed: the new file is what readers see; durability is best effort
+    except OSError as e:
         raise OperationFailed(f"cannot write {what} {path}: {e.strerror}") from None
+    finally:
+        if made:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+        os.close(dfd)
 
 
 def fsync_path(path: Path) -> None:
@@ -209,6 +295,9 @@ class Point:
     consistency_reason: Optional[str] = None
     frozen_seconds: Optional[float] = None      # how long the guest's filesystems were frozen
     transport: str = "push"         # how the data travelled: push | pull | offline (older points: push)
+    # a pull over TCP from a remote hypervisor: True = NBD over TLS, False = plaintext (asked for
+    # with --insecure-nbd); None = the data never crossed a network (push, offline, local socket)
+    nbd_tls: Optional[bool] = None
     encryption: Optional[str] = None    # "luks": every image of the point is LUKS-encrypted
     # hashes of the two XML files, checked like the images (integrity.py) before anything uses
     # them; None in points recorded before they were hashed (their XML is taken as it is)
@@ -541,7 +630,9 @@ class BackupDir:
         """
         chain.validate()
         data = json.dumps(chain.to_json(), indent=2, sort_keys=True) + "\n"
-        replace_file(self.metadata, data.encode(), 0o600, "chain metadata")
+        # The directory is not ownership-checked: a backup dir on NFS with root_squash belongs to
+        # nobody. What is in it is ours or refused (never a link followed, never a special file).
+        replace_file(self.metadata, data.encode(), 0o600, "chain metadata", check_dir=False)
         try:
             dfd = os.open(self.path, os.O_RDONLY)
             try:
@@ -652,13 +743,23 @@ class FileLock:
     it alone. A writer finding another writer fails at once (one run at a time, invariant 7);
     waiting for readers to finish, or a reader for a writer, is bounded by `wait` seconds
     (default $VIRTBACKUP_LOCK_WAIT, else 60), then refused naming the live holders.
-    The lock file is opened with O_NOFOLLOW: a symlink there is refused, never truncated.
+    The lock file is opened with O_NOFOLLOW relative to its directory and must be a regular file
+    with one link: a symlink, a device node, a fifo or a hard link to another file is refused,
+    never truncated or written.
+
+    `run_dir`: a lock in the run directory (domain, job): the directory must pass `checked_dir`,
+    the file must be ours, and it is removed when released, so /run/virtbackup does not keep one
+    file per domain ever backed up. That is race-free because the file is removed only by its
+    exclusive holder, and a taker checks after flock that the name still leads to the inode it
+    locked (else it locked a removed file and tries again).
     """
 
-    def __init__(self, path: Path, what: str, shared: bool = False, wait: Optional[float] = None):
+    def __init__(self, path: Path, what: str, shared: bool = False, wait: Optional[float] = None,
+                 run_dir: bool = False):
         self.path = path
         self.what = what
         self.shared = shared
+        self.run_dir = run_dir and not shared
         if wait is None:
             try:
                 wait = float(os.environ.get(LOCK_WAIT_ENV, LOCK_WAIT_DEFAULT))
@@ -666,29 +767,58 @@ class FileLock:
                 wait = LOCK_WAIT_DEFAULT
         self.wait = wait
         self.fd: Optional[int] = None
+        self.dir_fd: Optional[int] = None
 
-    def _open(self) -> Optional[int]:
+    def _open_dir(self) -> int:
+        parent = self.path.parent
         try:
-            st = os.lstat(self.path.parent)
+            st = os.lstat(parent)
             if stat.S_ISLNK(st.st_mode) and self.path.name != LOCKFILE:
-                raise UnsafePath(f"{self.path.parent} is a symlink; not using it for locks")
+                raise UnsafePath(f"{parent} is a symlink; not using it for locks")
         except FileNotFoundError:
             if self.shared:      # a reader never creates the directory it was asked to read
-                raise UsageError(f"backup directory {self.path.parent} does not exist") from None
-            os.makedirs(self.path.parent, mode=0o700, exist_ok=True)
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                raise UsageError(f"backup directory {parent} does not exist") from None
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        if self.run_dir:
+            return checked_dir(parent, "lock files")
+        return env.open_dir(parent)
+
+    def _open(self, dfd: int) -> Optional[int]:
+        name = self.path.name
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:        # not even opened when it is no regular file (opening a device can act on it)
+            st0 = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISREG(st0.st_mode) and not stat.S_ISLNK(st0.st_mode):
+                raise UnsafePath(f"lock file {self.path} is {file_kind(st0.st_mode)}, not a lock file of "
+                                 "virtbackup's; not using it (remove it if you did not put it there)")
+        except FileNotFoundError:
+            pass
         try:
-            return os.open(self.path, flags, 0o600)
+            fd = os.open(name, flags, 0o600, dir_fd=dfd)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise UnsafePath(f"lock file {self.path} is a symlink; not following it "
                                  "(remove it if you did not put it there)") from None
             if self.shared and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 try:      # a read-only backup dir: nobody can change it, a reader needs no lock
-                    return os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
                 except FileNotFoundError:
                     return None
-            raise
+            else:
+                raise
+        st = os.fstat(fd)
+        problem = None
+        if not stat.S_ISREG(st.st_mode):
+            problem = f"is {file_kind(st.st_mode)}"
+        elif st.st_nlink != 1:
+            problem = f"has {st.st_nlink} hard links (a link to another file?)"
+        elif self.run_dir and st.st_uid != os.geteuid():
+            problem = f"is owned by uid {st.st_uid}"
+        if problem:
+            os.close(fd)
+            raise UnsafePath(f"lock file {self.path} {problem}, not a lock file of virtbackup's; "
+                             "not using it (remove it if you did not put it there)")
+        return fd
 
     def _busy(self, fd: int, holders: Dict[int, str]) -> LockBusy:
         if not holders:
@@ -699,46 +829,81 @@ class FileLock:
                             f"gave up waiting after {self.wait:g} s; try again when it has ended")
         return LockBusy(f"another virtbackup run (pid {pids}) is using {self.what}")
 
-    def __enter__(self) -> "FileLock":
-        fd = self._open()
-        if fd is None:
-            return self
-        op = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
-        deadline = time.monotonic() + self.wait
+    def _same_file(self, fd: int, dfd: int) -> bool:
+        """Does the lock's name still lead to the inode of `fd` (not removed by a releasing holder)?"""
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, op)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise
-                holders = lock_holders(fd)
-                writer = any(m == "WRITE" for m in holders.values())
-                # a writer never waits for another writer; everything else waits, bounded
-                if (not self.shared and writer) or time.monotonic() >= deadline:
-                    raise self._busy(fd, holders)
-                time.sleep(0.1)
+            st = os.stat(self.path.name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def __enter__(self) -> "FileLock":
+        try:
+            dfd = self._open_dir()
+        except OSError as e:
+            raise OperationFailed(f"cannot open the directory of lock file {self.path}: {e.strerror}") from None
+        try:
+            fd = self._lock(dfd)
         except BaseException:
-            os.close(fd)
+            os.close(dfd)
             raise
+        if fd is None:
+            os.close(dfd)
+            return self
         if not self.shared:
             try:
                 os.ftruncate(fd, 0)
                 os.write(fd, str(os.getpid()).encode())
             except OSError:
                 pass
-        self.fd = fd
+        self.fd, self.dir_fd = fd, dfd
         return self
+
+    def _lock(self, dfd: int) -> Optional[int]:
+        op = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        deadline = time.monotonic() + self.wait
+        while True:
+            fd = self._open(dfd)
+            if fd is None:
+                return None
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, op)
+                        break
+                    except OSError as e:
+                        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                            raise
+                    holders = lock_holders(fd)
+                    writer = any(m == "WRITE" for m in holders.values())
+                    # a writer never waits for another writer; everything else waits, bounded
+                    if (not self.shared and writer) or time.monotonic() >= deadline:
+                        raise self._busy(fd, holders)
+                    time.sleep(0.1)
+                if not self.run_dir or self._same_file(fd, dfd):
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)           # its holder removed it while we waited: lock the new one
 
     def __exit__(self, *exc: Any) -> None:
         if self.fd is not None:
+            if self.run_dir and self.dir_fd is not None and self._same_file(self.fd, self.dir_fd):
+                try:
+                    os.unlink(self.path.name, dir_fd=self.dir_fd)     # still held: nobody else has it
+                except OSError:
+                    pass
             os.close(self.fd)
             self.fd = None
+        if self.dir_fd is not None:
+            os.close(self.dir_fd)
+            self.dir_fd = None
 
 
 def domain_lock(uuid: str) -> FileLock:
-    return FileLock(env.run_dir() / f"domain-{uuid}.lock", f"domain {uuid}")
+    return FileLock(env.run_dir() / f"domain-{uuid}.lock", f"domain {uuid}", run_dir=True)
 
 
 def dir_lock(backup_dir: BackupDir) -> FileLock:

@@ -3,14 +3,38 @@
 The file is rewritten whole after every run (temp file in the same directory, fsync, rename):
 the collector never reads half a file, and a domain that left the job leaves the file too.
 It is mode 0644: it holds no guest data and node_exporter usually runs as another user.
+
+The file is ours or it is left alone: its directory must be owned by root (or us) and not
+writable by other users unless sticky, and what is at its name must be absent, empty or a
+regular file of ours that starts with our header line (`# HELP virtbackup_`). A device node
+(`/dev/null`), fifo, symlink or anybody else's file is refused (exit 2), never replaced.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
-from virtbackup.store.chain import replace_file
+from virtbackup.store.chain import check_replaceable, checked_dir, replace_file
+
+WHAT = "a metrics file"
+HEADER = b"# HELP virtbackup_"     # the first line of every file render() makes
+
+
+def is_ours(head: bytes) -> bool:
+    """Does a file starting with `head` look like one this module wrote?"""
+    return head.startswith(HEADER)
+
+
+def check_target(path: Path) -> None:
+    """Refuse (UnsafePath, exit 2) a metrics file path `write` would refuse, before a run starts."""
+    path = Path(path)
+    dfd = checked_dir(path.parent, WHAT)
+    try:
+        check_replaceable(dfd, path.name, path, WHAT, is_ours)
+    finally:
+        os.close(dfd)
 
 
 class DomainRun(Protocol):
@@ -101,4 +125,4 @@ def render(result: RunResult) -> str:
 def write(path: Path, result: RunResult) -> None:
     """Replace `path` atomically with the run's metrics."""
     # 0644 whatever the umask: it holds no guest data and the collector usually runs as another user
-    replace_file(Path(path), render(result).encode(), 0o644, "metrics file")
+    replace_file(Path(path), render(result).encode(), 0o644, WHAT, ours=is_ours)

@@ -3,8 +3,9 @@
 So a failed night can be understood the next morning: each backup and prune run leaves a concise
 log (INFO and above: plan, what was done, warnings, the error) beside the chain. Mode 0600 in a
 0700 directory (it names guest disks and paths), never written through a symlink (the directory
-is opened with O_NOFOLLOW and the file created with O_EXCL|O_NOFOLLOW relative to it), and
-rotated: only the newest KEEP logs of each command stay.
+is opened with O_NOFOLLOW and must be owned by root or us and not writable by other users, and
+the file is created with O_EXCL|O_NOFOLLOW relative to it), and rotated: only the newest KEEP
+logs of each command stay.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
+
+from virtbackup import env
 
 LOG_DIR = "logs"
 KEEP = 30
@@ -47,6 +50,11 @@ def _open_dir(backup_dir: Path, warn: Callable[[str], None]) -> Optional[int]:
         else:
             why = e.strerror or str(e)
         warn(f"no run log: {path} is not usable ({why})")
+        return None
+    problem = env.unsafe_dir(os.fstat(fd))
+    if problem:         # another user could rename and swap what we rotate and write there
+        os.close(fd)
+        warn(f"no run log: {path} is not usable ({problem})")
         return None
     return fd
 

@@ -33,6 +33,7 @@ import libvirt_qemu
 from virtbackup import env
 from virtbackup.errors import OperationFailed, UsageError
 from virtbackup.options import QUIESCE_MODES
+from virtbackup.store.chain import replace_file
 from virtbackup.virt.domxml import AGENT_CHANNEL, DomainXML
 
 APPLICATION = "application"
@@ -100,18 +101,14 @@ def marker_path(uuid: str) -> Path:
 
 
 def _write_marker(dom: libvirt.virDomain) -> Path:
+    """The freeze marker, written like every file of ours: in the checked run directory, a temp
+    file created exclusively and never through a link, renamed over a marker of ours only."""
     path = marker_path(dom.UUIDString())
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     data = {"pid": os.getpid(), "domain": dom.name(), "uuid": dom.UUIDString(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(data).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(data).encode(), 0o600, "a freeze marker",
+                 ours=lambda head: head.startswith(b'{"pid": '))
     return path
 
 
