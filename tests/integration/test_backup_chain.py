@@ -153,7 +153,9 @@ def test_only_selected_disk_and_json_output(make_domain, tmp_path):
     json.dumps(p)
 
 
-def test_non_qcow2_disk_is_skipped_with_a_notice(make_domain, tmp_path):
+def test_a_hot_plugged_raw_disk_is_backed_up_whole_not_skipped(make_domain, tmp_path):
+    """D16 (this test said the opposite in 0.2: 'skipping disk vdc: format raw', exit 0): a raw
+    disk takes part in every point, copied whole; a cdrom-like device would still be skipped."""
     import libvirt
     d = make_domain({"vda": 16 * MiB})
     raw = tmp_path / "disks" / "extra.raw"
@@ -165,11 +167,15 @@ def test_non_qcow2_disk_is_skipped_with_a_notice(make_domain, tmp_path):
     d.write("vda", 0x11, 0, 1 * MiB)
     r = cli("backup", d.name, tmp_path / "bk", "--json")
     assert r.rc == 0, r
-    assert "skipping disk vdc: format 'raw'" in r.err
-    assert set(r.json()["point"]["disks"]) == {"vda"} and "vdc" in r.json()["skipped"]
-    r = cli("backup", d.name, tmp_path / "bk", "--disk", "vdc")
-    assert r.rc == 2 and "cannot be backed up" in r.err, r
-    assert_point_restores(tmp_path / "bk", "0001", {"vda": d.expected()["vda"]}, tmp_path / "r1")
+    assert "skipping disk" not in r.err and r.json()["skipped"] == {}
+    assert set(r.json()["point"]["disks"]) == {"vda", "vdc"}
+    d.write("vda", 0x12, 2 * MiB, 1 * MiB)
+    r = cli("backup", d.name, tmp_path / "bk", "--json")
+    assert r.rc == 0 and r.json()["point"]["level"] == "inc", r
+    assert r.json()["point"]["disks"]["vdc"]["copied_full"] is True
+    assert "disk vdc copied whole: format 'raw' cannot hold a dirty bitmap" in r.err, r
+    want = {"vda": d.expected()["vda"], "vdc": bytes(8 * MiB)}
+    assert_point_restores(tmp_path / "bk", "0002", want, tmp_path / "r2")
 
 
 def test_writes_during_the_job_land_in_the_next_point_not_this_one(make_domain, tmp_path):

@@ -332,6 +332,7 @@ def test_encrypted_chain_in_pull_mode_and_live_restore_refused(make_domain, tmp_
     point restored bit-exact, no plaintext in the directory, no key bytes in any output or run
     log, no key file left. A live restore would run the domain on the encrypted backup images:
     still refused with exit 2 before anything is touched."""
+    keys_before = set(Path("/dev/shm").glob("virtbackup-key-*"))
     d = make_domain({"vda": 8 * MiB, "vdb": 4 * MiB})
     secret = b"pull and live\n"
     key = keyfile(tmp_path / "key", secret)
@@ -355,7 +356,12 @@ def test_encrypted_chain_in_pull_mode_and_live_restore_refused(make_domain, tmp_
     assert plaintext_in(bdir) == []
     logs = "".join(f.read_text(errors="replace") for f in (bdir / "logs").glob("*.log"))
     assert secret.strip().decode() not in "".join(outs) + logs
-    assert not list(Path("/dev/shm").glob("virtbackup-key-*")), "a key file outlived the run"
+    # key dirs are named virtbackup-key-<pid>-...: none of a process that has ended may be left
+    # (other processes' live ones, e.g. a concurrent soak's, are theirs)
+    dead = [p for p in Path("/dev/shm").glob("virtbackup-key-*")
+            if p.name.split("-")[2].isdigit() and not Path(f"/proc/{p.name.split('-')[2]}").exists()
+            and p not in keys_before]
+    assert not dead, f"a key file outlived the run: {dead}"
     before = snapshot_dir(bdir)
 
     # restore --live: refused like --instant, no overlays, no domain

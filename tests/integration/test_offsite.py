@@ -377,13 +377,25 @@ def test_job_file_offsite_table_pushes_each_domain_after_its_backup(lab, buckets
     root = tmp_path / "root"
     root.mkdir()
     job = tmp_path / "nightly.toml"
-    job.write_text(f'backup_root = "{root}"\ndomains = ["{d.name}"]\n[retention]\nkeep = 3\n'
-                   f'[offsite]\nurl = "s3://{b}/host1"\nendpoint_url = "{lab.endpoint}"\n')
+    prom = tmp_path / "metrics" / "virtbackup.prom"
+    prom.parent.mkdir(mode=0o755)
+    job.write_text(f'backup_root = "{root}"\ndomains = ["{d.name}"]\nmetrics_file = "{prom}"\n'
+                   f'[retention]\nkeep = 3\n[offsite]\nurl = "s3://{b}/host1"\nendpoint_url = "{lab.endpoint}"\n')
     r = vb(lab, "run", job, "--json")
     assert r.rc == 0, r
     dom = validate_output("run", r.out, r.rc)["domains"][0]
     assert dom["status"] == "ok" and dom["offsite"]["points_sent"] == ["0001"] and dom["offsite"]["bytes_sent"] > MiB
     assert dom["offsite"]["lag_points"] == 0 and dom["offsite"]["url"] == f"s3://{b}/host1/{d.name}"
+
+    def offsite_metrics() -> dict:
+        from prometheus_client.parser import text_string_to_metric_families
+        return {f"{s.name}": s.value for fam in text_string_to_metric_families(prom.read_text())
+                for s in fam.samples if s.name.startswith("virtbackup_domain_offsite_")
+                and s.labels.get("domain") == d.name}
+    m = offsite_metrics()
+    assert m["virtbackup_domain_offsite_success"] == 1 and m["virtbackup_domain_offsite_lag_points"] == 0
+    assert m["virtbackup_domain_offsite_bytes_sent"] == dom["offsite"]["bytes_sent"]
+    assert abs(m["virtbackup_domain_offsite_last_success_time_seconds"] - time.time()) < 600
     listed = vbj(lab, "list", f"s3://{b}/host1/{d.name}")
     assert [p["id"] for p in listed["points"]] == ["0001"]
 
@@ -394,6 +406,8 @@ def test_job_file_offsite_table_pushes_each_domain_after_its_backup(lab, buckets
     dom = validate_output("run", r.out, r.rc)["domains"][0]
     assert dom["status"] == "failed" and "offsite push failed" in dom["error"] and dom["point"] == "0002"
     assert "does not exist" in dom["error"]
+    m = offsite_metrics()
+    assert m["virtbackup_domain_offsite_success"] == 0 and "virtbackup_domain_offsite_bytes_sent" not in m
 
 
 def test_encrypted_chain_goes_up_as_it_is_and_restores_with_its_key(lab, buckets, make_domain, tmp_path):

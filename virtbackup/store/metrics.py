@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
 from virtbackup.store.chain import check_replaceable, checked_dir, replace_file
 
@@ -47,6 +47,7 @@ class DomainRun(Protocol):
     points: Optional[int]
     chain_length: Optional[int]
     last_success: Optional[float]
+    offsite: Optional[Dict[str, Any]]       # the job's [offsite] push of this domain, if it ran
 
 
 class RunResult(Protocol):
@@ -113,6 +114,18 @@ def render(result: RunResult) -> str:
     family("virtbackup_domain_chain_length",
            "Points in the domain's newest chain (its full and what is layered on it).",
            [({"job": job, "domain": d.domain}, d.chain_length) for d in doms])
+    pushed = [d for d in doms if d.offsite is not None]
+    family("virtbackup_domain_offsite_success",
+           "1 when the domain's off-site push ([offsite]) in the last run succeeded, 0 when it failed or was stopped.",
+           [({"job": job, "domain": d.domain}, 0 if (d.offsite or {}).get("error") else 1) for d in pushed])
+    family("virtbackup_domain_offsite_bytes_sent", "Bytes the domain's off-site push sent in the last run.",
+           [({"job": job, "domain": d.domain}, (d.offsite or {}).get("bytes_sent")) for d in pushed])
+    family("virtbackup_domain_offsite_last_success_time_seconds",
+           "Unix time the domain's off-site push last succeeded (in the last run; absent when it failed).",
+           [({"job": job, "domain": d.domain}, (d.offsite or {}).get("last_success")) for d in pushed])
+    family("virtbackup_domain_offsite_lag_points",
+           "Local points the remote lacks after the last run's push (0 after a successful push).",
+           [({"job": job, "domain": d.domain}, (d.offsite or {}).get("lag_points")) for d in pushed])
     lines: List[str] = []
     for name, help_, typ, samples in families:
         lines.append(f"# HELP {name} {help_}")
