@@ -260,3 +260,37 @@ def test_live_restore_refuses_an_encrypted_chain(tmp_path):
     bdir.save(enc)
     with pytest.raises(UsageError, match="restore --live of an encrypted backup"):
         refuse_encrypted(tmp_path)
+
+
+def test_every_key_read_removes_key_dirs_of_killed_runs(tmp_path):
+    """D7 follow-up (found by the soak): a killed run's key dir holds the passphrase; it used to
+    go only with a later run that made a key file itself (offline, pull), not with a push
+    backup, a prune or a restore. Every read of a key removes dead runs' key dirs now, never a
+    live process's or a look-alike."""
+    import subprocess
+
+    from virtbackup.qemu import keys as keymod
+    base = keymod.key_base() or "/tmp"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = Path(base) / f"{keymod.KEY_DIR_PREFIX}{dead.pid}-1-test{os.getpid()}"
+    alive = Path(base) / f"{keymod.KEY_DIR_PREFIX}{os.getpid()}-{env_start()}-test{os.getpid()}"
+    other = Path(base) / f"{keymod.KEY_DIR_PREFIX}not-ours-test{os.getpid()}"
+    try:
+        for d in (gone, alive, other):
+            d.mkdir(mode=0o700)
+            (d / "key").write_bytes(b"secret")
+        kf = tmp_path / "k"
+        kf.write_bytes(b"a passphrase\n")
+        os.chmod(kf, 0o600)
+        crypto.read_key(str(kf))
+        assert not gone.exists() and alive.exists() and other.exists()
+    finally:
+        import shutil
+        for d in (gone, alive, other):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def env_start() -> int:
+    from virtbackup import env
+    return env.process_start(os.getpid())

@@ -136,6 +136,21 @@ def key_base() -> Optional[str]:
     return "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
 
 
+def remove_leftover_key_dirs() -> None:
+    """Key directories of runs that were killed while QEMU read their key: removed by every run
+    that reads a key, not only by one that makes a key file itself (the soak found one that
+    outlived push backups, prunes and restores). Never raises: a leftover is reported by the
+    next try, not fatal to this run."""
+    import tempfile
+    base = key_base()
+    try:
+        st = os.stat(base or tempfile.gettempdir())
+        if env.unsafe_dir(st) is None:
+            env.remove_dead_tempdirs(KEY_DIR_PREFIX, base)
+    except OSError:
+        pass
+
+
 @contextmanager
 def key_file(key: Key) -> Iterator[Path]:
     """The key in a 0600 file inside a fresh 0700 directory (tmpfs when there is one); both are

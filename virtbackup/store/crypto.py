@@ -31,7 +31,15 @@ from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, Dict, Optional
 
 from virtbackup.errors import UsageError
-from virtbackup.qemu.keys import CIPHER, DEFAULT_ITER_TIME_MS, FORMAT, HASH_ALG, MAX_KEY_BYTES, Key
+from virtbackup.qemu.keys import (
+    CIPHER,
+    DEFAULT_ITER_TIME_MS,
+    FORMAT,
+    HASH_ALG,
+    MAX_KEY_BYTES,
+    Key,
+    remove_leftover_key_dirs,
+)
 
 # LUKS key derivation time per image (PBKDF2 iterations are calibrated by QEMU to take this
 # long on this host). An attacker with a backup image pays it per passphrase guess; we pay it
@@ -70,6 +78,7 @@ def read_key(spec: str, stdin: Optional[BinaryIO] = None) -> Key:
     Refused with exit 2: a symlink (the key is what the named file holds, not whatever it points
     at today), anything but a regular file, a file other users can access, empty or binary data.
     """
+    remove_leftover_key_dirs()      # D7: whatever a killed run left goes with the next run that holds a key
     if spec == "-":
         stream = stdin if stdin is not None else sys.stdin.buffer
         try:
