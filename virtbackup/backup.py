@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import stat
 import time
 import uuid as uuidlib
@@ -154,6 +155,13 @@ class Engine:
                         removed.append(a.name)
         points_dir = self.bdir.path / POINTS_DIR
         if points_dir.is_dir():
+            from virtbackup.qemu import nbdcopy
+            for pid in nbdcopy.servers_of(points_dir):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                    self._say(f"ended qemu-nbd (pid {pid}), a pull target server left by an interrupted run")
+                except OSError:
+                    pass
             for entry in points_dir.iterdir():
                 if entry.name.endswith(PARTIAL_SUFFIX) and entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)

@@ -482,3 +482,48 @@ def test_a_remote_pull_client_the_hypervisor_does_not_trust_is_refused(make_doma
     p = point_of(r)
     assert p["nbd_tls"] is True
     assert_point_restores(bdir, p["id"], d.expected(), tmp_path / "r")
+
+
+def test_a_qemu_nbd_left_by_a_killed_run_is_ended_by_the_next(make_domain, tmp_path):
+    """Found by the soak: an encrypted pull SIGKILLed as its target server started left that
+    qemu-nbd waiting for its first client for minutes (its parent-death signal lost), serving the
+    dead run's partial image and holding its key file. The next run of the directory (under its
+    lock, so no live run of ours can be using it) ends every qemu-nbd of ours that serves an
+    image in its .partial dirs; nothing else."""
+    d = make_domain({"vda": 16 * MiB})
+    d.write("vda", 0x44, 0, MiB)
+    bdir = tmp_path / "bk"
+    point_of(cli("backup", d.name, bdir, "--mode", "pull", "--json"))
+    part = bdir / "points" / "0002.partial"
+    part.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(part / "vda.qcow2"), str(16 * MiB)], check=True)
+    other = tmp_path / "unrelated.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(other), str(MiB)], check=True)
+    pids = []
+    for img, sock in ((part / "vda.qcow2", tmp_path / "left.sock"), (other, tmp_path / "other.sock")):
+        # orphaned at once: its starting shell exits, as the killed run did
+        out = subprocess.run(["sh", "-c", f"qemu-nbd -f qcow2 -k {sock} {img} >/dev/null 2>&1 & echo $!"],
+                             capture_output=True, text=True, check=True).stdout
+        pids.append(int(out))
+    left, unrelated = pids
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "left.sock").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        d.write("vda", 0x45, 2 * MiB, MiB)
+        r = cli("backup", d.name, bdir, "--mode", "pull", "--json")
+        p = point_of(r)
+        assert f"ended qemu-nbd (pid {left})" in r.err, r
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{left}").exists() and "zombie" not in Path(f"/proc/{left}/status").read_text().lower():
+            assert time.monotonic() < deadline, "the left-over qemu-nbd is still running"
+            time.sleep(0.05)
+        assert Path(f"/proc/{unrelated}").exists(), "a qemu-nbd serving something else was ended"
+        assert_point_restores(bdir, p["id"], d.expected(), tmp_path / "r")
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

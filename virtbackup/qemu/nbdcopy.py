@@ -187,6 +187,32 @@ def open_target(image: Path, key: Optional["Key"] = None) -> Any:
     return h
 
 
+def servers_of(points_dir: Path) -> List[int]:
+    """Our qemu-nbd processes (same user) serving an image in one of `points_dir`'s `.partial`
+    dirs: the target servers of a pull run. Called under the backup dir's lock, when no run of
+    ours can be using that directory: any such process is one a killed run left (its parent-death
+    signal lost while it started: the soak saw one waiting for its first client for minutes)."""
+    prefix = os.path.join(os.path.abspath(points_dir), "")
+    found: List[int] = []
+    try:
+        pids = [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not argv or os.path.basename(argv[0]) != "qemu-nbd":
+            continue
+        if any(prefix in a and ".partial/" in a[a.index(prefix):] for a in argv[1:]):
+            found.append(pid)
+    return found
+
+
 def close(h: Any) -> None:
     """Disconnect cleanly when possible; the handle's end also ends a socket-activated server."""
     nbd = _nbd()
