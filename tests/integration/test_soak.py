@@ -5,14 +5,29 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def test_short_soak_has_no_violation(tmp_path):
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short work dir: the soak's run dir holds pull jobs' NBD sockets, whose paths must fit a
+    unix socket's 107 bytes (pytest's tmp_path is too deep for that)."""
+    d = Path(tempfile.mkdtemp(prefix="vbsk-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_short_soak_has_no_violation(short_dir):
+    tmp_path = short_dir
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak.py"), "--steps", "24", "--seed", "20261130",
                            "--json", "--quiet", "--workdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.fakes import FakeDomain, bitmap, qcow2
 from virtbackup.backup import Engine
-from virtbackup.errors import BackupFailed, LevelNotPossible
+from virtbackup.errors import BackupFailed, LevelNotPossible, UsageError
 from virtbackup.qemu import keys
 from virtbackup.runners.base import checkpoint_prefix
 from virtbackup.runners.offline import JobDisk, OfflineRunner
@@ -404,3 +404,22 @@ def test_offline_encrypted_targets_get_the_secret_object_from_a_file_that_is_gon
     plain = FakeQmp()
     offline_runner(dom)._open_images(plain, runner._job_disks(plan))  # type: ignore[arg-type]
     assert [cmd for cmd, _ in plain.commands] == ["blockdev-add"] * 4
+
+
+def test_a_run_dir_too_long_for_the_nbd_socket_is_refused_before_the_job(monkeypatch, tmp_path):
+    """The pull job's unix socket lives in $VIRTBACKUP_RUN_DIR; a path over 107 bytes made
+    libvirt fail the job halfway ('... .sock is too long', found by the soak under pytest's
+    deep tmp dirs). Refused up front now, nothing created."""
+    from types import SimpleNamespace
+
+    from virtbackup.runners.pull import MAX_SOCKET_PATH
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    monkeypatch.setenv("VIRTBACKUP_RUN_DIR", str(deep))
+    handle = SimpleNamespace(conn=SimpleNamespace(getURI=lambda: "qemu:///system"))
+    runner = PullRunner(handle, BDIR.path / POINTS_DIR, lambda _m: None)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=f"over the {MAX_SOCKET_PATH} a unix socket path can have"):
+        runner._servers("virtbackup-0a1b2c3d-0003")
+    assert not deep.exists()
+    monkeypatch.setenv("VIRTBACKUP_RUN_DIR", str(tmp_path / "run"))
+    sock = runner._servers("virtbackup-0a1b2c3d-0003")[0].socket
+    assert sock == str(tmp_path / "run" / "nbd-virtbackup-0a1b2c3d-0003.sock")

@@ -43,6 +43,7 @@ MiB = 1 << 20
 # how a whole disk is copied: qemu-img (convert from the export, the default) or libnbd (our
 # own NBD pump, as for incrementals); for scripts/benchmark.py's side-by-side figures
 WHOLE_COPY_ENV = "VIRTBACKUP_PULL_WHOLE_COPY"
+MAX_SOCKET_PATH = 107           # sun_path holds 108 bytes with the terminating NUL
 
 # libvirt 9.0 needs an explicit TCP port for a pull backup's NBD server (it has no allocator);
 # these are tried in random order until one is free on the host (NBD's own port first).
@@ -289,8 +290,13 @@ class PullRunner:
         uri = self.conn.getURI()
         if not host.is_remote(uri):
             rd = env.run_dir()
+            sock = str(rd / f"nbd-{checkpoint}.sock")
+            if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+                raise UsageError(f"the pull job's NBD socket {sock} would be {len(os.fsencode(sock))} bytes long, over "
+                                 f"the {MAX_SOCKET_PATH} a unix socket path can have: give VIRTBACKUP_RUN_DIR a "
+                                 "shorter directory; nothing was changed")
             rd.mkdir(mode=0o700, parents=True, exist_ok=True)
-            return [xmlbuild.NbdServer(socket=str(rd / f"nbd-{checkpoint}.sock"))]
+            return [xmlbuild.NbdServer(socket=sock)]
         name = host.uri_host(uri) or "localhost"
         return [xmlbuild.NbdServer(host=name, port=p, tls=not self.insecure) for p in _ports()]
 
