@@ -522,6 +522,9 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
         if not os.path.isabs(scratch_dir):
             raise UsageError(f"--scratch-dir must be an absolute path on the hypervisor, not '{scratch_dir}'")
     tls_dir: Optional[str] = None
+    if nbd_tls_dir is not None and not nbd_tls_dir.strip():
+        # an empty value must not quietly mean the default directory
+        raise UsageError("--nbd-tls-dir needs a directory, not an empty string")
     if insecure_nbd or nbd_tls_dir is not None:
         if not (remote and mode == "pull"):
             raise UsageError("--insecure-nbd and --nbd-tls-dir are for a pull from a remote URI (--connect "

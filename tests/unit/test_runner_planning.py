@@ -423,3 +423,13 @@ def test_a_run_dir_too_long_for_the_nbd_socket_is_refused_before_the_job(monkeyp
     monkeypatch.setenv("VIRTBACKUP_RUN_DIR", str(tmp_path / "run"))
     sock = runner._servers("virtbackup-0a1b2c3d-0003")[0].socket
     assert sock == str(tmp_path / "run" / "nbd-virtbackup-0a1b2c3d-0003.sock")
+
+
+def test_an_empty_nbd_tls_dir_is_refused_not_taken_as_the_default(tmp_path):
+    """`--nbd-tls-dir ""` with a remote URI fell back to /etc/pki/virtbackup without a word;
+    refused before any connection now (nothing touched)."""
+    from virtbackup.backup import backup
+    for empty in ("", "  "):
+        with pytest.raises(UsageError, match="--nbd-tls-dir needs a directory, not an empty string"):
+            backup("qemu+ssh://nowhere.invalid/system", "dom", tmp_path / "bk", mode="pull", nbd_tls_dir=empty)
+    assert not (tmp_path / "bk").exists()

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import shutil
+import subprocess
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from virtbackup import env
 from virtbackup.errors import OperationFailed
@@ -531,11 +532,7 @@ def convert_whole(src: Endpoint, target: Path, *, should_stop: Optional[StopChec
     about twice the speed of copy() for whole disks here (scripts/benchmark.py). Incrementals
     stay with copy(), which follows the dirty bitmap. Same contract as copy(): flushed on
     return; NbdError or CopyStopped otherwise (the caller discards the target)."""
-    import re
-    import select
-    import subprocess
-
-    from virtbackup.qemu import keys
+    from virtbackup.qemu import keys, qemu_img
     started = time.monotonic()
     exe = shutil.which(env.program("qemu-img"))
     if exe is None:
@@ -549,7 +546,7 @@ def convert_whole(src: Endpoint, target: Path, *, should_stop: Optional[StopChec
     argv = [exe, "convert", "-p", "-n", "--target-is-zero", "-W", "-m", "16", "-t", "writeback"]
     if max_speed:
         argv += ["-r", str(max_speed)]
-    with (keys.key_pipe(key) if key is not None else _no_key()) as (key_obj, fd):
+    with qemu_img.key_object(key) as (key_obj, fds):
         argv += [*objects, *key_obj, "--image-opts", _source_opts(src, tls_id)]
         if key is not None:
             argv += ["--target-image-opts", keys.image_opts(Path(os.path.abspath(target)), [True])]
@@ -557,8 +554,7 @@ def convert_whole(src: Endpoint, target: Path, *, should_stop: Optional[StopChec
             argv += ["-O", "qcow2", str(target)]
         argv = tied_to_this_process(argv)
         log.debug("exec %s", " ".join(argv))
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=[fd] if fd >= 0 else [])
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=fds)
     assert proc.stdout is not None and proc.stderr is not None
     size = 0
     buf = b""
@@ -599,11 +595,6 @@ def convert_whole(src: Endpoint, target: Path, *, should_stop: Optional[StopChec
         progress(size, size)
     log.debug("converted %s into %s: %s", src.describe(), target, stats)
     return stats
-
-
-@contextmanager
-def _no_key() -> Iterator[Tuple[List[str], int]]:
-    yield [], -1
 
 
 def _export_size(src: Endpoint) -> int:

@@ -42,7 +42,7 @@ def execute(cmd: Sequence[str], pass_fds: Sequence[int] = ()) -> "subprocess.Com
 
 
 @contextmanager
-def _key_object(key: Optional["Key"]) -> Iterator[Tuple[List[str], Tuple[int, ...]]]:
+def key_object(key: Optional["Key"]) -> Iterator[Tuple[List[str], Tuple[int, ...]]]:
     """`--object secret,...,file=/dev/fd/N` and the fds to pass, or nothing without a key."""
     if key is None:
         yield [], ()
@@ -56,7 +56,7 @@ def run_program(cmd: Sequence[str], args: Sequence[str], what: str,
                 key: Optional["Key"] = None) -> "subprocess.CompletedProcess[str]":
     """Run `cmd` (e.g. [qemu-img, convert] or [qemu-io]), with the key's secret object (id
     keys.SECRET_ID) before `args` when `key` is given; HostError with the last stderr line."""
-    with _key_object(key) as (obj, fds):
+    with key_object(key) as (obj, fds):
         proc = execute([*cmd, *obj, *args], fds)
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
@@ -275,7 +275,7 @@ def check(path: Path, key: Optional["Key"] = None) -> Any:
     if key is not None and not info(path).get("encrypted"):
         key = None                       # a plain image (verify reports that it should not be)
     args = check_args(path, encrypted=key is not None)
-    with _key_object(key) as (obj, fds):
+    with key_object(key) as (obj, fds):
         proc = execute(_argv(args, obj), fds)
     return check_result(path, proc.returncode, proc.stdout, proc.stderr)
 
@@ -304,7 +304,7 @@ def _convert_reporting(src: Path, args: Sequence[str], key: Optional["Key"]) -> 
     import re
 
     from virtbackup import observe
-    with _key_object(key) as (obj, fds):
+    with key_object(key) as (obj, fds):
         cmd = _argv(args, obj)
         log.debug("exec %s", " ".join(cmd))
         try:
@@ -337,7 +337,7 @@ def compare(a: Path, b: Path, key: Optional["Key"] = None) -> bool:
         args = compare_args(a, b, layers(Path(os.path.abspath(a))), layers(Path(os.path.abspath(b))))
     else:
         args = compare_args(a, b)
-    with _key_object(key) as (obj, fds):
+    with key_object(key) as (obj, fds):
         proc = execute(_argv(args, obj), fds)
     if proc.returncode in (0, 1):
         return proc.returncode == 0
