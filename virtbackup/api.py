@@ -166,7 +166,7 @@ def backup(domain: str, backup_dir: PathArg, level: str = "auto", disks: Sequenc
            scratch_dir: Optional[str] = None, max_speed: Optional[int] = None, encrypt: bool = False,
            key: Optional[Key] = None, *, cancel: Optional[Cancel] = None,
            progress: Optional[Progress] = None, nbd_tls_dir: Optional[str] = None,
-           insecure_nbd: bool = False) -> BackupResult:
+           insecure_nbd: bool = False, compress: Optional[str] = None) -> BackupResult:
     """Take one backup of DOMAIN (name or UUID; running or shut off) into BACKUP_DIR.
 
     `level`: auto | full | inc | diff (see plan.plan_backup); `disks`: only these targets;
@@ -182,6 +182,9 @@ def backup(domain: str, backup_dir: PathArg, level: str = "auto", disks: Sequenc
     A pull from a remote URI reads NBD over TLS with the client certificate in `nbd_tls_dir`
     (default $VIRTBACKUP_NBD_TLS_DIR, else /etc/pki/virtbackup: ca-cert.pem, client-cert.pem,
     client-key.pem); `insecure_nbd`: plaintext instead (warned about, recorded as nbd_tls false).
+    `compress`: zstd | zlib | none, how the images store the data (qcow2 compressed clusters);
+    None: the chain's setting (a new unencrypted directory: options.DEFAULT_COMPRESSION). Another
+    setting than the chain's starts a new chain (auto takes a full; inc/diff are refused).
     `cancel`: stops the backup from any thread while it runs: its job is aborted, its checkpoint
     deleted, its partial images removed, nothing is recorded (raises Interrupted); during the
     metadata commit a cancel is only noted (the point is complete, a warning says so).
@@ -192,7 +195,7 @@ def backup(domain: str, backup_dir: PathArg, level: str = "auto", disks: Sequenc
     with _operation("backup", cancel, progress, domain):
         return _backup(uri, domain, user_path(backup_dir, "BACKUP_DIR"), level, disks, notify, reason, quiesce,
                        mode, scratch_dir, max_speed, encrypt=encrypt, key=key, nbd_tls_dir=nbd_tls_dir,
-                       insecure_nbd=insecure_nbd)
+                       insecure_nbd=insecure_nbd, compress=compress)
 
 
 @_boundary
@@ -405,25 +408,29 @@ def open_point_files(backup_dir: PathArg, point: Optional[str] = None, status: O
 def live_restore(backup_dir: PathArg, output_dir: PathArg, define: str, point: Optional[str] = None,
                  disks: Sequence[str] = (), uri: Optional[str] = None, max_speed: Optional[int] = None,
                  progress: Optional[Progress] = None,
-                 on_running: Optional[Any] = None, *, cancel: Optional[Cancel] = None) -> LiveResult:
+                 on_running: Optional[Any] = None, *, cancel: Optional[Cancel] = None,
+                 key: Optional[Key] = None) -> LiveResult:
     """Define and start NAME on instant overlays, then pull the backup's data into them while it
-    runs; returns when no disk depends on the backup. `max_speed`: bytes/s per disk.
+    runs; returns when no disk depends on the backup. `max_speed`: bytes/s per disk. `key`: an
+    encrypted backup's (a libvirt secret while this runs; the restored disks are plain).
     `progress`: a "copy" event stream per disk (the block pull's position). `cancel`: the pulls
     are aborted; the domain keeps running on valid overlays and the error (Interrupted) names
     the command that resumes (`resume_live`)."""
     from virtbackup.liverestore import live_restore as _live_restore
     with _operation("live-restore", cancel, progress):
-        return _live_restore(Path(backup_dir), Path(output_dir), define, point, disks, uri, max_speed, on_running)
+        return _live_restore(Path(backup_dir), Path(output_dir), define, point, disks, uri, max_speed, on_running,
+                             key=key)
 
 
 @_boundary
 def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] = None,
-                progress: Optional[Progress] = None, *, cancel: Optional[Cancel] = None) -> LiveResult:
+                progress: Optional[Progress] = None, *, cancel: Optional[Cancel] = None,
+                key: Optional[Key] = None) -> LiveResult:
     """Finish an interrupted live restore of domain NAME (running: pull; shut off: flatten);
-    `progress` and `cancel` as for `live_restore`."""
+    `progress` and `cancel` as for `live_restore`; `key`: needed for an encrypted backup's."""
     from virtbackup.liverestore import resume_live as _resume_live
     with _operation("live-restore", cancel, progress):
-        return _resume_live(name, uri, max_speed)
+        return _resume_live(name, uri, max_speed, key=key)
 
 
 # --- off-site copies on S3 object storage (virtbackup.offsite; boto3, the `s3` extra) -----------

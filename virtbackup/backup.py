@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, cast
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import libvirt
 
@@ -35,7 +35,14 @@ from virtbackup.errors import (
     UsageError,
     VirtBackupError,
 )
-from virtbackup.options import BACKUP_MODES, QUIESCE_MODES, REQUESTED_LEVELS, RequestedLevel
+from virtbackup.options import (
+    BACKUP_MODES,
+    COMPRESSIONS,
+    DEFAULT_COMPRESSION,
+    QUIESCE_MODES,
+    REQUESTED_LEVELS,
+    RequestedLevel,
+)
 from virtbackup.qemu import keys, qemu_img
 from virtbackup.runners.base import Notify, Runner
 from virtbackup.runners.offline import OfflineRunner
@@ -90,7 +97,7 @@ class Engine:
 
     def __init__(self, handle: DomainHandle, bdir: BackupDir, runner: Runner, notify: Optional[Notify] = None,
                  quiesce: Optional[Quiescer] = None, key: Optional[keys.Key] = None,
-                 iter_time: int = keys.DEFAULT_ITER_TIME_MS):
+                 iter_time: int = keys.DEFAULT_ITER_TIME_MS, compression: Optional[str] = None):
         self.handle = handle
         self.bdir = bdir
         self.runner = runner
@@ -99,7 +106,18 @@ class Engine:
         self.quiesce = quiesce          # records the point's consistency (the runner freezes)
         self.key = key                  # set: every target is LUKS-encrypted with it
         self.iter_time = iter_time      # the chain's LUKS key derivation time
+        self.compression = compression  # "zstd" | "zlib": every target holds compressed clusters
         self._paused_before = False     # the guest was paused by an I/O error before our job
+
+    def _compressed(self, plan: BackupPlan) -> BackupPlan:
+        """The plan with every target holding compressed clusters of the chain's type."""
+        if self.compression is None:
+            return plan
+        if self.key is not None:
+            raise UsageError("an encrypted chain cannot be compressed (QEMU writes no compressed "
+                             "clusters into a LUKS qcow2)")
+        return replace(plan, disks=tuple(replace(dp, target=replace(dp.target, compression=self.compression))
+                                         for dp in plan.disks))
 
     def _encrypted(self, plan: BackupPlan) -> BackupPlan:
         """The plan with every target LUKS-encrypted, keyed by a libvirt secret of this UUID
@@ -212,7 +230,7 @@ class Engine:
             if enc is not None and self.key is None:
                 raise UsageError("an encrypted target needs the key")
             qemu_img.create(t.path, t.virtual_size, t.backing_link, key=self.key if enc is not None else None,
-                           iter_time=enc.iter_time_ms if enc is not None else None)
+                           iter_time=enc.iter_time_ms if enc is not None else None, compression=t.compression)
             os.chmod(t.path, 0o600)
         encrypted = any(dp.target.encryption is not None for dp in plan.disks)
         workers = max(1, min(len(plan.disks), os.cpu_count() or 1)) if encrypted else 1
@@ -223,7 +241,8 @@ class Engine:
         started_plan = time.monotonic()
         # a guest an I/O error paused before this run is not ours to resume (_rollback)
         self._paused_before = _ioerror_paused(self.handle.dom)
-        plan = self._encrypted(plan_backup(LibvirtDomain(self.handle.dom), chain, self.bdir, level, only, reason))
+        plan = self._compressed(self._encrypted(plan_backup(LibvirtDomain(self.handle.dom), chain, self.bdir,
+                                                            level, only, reason)))
         log.info("plan: point %s, %s backup%s, transport %s, checkpoint %s", plan.point_id, plan.level,
                  f" from checkpoint {plan.base_checkpoint}" if plan.base_checkpoint else "",
                  self.runner.transport, plan.checkpoint)
@@ -284,6 +303,8 @@ class Engine:
                     observe.emit("hash", t, 0, size)
                     img.record_hash(paths[t])
                     img.size = size
+                    if chain.encryption is None:        # an encrypted image can't be mapped without the key
+                        img.data_size = qemu_img.data_size(paths[t])
                     observe.finish("hash", t, size)
                     observe.check()
                 for f in flushed:
@@ -311,6 +332,7 @@ class Engine:
             duration=round(time.monotonic() - started, 3), transport=self.runner.transport,
             nbd_tls=self.runner.nbd_tls,
             encryption=chain.encryption.format if chain.encryption is not None else None,
+            compression=self.compression,
             domain_xml_digest=xml_digests["domain.xml"], checkpoint_xml_digest=xml_digests["checkpoint.xml"])
         if self.quiesce is not None:
             self.quiesce.record(point)
@@ -491,13 +513,52 @@ def _check_encryption(bdir: BackupDir, chain: Optional[Chain], encrypt: bool, ke
     crypto.check_key(chain.encryption, key, f"backup directory {bdir.path}")
 
 
+def _check_compression(bdir: BackupDir, chain: Optional[Chain], compress: Optional[str], encrypted: bool) -> None:
+    """Exit 2 for an unknown --compress, and for compressing an encrypted chain: QEMU 7.2
+    writes no compressed clusters into a LUKS qcow2 (the write fails with an I/O error)."""
+    if compress is not None and compress not in COMPRESSIONS:
+        raise UsageError(f"unknown compression '{compress}' ({', '.join(COMPRESSIONS)})")
+    if compress in (None, "none"):
+        return
+    if encrypted or (chain is not None and chain.encryption is not None):
+        raise UsageError(f"--compress {compress} cannot go with encryption: QEMU writes no compressed "
+                         f"clusters into a LUKS-encrypted qcow2 ({bdir.path} would be encrypted); "
+                         "use --compress none or an unencrypted backup directory")
+
+
+def chain_compression(bdir: BackupDir, chain: Chain, compress: Optional[str], level: str,
+                      reason: Optional[str]) -> Tuple[Optional[str], str, Optional[str]]:
+    """(compression for the new point, level, reason). Every point of a chain (a full and the
+    points layered on it) is stored alike: the chain's setting is its latest point's. Without
+    `compress` a point follows it (a new directory takes DEFAULT_COMPRESSION; an encrypted one
+    none). Asking for another one starts a new chain: auto takes a full (the reason says why),
+    inc and diff are refused (exit 2) — one chain, one storage, so what `list` says of a chain
+    (its ratio) holds for every point of it, and no setting changes in the middle of a chain
+    unnoticed."""
+    last = chain.latest
+    if compress is None:
+        if last is not None:
+            return last.compression, level, reason
+        if chain.encryption is not None:
+            return None, level, reason
+        return (None if DEFAULT_COMPRESSION == "none" else DEFAULT_COMPRESSION), level, reason
+    wanted = None if compress == "none" else compress
+    if last is None or last.compression == wanted:
+        return wanted, level, reason
+    have = last.compression or "uncompressed"
+    if level in ("inc", "diff"):
+        raise UsageError(f"{bdir.path}: the chain's points are {have}; an {level} follows its chain "
+                         f"(--compress {compress} starts a new chain: use --level full or auto)")
+    return wanted, "full", reason or f"compression changed ({have} -> {compress}): a new chain"
+
+
 def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto",
            disks: Sequence[str] = (), notify: Optional[Notify] = None,
            reason: Optional[str] = None, quiesce: str = "auto", mode: Optional[str] = None,
            scratch_dir: Optional[str] = None, max_speed: Optional[int] = None,
            encrypt: bool = False,
            key: Optional[keys.Key] = None, nbd_tls_dir: Optional[str] = None,
-           insecure_nbd: bool = False) -> BackupResult:
+           insecure_nbd: bool = False, compress: Optional[str] = None) -> BackupResult:
     """Take one backup of DOMAIN (running or shut off) into BACKUP_DIR; see api.backup.
 
     A pull from a remote hypervisor reads its NBD exports over TCP with TLS, our client
@@ -506,7 +567,10 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
 
     `encrypt` with `key` starts an encrypted chain; an encrypted chain's later points need the
     same `key`, checked against the metadata before anything is touched (every transport writes
-    encrypted chains)."""
+    encrypted chains).
+
+    `compress` ("zstd", "zlib", "none"; None: the chain's own setting, DEFAULT_COMPRESSION for
+    a new directory): see chain_compression."""
     if level not in REQUESTED_LEVELS:
         raise UsageError(f"unknown level '{level}' (auto, full, inc, diff)")
     if quiesce not in QUIESCE_MODES:
@@ -536,6 +600,7 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
     must_create = bdir.check_usable()
     existing = bdir.load_or_none()          # corrupt metadata -> exit 2 before libvirt is touched
     _check_encryption(bdir, existing, encrypt, key)
+    _check_compression(bdir, existing, compress, encrypt or key is not None)
     # the iter-time is chosen when a chain is created (later points keep the chain's)
     new_chain = existing is None or not existing.points
     iter_time = crypto.iter_time_ms() if key is not None and new_chain else keys.DEFAULT_ITER_TIME_MS
@@ -579,9 +644,13 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                 if key is not None and chain.encryption is None:
                     chain.encryption = crypto.ChainEncryption.new(key, iter_time)
                 if chain.encryption is not None:
+                    _check_compression(bdir, chain, compress, True)
                     iter_time = chain.encryption.iter_time_ms    # the whole chain alike
                     log.info("encrypted chain: %s %s, iter-time %d ms", chain.encryption.format,
                              chain.encryption.cipher, iter_time)
+                compression, level, reason = chain_compression(bdir, chain, compress, level, reason)
+                if compression is not None:
+                    log.info("compressed chain: %s", compression)
                 chain.domain_name = dom.name()
                 chain.path = str(bdir.path)
                 handle = DomainHandle(conn, dom)
@@ -591,7 +660,7 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                             "TCP; anyone who reaches the port during the job can read them (recorded in the point)")
                     engine = Engine(handle, bdir, runner_for(handle, bdir, say, quiescer, mode, scratch_dir, max_speed,
                                                            key, tls_dir, insecure_nbd),
-                                    say, quiescer, key, iter_time)
+                                    say, quiescer, key, iter_time, compression)
                     engine.cleanup_leftovers(chain)
                     result = engine.run(chain, cast(RequestedLevel, level), disks, reason)
                     result.warnings[:0] = log_problems

@@ -19,3 +19,11 @@ QUIESCE_MODES: Tuple[str, ...] = ("auto", "require", "off")
 # exports the disks over NBD and virtbackup copies them). A shut-off domain always goes offline.
 BackupMode = Literal["push", "pull"]
 BACKUP_MODES: Tuple[str, ...] = ("push", "pull")
+
+# How a point's images store the guest's data: qcow2 compressed clusters (zstd or zlib, inside
+# plain qcow2 that any QEMU reads) or uncompressed ("none"). A chain keeps one setting.
+Compression = Literal["zstd", "zlib", "none"]
+COMPRESSIONS: Tuple[str, ...] = ("zstd", "zlib", "none")
+# What a new, unencrypted backup directory gets without --compress (scripts/benchmark.py
+# --only compress has the figures it was chosen from).
+DEFAULT_COMPRESSION = "zstd"

@@ -60,6 +60,11 @@ def backup(ctx: typer.Context, domain: Domain, backup_dir: BackupDirArg,
            encrypt: Annotated[bool, typer.Option(
                "--encrypt", help="start an encrypted chain (LUKS qcow2); needs --key-file")] = False,
            key_file: KeyFile = None,
+           compress: Annotated[Optional[str], typer.Option(
+               "--compress", metavar="[zstd|zlib|none]",
+               help="store the images as qcow2 compressed clusters (any qemu-img reads them); default: the "
+                    "chain's setting, zstd for a new unencrypted directory; another setting starts a new "
+                    "chain")] = None,
            progress_fd: Annotated[Optional[int], typer.Option(
                "--progress-fd", hidden=True, metavar="FD",
                help="write progress events as JSON lines to this file descriptor (used by run)")] = None,
@@ -74,14 +79,16 @@ def backup(ctx: typer.Context, domain: Domain, backup_dir: BackupDirArg,
             progress.backup(domain, progress.wanted(as_json, no_progress) and to_run is None) as bar:
         r = api.backup(domain, backup_dir, level=level, disks=disk, uri=uri, notify=say, reason=reason,
                        quiesce=quiesce, mode=mode, scratch_dir=scratch_dir, max_speed=max_speed, encrypt=encrypt,
-                       key=key, progress=to_run or bar, nbd_tls_dir=nbd_tls_dir, insecure_nbd=insecure_nbd)
+                       key=key, progress=to_run or bar, nbd_tls_dir=nbd_tls_dir, insecure_nbd=insecure_nbd,
+                       compress=compress)
     if as_json:
         emit(r.to_json())
         return
     p = r.point
     size = human_size(sum(i.size for i in p.disks.values()))
+    stored = f"{size} written" + (f" ({p.compression})" if p.compression else "")
     print(f"point {p.id}: {p.level} {p.transport} backup of {r.domain} ({', '.join(sorted(p.disks))}), "
-          f"{size} written in {p.duration:.2f}s, checkpoint {p.checkpoint}")
+          f"{stored} in {p.duration:.2f}s, checkpoint {p.checkpoint}")
     if p.consistency:
         frozen = f", guest frozen {p.frozen_seconds:.2f}s" if p.frozen_seconds is not None else ""
         print(f"point {p.id}: {p.consistency}-consistent ({shown(str(p.consistency_reason))}{frozen})")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from virtbackup import env
-from virtbackup.errors import OperationFailed
+from virtbackup.errors import HostError, OperationFailed
 
 if TYPE_CHECKING:
     from virtbackup.qemu.keys import Key
@@ -146,7 +146,7 @@ def tied_to_this_process(argv: List[str]) -> List[str]:
     return [setpriv, "--pdeathsig", "TERM", "/bin/sh", "-c", _PARENT_CHECK, "sh", str(os.getpid()), *argv]
 
 
-def open_target(image: Path, key: Optional["Key"] = None) -> Any:
+def open_target(image: Path, key: Optional["Key"] = None, compress: bool = False) -> Any:
     """Serve `image` (qcow2, with its backing link) with qemu-nbd over socket activation.
 
     Call it from the thread that will close the handle: the server gets SIGTERM when the
@@ -156,6 +156,9 @@ def open_target(image: Path, key: Optional["Key"] = None) -> Any:
     `key`: the image and its encrypted backing layers are LUKS: qemu-nbd reads the key from a
     0600 file in a private directory (keys.key_file) that is removed as soon as the server has
     answered the handshake (it has created its secret object by then); never in its argv.
+    `compress`: served through QEMU's `compress` filter: every write lands as compressed
+    clusters (of the type in the image's header). The server then takes only whole clusters
+    (its minimum block size; libnbd refuses anything else): see align_runs.
     """
     nbd = _nbd()
     exe = shutil.which(env.program("qemu-nbd"))
@@ -164,7 +167,19 @@ def open_target(image: Path, key: Optional["Key"] = None) -> Any:
     common = [exe, "--cache=writeback", "--detect-zeroes=on", "--discard=ignore"]
     h = nbd.NBD()
     h.set_handle_name("virtbackup-dst")
-    if key is None:
+    if compress:
+        if key is not None:
+            raise NbdError("QEMU writes no compressed clusters into an encrypted qcow2")
+        from virtbackup.qemu.keys import qemu_opt
+        name = qemu_opt(os.path.abspath(image))
+        argv = tied_to_this_process([*common, "--image-opts",
+                                     f"driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename={name}"])
+        log.debug("target server: %s", argv)
+        try:
+            h.connect_systemd_socket_activation(argv)
+        except nbd.Error as e:
+            raise NbdError(f"cannot serve {image} with qemu-nbd: {_message(e)}") from None
+    elif key is None:
         argv = tied_to_this_process([*common, "--format=qcow2", str(image)])
         log.debug("target server: %s", argv)
         try:
@@ -270,6 +285,59 @@ def extents(h: Any, size: int, bitmap: Optional[str],
             if lo < hi:
                 out.append((lo, hi - lo, bool(f & STATE_ZERO)))
     return _merge(out), end
+
+
+def align_runs(runs: List[Tuple[int, int, bool]], cluster: int, size: int) -> List[Tuple[int, int, bool]]:
+    """`runs` (sorted, disjoint) widened to whole clusters of `cluster` bytes (the last cluster
+    ends at `size`), for a target that takes only whole clusters (a compressing one).
+
+    A cluster that a data run touches is copied whole, and so is one a zero run covers only in
+    part: reading the export around a run reads the same point in time (in a bitmap copy, the
+    clean bytes read are the backing's own). Only clusters zero runs cover whole are zeroed."""
+    if cluster <= 1 or not runs:
+        return runs
+
+    def up(x: int) -> int:
+        return min(size, -(-x // cluster) * cluster)
+
+    def down(x: int) -> int:
+        return x // cluster * cluster
+
+    data: List[Tuple[int, int]] = []
+    zero: List[Tuple[int, int]] = []
+    for s, n, z in runs:
+        e = s + n
+        zs, ze = up(s), (e if e >= size else down(e))
+        if z and zs < ze:
+            zero.append((zs, ze))
+            if s < zs:
+                data.append((down(s), zs))
+            if ze < e:
+                data.append((ze, up(e)))
+        else:
+            data.append((down(s), up(e)))
+    merged: List[Tuple[int, int]] = []
+    for lo, hi in sorted(data):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    out = [(lo, hi - lo, False) for lo, hi in merged]
+    i = 0
+    for lo, hi in sorted(zero):     # what of each zero run no data cluster took
+        while i < len(merged) and merged[i][1] <= lo:
+            i += 1
+        j = i
+        while lo < hi:
+            if j < len(merged) and merged[j][0] < hi:
+                if merged[j][0] > lo:
+                    out.append((lo, merged[j][0] - lo, True))
+                lo = max(lo, merged[j][1])
+                j += 1
+            else:
+                out.append((lo, hi - lo, True))
+                break
+    return _merge(out)
 
 
 def _merge(runs: List[Tuple[int, int, bool]]) -> List[Tuple[int, int, bool]]:
@@ -405,13 +473,14 @@ class Pacer:
 def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
          should_stop: Optional[StopCheck] = None, progress: Optional[Progress] = None,
          request_size: int = REQUEST_SIZE, max_in_flight: int = MAX_IN_FLIGHT,
-         max_speed: Optional[int] = None, key: Optional["Key"] = None) -> CopyStats:
+         max_speed: Optional[int] = None, key: Optional["Key"] = None, compress: bool = False) -> CopyStats:
     """Copy the export into `target` (see the module doc); flushed before returning.
 
     `bitmap` is the dirty-bitmap meta context (e.g. `qemu:dirty-bitmap:backup-vda`): given, only
     dirty extents are copied and the target must have the previous image as backing; not
     given, the target must be empty and unbacked. `max_speed`: bytes/s read from the source
     (a token bucket of one request; see Pacer). `key`: the target is LUKS-encrypted (open_target).
+    `compress`: written as compressed clusters, whole clusters only (open_target, align_runs).
     Raises NbdError (with what failed and where)
     or CopyStopped; the target's content is then undefined and the caller discards it.
 
@@ -422,6 +491,15 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
     nbd = _nbd()
     started = time.monotonic()
     contexts = [ALLOCATION] + ([bitmap] if bitmap else [])
+    cluster = 0
+    if compress:
+        from virtbackup.qemu import qemu_img
+        try:
+            cluster = int(qemu_img.info(target, force_share=True).get("cluster-size") or 0)
+        except (HostError, ValueError, TypeError) as e:
+            raise NbdError(f"cannot read the cluster size of {target}: {e}") from None
+        if cluster <= 0 or request_size % cluster:
+            raise NbdError(f"{target}: cluster size {cluster} does not divide the request size {request_size}")
     s = open_source(src, contexts)
     d: Any = None
     try:
@@ -442,6 +520,8 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
             # keep the queue fed from block status, a window at a time
             if not pending and status_at < size:
                 runs, status_at = extents(s, size, bitmap, status_at)
+                if cluster:
+                    runs = align_runs(runs, cluster, size)
                 for off, n, zero in runs:
                     stats.extents += 1
                     queued += n
@@ -453,7 +533,7 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
             if pump is None:
                 if not pending:
                     break       # nothing to copy: the target stays as created (reads as its backing)
-                d = open_target(target, key)
+                d = open_target(target, key, compress)
                 if d.get_size() < size:
                     raise NbdError(f"target {target} ({d.get_size()} bytes) is smaller than "
                                    f"{src.describe()} ({size} bytes)")
@@ -510,28 +590,16 @@ def _source_opts(src: Endpoint, tls_id: Optional[str]) -> str:
     return f"driver=nbd,{where},export={qemu_opt(src.export)}" + (f",tls-creds={tls_id}" if tls_id else "")
 
 
-def _allocated(image: Path) -> int:
-    """Data bytes stored in the image file itself (qemu-img map, depth 0)."""
-    from virtbackup.qemu import qemu_img
-    proc = qemu_img.execute([env.program("qemu-img"), "map", "--output=json", "-U", str(image)])
-    if proc.returncode != 0:
-        return 0
-    try:
-        import json
-        return sum(int(e["length"]) for e in json.loads(proc.stdout) if e.get("depth") == 0 and e.get("data"))
-    except (ValueError, KeyError, TypeError):
-        return 0
-
-
 def convert_whole(src: Endpoint, target: Path, *, should_stop: Optional[StopCheck] = None,
                   progress: Optional[Progress] = None, max_speed: Optional[int] = None,
-                  key: Optional["Key"] = None) -> CopyStats:
+                  key: Optional["Key"] = None, compress: bool = False) -> CopyStats:
     """Copy a whole export into the empty, unbacked `target` with `qemu-img convert`: QEMU's NBD
     client reads with block status (holes and zeroes are skipped), 16 coroutines, writes out of
     order straight into the qcow2 (no second NBD hop through qemu-nbd, no Python per request):
     about twice the speed of copy() for whole disks here (scripts/benchmark.py). Incrementals
     stay with copy(), which follows the dirty bitmap. Same contract as copy(): flushed on
-    return; NbdError or CopyStopped otherwise (the caller discards the target)."""
+    return; NbdError or CopyStopped otherwise (the caller discards the target). `compress`:
+    qemu-img writes compressed clusters (-c; the type is the target header's)."""
     from virtbackup.qemu import keys, qemu_img
     started = time.monotonic()
     exe = shutil.which(env.program("qemu-img"))
@@ -546,6 +614,10 @@ def convert_whole(src: Endpoint, target: Path, *, should_stop: Optional[StopChec
     argv = [exe, "convert", "-p", "-n", "--target-is-zero", "-W", "-m", "16", "-t", "writeback"]
     if max_speed:
         argv += ["-r", str(max_speed)]
+    if compress:
+        if key is not None:
+            raise NbdError("QEMU writes no compressed clusters into an encrypted qcow2")
+        argv.append("-c")
     with qemu_img.key_object(key) as (key_obj, fds):
         argv += [*objects, *key_obj, "--image-opts", _source_opts(src, tls_id)]
         if key is not None:
@@ -588,7 +660,7 @@ def convert_whole(src: Endpoint, target: Path, *, should_stop: Optional[StopChec
         lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
         raise NbdError(f"copy of NBD {src.describe()} into {target} failed: "
                        f"{lines[-1] if lines else f'qemu-img exited with {rc}'}")
-    stored = _allocated(target)
+    stored = qemu_img.data_size(target) or 0
     stats = CopyStats(size=size, read=stored, written=stored, seconds=round(time.monotonic() - started, 3))
     if progress:
         size = size or _export_size(src)

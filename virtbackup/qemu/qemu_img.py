@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from virtbackup.qemu.keys import Key
 
 log = logging.getLogger(__name__)
+COMPRESSION_TYPES = ("zstd", "zlib")     # qcow2 compression_type values we write
 
 
 def execute(cmd: Sequence[str], pass_fds: Sequence[int] = ()) -> "subprocess.CompletedProcess[str]":
@@ -89,13 +90,18 @@ def file_name(path: "os.PathLike[str] | str") -> str:
 
 
 def create_args(path: Path, size: int, backing: Optional[str] = None, cluster_size: Optional[int] = None,
-                encrypt_iter_time: Optional[int] = None) -> List[str]:
+                encrypt_iter_time: Optional[int] = None, compression: Optional[str] = None) -> List[str]:
     """`create` of a qcow2 v3 image; `encrypt_iter_time` set: LUKS-encrypted (with the key's
-    secret object, which run() adds)."""
+    secret object, which run() adds); `compression` ("zstd", "zlib"): the type of the compressed
+    clusters written into it (the header says it; readers need nothing)."""
     from virtbackup.qemu import keys
     opts = ["compat=1.1"]
     if cluster_size:
         opts.append(f"cluster_size={cluster_size}")
+    if compression is not None:
+        if compression not in COMPRESSION_TYPES:
+            raise ValueError(f"unknown compression {compression!r}")
+        opts.append(f"compression_type={compression}")
     if encrypt_iter_time is not None:
         opts += keys.create_options(encrypt_iter_time)
     args = ["create", "-q", "-f", "qcow2", "-o", ",".join(opts)]
@@ -208,21 +214,36 @@ def encrypted_rebase_args(path: Path, backing: Optional[str], safe: bool, top_la
             ["rebase", "-q", "-u", "--image-opts", image_opts(path, [True]), "-F", "qcow2", "-b", backing]]
 
 
+def compress_args(src: Path, dst: Path, backing: Optional[Path]) -> List[str]:
+    """`convert` of the clusters `src` itself holds into the pre-created `dst` (same backing link,
+    compression type in its header) as compressed clusters. `backing` (absolute): `src`'s
+    backing; -B then keeps every cluster `src` leaves to it out of `dst` (zero clusters that hide
+    backing data are written, as zeroes); None: `src` is standalone, all of it is written."""
+    args = ["convert", "-q", "-n", "-c", "-W", "-m", "16", "-t", "writeback", "-O", "qcow2"]
+    if backing is not None:
+        args += ["-B", file_name(backing)]
+    else:
+        args.append("--target-is-zero")
+    return [*args, file_name(src), file_name(dst)]
+
+
 def read_all_args(src_names: Sequence[str], virtual_size: int) -> List[str]:
     """`convert` of every guest-visible byte into QEMU's null driver (output discarded)."""
     return ["convert", "-q", "-n", *src_names, "--target-image-opts", f"driver=null-co,size={virtual_size}"]
 
 
 def create(path: Path, size: int, backing: Optional[str] = None, cluster_size: Optional[int] = None,
-           key: Optional["Key"] = None, iter_time: Optional[int] = None) -> None:
+           key: Optional["Key"] = None, iter_time: Optional[int] = None, compression: Optional[str] = None) -> None:
     """Create a qcow2 v3 image; `backing` is stored exactly as given (we pass relative paths).
 
     With `key`: LUKS-encrypted with it (`iter_time`: key derivation ms, see keys.py). The
     backing is not opened (-u), so it needs no key here.
     """
     from virtbackup.qemu import keys
+    if key is not None and compression is not None:
+        raise ValueError("QEMU writes no compressed clusters into an encrypted qcow2")
     args = create_args(path, size, backing, cluster_size,
-                       (iter_time or keys.DEFAULT_ITER_TIME_MS) if key is not None else None)
+                       (iter_time or keys.DEFAULT_ITER_TIME_MS) if key is not None else None, compression)
     _luks_retry(lambda: run(args, f"cannot create {path}", key), key is not None)
 
 
@@ -374,6 +395,25 @@ def _rebase_encrypted(path: Path, backing: Optional[str], safe: bool, key: "Key"
             new = layers(Path(os.path.normpath(path.parent / backing)))
     for args in encrypted_rebase_args(path, backing, safe, top, new):
         run(args, f"cannot rebase {path}", key)
+
+
+def compress_into(src: Path, dst: Path, backing: Optional[Path]) -> None:
+    """Write what `src` holds into the empty, pre-created `dst` as compressed clusters (see
+    compress_args); HostError when qemu-img fails (the caller discards `dst`)."""
+    run(compress_args(src, dst, backing), f"cannot compress {src}")
+
+
+def data_size(path: Path) -> Optional[int]:
+    """Bytes of guest data the image file itself holds (`map`: its own data extents, compressed
+    ones at their uncompressed size; zero clusters and what its backing holds not counted);
+    None when qemu-img cannot say (an encrypted image needs its key to be opened: not counted)."""
+    proc = execute([env.program("qemu-img"), "map", "--output=json", "-U", file_name(path)])
+    if proc.returncode != 0:
+        return None
+    try:
+        return sum(int(e["length"]) for e in json.loads(proc.stdout) if e.get("depth") == 0 and e.get("data"))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_all(path: Path, virtual_size: int, key: Optional["Key"] = None) -> None:

@@ -50,6 +50,7 @@ class JobDisk:
     full: bool           # sync=full (else sync=bitmap from the base checkpoint's bitmap)
     encrypted: bool = False     # the target is LUKS: opened with the key's secret object
     format: str = "qcow2"       # the image's format driver: qcow2, or raw (copied whole, no bitmap)
+    compress: bool = False      # the job writes compressed clusters (blockdev-backup compress)
 
     @property
     def tracks(self) -> bool:
@@ -142,7 +143,8 @@ class OfflineRunner:
                 raise BackupFailed(f"disk {name}: the target is encrypted but the runner has no key")
             out.append(JobDisk(name, d.source, "host_device" if d.type == "block" else "file",
                                dp.target.path, full=dp.mode == "full",
-                               encrypted=dp.target.encryption is not None, format=d.format or "qcow2"))
+                               encrypted=dp.target.encryption is not None, format=d.format or "qcow2",
+                               compress=dp.target.compression is not None))
         if not out:
             raise BackupFailed("no disk takes part in the backup")
         return out
@@ -215,6 +217,8 @@ class OfflineRunner:
             job: Dict[str, Any] = {"job-id": d.job_id, "device": d.src_node, "target": d.dest_node}
             if speed > 0:
                 job["speed"] = speed
+            if d.compress:
+                job["compress"] = True      # compressed clusters, the type the target's header says
             if d.full:
                 job["sync"] = "full"
             else:

@@ -6,8 +6,9 @@ from a bitmap, and where its target image goes. It reads the domain only through
 "never plan an incremental from a doubtful bitmap" is testable without libvirt.
 
 Extension points: `TargetSpec.encryption` (LUKS targets: runners pass it through into the target
-they open) and `BackupPlan.transport` (a pull-mode runner joins without touching planning or the
-engine's commit).
+they open), `TargetSpec.compression` (each runner writes compressed clusters its own way) and
+`BackupPlan.transport` (a pull-mode runner joins without touching planning or the engine's
+commit).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class TargetSpec:
     backing_link: Optional[str]     # what its qcow2 header names (relative to its directory)
     virtual_size: int
     encryption: Optional[Encryption] = None
+    compression: Optional[str] = None   # "zstd" | "zlib": written as compressed clusters of that type
 
 
 @dataclass(frozen=True)

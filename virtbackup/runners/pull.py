@@ -100,6 +100,7 @@ class PullTarget:
     whole: bool             # copy the whole disk (full, or a disk new since the base point)
     source: str             # the disk's image on the hypervisor (the default scratch dir)
     encrypted: bool = False  # the target is LUKS (qemu-nbd opens it with the runner's key)
+    compressed: bool = False  # written as compressed clusters (the type is in the target's header)
 
 
 class PullRunner:
@@ -164,7 +165,8 @@ class PullRunner:
         files = [dp.disk.source for dp in plan.disks if dp.disk.type == "file" and dp.disk.source]
         targets = [PullTarget(dp.disk.target, dp.target.path, dp.mode == "full",
                               (dp.disk.source or "") if dp.disk.type == "file" else (files[0] if files else ""),
-                              encrypted=dp.target.encryption is not None)
+                              encrypted=dp.target.encryption is not None,
+                              compressed=dp.target.compression is not None)
                    for dp in plan.disks]
         self._check_scratch_room(plan, targets)
         self._start(targets, plan.base_checkpoint, plan.checkpoint, cxml)
@@ -374,11 +376,11 @@ class PullRunner:
                     # a whole disk: qemu-img convert reads the export and writes the qcow2 itself
                     return nbdcopy.convert_whole(ep, t.target, should_stop=stop, max_speed=self.max_speed,
                                                  progress=progress if observe.listening() else None,
-                                                 key=self.key if t.encrypted else None)
+                                                 key=self.key if t.encrypted else None, compress=t.compressed)
                 return nbdcopy.copy(ep, t.target, None if t.whole else f"qemu:dirty-bitmap:{bitmap}",
                                     should_stop=stop, max_speed=self.max_speed,
                                     progress=progress if observe.listening() else None,
-                                    key=self.key if t.encrypted else None)
+                                    key=self.key if t.encrypted else None, compress=t.compressed)
             except BaseException:
                 failed.set()
                 raise

@@ -8,6 +8,7 @@ waited for through libvirt events (host.JobWatch), never by sleeping.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from contextlib import nullcontext
 from pathlib import Path
@@ -180,6 +181,7 @@ class PushRunner:
             qemu_img.wait_released([str(dp.target.path) for dp in self._plan.disks])
             for dp in self._plan.disks:
                 observe.finish("copy", dp.disk.target, dp.virtual_size)
+            self._compress(self._plan)
             return
         try:
             stopped = not dom.isActive()
@@ -190,6 +192,28 @@ class PushRunner:
             libvirt.VIR_DOMAIN_JOB_CANCELLED: "the job was cancelled"}.get(
             int(jtype or 0), "libvirt reported no outcome for the job")
         raise BackupFailed(f"backup job failed: {errmsg}")
+
+    def _compress(self, plan: BackupPlan) -> None:
+        """libvirt's backup job writes plain clusters: a compressed chain's targets are rewritten
+        as compressed clusters once the job has released them, before the engine hashes and
+        records anything (a twin `<target>.z` beside it, then renamed over it; a failure or a
+        cancel leaves both in the .partial dir the rollback removes)."""
+        for dp in plan.disks:
+            t = dp.target
+            if t.compression is None:
+                continue
+            if self.interrupted:
+                raise Interrupted(f"backup {observe.interruption(self.interrupted)}; nothing was recorded")
+            twin = t.path.with_name(t.path.name + ".z")
+            backing = Path(os.path.normpath(t.path.parent / t.backing_link)) if t.backing_link else None
+            try:
+                qemu_img.create(twin, t.virtual_size, t.backing_link, compression=t.compression)
+                os.chmod(twin, 0o600)
+                qemu_img.compress_into(t.path, twin, backing)
+                os.replace(twin, t.path)
+            except (HostError, OSError) as e:
+                raise BackupFailed(f"disk {dp.disk.target}: compressing the copy failed: {e}") from e
+            log.info("disk %s: compressed (%s)", dp.disk.target, t.compression)
 
     def abort(self) -> bool:
         """After libvirtd restarted the connection is dead but the domain and our job live on in

@@ -55,6 +55,7 @@ PARTIAL_SUFFIX = ".partial"
 Level = Literal["full", "inc", "diff"]
 LEVELS: Tuple[str, ...] = ("full", "inc", "diff")
 CONSISTENCIES = (None, "application", "crash")
+COMPRESSION_TYPES = (None, "zstd", "zlib")     # a point's record: None is uncompressed
 
 # A libvirt disk target name (vda, sdb, hdc, xvda, nvme0n1...): it becomes a file name in
 # OUTPUT_DIR, so anything else in the metadata ("/../../srv/x") is corruption, not a name.
@@ -239,6 +240,9 @@ class DiskImage:
     source: str = ""                # the domain's disk source when it was backed up
     copied_full: bool = True        # this image holds the whole disk (no backing)
     full_reason: Optional[str] = None   # why a disk of an inc/diff point was copied whole
+    # bytes of guest data the image holds (its allocated clusters); with `size` the compression
+    # ratio. None in records made before it was counted, and for encrypted images
+    data_size: Optional[int] = None
 
     def record_hash(self, path: Path, alg: str = DEFAULT_HASH) -> None:
         """Hash the final image file and record the digest (integrity.py checks it)."""
@@ -299,6 +303,9 @@ class Point:
     # with --insecure-nbd); None = the data never crossed a network (push, offline, local socket)
     nbd_tls: Optional[bool] = None
     encryption: Optional[str] = None    # "luks": every image of the point is LUKS-encrypted
+    # "zstd" | "zlib": the images hold qcow2 compressed clusters of that type (any QEMU reads
+    # them); None: uncompressed (and every point recorded before compression existed)
+    compression: Optional[str] = None
     # hashes of the two XML files, checked like the images (integrity.py) before anything uses
     # them; None in points recorded before they were hashed (their XML is taken as it is)
     domain_xml_digest: Optional[Digest] = None
@@ -458,6 +465,11 @@ class Chain:
                 # one chain, one key: a plaintext point in an encrypted chain (or the reverse)
                 # is tampering or a bug, never something to restore from silently
                 raise ValueError(f"point {p.id}: encryption {p.encryption!r}, the chain's is {want!r}")
+            if p.compression not in COMPRESSION_TYPES:
+                raise ValueError(f"point {p.id}: unknown compression {str(p.compression)[:40]!r}")
+            if p.compression is not None and p.encryption is not None:
+                # QEMU cannot write compressed clusters into a LUKS qcow2: such a record is not ours
+                raise ValueError(f"point {p.id}: both encrypted and compressed")
             if p.chain not in seen and p.chain != p.id:
                 raise ValueError(f"point {p.id}: chain {p.chain} is not an earlier point")
             if p.parent is not None and p.parent not in seen:
@@ -479,7 +491,8 @@ class Chain:
                     raise ValueError(f"point {p.id}: disk name {name!r} is not a disk target name "
                                      "(letters and digits)")
                 if not isinstance(d.image, str) or not isinstance(d.size, int) or not isinstance(d.virtual_size, int) \
-                        or not isinstance(d.digest, (Digest, type(None))):
+                        or not isinstance(d.digest, (Digest, type(None))) \
+                        or not isinstance(d.data_size, (int, type(None))) or isinstance(d.data_size, bool):
                     raise ValueError(f"point {p.id} disk {name}: wrong field types")
                 if d.digest is None:
                     if hashed:
@@ -505,6 +518,16 @@ def point_json(p: Point) -> Dict[str, Any]:
     d = asdict(p)
     d["size"] = sum(img.size for img in p.disks.values())
     return d
+
+
+def data_ratio(images: List[DiskImage]) -> Optional[float]:
+    """Guest data bytes per stored byte over `images` (2.0: stored in half the room), counting
+    only images whose data size is recorded; None when none is."""
+    known = [i for i in images if i.data_size is not None]
+    stored = sum(i.size for i in known)
+    if not known or stored <= 0:
+        return None
+    return round(sum(i.data_size or 0 for i in known) / stored, 3)
 
 
 def parse_point_time(spec: str) -> Optional[datetime]:
