@@ -42,7 +42,16 @@ from virtbackup.qemu.keys import Key
 # lxml, tenacity, libguestfs) when it is called, so a command pays only for what it runs
 # (`list` does not load libvirt at all). The result types are importable from here as before,
 # loaded on first access (see __getattr__ at the end).
-from virtbackup.store.chain import BackupDir, Chain, Point, dir_lock, domain_lock, point_json, user_path
+from virtbackup.store.chain import (
+    BackupDir,
+    Chain,
+    Point,
+    data_ratio,
+    dir_lock,
+    domain_lock,
+    point_json,
+    user_path,
+)
 from virtbackup.store.crypto import ChainEncryption
 
 if TYPE_CHECKING:
@@ -138,12 +147,23 @@ class PointList:
     def to_json(self) -> Dict[str, Any]:
         """{"domain", "uuid", "encryption": null | {"format", "cipher", "iter_time_ms"},
         "points": [{"id", "level", "created", "checkpoint", "parent", "disks": {...}, ...,
-        "encryption", "size"}]} (the `list --json` output; never the key check value)."""
+        "encryption", "compression", "size"}], "stored_bytes", "compression_ratio"} (the `list
+        --json` output; never the key check value)."""
         enc = self.encryption
         return {"domain": self.domain, "uuid": self.uuid,
                 "encryption": ({"format": enc.format, "cipher": enc.cipher, "iter_time_ms": enc.iter_time_ms}
                                if enc is not None else None),
-                "points": [point_json(p) for p in self.points]}
+                "points": [point_json(p) for p in self.points],
+                "stored_bytes": self.stored_bytes, "compression_ratio": self.compression_ratio}
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(i.size for p in self.points for i in p.disks.values())
+
+    @property
+    def compression_ratio(self) -> Optional[float]:
+        """Guest data per stored byte (chain.data_ratio) over every recorded image."""
+        return data_ratio([i for p in self.points for i in p.disks.values()])
 
 
 def chain_json(chain: Chain) -> Dict[str, Any]:

@@ -157,13 +157,19 @@ def check_result(path: Path, returncode: int, stdout: str, stderr: str) -> Any:
 
 
 def convert_args(src_names: Sequence[str], dst: Path, out_format: str = "qcow2",
-                 encrypt_iter_time: Optional[int] = None, progress: bool = False) -> List[str]:
+                 encrypt_iter_time: Optional[int] = None, progress: bool = False,
+                 compression: Optional[str] = None) -> List[str]:
     """`convert` of `src_names` (image_names()) into a standalone `dst`; `encrypt_iter_time`
-    set: `dst` LUKS-encrypted with the key; `progress`: qemu-img's progress lines (-p), else -q."""
+    set: `dst` LUKS-encrypted with the key; `progress`: qemu-img's progress lines (-p), else -q;
+    `compression`: `dst` holds compressed clusters of that type (qcow2 only)."""
     args = ["convert", "-p" if progress else "-q", "-W", "-O", out_format]
     if encrypt_iter_time is not None:
         from virtbackup.qemu.keys import create_options
         args += ["-o", ",".join(create_options(encrypt_iter_time))]
+    if compression is not None:
+        if compression not in COMPRESSION_TYPES or out_format != "qcow2" or encrypt_iter_time is not None:
+            raise ValueError(f"cannot write {out_format} with compression {compression!r}")
+        args += ["-c", "-o", f"compression_type={compression}"]
     return [*args, *src_names, file_name(dst)]
 
 
@@ -302,17 +308,17 @@ def check(path: Path, key: Optional["Key"] = None) -> Any:
 
 
 def convert(src: Path, dst: Path, out_format: str = "qcow2", key: Optional["Key"] = None,
-            encrypt_iter_time: Optional[int] = None) -> None:
+            encrypt_iter_time: Optional[int] = None, compression: Optional[str] = None) -> None:
     """Copy `src` (read through its backing chain) into a standalone image `dst`.
 
     `key` opens an encrypted chain; `encrypt_iter_time` (with `key`) encrypts `dst` with the
-    same key, else `dst` is plain.
+    same key, else `dst` is plain. `compression`: `dst` holds compressed clusters.
     """
     from virtbackup import observe
     encrypting = key is not None and encrypt_iter_time is not None
     reporting = observe.active()
     args = convert_args(_source(src, key), dst, out_format, encrypt_iter_time if key is not None else None,
-                        progress=reporting)
+                        progress=reporting, compression=compression)
     if reporting:
         _luks_retry(lambda: _convert_reporting(src, args, key), encrypting)
         return

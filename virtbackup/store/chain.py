@@ -460,16 +460,16 @@ class Chain:
                 raise ValueError(f"point {p.id}: unknown consistency {p.consistency!r}")
             if not p.disks:
                 raise ValueError(f"point {p.id}: no disks")
-            want = self.encryption.format if self.encryption is not None else None
-            if p.encryption != want:
-                # one chain, one key: a plaintext point in an encrypted chain (or the reverse)
-                # is tampering or a bug, never something to restore from silently
-                raise ValueError(f"point {p.id}: encryption {p.encryption!r}, the chain's is {want!r}")
             if p.compression not in COMPRESSION_TYPES:
                 raise ValueError(f"point {p.id}: unknown compression {str(p.compression)[:40]!r}")
             if p.compression is not None and p.encryption is not None:
                 # QEMU cannot write compressed clusters into a LUKS qcow2: such a record is not ours
                 raise ValueError(f"point {p.id}: both encrypted and compressed")
+            want = self.encryption.format if self.encryption is not None else None
+            if p.encryption != want:
+                # one chain, one key: a plaintext point in an encrypted chain (or the reverse)
+                # is tampering or a bug, never something to restore from silently
+                raise ValueError(f"point {p.id}: encryption {p.encryption!r}, the chain's is {want!r}")
             if p.chain not in seen and p.chain != p.id:
                 raise ValueError(f"point {p.id}: chain {p.chain} is not an earlier point")
             if p.parent is not None and p.parent not in seen:

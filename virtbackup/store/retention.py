@@ -397,28 +397,40 @@ def _in_use(paths: List[Path]) -> List[str]:
 
 
 def _write_image(bdir: BackupDir, op: ImageOp, key: Optional[Key] = None,
-                 iter_time: Optional[int] = None) -> None:
-    """Write one rewritten image; in an encrypted chain it stays encrypted with the same key."""
+                 iter_time: Optional[int] = None, compression: Optional[str] = None) -> None:
+    """Write one rewritten image; in an encrypted chain it stays encrypted with the same key, in
+    a compressed one (`compression`: the point's) it holds compressed clusters again: a safe
+    rebase writes what it merges as plain clusters, so that image is then compressed into a
+    twin (qemu_img.compress_into), which replaces it before anything records it."""
     old, new = bdir.resolve(op.old), bdir.resolve(op.new)
     create_new(new)                 # O_EXCL|O_NOFOLLOW: never through a symlink put at the name
+    twin = new.with_name(new.name + ".z")
     try:
         if op.action == "standalone":
-            qemu_img.convert(old, new, key=key, encrypt_iter_time=iter_time if key is not None else None)
+            qemu_img.convert(old, new, key=key, encrypt_iter_time=iter_time if key is not None else None,
+                             compression=compression)
         else:
             # A copy in the same directory: its relative backing link resolves like the original's.
             proc = qemu_img.execute(["cp", "--reflink=auto", "--", str(old), str(new)])
             if proc.returncode != 0:
                 raise OperationFailed(f"cannot copy {old}: {proc.stderr.strip()}")
             assert op.backing is not None
-            qemu_img.rebase(new, bdir.backing_link(op.new, op.backing),
-                           safe=op.action == "rebase", key=key)
+            link = bdir.backing_link(op.new, op.backing)
+            qemu_img.rebase(new, link, safe=op.action == "rebase", key=key)
+            if op.action == "rebase" and compression is not None:
+                create_new(twin)
+                info = qemu_img.info(new)
+                qemu_img.create(twin, int(info["virtual-size"]), link, compression=compression)
+                qemu_img.compress_into(new, twin, bdir.resolve(op.backing))
+                os.replace(twin, new)
         os.chmod(new, 0o600)
         fsync_path(new)
     except BaseException:
-        try:
-            new.unlink()
-        except OSError:
-            pass
+        for f in (new, twin):
+            try:
+                f.unlink()
+            except OSError:
+                pass
         raise
 
 
@@ -469,7 +481,8 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False, key: Optional
         written: List[Path] = []
         try:
             for op in plan.ops:
-                _write_image(bdir, op, key, chain.encryption.iter_time_ms if chain.encryption else None)
+                _write_image(bdir, op, key, chain.encryption.iter_time_ms if chain.encryption else None,
+                             chain.point(op.point).compression)
                 written.append(bdir.resolve(op.new))
             for src, dst in plan.xml_copies:
                 target = bdir.resolve(dst)
@@ -489,6 +502,8 @@ def prune(backup_dir: Path, policy: Policy, dry_run: bool = False, key: Optional
                 img = images[(op.point, op.disk)]
                 img.size = path.stat().st_size
                 img.record_hash(path)
+                if chain.encryption is None:    # what it holds now (a merge adds, a relink keeps)
+                    img.data_size = qemu_img.data_size(path)
             for pid in {o.point for o in plan.ops} | {PurePosixPath(d).parts[1] for _, d in plan.xml_copies}:
                 fsync_path(bdir.point_dir(pid))
         except BaseException as exc:
