@@ -12,6 +12,9 @@ backup cannot take another down. The runner forwards SIGINT/SIGTERM to its runni
 (which abort and roll back as `backup` does; see _CHILD for when a child takes a signal) and
 starts nothing new: queued domains are reported `skipped`. Children run in their own session,
 so a terminal's Ctrl-C reaches them through the runner only.
+
+A job's key files (`key_file`, per domain in `[domain."NAME"]`) are checked when the job file is
+loaded, and reach a child as `--key-file PATH` only: the runner never holds on to a key.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from virtbackup import observe
 from virtbackup.errors import BackupDirError, ChainCorrupt, UsageError, VirtBackupError
-from virtbackup.options import QUIESCE_MODES, REQUESTED_LEVELS
+from virtbackup.options import COMPRESSIONS, QUIESCE_MODES, REQUESTED_LEVELS
 from virtbackup.store.chain import BackupDir, Chain, FileLock, Point, now_iso, point_time
 from virtbackup.store.retention import Policy
 
@@ -62,6 +65,50 @@ class Job:
     retention: Optional[Policy] = None
     allow_empty: bool = False                 # a selection of no domain is a failed run unless this is set
     offsite: Optional["OffsiteTarget"] = None  # [offsite]: push each domain's dir after its backup and prune
+    settings: "DomainSettings" = field(default_factory=lambda: DomainSettings())   # every domain's
+    per_domain: Dict[str, "DomainSettings"] = field(default_factory=dict)   # [domain."NAME"], merged
+
+    def for_domain(self, name: str) -> "DomainSettings":
+        """What this domain's backup gets: its [domain."NAME"] table over the job's top level."""
+        return self.per_domain.get(name, self.settings)
+
+
+@dataclass(frozen=True)
+class DomainSettings:
+    """The encryption and compression settings a job passes to one domain's `backup` (and its
+    prune): the path of the key file, never the key; the child reads and checks it itself."""
+
+    key_file: Optional[Path] = None
+    encrypt: bool = False                     # start an encrypted chain in a new directory
+    compress: Optional[str] = None            # None: backup's own default (no --compress)
+
+    def backup_args(self) -> List[str]:
+        args: List[str] = []
+        if self.key_file is not None:
+            args += ["--key-file", str(self.key_file)]
+        if self.encrypt:
+            args.append("--encrypt")
+        if self.compress is not None:
+            args += ["--compress", self.compress]
+        return args
+
+    def prune_args(self) -> List[str]:
+        return ["--key-file", str(self.key_file)] if self.key_file is not None else []
+
+    def chain_problem(self, chain: Optional[Chain], bdir: Path, job_path: Path) -> Optional[str]:
+        """Why the backup would be refused for its key (said in the job file's terms; the child
+        checks the same and the key itself), None when it fits the directory."""
+        has_points = chain is not None and bool(chain.points)
+        encrypted = chain is not None and chain.encryption is not None
+        if has_points and encrypted and self.key_file is None:
+            return f"{bdir} is encrypted; job file {job_path} gives this domain no key_file"
+        if has_points and not encrypted and self.key_file is not None:
+            return (f"{bdir} holds unencrypted backups, but job file {job_path} gives this domain key_file "
+                    f"{self.key_file}; an encrypted chain needs a new backup directory")
+        if not has_points and self.key_file is not None and not self.encrypt:
+            return (f"{bdir} holds no backups yet; set encrypt = true in job file {job_path} to start "
+                    f"an encrypted chain with key_file {self.key_file}")
+        return None
 
 
 @dataclass
@@ -105,7 +152,13 @@ _TOP: Dict[str, Tuple[type, str]] = {
     "retention": (dict, "a table ([retention])"),
     "allow_empty": (bool, "true or false"),
     "offsite": (dict, "a table ([offsite])"),
+    "key_file": (str, "a string (the absolute path of a key file)"),
+    "encrypt": (bool, "true or false"),
+    "compress": (str, "one of " + ", ".join(COMPRESSIONS)),
+    "domain": (dict, 'tables of domain names ([domain."NAME"])'),
 }
+# [domain."NAME"] key -> (python type, description): these override the top-level keys of that name
+_DOMAIN: Dict[str, Tuple[type, str]] = {k: _TOP[k] for k in ("key_file", "encrypt", "compress")}
 _RETENTION = ("keep", "keep_daily", "keep_weekly", "keep_monthly")
 # [offsite] key -> (python type, description)
 _OFFSITE: Dict[str, Tuple[type, str]] = {
@@ -116,19 +169,39 @@ _OFFSITE: Dict[str, Tuple[type, str]] = {
 }
 
 
-def _line_of(text: str, section: Optional[str], key: str) -> Optional[int]:
-    """Line number of `key = ...` in `[section]` (None: top level); None when not found."""
-    current: Optional[str] = None
+def _header_path(line: str) -> Optional[Tuple[str, ...]]:
+    """The table a `[a."b"]` header line opens, as a key path (None: not a header)."""
+    import tomllib
+
+    if not line.lstrip().startswith("["):
+        return None
+    try:
+        table: Any = tomllib.loads(line)
+    except tomllib.TOMLDecodeError:
+        return None
+    path: List[str] = []
+    while isinstance(table, dict) and len(table) == 1:
+        name, table = next(iter(table.items()))
+        path.append(name)
+        if isinstance(table, list):            # [[array of tables]]
+            table = table[-1] if table else {}
+    return tuple(path) or None
+
+
+def _line_of(text: str, section: Optional[Union[str, Tuple[str, ...]]], key: str) -> Optional[int]:
+    """Line number of `key = ...` in `[section]` (None: top level; a tuple: a nested table such
+    as ("domain", "vm1")), or of the header `[key]`/`[section.key]` of a table; None when not found."""
+    want: Tuple[str, ...] = () if section is None else (section,) if isinstance(section, str) else section
+    current: Tuple[str, ...] = ()
     key_re = re.compile(r'^\s*(?:"%s"|\'%s\'|%s)\s*=' % ((re.escape(key),) * 3))
-    header_re = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]")
     for n, line in enumerate(text.splitlines(), 1):
-        h = header_re.match(line)
-        if h:
-            current = h.group(1).strip().strip('"\'')
-            if current == key and section is None:
+        header = _header_path(line)
+        if header is not None:
+            current = header
+            if current[:len(want) + 1] == (*want, key):
                 return n
             continue
-        if current == section and key_re.match(line):
+        if current == want and key_re.match(line):
             return n
     return None
 
@@ -191,10 +264,14 @@ def load_job(path: Path) -> Job:
     except tomllib.TOMLDecodeError as e:
         raise JobFileError(f"job file {path}: invalid TOML: {e}") from None
 
-    def fail(section: Optional[str], key: str, what: str) -> JobFileError:
+    def fail(section: Optional[Union[str, Tuple[str, ...]]], key: str, what: str) -> JobFileError:
         line = _line_of(text, section, key)
         where = f"{path}:{line}" if line else str(path)
-        full = f"{section}.{key}" if section else key
+        if isinstance(section, tuple):          # ("domain", "vm1") and key: domain."vm1".key
+            full = ".".join(json.dumps(p, ensure_ascii=False) if i == 1 else p
+                            for i, p in enumerate([*section, key]))
+        else:
+            full = f"{section}.{key}" if section else key
         return JobFileError(f"job file {where}: key '{full}' {what}")
 
     for key, value in data.items():
@@ -285,11 +362,89 @@ def load_job(path: Path) -> Job:
             if key in o and not o[key].strip():
                 raise fail("offsite", key, "must not be empty")
         offsite_target = OffsiteTarget(o["url"], o.get("lock_days"), o.get("profile"), o.get("endpoint_url"))
+    settings, per_domain = _load_settings(data, globs["domains"], fail)
     return Job(path=path, name=path.stem, backup_root=root, domains=globs["domains"],
                exclude=globs.get("exclude", []), level=level,
                full_every_days=data.get("full_every_days", 0), max_chain=data.get("max_chain", 0),
                quiesce=quiesce, parallel=parallel, metrics_file=metrics, retention=retention,
-               allow_empty=data.get("allow_empty", False), offsite=offsite_target)
+               allow_empty=data.get("allow_empty", False), offsite=offsite_target,
+               settings=settings, per_domain=per_domain)
+
+
+_Fail = Callable[[Optional[Union[str, Tuple[str, ...]]], str, str], JobFileError]
+
+
+def _load_settings(data: Dict[str, Any], domains: Sequence[str],
+                   fail: _Fail) -> Tuple[DomainSettings, Dict[str, DomainSettings]]:
+    """key_file, encrypt and compress of the top level and of each [domain."NAME"] table (merged
+    over the top level). Every key file is checked here, so a bad one stops the run before any
+    domain is touched (also `run --dry-run`)."""
+    checked: Dict[Path, Optional[str]] = {}
+
+    def one(table: Dict[str, Any], section: Optional[Tuple[str, ...]], base: DomainSettings) -> DomainSettings:
+        key_file = base.key_file
+        if "key_file" in table:
+            key_file = Path(table["key_file"])
+            if not key_file.is_absolute():
+                raise fail(section, "key_file", f"must be an absolute path, not {str(key_file)!r}")
+            if key_file not in checked:
+                checked[key_file] = key_file_problem(key_file)
+            problem = checked[key_file]
+            if problem:
+                raise fail(section, "key_file", f"is refused: {problem}")
+        compress = table.get("compress", base.compress)
+        if compress is not None and compress not in COMPRESSIONS:
+            raise fail(section, "compress", f"must be one of {', '.join(COMPRESSIONS)}, not {compress!r}")
+        out = DomainSettings(key_file, table.get("encrypt", base.encrypt), compress)
+        if out.encrypt and out.key_file is None:
+            raise fail(section, "encrypt", "is true, but there is no key_file to encrypt with")
+        if out.key_file is not None and out.compress not in (None, "none"):
+            # backup refuses it too (QEMU 7.2 writes no compressed clusters into LUKS qcow2): say it now
+            why = "encrypted images are stored uncompressed (QEMU writes no compressed clusters into LUKS qcow2)"
+            if "compress" in table:
+                raise fail(section, "compress", f'is "{out.compress}", but key_file {out.key_file} applies here: '
+                                                f'{why}; set compress = "none" or leave it out')
+            raise fail(section, "key_file", f'encrypts, but compress = "{out.compress}" applies here: {why}; '
+                                            'set compress = "none" beside it')
+        return out
+
+    top = one(data, None, DomainSettings())
+    per_domain: Dict[str, DomainSettings] = {}
+    for name, table in data.get("domain", {}).items():
+        section = ("domain", name)
+        if not isinstance(table, dict):
+            raise fail(("domain",), name, f"must be a table, not {_toml_type(table)}")
+        problem = unsafe_dir_name(name)
+        if problem:
+            raise fail(("domain",), name, f"names a domain a job never backs up: {problem}")
+        if not any(pat == name or fnmatch.fnmatchcase(name, pat) for pat in domains):
+            raise fail(("domain",), name, "names a domain that key 'domains' does not select (by name or glob)")
+        for key, value in table.items():
+            if key not in _DOMAIN:
+                raise fail(section, key, f"is unknown (known keys: {', '.join(_DOMAIN)})")
+            typ, desc = _DOMAIN[key]
+            if not isinstance(value, typ):
+                raise fail(section, key, f"must be {desc}, not {_toml_type(value)}")
+        per_domain[name] = one(table, section, top)
+    return top, per_domain
+
+
+def key_file_problem(path: Path) -> Optional[str]:
+    """Why a job's key file is refused (None: it is fine): what `backup --key-file` refuses
+    (crypto.read_key: missing, a symlink, not a regular file, accessible by other users, empty,
+    not a passphrase), and a file owned by anyone but root or us (they could change our key).
+    The key read here is dropped at once: the child reads the file itself."""
+    from virtbackup.store import crypto
+    try:
+        crypto.read_key(str(path))
+        st = os.lstat(path)
+    except UsageError as e:
+        return str(e)
+    except OSError as e:
+        return f"cannot read key file {path}: {e.strerror}"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"key file {path} is owned by uid {st.st_uid}, not by root or by this user (uid {os.geteuid()})"
+    return None
 
 
 def _toml_type(value: Any) -> str:
@@ -448,7 +603,10 @@ def plan(job: Job, selected: Sequence[Selected], now: Optional[datetime] = None)
         if s.problem:
             out.append(PlannedDomain(s.name, "fail" if s.fails else "skip", None, None, None, error=s.problem))
             continue
+        assert s.backup_dir is not None
         chain, problem = _owned_chain(s)
+        settings = job.for_domain(s.name)
+        problem = problem or settings.chain_problem(chain, s.backup_dir, job.path)
         if problem:
             out.append(PlannedDomain(s.name, "fail", str(s.backup_dir), None, None, error=problem))
             continue
@@ -461,6 +619,10 @@ def plan(job: Job, selected: Sequence[Selected], now: Optional[datetime] = None)
             else:
                 why = f"level = {level}"
         how = "running" if s.active else "shut off: private QEMU"
+        if settings.key_file is not None:
+            how += f", encrypted with key file {settings.key_file}"
+        if settings.compress is not None:
+            how += f", compress {settings.compress}"
         out.append(PlannedDomain(s.name, "backup", str(s.backup_dir), level, f"{why} ({how})",
                                  prune_preview(chain, job.retention, now)))
     return out
@@ -528,6 +690,16 @@ RESEND_SECONDS = 0.5
 
 def _cli(uri: Optional[str], *args: str) -> List[str]:
     return [sys.executable, "-c", _CHILD, *(["-c", uri] if uri else []), *args]
+
+
+def backup_args(job: Job, s: Selected, level: str, reason: Optional[str]) -> List[str]:
+    """The `virtbackup backup` arguments of one domain of a job (the key by its file's path only)."""
+    assert s.backup_dir is not None
+    args = ["backup", s.uuid, str(s.backup_dir), "--level", level, "--json"]
+    if reason:
+        args.append(f"--reason={reason}")        # `list` then says why the chain broke
+    args.append(f"--quiesce={job.quiesce}")
+    return [*args, *job.for_domain(s.name).backup_args()]
 
 
 def _child_error(out: str, err: str, rc: int) -> str:
@@ -645,13 +817,16 @@ class JobRun:
             return r
         t0 = time.monotonic()
         try:
+            assert s.backup_dir is not None
             chain, problem = _owned_chain(s)
+            settings = self.job.for_domain(s.name)
+            key_problem = None if problem else settings.chain_problem(chain, s.backup_dir, self.job.path)
+            if key_problem:                 # refused before a child is started: nothing touched
+                r.status, r.error = "failed", key_problem
+                return r
             level, r.reason = ("auto", None) if problem else choose_level(self.job, chain)
             self.watch(s.name, "backup", s.uuid)
-            args = ["backup", s.uuid, str(s.backup_dir), "--level", level, "--json"]
-            if r.reason:
-                args.append(f"--reason={r.reason}")        # `list` then says why the chain broke
-            args.append(f"--quiesce={self.job.quiesce}")
+            args = backup_args(self.job, s, level, r.reason)
             wfd, forwarding = self._progress_pipe(s)
             try:
                 proc = self._spawn(s, args, wfd)
@@ -677,7 +852,8 @@ class JobRun:
             r.status, r.level, r.point, r.bytes = "ok", point["level"], point["id"], int(point["size"])
             if self.job.retention is not None:
                 self.watch(s.name, "prune", s.uuid)
-                proc = self._spawn(s, ["prune", str(s.backup_dir), *self.job.retention.prune_args(), "--json"])
+                proc = self._spawn(s, ["prune", str(s.backup_dir), *self.job.retention.prune_args(),
+                                       *settings.prune_args(), "--json"])
                 if proc is None:
                     r.warnings.append(f"prune not run: the run was stopped by {self._stop}")
                     return r
