@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from virtbackup import observe
 from virtbackup.errors import BackupDirError, ChainCorrupt, UsageError, VirtBackupError
 from virtbackup.options import COMPRESSIONS, QUIESCE_MODES, REQUESTED_LEVELS
-from virtbackup.store.chain import BackupDir, Chain, FileLock, Point, now_iso, point_time
+from virtbackup.store.chain import BackupDir, Chain, FileLock, Point, data_ratio, now_iso, point_time
 from virtbackup.store.retention import Policy
 
 MAX_PARALLEL = 64
@@ -644,6 +644,8 @@ class DomainResult:
     points: Optional[int] = None               # points in the directory after the run
     chain_length: Optional[int] = None         # points in the newest chain after the run
     last_success: Optional[float] = None       # unix time the newest recorded point finished
+    stored_bytes: Optional[int] = None         # image bytes the directory's points hold after the run
+    compression_ratio: Optional[float] = None  # guest data per stored byte (chain.data_ratio)
     warnings: List[str] = field(default_factory=list)
     # the [offsite] push after the backup and prune: {"url", "bytes_sent", "points_sent",
     # "lag_points" (local points the remote lacks), "last_success" (unix time) or "error"}
@@ -730,6 +732,9 @@ def _finish_stats(r: DomainResult, s: Selected) -> None:
     r.points = len(chain.points)
     r.chain_length = sum(1 for p in chain.points if p.chain == last.chain)
     r.last_success = point_time(last).timestamp() + last.duration
+    images = [i for p in chain.points for i in p.disks.values()]
+    r.stored_bytes = sum(i.size for i in images)
+    r.compression_ratio = data_ratio(images)
 
 
 class JobRun:
@@ -1020,7 +1025,8 @@ def dry_run(job: Job, uri: Optional[str] = None, only: Sequence[str] = ()) -> Jo
 def domain_json(d: DomainResult) -> Dict[str, Any]:
     return {"domain": d.domain, "status": d.status, "level": d.level, "point": d.point, "bytes": d.bytes,
             "seconds": d.seconds, "error": d.error, "backup_dir": d.backup_dir, "reason": d.reason,
-            "pruned": d.pruned, "points": d.points, "chain_length": d.chain_length, "warnings": d.warnings,
+            "pruned": d.pruned, "points": d.points, "chain_length": d.chain_length,
+            "stored_bytes": d.stored_bytes, "compression_ratio": d.compression_ratio, "warnings": d.warnings,
             **({"offsite": d.offsite} if d.offsite is not None else {})}
 
 

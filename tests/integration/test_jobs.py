@@ -168,6 +168,11 @@ def test_job_three_domains_failure_chains_retention_metrics(make_domain, tmp_pat
         assert m[("virtbackup_domain_duration_seconds", lab)] == pytest.approx(x["seconds"])
         assert m[("virtbackup_domain_points", lab)] == 2
         assert m[("virtbackup_domain_chain_length", lab)] == 1
+        assert m[("virtbackup_domain_bytes_stored", lab)] == x["stored_bytes"] > 0
+        listed = json.loads(cli("list", x["backup_dir"], "--json").out)
+        assert x["stored_bytes"] == listed["stored_bytes"]
+        assert m[("virtbackup_domain_compression_ratio", lab)] == pytest.approx(listed["compression_ratio"])
+        assert listed["compression_ratio"] > 1
         assert started - 1 <= m[("virtbackup_domain_last_success_time_seconds", lab)] <= finished + 1
     lab_c = (("domain", c.name), ("job", "nightly"))
     assert ("virtbackup_domain_last_success_time_seconds", lab_c) not in m   # never succeeded

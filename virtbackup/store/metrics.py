@@ -47,6 +47,8 @@ class DomainRun(Protocol):
     points: Optional[int]
     chain_length: Optional[int]
     last_success: Optional[float]
+    stored_bytes: Optional[int]             # image bytes of every point in the directory
+    compression_ratio: Optional[float]      # guest data per stored byte
     offsite: Optional[Dict[str, Any]]       # the job's [offsite] push of this domain, if it ran
 
 
@@ -109,6 +111,11 @@ def render(result: RunResult) -> str:
            [({"job": job, "domain": d.domain}, d.seconds) for d in doms if d.status != "skipped"])
     family("virtbackup_domain_bytes_written", "Bytes of image files the domain's last run wrote (0 when it failed).",
            [({"job": job, "domain": d.domain}, d.bytes) for d in doms if d.status != "skipped"])
+    family("virtbackup_domain_bytes_stored", "Bytes of image files all points in the domain's backup directory hold.",
+           [({"job": job, "domain": d.domain}, d.stored_bytes) for d in doms])
+    family("virtbackup_domain_compression_ratio",
+           "Guest data bytes per stored byte in the domain's backup directory (1: uncompressed).",
+           [({"job": job, "domain": d.domain}, d.compression_ratio) for d in doms])
     family("virtbackup_domain_points", "Restore points kept in the domain's backup directory.",
            [({"job": job, "domain": d.domain}, d.points) for d in doms])
     family("virtbackup_domain_chain_length",
