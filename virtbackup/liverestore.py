@@ -21,16 +21,32 @@ same OFD-lock check that protects `restore --instant`, see retention._in_use).
 The domain carries a small `<metadata>` record (namespace LIVE_NS) naming its overlays until
 every disk is independent: `restore --resume-live NAME` continues from it, and refuses domains
 that are not live restores of virtbackup (it never pulls another tool's disks).
+
+An encrypted backup (LUKS in every image of the chain) is restored live the same way; the new
+disks are plain, like every restore's without --encrypt: a domain on LUKS disks would need its
+key stored in libvirt for good, which encryption at rest is meant to avoid. QEMU needs the key
+only to open the backing images, at start: the domain XML spells out each overlay's backing
+chain with `<encryption format='luks'><secret uuid=.../>` on every layer (libvirt probes a chain
+it is not given, and a probed chain has no key), and the secret is keysecret's ephemeral,
+private one, defined just before the start and undefined when the command ends, whatever
+happens (the running QEMU keeps what it opened). When the pull completes, libvirt drops the
+chain from the live and the persistent XML (measured on 9.0; a leftover is removed here too).
+The record names the secret's UUID: a resume (which needs the key: `--key-file`) defines it again
+for as long as it pulls, or flattens a shut-off domain's overlays with qemu-img and the key, and
+removes what a killed run left (keysecret.remove_stale_secrets).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
+import uuid as uuidlib
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import libvirt
 from lxml import etree
@@ -38,8 +54,10 @@ from lxml import etree
 from virtbackup import observe
 from virtbackup.errors import DomainNotFound, Interrupted, OperationFailed, RestoreFailed, UsageError, VirtBackupError
 from virtbackup.qemu import qemu_img
+from virtbackup.qemu.keys import Key
+from virtbackup.store import crypto
 from virtbackup.store.chain import BackupDir
-from virtbackup.virt import host
+from virtbackup.virt import host, keysecret
 from virtbackup.virt.domxml import DomainXML
 from virtbackup.virt.restoredom import LIVE_KEY, LIVE_NS, live_record
 
@@ -71,18 +89,29 @@ class LiveResult:
                 "notes": self.notes}
 
 
-def resume_hint(name: str) -> str:
-    return f"virtbackup restore --resume-live {name}"
+def resume_hint(name: str, encrypted: bool = False) -> str:
+    return f"virtbackup restore --resume-live {name}" + (" --key-file FILE" if encrypted else "")
 
 
 # --- the record in the domain's <metadata> -----------------------------------------------------
-def _record_xml(backup_dir: str, point: str, images: Dict[str, Path]) -> str:
+class LiveRecord(NamedTuple):
+    backup_dir: str
+    point: str
+    images: Dict[str, Path]             # disk target -> overlay
+    secret: Optional[str] = None        # UUID of the key's libvirt secret (an encrypted backup)
+
+
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _record_xml(backup_dir: str, point: str, images: Dict[str, Path], secret: Optional[str] = None) -> str:
     """The record as libvirt's setMetadata takes it (libvirt adds the namespace)."""
-    return etree.tostring(live_record(backup_dir, point, images, namespaced=False), encoding="unicode")
+    return etree.tostring(live_record(backup_dir, point, images, namespaced=False, secret=secret),
+                          encoding="unicode")
 
 
-def _read_record(dom: libvirt.virDomain) -> Optional["tuple[str, str, Dict[str, Path]]"]:
-    """(backup dir, point, {disk: overlay}) from the domain's config, None if it has none."""
+def _read_record(dom: libvirt.virDomain) -> Optional[LiveRecord]:
+    """The record in the domain's config, None if it has none."""
     try:
         xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, LIVE_NS,
                            libvirt.VIR_DOMAIN_AFFECT_CONFIG)
@@ -96,7 +125,10 @@ def _read_record(dom: libvirt.virDomain) -> Optional["tuple[str, str, Dict[str, 
         images = {str(d.get("target")): Path(str(d.get("overlay"))) for d in root.findall("disk")}
         if not images or any(not p.is_absolute() for p in images.values()):
             raise ValueError("no disks, or an overlay path that is not absolute")
-        return str(root.get("backup-dir")), str(root.get("point")), images
+        secret = root.get("secret")
+        if secret is not None and not _UUID_RE.match(secret):
+            raise ValueError(f"secret {secret!r} is not a UUID")
+        return LiveRecord(str(root.get("backup-dir")), str(root.get("point")), images, secret)
     except (etree.LxmlError, TypeError, ValueError) as e:
         raise OperationFailed(f"domain '{dom.name()}' has a damaged live-restore record: {e}") from None
 
@@ -232,10 +264,11 @@ class Puller(host.DomainEvents):
 
 
 def _pull_all(conn: libvirt.virConnect, dom: libvirt.virDomain, images: Dict[str, Path],
-              max_speed: Optional[int]) -> None:
+              max_speed: Optional[int], encrypted: bool = False) -> None:
     """Pull every disk's backing data into its overlay; on any failure (a cancel too) the domain
     keeps running on valid overlays and the error says how to resume."""
     name = dom.name()
+    hint = resume_hint(name, encrypted)
     puller = Puller(conn, dom, sorted(images), max_speed)
     cancel = observe.cancel_handle()
     try:
@@ -247,17 +280,40 @@ def _pull_all(conn: libvirt.virConnect, dom: libvirt.virDomain, images: Dict[str
             except VirtBackupError as e:
                 if puller.stopped or not _is_active(dom):
                     raise type(e)(f"{e}; domain '{name}' is not running, its overlays are valid and still "
-                                  f"read from the backup; finish with '{resume_hint(name)}' (copies offline)"
+                                  f"read from the backup; finish with '{hint}' (copies offline)"
                                   ) from None
                 raise type(e)(f"{e}; domain '{name}' keeps running on its overlays, which still read from "
-                              f"the backup; resume with '{resume_hint(name)}'") from None
+                              f"the backup; resume with '{hint}'") from None
     finally:
         puller.close()
     for disk, path in images.items():
         left = _header_backing(path)
         if left is not None:
             raise RestoreFailed(f"disk {disk}: the pull ended but {path} still has backing {left}; "
-                                f"resume with '{resume_hint(name)}'")
+                                f"resume with '{hint}'")
+
+
+def _drop_backing_config(conn: libvirt.virConnect, dom: libvirt.virDomain, images: Dict[str, Path]) -> None:
+    """Remove the backing chain the persistent XML still spells out under the (now standalone)
+    overlays: defined with one (an encrypted backup), it would make QEMU open the backup images
+    again at the next start, with a secret that is gone. libvirt 9.0 drops it itself when a pull
+    completes; not after an offline flatten."""
+    xml = DomainXML.parse(host.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+    changed = False
+    for disk in images:
+        d = xml.disk(disk)
+        if d is None:
+            continue
+        for store in d.el.findall("backingStore"):
+            if len(store):                # <backingStore/> (empty) says "no backing": harmless
+                d.el.remove(store)
+                changed = True
+    if changed:
+        try:
+            host.call(conn.defineXML, xml.to_string())
+        except libvirt.libvirtError as e:
+            raise RestoreFailed(f"cannot remove the backup's images from the configuration of domain "
+                                f"'{dom.name()}': {host.libvirt_message(e)}") from None
 
 
 def _is_active(dom: libvirt.virDomain) -> bool:
@@ -272,58 +328,63 @@ def check_speed(max_speed: Optional[int]) -> None:
         raise UsageError(f"--max-speed must be a positive number of bytes per second, not {max_speed}")
 
 
+def _secret_purpose(name: str) -> str:
+    return f"live restore of domain {name}"
+
+
 # --- the two entry points ------------------------------------------------------------------------
-def refuse_encrypted(backup_dir: Path) -> None:
-    """Exit 2 before anything for an encrypted backup, like `restore --instant`: the running
-    domain would read the LUKS backup images through its overlays, so libvirt would have to
-    keep the key as a persistent secret on this host."""
-    chain = BackupDir(backup_dir).load()
-    if chain.encryption is not None:
-        raise UsageError(f"restore --live of an encrypted backup would need its key stored in libvirt; "
-                         f"nothing was changed; restore decrypted copies instead: virtbackup restore "
-                         f"{backup_dir} OUTPUT_DIR --key-file FILE --define NAME")
-
-
 def live_restore(backup_dir: Path, output_dir: Path, define: Optional[str], point: Optional[str] = None,
                  disks: Sequence[str] = (), uri: Optional[str] = None, max_speed: Optional[int] = None,
-                 on_running: Optional[Callable[[str, float], None]] = None) -> LiveResult:
+                 on_running: Optional[Callable[[str, float], None]] = None, key: Optional[Key] = None) -> LiveResult:
     """`restore --live --define NAME`: running at once, independent of the backup when it returns.
 
     The overlays and the domain come from restore's instant path (same checks, same refusals
-    before anything is written). If the domain does not start, it is undefined and its overlays
-    removed again (nothing ran on them). `on_running(name, seconds)` is called once it runs.
+    before anything is written: a missing or wrong `key` of an encrypted backup is exit 2 with
+    nothing defined). If the domain does not start, it is undefined and its overlays removed
+    again (nothing ran on them). `on_running(name, seconds)` is called once it runs. An
+    encrypted backup's key is an ephemeral libvirt secret from just before the start until this
+    returns or raises (the module docstring).
     """
     from virtbackup import restore as restore_mod
     if not define:
         raise UsageError("--live needs --define NAME (the domain to run on the restored disks)")
     check_speed(max_speed)
-    refuse_encrypted(Path(backup_dir))
     t0 = time.monotonic()
+    # With a key the domain is defined referring to a secret of this UUID (restore refuses a key
+    # for a backup that is not encrypted); the secret itself exists only around the start and
+    # the pull below, so a run killed before the start leaves none.
+    secret = str(uuidlib.uuid4()) if key is not None else None
     # the domain is defined with its record (D8: a run killed right after the define leaves a
     # domain that --resume-live finishes and that prune sees, never one on overlays nobody knows)
     res = restore_mod.restore(Path(backup_dir), Path(output_dir), point, disks, instant=True,
-                              define=define, start=False, uri=uri, live=True)
+                              define=define, start=False, uri=uri, live=True, key=key, live_secret=secret)
     assert res.domain is not None
     images = {d: Path(os.path.abspath(p)) for d, p in res.images.items()}
     bdir_abs = os.path.abspath(backup_dir)
     with host.connection(uri) as conn:
         dom = host.lookup_domain(conn, res.domain)
+        held = ExitStack()              # the key's secret, if any: undefined when this ends
         try:
             if _read_record(dom) is None:
                 raise RestoreFailed(f"domain '{res.domain}' was defined without its live-restore record")
+            if secret is not None and key is not None:
+                held.enter_context(keysecret.libvirt_secret(conn, key, _secret_purpose(res.domain), secret))
             dom.create()
         except BaseException as e:
             _take_back(dom, images)     # nothing ran on the overlays yet: leave nothing behind
+            held.close()
             if not isinstance(e, (libvirt.libvirtError, VirtBackupError)):
                 raise
             msg = host.libvirt_message(e) if isinstance(e, libvirt.libvirtError) else str(e)
             raise RestoreFailed(f"domain '{res.domain}' did not start: {msg}; it was undefined and its "
                                 "overlays removed") from None
-        running = time.monotonic() - t0
-        if on_running is not None:
-            on_running(res.domain, running)
-        _pull_all(conn, dom, images, max_speed)
-        _set_record(dom, None)
+        with held:
+            running = time.monotonic() - t0
+            if on_running is not None:
+                on_running(res.domain, running)
+            _pull_all(conn, dom, images, max_speed, encrypted=secret is not None)
+            _drop_backing_config(conn, dom, images)
+            _set_record(dom, None)
         return LiveResult(res.domain, dom.UUIDString(), images, bdir_abs, res.point.id,
                           running, time.monotonic() - t0, notes=res.notes)
 
@@ -342,12 +403,48 @@ def _take_back(dom: libvirt.virDomain, images: Dict[str, Path]) -> None:
             pass
 
 
-def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] = None) -> LiveResult:
+def _check_resume_key(name: str, rec: LiveRecord, key: Optional[Key]) -> None:
+    """Exit 2 before anything: an encrypted backup's live restore resumes only with its key
+    (checked against the recorded backup dir's key check), a plain one's with none."""
+    if rec.secret is None:
+        if key is not None:
+            raise UsageError(f"domain '{name}' is a live restore of a backup that is not encrypted; "
+                             "--key-file is only for encrypted backups")
+        return
+    if key is None:
+        raise UsageError(f"domain '{name}' is a live restore of an encrypted backup; give its key: "
+                         f"{resume_hint(name, True)}")
+    chain = BackupDir(Path(rec.backup_dir)).load()
+    crypto.check_key(chain.encryption, key, f"backup directory {rec.backup_dir}")
+
+
+def _flatten_offline(images: Dict[str, Path], key: Optional[Key]) -> None:
+    """Copy what each overlay still reads from the backup into it, in place, with qemu-img
+    (with `key`: every encrypted layer below gets it through a pipe)."""
+    from virtbackup.restore import flatten
+    for disk, path in sorted(images.items()):
+        observe.check()
+        size = int(qemu_img.info(path).get("virtual-size", 0)) if observe.listening() else 0
+        observe.emit("copy", disk, 0, size)
+        try:
+            if key is None:
+                flatten(path)
+            elif _header_backing(path) is not None:
+                qemu_img.rebase(path, None, key=key)
+        except VirtBackupError as e:
+            raise RestoreFailed(f"disk {disk}: {e}") from None
+        observe.finish("copy", disk)
+
+
+def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] = None,
+                key: Optional[Key] = None) -> LiveResult:
     """`restore --resume-live NAME`: finish an interrupted live restore.
 
     Running domain: pull what is left (adopting pulls still running). Shut-off domain: flatten
     each overlay in place with qemu-img (the same copy, offline). Either way the record is
-    removed only once every overlay is standalone.
+    removed only once every overlay is standalone. An encrypted backup's needs its `key`
+    (exit 2 without it or with another); a secret a killed run left is removed, and while a
+    running domain's pull goes on the key is its libvirt secret again (the UUID its XML names).
     """
     check_speed(max_speed)
     t0 = time.monotonic()
@@ -360,23 +457,25 @@ def resume_live(name: str, uri: Optional[str] = None, max_speed: Optional[int] =
         if rec is None:
             raise UsageError(f"domain '{name}' has no live restore to resume (it was not made by "
                              "'virtbackup restore --live', or its live restore has finished)")
-        bdir, point, images = rec
+        _check_resume_key(name, rec, key)
+        held = ExitStack()
+        if rec.secret is not None:
+            owner = keysecret.live_owner(conn, rec.secret)
+            if owner is not None and owner != os.getpid():
+                raise OperationFailed(f"the live restore of domain '{name}' is still running (process "
+                                      f"{owner}); wait for it to end, or stop it first")
+            keysecret.remove_stale_secrets(conn)          # the one a killed run left, if any
         offline = not dom.isActive()
-        if offline:
-            from virtbackup.restore import flatten
-            for disk, path in sorted(images.items()):
-                observe.check()
-                size = int(qemu_img.info(path).get("virtual-size", 0)) if observe.listening() else 0
-                observe.emit("copy", disk, 0, size)
-                try:
-                    flatten(path)
-                except VirtBackupError as e:
-                    raise RestoreFailed(f"disk {disk}: {e}") from None
-                observe.finish("copy", disk)
-        else:
-            _pull_all(conn, dom, images, max_speed)
-        _set_record(dom, None)
-        return LiveResult(dom.name(), dom.UUIDString(), images, bdir, point, None,
+        with held:
+            if offline:
+                _flatten_offline(rec.images, key if rec.secret is not None else None)
+            else:
+                if rec.secret is not None and key is not None:
+                    held.enter_context(keysecret.libvirt_secret(conn, key, _secret_purpose(name), rec.secret))
+                _pull_all(conn, dom, rec.images, max_speed, encrypted=rec.secret is not None)
+            _drop_backing_config(conn, dom, rec.images)
+            _set_record(dom, None)
+        return LiveResult(dom.name(), dom.UUIDString(), rec.images, rec.backup_dir, rec.point, None,
                           time.monotonic() - t0, resumed=True, offline=offline)
 
 
@@ -415,4 +514,4 @@ def domains_using(backup_dir: Path, uri: Optional[str] = None) -> "tuple[Dict[st
     return users, None
 
 
-__all__ = ["LiveResult", "live_restore", "resume_live", "resume_hint", "LIVE_NS", "domains_using"]
+__all__ = ["LiveRecord", "LiveResult", "live_restore", "resume_live", "resume_hint", "LIVE_NS", "domains_using"]

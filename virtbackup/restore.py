@@ -230,7 +230,7 @@ def _remove_dirs(dirs: List[Path]) -> None:
 
 
 def _check_encrypted_restore(bdir: BackupDir, chain: Chain, key: Optional[keys.Key], encrypt: bool,
-                             instant: bool, define: Optional[str]) -> None:
+                             instant: bool, define: Optional[str], live: bool = False) -> None:
     """Exit 2 before anything is written when the key or the options don't fit the chain."""
     if encrypt and key is None:
         raise UsageError("restore --encrypt needs the key: --key-file FILE")
@@ -238,6 +238,8 @@ def _check_encrypted_restore(bdir: BackupDir, chain: Chain, key: Optional[keys.K
     if chain.encryption is None:
         return
     how = f"virtbackup restore {bdir.path} OUTPUT_DIR --key-file FILE"
+    if live and instant and define and not encrypt:
+        return          # the key lives in libvirt only while the live restore runs (liverestore.py)
     if instant:
         # The overlays would run on the encrypted backup images: the domain would need the key
         # as a persistent libvirt secret, i.e. stored on this host beside the backups.
@@ -251,7 +253,8 @@ def _check_encrypted_restore(bdir: BackupDir, chain: Chain, key: Optional[keys.K
 def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
             disks: Sequence[str] = (), instant: bool = False, define: Optional[str] = None,
             start: bool = False, uri: Optional[str] = None, salvage: bool = False,
-            key: Optional[keys.Key] = None, encrypt: bool = False, live: bool = False) -> RestoreResult:
+            key: Optional[keys.Key] = None, encrypt: bool = False, live: bool = False,
+            live_secret: Optional[str] = None) -> RestoreResult:
     """Restore a point into OUTPUT_DIR; optionally define (and start) a new domain on the result.
 
     `instant`: no copy; each disk gets a qcow2 overlay whose backing is the point's image in the
@@ -263,7 +266,9 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
     The backup dir's shared lock is held throughout: a prune can't change what is being read.
     An encrypted chain needs its `key` (checked before anything else, exit 2); the restored
     images are plain unless `encrypt` (then LUKS with the same key). `live` (with `instant` and
-    `define`): the domain is defined with its live-restore record (liverestore.py).
+    `define`): the domain is defined with its live-restore record (liverestore.py); of an
+    encrypted chain (with its `key`), its overlays' backing chains are spelled out in the domain
+    XML, each layer opened with the libvirt secret `live_secret` (which the caller defines).
     """
     if start and not define:
         raise UsageError("--start needs --define NAME")
@@ -286,13 +291,15 @@ def restore(backup_dir: Path, output_dir: Path, point_id: Optional[str] = None,
     bdir = BackupDir(backup_dir)
     # exit 2 on a missing/corrupt dir, a missing or wrong key, before locking
     first = bdir.load()
-    _check_encrypted_restore(bdir, first, key, encrypt, instant, define)
+    _check_encrypted_restore(bdir, first, key, encrypt, instant, define, live)
     with shared_lock(bdir):
         chain = bdir.load()                         # what is recorded now (a prune may have just ended)
         if chain.encryption != first.encryption:    # replaced meanwhile: the key check again
-            _check_encrypted_restore(bdir, chain, key, encrypt, instant, define)
+            _check_encrypted_restore(bdir, chain, key, encrypt, instant, define, live)
+        if live and instant and chain.encryption is not None and live_secret is None:
+            raise UsageError("a live restore of an encrypted backup needs a libvirt secret for its key")
         return _restore_locked(bdir, chain, Path(output_dir), point_id, disks, instant, define, start,
-                               uri, salvage, key, encrypt, live)
+                               uri, salvage, key, encrypt, live, live_secret)
 
 
 def _damage_error(chain: Chain, point: Point, damage: List[integrity.ImageDamage]) -> DamageFound:
@@ -318,7 +325,8 @@ def _missing(chain: Chain, point: Point, names: Sequence[str],
 def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: Optional[str],
                     disks: Sequence[str], instant: bool, define: Optional[str], start: bool,
                     uri: Optional[str], salvage: bool, key: Optional[keys.Key] = None,
-                    encrypt: bool = False, live: bool = False) -> RestoreResult:
+                    encrypt: bool = False, live: bool = False,
+                    live_secret: Optional[str] = None) -> RestoreResult:
     point = chain.point(point_id)
     names = list(dict.fromkeys(disks)) or sorted(point.disks)
     for n in names:
@@ -423,9 +431,15 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
         result.notes += [f"not restored (--salvage): disk {n}: {why}" for n, why in sorted(missing.items())]
         result.notes += [f"not used (--salvage): {d.image}: {d.problem}" for d in xml_damage]
         if define:
+            # a live restore of an encrypted chain: every layer under each overlay, by absolute
+            # path (the overlay's own link is absolute too), opened with the key's secret
+            encrypted = live and instant and chain.encryption is not None
+            backing = ({n: [bdir.resolve(rel).resolve() for rel in chain.image_chain(point, n)] for n in names}
+                       if encrypted else None)
             define_xml, define_notes = restoredom.restored_domain_xml(
                 saved_xml, define, {n: Path(os.path.abspath(done[n])) for n in names},
-                live=(os.path.abspath(bdir.path), point.id) if live and instant else None)
+                live=(os.path.abspath(bdir.path), point.id) if live and instant else None,
+                backing=backing, secret=live_secret if encrypted else None)
             result.notes += define_notes
             try:
                 d = host.define(uri, define_xml)

@@ -56,12 +56,12 @@ def restore(ctx: typer.Context,
     """Restore a point as one standalone qcow2 per disk: OUTPUT_DIR/<disk>.qcow2."""
     uri = options(ctx).uri
     if resume_live is not None or live:
-        if key_file is not None or encrypt:
-            raise usage("--key-file/--encrypt don't apply to --live or --resume-live: an encrypted backup "
-                        "can't be restored live; restore it without --live (with --key-file FILE)")
+        if encrypt:
+            raise usage("--encrypt doesn't apply to --live or --resume-live: a live restore's disks are plain "
+                        "(the domain must run without the key); restore without --live to keep them encrypted")
         _live(uri, backup_dir=backup_dir, output_dir=output_dir, point=point, disk=disk, define=define,
               live=live, resume=resume_live, max_speed=max_speed, show_progress=not (no_progress or as_json),
-              as_json=as_json)
+              as_json=as_json, key_file=key_file)
         return
     if backup_dir is None or output_dir is None:
         raise usage("restore needs BACKUP_DIR and OUTPUT_DIR")
@@ -120,7 +120,7 @@ class _LiveProgress:
 
 def _live(uri: Optional[str], *, backup_dir: Optional[str], output_dir: Optional[str], point: Optional[str],
           disk: List[str], define: Optional[str], live: bool, resume: Optional[str], max_speed: Optional[int],
-          show_progress: bool, as_json: bool) -> None:
+          show_progress: bool, as_json: bool, key_file: Optional[str] = None) -> None:
     """restore --live / --resume-live: progress on stderr, the result on stdout."""
     if resume is not None:
         if live or backup_dir is not None or output_dir is not None or define or point or disk:
@@ -132,6 +132,7 @@ def _live(uri: Optional[str], *, backup_dir: Optional[str], output_dir: Optional
         raise usage("restore --live needs BACKUP_DIR and OUTPUT_DIR")
     elif not define:
         raise usage("--live needs --define NAME (the domain to run on the restored disks)")
+    key = read_key(key_file)
     progress = _LiveProgress(show_progress)
 
     def on_running(name: str, seconds: float) -> None:
@@ -141,10 +142,11 @@ def _live(uri: Optional[str], *, backup_dir: Optional[str], output_dir: Optional
 
     try:
         if resume is not None:
-            r = api.resume_live(resume, uri, max_speed, progress)
+            r = api.resume_live(resume, uri, max_speed, progress, key=key)
         else:
             r = api.live_restore(Path(backup_dir or ""), Path(output_dir or ""), define or "", point=point,
-                                 disks=disk, uri=uri, max_speed=max_speed, progress=progress, on_running=on_running)
+                                 disks=disk, uri=uri, max_speed=max_speed, progress=progress, on_running=on_running,
+                                 key=key)
     finally:
         progress.end()
     if as_json:

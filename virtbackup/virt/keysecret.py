@@ -78,6 +78,20 @@ def remove_stale_secrets(conn: Any) -> List[str]:
     return removed
 
 
+def live_owner(conn: Any, secret_uuid: str) -> Optional[int]:
+    """The pid of the running process that defined virtbackup's secret `secret_uuid`; None when
+    libvirtd has no such secret, it is not virtbackup's, or its process is gone (a live restore
+    resumed while the run that started it still works on the domain must not take its secret)."""
+    try:
+        desc = _description(conn.secretLookupByUUIDString(secret_uuid))
+    except libvirt.libvirtError:
+        return None
+    m = _DESC_RE.match(desc or "")
+    if not m or not owner_alive(desc or ""):
+        return None
+    return int(m.group(1))
+
+
 def _description(sec: Any) -> Optional[str]:
     root = etree.fromstring(sec.XMLDesc(0).encode())
     return root.findtext("description")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import uuid as uuidlib
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from lxml import etree
 
@@ -34,13 +34,18 @@ LIVE_NS = "https://virtbackup.invalid/xmlns/live-restore/1"
 LIVE_KEY = "virtbackup-live"
 
 
-def live_record(backup_dir: str, point: str, images: Dict[str, Path], namespaced: bool = True) -> etree._Element:
-    """<live backup-dir= point=><disk target= overlay=/>...</live>; `namespaced=False` for
-    libvirt's setMetadata (which adds the namespace itself)."""
+def live_record(backup_dir: str, point: str, images: Dict[str, Path], namespaced: bool = True,
+                secret: Optional[str] = None) -> etree._Element:
+    """<live backup-dir= point= [secret=]><disk target= overlay=/>...</live>; `namespaced=False`
+    for libvirt's setMetadata (which adds the namespace itself). `secret`: the UUID of the
+    libvirt secret the domain's encrypted backing images are opened with (an encrypted backup:
+    the resume needs the key and defines that secret again, see liverestore.py)."""
     tag = f"{{{LIVE_NS}}}live" if namespaced else "live"
     root = etree.Element(tag, nsmap={LIVE_KEY: LIVE_NS} if namespaced else None)
     root.set("backup-dir", backup_dir)
     root.set("point", point)
+    if secret is not None:
+        root.set("secret", secret)
     for disk, path in sorted(images.items()):
         etree.SubElement(root, f"{{{LIVE_NS}}}disk" if namespaced else "disk", target=disk, overlay=str(path))
     return root
@@ -89,12 +94,41 @@ def _drop_host_paths(dom: DomainXML, notes: List[str]) -> None:
         notes.append(f"{what} dropped: a host path (libvirt chooses its own)")
 
 
+def encrypted_backing(disk_el: etree._Element, chain: Sequence[Path], secret: str) -> None:
+    """Spell out the backing chain under a disk's overlay (top first, absolute paths), every
+    layer LUKS-encrypted and opened with the libvirt secret `secret`, ended by an empty
+    <backingStore/>. libvirt 9.0 probes a chain it is not given, and a probed chain has no key:
+    given one, it hands each layer its key and uses no header to find the next."""
+    for old in disk_el.findall("backingStore"):
+        disk_el.remove(old)
+    anchor = disk_el.find("source")
+    parent = disk_el
+    for path in chain:
+        store = etree.Element("backingStore", type="file")
+        etree.SubElement(store, "format", type="qcow2")
+        src = etree.SubElement(store, "source", file=str(path))
+        enc = etree.SubElement(src, "encryption", format="luks")
+        etree.SubElement(enc, "secret", type="passphrase", uuid=secret)
+        if parent is disk_el and anchor is not None:
+            anchor.addnext(store)
+        else:
+            parent.append(store)
+        parent = store
+    parent.append(etree.Element("backingStore"))
+
+
 def restored_domain_xml(saved_xml: str, name: str, images: Dict[str, Path],
                         uuid: Optional[str] = None,
-                        live: Optional["tuple[str, str]"] = None) -> "tuple[str, List[str]]":
+                        live: Optional["tuple[str, str]"] = None,
+                        backing: Optional[Mapping[str, Sequence[Path]]] = None,
+                        secret: Optional[str] = None) -> "tuple[str, List[str]]":
     """The XML to define, and notes on what was left out (one line each).
 
-    `live`: (backup dir, point) of a live restore: the domain is defined with its record."""
+    `live`: (backup dir, point) of a live restore: the domain is defined with its record.
+    `backing` and `secret` (a live restore of an encrypted backup): each overlay's encrypted
+    backing chain, opened with that libvirt secret (recorded in the live record too)."""
+    if (backing is None) != (secret is None) or (secret is not None and live is None):
+        raise ValueError("an encrypted backing chain needs a live restore, its chains and its secret")
     dom = DomainXML.parse(saved_xml)
     notes: List[str] = []
     dom.set_identity(name, uuid or str(uuidlib.uuid4()))
@@ -103,7 +137,7 @@ def restored_domain_xml(saved_xml: str, name: str, images: Dict[str, Path],
     if dom.drop_metadata(LIVE_NS):
         notes.append("the original's unfinished live-restore record removed")
     if live is not None:
-        dom.set_metadata(live_record(live[0], live[1], images))
+        dom.set_metadata(live_record(live[0], live[1], images, secret=secret))
     _drop_host_paths(dom, notes)
     if dom.drop_nvram():                     # the original's EFI variable store; libvirt makes a new one
         notes.append("NVRAM not restored (not in the backup): a fresh one is created from the template")
@@ -122,6 +156,8 @@ def restored_domain_xml(saved_xml: str, name: str, images: Dict[str, Path],
         seen.add(dev)
         if dev is not None and dev in images:
             disk.set_file_source(images[dev])
+            if backing is not None and secret is not None:
+                encrypted_backing(disk.el, backing[dev], secret)
         elif disk.device in REMOVABLE:
             disk.eject()
             notes.append(f"{disk.device} {dev}: kept without media")
@@ -138,7 +174,9 @@ def restored_domain_xml(saved_xml: str, name: str, images: Dict[str, Path],
                          "(not in the saved domain XML) and its bus can't be told from its name; attach it "
                          "with 'virsh attach-disk'")
             continue
-        dom.add_file_disk(dev, bus, images[dev])
+        added = dom.add_file_disk(dev, bus, images[dev])
+        if backing is not None and secret is not None:
+            encrypted_backing(added.el, backing[dev], secret)
         notes.append(f"disk {dev} attached on bus {bus}: it was hot-plugged (not in the saved domain XML)")
     return dom.to_string(), notes
 
@@ -151,4 +189,4 @@ def _bus_for(dev: str, q35: bool) -> Optional[str]:
     return None
 
 
-__all__ = ["FIRMWARE_DIRS", "host_file_in", "restored_domain_xml"]
+__all__ = ["FIRMWARE_DIRS", "encrypted_backing", "host_file_in", "restored_domain_xml"]
