@@ -448,17 +448,19 @@ DEFAULT_TLS_DIR = "/etc/pki/virtbackup"
 TLS_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
 
 
-def _transport_reason(transport: str, asked: Optional[str], remote: bool) -> str:
+def _transport_reason(transport: str, asked: Optional[str], remote: bool, scratch_dir: bool = False) -> str:
     """Why a point's data travelled the way it did (backup --json, the run log)."""
     if transport == "offline":
         return ("the domain is shut off: a private QEMU read its images (libvirt runs backup jobs only for "
                 "running domains)")
     if asked is not None:
         return f"--mode {asked} was asked for"
-    if transport == "pull":
+    if remote:
         return "the default for a remote URI: the hypervisor cannot write into this host's backup directory"
-    return ("the default for a local running domain: push is faster than pull here for now; --mode pull keeps "
-            "the copy-before-write out of the guest's write path (docs/performance.md)")
+    if scratch_dir:
+        return "--scratch-dir was given: it is for pull mode"
+    return ("the default for a local running domain: push is faster than pull here for now, compressed or not; "
+            "--mode pull keeps the copy-before-write out of the guest's write path (docs/performance.md)")
 
 
 def check_tls_dir(given: Optional[str]) -> str:
@@ -577,9 +579,12 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
         raise UsageError(f"unknown quiesce mode '{quiesce}' (auto, require, off)")
     remote = host.is_remote(uri)
     asked_mode = mode
-    mode = mode or ("pull" if remote else "push")
-    if mode not in BACKUP_MODES:
+    if mode is not None and mode not in BACKUP_MODES:
         raise UsageError(f"unknown mode '{mode}' (push, pull)")
+    # no --mode: pull from a remote URI (or with --scratch-dir); else push, compressed or not (a
+    # compressed push, libvirt's job then qemu-img convert -c, beat a compressed pull for fulls
+    # here: docs/performance.md)
+    mode = mode or ("pull" if remote or scratch_dir is not None else "push")
     if scratch_dir is not None:
         if mode != "pull":
             raise UsageError("--scratch-dir is for pull mode (--mode pull)")
@@ -664,7 +669,8 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                     engine.cleanup_leftovers(chain)
                     result = engine.run(chain, cast(RequestedLevel, level), disks, reason)
                     result.warnings[:0] = log_problems
-                    result.transport_reason = _transport_reason(result.point.transport, asked_mode, remote)
+                    result.transport_reason = _transport_reason(result.point.transport, asked_mode, remote,
+                                                                scratch_dir is not None)
                     log.info("transport %s: %s", result.point.transport, result.transport_reason)
                     log.info("done: point %s, %s bytes written, %.3fs", result.point.id,
                              sum(i.size for i in result.point.disks.values()), result.point.duration)

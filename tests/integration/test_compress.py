@@ -267,3 +267,23 @@ def test_hand_edited_compression_is_refused(make_domain, tmp_path):
     assert r.rc == 2, r
     meta.write_text(good)
     assert cli("list", bdir).rc == 0
+
+
+def test_the_default_transport_of_a_compressed_chain(make_domain, tmp_path):
+    """A local running domain without --mode: push (compressed after the job: faster than a
+    compressed pull here, backup.auto_mode); --scratch-dir alone means pull; a chain may mix them."""
+    sd = make_domain({"vda": 16 * MiB})
+    sd.write("vda", 0x21, 0, 2 * MiB)
+    r = cli("backup", sd.name, tmp_path / "z", "--json")
+    assert r.rc == 0, r
+    p = r.json()["point"]
+    assert (p["transport"], p["compression"]) == ("push", "zstd"), p
+    assert "the default for a local running domain" in r.json()["transport_reason"]
+    sd.write("vda", 0x22, 4 * MiB, 1 * MiB)
+    (tmp_path / "scratch").mkdir()
+    r = cli("backup", sd.name, tmp_path / "z", "--scratch-dir", tmp_path / "scratch", "--json")
+    assert r.rc == 0, r
+    p = r.json()["point"]
+    assert (p["transport"], p["level"], p["compression"]) == ("pull", "inc", "zstd"), p
+    assert "--scratch-dir" in r.json()["transport_reason"]
+    assert_restores(tmp_path / "z", "latest", sd.expected()["vda"], tmp_path / "out")
