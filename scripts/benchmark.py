@@ -20,10 +20,16 @@ Targets (DESIGN.md "Performance targets"):
 - guest impact (`--guest-impact`): the guest's write throughput while a full backup of its disk
   runs, as a fraction of its idle write throughput: push without and with `--max-speed`, and
   pull mode (reported).
+- compression (issue 24, `--only compress`; a real Debian 12 minbase userland from
+  scripts/userland.py on a 2 GiB disk of a running domain): a `--compress zstd` full stores <= 1.02x
+  what `qemu-img convert -c -o compression_type=zstd` of the same disk stores, takes <= 2x the
+  uncompressed full's time, and is >= 2x faster than `virtnbdbackup -z` on a twin domain;
+  incrementals compressed vs not (and virtnbdbackup -z) after a realistic change in the guest fs.
 
 Run as root after scripts/setup-host.sh:
     .venv/bin/python scripts/benchmark.py [--quick] [--reps N] [--virtnbdbackup] [--guest-impact] [--json|--markdown]
     .venv/bin/python scripts/benchmark.py --jobs | --restore-check [--quick] [--json|--markdown]
+    .venv/bin/python scripts/benchmark.py --only compress [--reps N] [--json|--markdown]
     .venv/bin/python scripts/benchmark.py --from-json RUN.json --markdown   (a saved run, printed again)
 """
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import compileall
 import datetime
+import functools
 import json
 import os
 import platform
@@ -465,6 +472,259 @@ def restore_check(b: Bench, disk: int, data: int) -> None:
         b.notes[f"restore_{label}_image_mib"] = round(sum((bd / r).stat().st_size for r in rels) / MiB)
 
 
+# -- compression (issue 24) --------------------------------------------------------------------
+class ImageDomain(scratch.ScratchDomain):
+    """A scratch domain whose one disk (vda) starts as a copy of an image: the cached userland."""
+
+    def __init__(self, conn: libvirt.virConnect, name: str, workdir: Path, image: Path):
+        super().__init__(conn, name, workdir, {"vda": 0})   # no DiskModel: the data is the image's
+        self.image = image
+
+    def create(self, start: bool = True) -> "ImageDomain":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.disk_path("vda")
+        shutil.copyfile(self.image, path)            # a writable copy (the cached image is 0444)
+        self.dom = self.conn.defineXML(scratch.domain_xml(self.name, {"vda": path}, self.memory_mib))
+        if start:
+            self.dom.create()
+        return self
+
+
+def stored_bytes(path: Path) -> int:
+    """What a backup stores: the apparent size (st_size, `du --apparent-size -b`) of the file, or of
+    every regular file under the directory (images, metadata, XML, logs alike)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def userland_image() -> Path:
+    """The cached Debian 12 minbase disk (scripts/userland.py builds it on first use, ~1 min)."""
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "userland.py")],
+                         check=True, stdout=subprocess.PIPE, text=True).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def cli_has_option(command: str, option: str) -> bool:
+    out = subprocess.run([*map(str, CLI), command, "--help"], capture_output=True, text=True,
+                         env=dict(os.environ, COLUMNS="200")).stdout
+    return option in out
+
+
+def guestfs_change(disks: List[Path], rep: int) -> None:
+    """The realistic change between incrementals: `cp -a /usr/share /srv/share-REP` inside the
+    guest's ext4 (about 54 MB: message catalogs, docs, man pages, zoneinfo: real files, written
+    by a real kernel's ext4, journal and metadata included), through libguestfs on the shut-off
+    domains' disks, one appliance for all of them. libguestfs's QEMU opens the qcow2 itself, so
+    the disks' persistent dirty bitmaps record the writes as a guest's would. KVM aborts the
+    appliance on this machine: TCG unless LIBGUESTFS_BACKEND_SETTINGS says otherwise."""
+    env = dict(os.environ)
+    env.setdefault("LIBGUESTFS_BACKEND", "direct")
+    env.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+    cmd: List[str] = ["guestfish"]
+    for p in disks:
+        cmd += ["--format=qcow2", "-a", str(p)]
+    cmd.append("run")
+    for i in range(len(disks)):
+        dev = f"/dev/sd{chr(ord('a') + i)}"
+        cmd += [":", "mount", dev, "/", ":", "cp-a", "/usr/share", f"/srv/share-{rep}", ":", "sync",
+                ":", "umount-all"]
+    cmd += [":", "shutdown"]
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+
+
+def compression(b: Bench, quick: bool) -> None:
+    """Issue 24, side by side in one run, on a real Debian 12 userland (debootstrap minbase, about
+    222 MiB allocated in ext4 on a 2 GiB qcow2; scripts/userland.py) attached to running scratch
+    domains (no guest OS runs: the disk is data). Fulls, interleaved (alternating order), `sync`
+    before each, every output removed after it is measured: virtbackup uncompressed, virtbackup
+    `--compress zstd` and `zlib` (once the CLI has the option), `qemu-img convert -c` with zstd and
+    with zlib (`-t writeback`: flushed at the end like a backup), and `virtnbdbackup -z` (lz4) on a
+    twin domain with its own copy of the disk (virtnbdbackup refuses foreign checkpoints). Stored
+    size: the apparent size of every file the command wrote (`stored_bytes`). Then incrementals:
+    one chain per variant, and before each round the same realistic change on both disks
+    (`guestfs_change`: the domains stopped cleanly, the change made, the domains started again;
+    none of that is timed)."""
+    image = userland_image()
+    b.notes["compress_image"] = f"{image} ({stored_bytes(image) / MiB:.0f} MiB qcow2 file)"
+    has_compress = cli_has_option("backup", "--compress")
+    if not has_compress:
+        b.notes["compress_missing"] = ("`virtbackup backup` has no --compress option yet: only the baselines and "
+                                       "the uncompressed backups were measured, no target evaluated")
+    levels = ["zstd", "zlib"] if has_compress else []
+    d = ImageDomain(b.conn, f"vbcomp-{secrets.token_hex(3)}", b.work / "disks", image)
+    b.domains.append(d)
+    d.create()
+    twin: Optional[ImageDomain] = None
+    if shutil.which("virtnbdbackup"):
+        b.notes["virtnbdbackup"] = subprocess.run(["virtnbdbackup", "--version"], capture_output=True,
+                                                  text=True).stdout.strip()
+        twin = ImageDomain(b.conn, f"vbcomptwin-{secrets.token_hex(3)}", b.work / "disks", image)
+        b.domains.append(twin)
+        twin.create()
+    else:
+        b.notes["virtnbdbackup"] = "not installed (apt-get install virtnbdbackup); its figures skipped"
+    src = d.disk_path("vda")
+
+    seen: Dict[str, Dict[str, int]] = {}
+
+    def timed_cmd(name: str, cmd: List[object]) -> None:
+        """Time a command; for virtbackup's (`--json`), count which transport and compression
+        each point recorded (notes: compress_points_recorded)."""
+        json_out = name.startswith("comp_") and "_virtbackup_" in name
+        argv = [str(c) for c in (*cmd, "--json")] if json_out else [str(c) for c in cmd]
+        holder: Dict[str, str] = {}
+        b.add(f"{name}_s", timed(lambda: holder.update(
+            out=subprocess.run(argv, check=True, capture_output=True, text=True).stdout)))
+        if json_out:
+            try:
+                pt = json.loads(holder["out"])["point"]
+                key = f"{pt.get('transport')}/{pt.get('compression')}"
+            except (ValueError, KeyError, TypeError):
+                key = "unparsed"
+            counts = seen.setdefault(name, {})
+            counts[key] = counts.get(key, 0) + 1
+            b.notes["compress_points_recorded"] = {k: dict(v) for k, v in seen.items()}
+
+    def measure(name: str, out: Path, cmd: List[object]) -> None:
+        run("sync")
+        timed_cmd(name, cmd)
+        b.add(f"{name}_mib", stored_bytes(out) / MiB)
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+
+    def vb_full(level: str) -> None:
+        out = b.work / f"cf-{secrets.token_hex(3)}"
+        # explicit `--compress none`: once the option exists, zstd is the default for a new directory
+        lv, _, mode = level.partition("_")
+        extra: List[object] = ["--compress", lv] if has_compress else []
+        extra += ["--mode", mode] if mode else []
+        measure(f"comp_full_virtbackup_{level}", out, [*CLI, "backup", d.name, out, "--level", "full", *extra])
+
+    def convert(ctype: str) -> None:
+        out = b.work / f"cc-{secrets.token_hex(3)}.qcow2"
+        opts: List[object] = ["-o", "compression_type=zstd"] if ctype == "zstd" else []   # zlib: the default
+        measure(f"comp_full_convert_{ctype}", out, ["qemu-img", "convert", "-U", "-t", "writeback", "-c",
+                                                    "-O", "qcow2", *opts, src, out])
+
+    def vnb_full() -> None:
+        assert twin is not None
+        out = b.work / f"cv-{secrets.token_hex(3)}"
+        measure("comp_full_virtnbdbackup_z", out, ["virtnbdbackup", "-d", twin.name, "-l", "full", "-z",
+                                                   "-o", out, "--noprogress"])
+
+    # each also in pull mode (`_pull`): the transport a compressed chain should default to
+    steps: List[Callable[[], None]] = [functools.partial(vb_full, lv) for lv in ("none", "none_pull")]
+    steps += [functools.partial(vb_full, lv) for lv in levels]
+    steps += [functools.partial(vb_full, lv) for lv in ("zstd_push", "zstd_pull") if has_compress]
+    steps += [lambda: convert("zstd"), lambda: convert("zlib")]
+    if twin is not None:
+        steps.append(vnb_full)
+    for i in range(b.reps):
+        for step in (steps if i % 2 == 0 else list(reversed(steps))):
+            step()
+
+    def med(name: str) -> float:
+        return b.median(name)
+
+    none_mib = med("comp_full_virtbackup_none_mib")
+
+    def not_compressed(kind: str, lv: str, plain: float) -> None:
+        """A compressed run that stored about what the uncompressed one did did not compress:
+        said in the notes (the medians would hide one or two such runs)."""
+        runs = b.runs[f"comp_{kind}_virtbackup_{lv}_mib"]
+        bad = [round(x, 1) for x in runs if x > 0.9 * plain]
+        if bad:
+            b.notes[f"compress_{kind}_{lv}_runs_not_compressed"] = (f"{len(bad)} of {len(runs)} stored {bad} MiB "
+                                                                    f"(uncompressed: {plain:.1f} MiB)")
+    for lv in levels:
+        not_compressed("full", lv, none_mib)
+    b.notes["compress_convert_zstd_over_uncompressed_full_stored"] = round(med("comp_full_convert_zstd_mib")
+                                                                           / none_mib, 3)
+    b.notes["compress_convert_zlib_over_convert_zstd_stored"] = round(med("comp_full_convert_zlib_mib")
+                                                                      / med("comp_full_convert_zstd_mib"), 3)
+    b.notes["compress_convert_zstd_over_uncompressed_full_seconds"] = round(med("comp_full_convert_zstd_s")
+                                                                            / med("comp_full_virtbackup_none_s"), 2)
+    if twin is not None:
+        b.notes["compress_virtnbdbackup_z_over_convert_zstd_stored"] = round(med("comp_full_virtnbdbackup_z_mib")
+                                                                             / med("comp_full_convert_zstd_mib"), 3)
+        b.notes["compress_virtnbdbackup_z_over_convert_zstd_seconds"] = round(med("comp_full_virtnbdbackup_z_s")
+                                                                              / med("comp_full_convert_zstd_s"), 2)
+    if has_compress:
+        b.target("compressed full (zstd) stored / qemu-img convert -c zstd stored (medians)",
+                 med("comp_full_virtbackup_zstd_mib") / med("comp_full_convert_zstd_mib"), 1.02, "x")
+        b.target("compressed full (zstd) / uncompressed full, seconds (medians)",
+                 med("comp_full_virtbackup_zstd_s") / med("comp_full_virtbackup_none_s"), 2.0, "x")
+        if twin is not None:
+            b.target("virtnbdbackup -z full / compressed full (zstd), seconds (medians)",
+                     med("comp_full_virtnbdbackup_z_s") / med("comp_full_virtbackup_zstd_s"), 2.0, "x",
+                     at_most=False)
+        b.notes["compress_zlib_full_over_convert_zlib_stored"] = round(med("comp_full_virtbackup_zlib_mib")
+                                                                       / med("comp_full_convert_zlib_mib"), 3)
+        b.notes["compress_zlib_full_over_uncompressed_full_seconds"] = round(
+            med("comp_full_virtbackup_zlib_s") / med("comp_full_virtbackup_none_s"), 2)
+
+    # incrementals: one chain per variant (fulls untimed), the same change on both disks per round
+    variants = ["none", "none_pull", *levels, *(["zstd_push", "zstd_pull"] if has_compress else [])]
+    chains: Dict[str, Path] = {lv: b.work / f"ci-{lv}" for lv in variants}
+
+    def vb_args(lv: str) -> List[object]:
+        c, _, mode = lv.partition("_")
+        return [*(["--compress", c] if has_compress else []), *(["--mode", mode] if mode else [])]
+
+    for lv, bdir in chains.items():
+        run(*CLI, "backup", d.name, bdir, "--level", "full", *vb_args(lv))
+    vnb_dir = b.work / "ci-virtnbdbackup"
+    if twin is not None:
+        run("virtnbdbackup", "-d", twin.name, "-l", "full", "-z", "-o", vnb_dir, "--noprogress")
+    doms = [x for x in (d, twin) if x is not None]
+
+    def inc(name: str, bdir: Path, cmd: List[object]) -> None:
+        before = stored_bytes(bdir)
+        run("sync")
+        timed_cmd(name, cmd)
+        b.add(f"{name}_mib", (stored_bytes(bdir) - before) / MiB)
+
+    inc_steps: List[Callable[[], None]] = [
+        functools.partial(inc, f"comp_inc_virtbackup_{lv}", bdir, [
+            *CLI, "backup", d.name, bdir, "--level", "inc", *vb_args(lv)])
+        for lv, bdir in chains.items()]
+    if twin is not None:
+        inc_steps.append(lambda: inc("comp_inc_virtnbdbackup_z", vnb_dir, [
+            "virtnbdbackup", "-d", twin.name, "-l", "inc", "-z", "-o", vnb_dir, "--noprogress"]))
+    change_s: List[float] = []
+    for i in range(1 if quick else max(1, min(b.reps, 3))):
+        for x in doms:
+            scratch.stop_cleanly(x)
+        t = time.perf_counter()
+        guestfs_change([x.disk_path("vda") for x in doms], i + 1)
+        change_s.append(time.perf_counter() - t)
+        for x in doms:
+            assert x.dom is not None
+            x.dom.create()
+        for step in (inc_steps if i % 2 == 0 else list(reversed(inc_steps))):
+            step()
+    b.notes["compress_inc_change"] = (f"cp -a /usr/share /srv/share-N in the guest fs via guestfish on the stopped "
+                                      f"domains before each round ({len(change_s)} rounds, "
+                                      f"{statistics.median(change_s):.0f} s each, not timed)")
+    for lv in levels:
+        not_compressed("inc", lv, med("comp_inc_virtbackup_none_mib"))
+    if has_compress:
+        for kind in ("full", "inc"):
+            for lv in ("none", "zstd"):
+                other = f"{lv}_push" if lv != "none" else lv
+                b.notes[f"compress_{kind}_{lv}_pull_over_push_seconds"] = round(
+                    med(f"comp_{kind}_virtbackup_{lv}_pull_s") / med(f"comp_{kind}_virtbackup_{other}_s"), 2)
+        b.notes["compress_inc_zstd_over_inc_none_stored"] = round(med("comp_inc_virtbackup_zstd_mib")
+                                                                  / med("comp_inc_virtbackup_none_mib"), 3)
+        b.notes["compress_inc_zstd_over_inc_none_seconds"] = round(med("comp_inc_virtbackup_zstd_s")
+                                                                   / med("comp_inc_virtbackup_none_s"), 2)
+    for x in doms:
+        b.drop(x)
+
+
 # -- output ------------------------------------------------------------------------------------
 def human(result: Dict[str, Any]) -> str:
     lines = [f"virtbackup benchmark {result['date']} on {result['machine']}",
@@ -484,7 +744,7 @@ def human(result: Dict[str, Any]) -> str:
 def markdown(result: Dict[str, Any]) -> str:
     """docs/performance.md's tables, regenerated from a run."""
     def fmt(name: str, v: float) -> str:
-        return f"{v:.2f} s" if name.endswith("_s") else f"{v:.2f}"
+        return f"{v:.2f} s" if name.endswith("_s") else f"{v:.1f} MiB" if name.endswith("_mib") else f"{v:.2f}"
     lines = [f"Run {result['date']} on {result['machine']}; load average {result['load_before']} before, "
              f"{result['load_after']} after; {result['reps']} interleaved runs per figure, median (min–max).", "",
              "| target | measured (median) | target | ratio to target | met |", "|---|---|---|---|---|"]
@@ -503,7 +763,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small disks (a smoke run; figures not comparable)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved runs per figure (default 5)")
-    ap.add_argument("--only", choices=["full", "pull", "restore", "virtnbdbackup", "guest", "jobs", "restore-check"],
+    ap.add_argument("--only", choices=["full", "pull", "restore", "virtnbdbackup", "guest", "jobs", "restore-check",
+                                       "compress"],
                     action="append", help="run only these sections (repeatable)")
     ap.add_argument("--virtnbdbackup", action="store_true", help="also time virtnbdbackup on twin domains")
     ap.add_argument("--guest-impact", action="store_true",
@@ -543,6 +804,7 @@ def main() -> int:
         ("jobs", lambda: parallel_jobs(b, args.quick)),
         ("restore-check", lambda: restore_check(b, (256 if args.quick else 1024) * MiB,
                                                 (64 if args.quick else 512) * MiB)),
+        ("compress", lambda: compression(b, args.quick)),
     ]
     failed = False
     try:
