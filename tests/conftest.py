@@ -67,6 +67,22 @@ def make_domain(conn, tmp_path) -> Iterator[Callable[..., "object"]]:
 
 
 @pytest.fixture
+def restored_domains() -> Iterator[List[str]]:
+    """Names of domains a test defines (restore --define); destroyed and undefined afterwards,
+    also when it failed, over a fresh connection (a test may have restarted libvirtd)."""
+    from tests.support import scratch
+    from virtbackup.virt import host
+    names: List[str] = []
+    yield names
+    conn = host.connect()
+    try:
+        for n in names:
+            scratch.remove_domain(conn, n)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
 def procs() -> Iterator[List[subprocess.Popen]]:
     """Background CLI runs of a test; any still alive at the end is resumed (a test may have
     stopped it) and killed, by pid."""

@@ -14,7 +14,7 @@ import os
 import secrets
 import subprocess
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import pytest
 
@@ -78,19 +78,6 @@ def assert_restores(bdir: Path, point: str, want: bytes, out: Path, *extra: obje
     assert clusters(out / "vda.qcow2")["compressed"] == 0, "a restore writes plain images"
 
 
-@pytest.fixture
-def defined() -> Iterator[List[str]]:
-    names: List[str] = []
-    yield names
-    from virtbackup.virt import host
-    conn = host.connect()
-    try:
-        for n in names:
-            scratch.remove_domain(conn, n)
-    finally:
-        conn.close()
-
-
 @pytest.mark.parametrize("transport", ["push", "pull", "offline", "pull-4k"])
 def test_every_transport_writes_compressed_points_that_restore_bit_exact(make_domain, tmp_path, transport):
     """pull-4k: a disk of 4 KiB clusters, so its bitmap marks 4 KiB runs and the copy into the
@@ -147,7 +134,7 @@ def test_every_transport_writes_compressed_points_that_restore_bit_exact(make_do
     assert "(zstd; compression ratio " in cli("list", zdir).out
 
 
-def test_readers_of_a_compressed_chain(make_domain, tmp_path, defined):
+def test_readers_of_a_compressed_chain(make_domain, tmp_path, restored_domains):
     """restore --define, --instant, prune consolidation (stays compressed), flatten, verify --deep."""
     sd = make_domain({"vda": DISK}, start=False)
     data = prefill(sd, tmp_path)
@@ -163,13 +150,13 @@ def test_readers_of_a_compressed_chain(make_domain, tmp_path, defined):
         seen[p["id"]] = bytes(data)
 
     name = f"vbz-{secrets.token_hex(3)}"
-    defined.append(name)
+    restored_domains.append(name)
     r = cli("restore", bdir, tmp_path / "def", "--point", "0002", "--define", name)
     assert r.rc == 0, r
     assert scratch.read_raw(tmp_path / "def" / "vda.qcow2") == seen["0002"]
 
     iname = f"vbzi-{secrets.token_hex(3)}"
-    defined.append(iname)
+    restored_domains.append(iname)
     r = cli("restore", bdir, tmp_path / "inst", "--instant", "--define", iname)
     assert r.rc == 0, r
     assert scratch.read_raw(tmp_path / "inst" / "vda.qcow2") == seen["0004"]

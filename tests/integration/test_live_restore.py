@@ -8,62 +8,28 @@ import secrets
 import signal
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
 
 import libvirt
-import pytest
 
 from tests.support import scratch
-from tests.support.helpers import cli, cli_bg, forget_xml_digests, hmp_write, patched, snapshot_dir, take_backup
+from tests.support.helpers import (
+    cli,
+    cli_bg,
+    forget_xml_digests,
+    header_backing,
+    hmp_write,
+    lookup_domain,
+    patched,
+    pulling,
+    snapshot_dir,
+    take_backup,
+    wait_for,
+)
 from tests.support.schemas import validate
 from virtbackup.qemu import qemu_img
-from virtbackup.virt import host
 
 MiB = 1 << 20
 KiB = 1 << 10
-
-
-@pytest.fixture
-def live_names() -> Iterator[List[str]]:
-    """Domains a test defines by restoring; destroyed and undefined afterwards (fresh connection)."""
-    names: List[str] = []
-    yield names
-    conn = host.connect()
-    try:
-        for n in names:
-            scratch.remove_domain(conn, n)
-    finally:
-        conn.close()
-
-
-def wait_for(what: str, cond, timeout: float = 60.0, every: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def lookup(conn: libvirt.virConnect, name: str) -> Optional[libvirt.virDomain]:
-    try:
-        return conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return None
-
-
-def pulling(dom: libvirt.virDomain, disk: str) -> Optional[Dict]:
-    """The disk's running pull job, once it has copied something."""
-    try:
-        info = dom.blockJobInfo(disk, 0)
-    except libvirt.libvirtError:
-        return None
-    return info if info and info.get("cur", 0) > 0 else None
-
-
-def header_backing(image: Path) -> Optional[str]:
-    return qemu_img.info(image, force_share=True).get("backing-filename")
 
 
 def stop(dom: libvirt.virDomain) -> None:
@@ -76,7 +42,7 @@ def assert_reads(image: Path, want: bytes) -> None:
     assert diff is None, f"{image}: first difference at byte {diff}"
 
 
-def test_live_restore_runs_at_once_keeps_guest_writes_and_frees_itself(make_domain, conn, live_names,
+def test_live_restore_runs_at_once_keeps_guest_writes_and_frees_itself(make_domain, conn, restored_domains,
                                                                        procs, tmp_path):
     d = make_domain({"vda": 32 * MiB, "vdb": 16 * MiB})
     d.write("vda", 0x11, 0, 4 * MiB)
@@ -88,13 +54,13 @@ def test_live_restore_runs_at_once_keeps_guest_writes_and_frees_itself(make_doma
     want = d.expected()
     before = snapshot_dir(bdir)
     name = f"vblive-{secrets.token_hex(3)}"
-    live_names.append(name)
+    restored_domains.append(name)
     out = tmp_path / "live"
 
     t0 = time.monotonic()
     p = cli_bg(procs, "restore", bdir, out, "--live", "--define", name, "--max-speed", 2 * MiB)
     dom = wait_for("the restored domain to run", lambda: (lambda x: x if x and x.isActive() else None)(
-        lookup(conn, name)), every=0.01)
+        lookup_domain(conn, name)), every=0.01)
     running = time.monotonic() - t0
     wait_for("the pull to copy something", lambda: pulling(dom, "vda"))
     print(f"\nlive restore: domain running {running:.2f}s after the command started "
@@ -140,7 +106,7 @@ def test_live_restore_runs_at_once_keeps_guest_writes_and_frees_itself(make_doma
     assert dom.isActive()
 
 
-def test_live_restore_interrupted_then_resumed(make_domain, conn, live_names, procs, tmp_path):
+def test_live_restore_interrupted_then_resumed(make_domain, conn, restored_domains, procs, tmp_path):
     d = make_domain({"vda": 32 * MiB})
     d.write("vda", 0x31, 0, 8 * MiB)
     bdir = tmp_path / "bk"
@@ -149,12 +115,12 @@ def test_live_restore_interrupted_then_resumed(make_domain, conn, live_names, pr
     take_backup(d.name, bdir, "inc")
     want = d.expected()["vda"]
     name = f"vblive-{secrets.token_hex(3)}"
-    live_names.append(name)
+    restored_domains.append(name)
     out = tmp_path / "live"
     img = out / "vda.qcow2"
 
     p = cli_bg(procs, "restore", bdir, out, "--live", "--define", name, "--max-speed", 1 * MiB)
-    dom = wait_for("the restored domain", lambda: lookup(conn, name))
+    dom = wait_for("the restored domain", lambda: lookup_domain(conn, name))
     wait_for("the pull to copy something", lambda: pulling(dom, "vda"))
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=60)
@@ -187,18 +153,18 @@ def test_live_restore_interrupted_then_resumed(make_domain, conn, live_names, pr
     assert_reads(img, want)
 
 
-def test_live_restore_domain_stopped_midway_finishes_offline(make_domain, conn, live_names, procs, tmp_path):
+def test_live_restore_domain_stopped_midway_finishes_offline(make_domain, conn, restored_domains, procs, tmp_path):
     d = make_domain({"vda": 16 * MiB})
     d.write("vda", 0x41, 1 * MiB, 6 * MiB)
     bdir = tmp_path / "bk"
     take_backup(d.name, bdir, "full")
     want = d.expected()["vda"]
     name = f"vblive-{secrets.token_hex(3)}"
-    live_names.append(name)
+    restored_domains.append(name)
     out = tmp_path / "live"
 
     p = cli_bg(procs, "restore", bdir, out, "--live", "--define", name, "--max-speed", 1 * MiB)
-    dom = wait_for("the restored domain", lambda: lookup(conn, name))
+    dom = wait_for("the restored domain", lambda: lookup_domain(conn, name))
     wait_for("the pull to copy something", lambda: pulling(dom, "vda"))
     hmp_write(dom, "vda", 0x4a, 0, 2 * MiB)
     want = patched(want, 0x4a, 0, 2 * MiB)
@@ -217,7 +183,7 @@ def test_live_restore_domain_stopped_midway_finishes_offline(make_domain, conn, 
     assert_reads(out / "vda.qcow2", want)
 
 
-def test_live_restore_refusals(make_domain, conn, live_names, tmp_path):
+def test_live_restore_refusals(make_domain, conn, restored_domains, tmp_path):
     d = make_domain({"vda": 16 * MiB})
     bdir = tmp_path / "bk"
     take_backup(d.name, bdir, "full")
@@ -239,7 +205,7 @@ def test_live_restore_refusals(make_domain, conn, live_names, tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_live_restore_domain_that_cannot_start_leaves_nothing(make_domain, conn, live_names, tmp_path):
+def test_live_restore_domain_that_cannot_start_leaves_nothing(make_domain, conn, restored_domains, tmp_path):
     """libvirt defines it but QEMU can't start it (hand-edited saved XML: 64 TiB of RAM, refused
     with ENOMEM on this host): undefined again, overlays removed, exit 1, one line."""
     d = make_domain({"vda": 16 * MiB})
@@ -255,18 +221,18 @@ def test_live_restore_domain_that_cannot_start_leaves_nothing(make_domain, conn,
     xml.write_text(text)
     forget_xml_digests(bdir)     # else the edited XML is refused as damaged before libvirt sees it
     name = f"vblive-{secrets.token_hex(3)}"
-    live_names.append(name)
+    restored_domains.append(name)
     out = tmp_path / "out"
     r = cli("restore", bdir, out, "--live", "--define", name)
     assert r.rc == 1, r
     assert r.err.startswith("virtbackup: error:") and len(r.err.splitlines()) == 1, r
     assert f"domain '{name}' did not start" in r.err and "undefined and its overlays removed" in r.err, r
-    assert lookup(conn, name) is None
+    assert lookup_domain(conn, name) is None
     assert not list(out.iterdir())
 
 
 def test_live_restore_killed_right_after_define_is_resumable_and_prune_keeps_its_backing(
-        make_domain, conn, live_names, tmp_path):
+        make_domain, conn, restored_domains, tmp_path):
     """Hostile pass D8: SIGKILL just after the define left a domain on overlays backed by the
     backup dir without its resume record: --resume-live found nothing and a prune removed the
     backing file. Now the domain is defined with its record; prune (also a dry run) refuses to
@@ -283,14 +249,14 @@ def test_live_restore_killed_right_after_define_is_resumable_and_prune_keeps_its
     d.write("vda", 0x42, 8 * MiB, 1 * MiB)
     take_backup(d.name, bdir, "inc")
     name = f"vblive-{secrets.token_hex(3)}"
-    live_names.append(name)
+    restored_domains.append(name)
     out = tmp_path / "live"
     img = out / "vda.qcow2"
     p = subprocess.run([sys.executable, "-m", "tests.support.faultpoint", "kill", "define", "restore", str(bdir),
                         str(out), "--point", "0001", "--live", "--define", name],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == -signal.SIGKILL, p
-    dom = lookup(conn, name)
+    dom = lookup_domain(conn, name)
     assert dom is not None and not dom.isActive()
     assert header_backing(img) == str((bdir / "points/0001/vda.qcow2").resolve())
 

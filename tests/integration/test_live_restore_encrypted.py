@@ -23,7 +23,19 @@ import pytest
 from lxml import etree
 
 from tests.support import scratch
-from tests.support.helpers import ROOT, cli, cli_bg, hmp_write, one_error_line, patched, snapshot_dir
+from tests.support.helpers import (
+    ROOT,
+    cli,
+    cli_bg,
+    header_backing,
+    hmp_write,
+    lookup_domain,
+    one_error_line,
+    patched,
+    pulling,
+    snapshot_dir,
+    wait_for,
+)
 from virtbackup import liverestore
 from virtbackup.qemu import qemu_img
 from virtbackup.store import crypto
@@ -40,15 +52,16 @@ def fast_kdf(monkeypatch):
 
 
 @pytest.fixture
-def live() -> Iterator[List[str]]:
-    """Domains a test defines by restoring, and their key's secrets: removed afterwards, also when
-    the test failed (fresh connection)."""
-    names: List[str] = []
-    yield names
+def live(restored_domains: List[str]) -> Iterator[List[str]]:
+    """Domains a test defines by restoring (removed by restored_domains), and their key's
+    secrets: removed afterwards, also when the test failed (fresh connection)."""
+    yield restored_domains
     conn = host.connect()
     try:
-        for n in names:
-            scratch.remove_domain(conn, n)
+        for n in restored_domains:
+            dom = lookup_domain(conn, n)
+            if dom is not None and dom.isActive():
+                dom.destroy()           # its secrets go only once nothing uses them
             for uuid in secrets_for(conn, n):
                 try:
                     conn.secretLookupByUUIDString(uuid).undefine()
@@ -90,38 +103,9 @@ def backup(name: str, bdir: Path, key: Path, level: str, *extra: object) -> None
     assert r.rc == 0, r
 
 
-def wait_for(what: str, cond, timeout: float = 60.0, every: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def lookup(conn: libvirt.virConnect, name: str) -> Optional[libvirt.virDomain]:
-    try:
-        return conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return None
-
-
 def running(conn: libvirt.virConnect, name: str) -> Optional[libvirt.virDomain]:
-    dom = lookup(conn, name)
+    dom = lookup_domain(conn, name)
     return dom if dom is not None and dom.isActive() else None
-
-
-def pulling(dom: libvirt.virDomain, disk: str) -> Optional[Dict]:
-    try:
-        info = dom.blockJobInfo(disk, 0)
-    except libvirt.libvirtError:
-        return None
-    return info if info and info.get("cur", 0) > 0 else None
-
-
-def header_backing(image: Path) -> Optional[str]:
-    return qemu_img.info(image, force_share=True).get("backing-filename")
 
 
 def record_secret(dom: libvirt.virDomain) -> str:
@@ -192,7 +176,7 @@ def test_encrypted_chain_live_restored_bit_exact_with_a_secret_only_while_it_run
                        (("--key-file", key, "--encrypt"), "--encrypt doesn't apply to --live")):
         r = cli("restore", bdir, out, "--live", "--define", name, *extra)
         assert r.rc == 2 and msg in one_error_line(r), (extra, r)
-        assert lookup(conn, name) is None and not out.exists() and secrets_for(conn, name) == [], extra
+        assert lookup_domain(conn, name) is None and not out.exists() and secrets_for(conn, name) == [], extra
 
     t0 = time.monotonic()
     p = cli_bg(procs, "restore", bdir, out, "--live", "--define", name, "--key-file", key,
@@ -295,7 +279,7 @@ def test_encrypted_live_restore_killed_right_after_define_finishes_offline(make_
                         str(out), "--live", "--define", name, "--key-file", str(key)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == -signal.SIGKILL, p
-    dom = lookup(conn, name)
+    dom = lookup_domain(conn, name)
     assert dom is not None and not dom.isActive()
     sec = record_secret(dom)
     assert not secret_exists(conn, sec) and secrets_for(conn, name) == []

@@ -11,9 +11,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List
-
-import pytest
+from typing import Dict, List
 
 from tests.support import scratch
 from tests.support.helpers import (
@@ -45,23 +43,6 @@ def assert_reads(image: Path, want: bytes) -> None:
     assert diff is None, f"{image}: first difference at byte {diff}"
 
 
-@pytest.fixture
-def restored_names() -> Iterator[List[str]]:
-    """Names of domains a test defines by restoring; destroyed and undefined afterwards.
-
-    Cleans up over a fresh connection: the session one is dead if libvirtd restarted meanwhile.
-    """
-    names: List[str] = []
-    yield names
-    if not names:
-        return
-    from tests.support import scratch
-    conn = host.connect()
-    for n in names:
-        scratch.remove_domain(conn, n)
-    conn.close()
-
-
 def two_points(make_domain, bdir: Path, disks: Dict[str, int]):
     d = make_domain(disks)
     d.write("vda", 0x11, 0, 1 * MiB)
@@ -75,11 +56,11 @@ def two_points(make_domain, bdir: Path, disks: Dict[str, int]):
     return d, e1, d.expected()
 
 
-def test_restore_define_start_and_refusals(make_domain, conn, restored_names, tmp_path):
+def test_restore_define_start_and_refusals(make_domain, conn, restored_domains, tmp_path):
     bdir = tmp_path / "bk"
     d, e1, e2 = two_points(make_domain, bdir, {"vda": 32 * MiB, "vdb": 16 * MiB})
     name = f"vbrestored-{secrets.token_hex(3)}"
-    restored_names.append(name)
+    restored_domains.append(name)
     out = tmp_path / "r1"
     r = cli("restore", bdir, out, "--point", "0001", "--define", name, "--start", "--json")
     assert r.rc == 0, r
@@ -108,7 +89,7 @@ def test_restore_define_start_and_refusals(make_domain, conn, restored_names, tm
     assert r.rc == 2 and f"domain '{name}' exists" in r.err, r
     assert not (tmp_path / "r2").exists()
     other = f"{name}-x"
-    restored_names.append(other)
+    restored_domains.append(other)
     r = cli("restore", bdir, out, "--define", other)
     assert r.rc == 2 and "exists" in r.err, r
     assert other not in [x.name() for x in conn.listAllDomains(0)]
@@ -121,13 +102,13 @@ def test_restore_define_start_and_refusals(make_domain, conn, restored_names, tm
     assert_reads(tmp_path / "r4" / "vda.qcow2", e2["vda"])
 
 
-def test_instant_restore_leaves_backup_untouched_and_flattens(make_domain, conn, restored_names, tmp_path):
+def test_instant_restore_leaves_backup_untouched_and_flattens(make_domain, conn, restored_domains, tmp_path):
     bdir = tmp_path / "bk"
     d, _e1, e2 = two_points(make_domain, bdir, {"vda": 32 * MiB, "vdb": 16 * MiB})
     before = snapshot_dir(bdir)
     hashes = {p: file_digest(bdir / p, "sha256") for p in before if p.endswith(".qcow2")}
     name = f"vbinstant-{secrets.token_hex(3)}"
-    restored_names.append(name)
+    restored_domains.append(name)
     out = tmp_path / "inst"
     r = cli("restore", bdir, out, "--instant", "--define", name, "--start", "--json")
     assert r.rc == 0, r
@@ -345,7 +326,7 @@ def test_prune_that_fails_changes_nothing_and_bad_input_exits_2(make_domain, tmp
     assert snapshot_dir(bdir) == before
 
 
-def test_define_refused_by_libvirt_or_damaged_xml_leaves_nothing(make_domain, tmp_path, restored_names):
+def test_define_refused_by_libvirt_or_damaged_xml_leaves_nothing(make_domain, tmp_path, restored_domains):
     """restore --define: libvirt refusing the XML takes the written images back (exit 1);
     a saved domain XML that isn't XML is refused before any image is written."""
     d = make_domain({"vda": 16 * MiB})
@@ -355,7 +336,7 @@ def test_define_refused_by_libvirt_or_damaged_xml_leaves_nothing(make_domain, tm
     xml_path = bdir / "points/0001/domain.xml"
     good = xml_path.read_text()
     name = f"{d.name}-copy"
-    restored_names.append(name)
+    restored_domains.append(name)
     forget_xml_digests(bdir)     # else the edited XML is refused as damaged before libvirt sees it
 
     xml_path.write_text(good.replace(">1</vcpu>", ">0</vcpu>", 1))   # well-formed; libvirt refuses it

@@ -215,3 +215,41 @@ def our_secrets(conn: Any) -> List[str]:
         except libvirt.libvirtError:
             continue
     return out
+
+
+def wait_for(what: str, cond: Any, timeout: float = 60.0, every: float = 0.02) -> Any:
+    """Poll `cond()` until it returns something true (returned); AssertionError after `timeout`."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def lookup_domain(conn: Any, name: str) -> Any:
+    """The domain of that name, or None."""
+    import libvirt
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return None
+
+
+def pulling(dom: Any, disk: str) -> Any:
+    """The disk's running block job (a live restore's pull), once it has copied something."""
+    import libvirt
+    try:
+        info = dom.blockJobInfo(disk, 0)
+    except libvirt.libvirtError:
+        return None
+    return info if info and info.get("cur", 0) > 0 else None
+
+
+def header_backing(image: Path) -> Optional[str]:
+    """The backing file name an image's qcow2 header carries (None: standalone)."""
+    from virtbackup.qemu import qemu_img
+    name = qemu_img.info(image, force_share=True).get("backing-filename")
+    return str(name) if name is not None else None
