@@ -60,6 +60,9 @@ from tests.support import scratch  # noqa: E402
 from virtbackup.virt import host  # noqa: E402
 
 MiB = 1 << 20
+# the transport sections measure the copy path: uncompressed, as before compression existed
+# (zstd is the default for a new directory); --only compress measures what it costs
+PLAIN = ["--compress", "none"]
 CLI = [sys.executable, "-m", "virtbackup.cli"]
 
 
@@ -173,7 +176,7 @@ def full_vs_convert(b: Bench, disk: int, data: int) -> Path:
     def full_backup(i: int) -> Path:
         run("sync")
         bdir = b.work / f"full{i}"
-        b.add("full_backup_s", timed(lambda: run(*CLI, "backup", d.name, bdir, "--level", "full")))
+        b.add("full_backup_s", timed(lambda: run(*CLI, "backup", d.name, bdir, *PLAIN, "--level", "full")))
         job = job_seconds(bdir)
         if job is not None:   # QEMU's part (the copy, and the flush when it closes the target)
             b.add("full_backup_push_job_s", job)
@@ -208,7 +211,7 @@ def full_vs_convert(b: Bench, disk: int, data: int) -> Path:
 
     # the fixed costs on the incremental path, on the last full's chain
     for _ in range(b.reps):
-        b.add("inc_nothing_dirty_s", timed(lambda: run(*CLI, "backup", d.name, last, "--level", "inc")))
+        b.add("inc_nothing_dirty_s", timed(lambda: run(*CLI, "backup", d.name, last, *PLAIN, "--level", "inc")))
         b.add("list_s", timed(lambda: run(*CLI, "list", last)))
         b.add("help_s", timed(lambda: run(*CLI, "--help")))
         b.add("python_start_s", timed(lambda: run(sys.executable, "-c", "pass")))
@@ -219,7 +222,7 @@ def full_vs_convert(b: Bench, disk: int, data: int) -> Path:
     for mib in (4, 32, 128):
         for _ in range(max(1, b.reps // 2)):
             d.write("vda", 0x90, 0, mib * MiB)
-            b.add(f"inc_{mib}mib_dirty_s", timed(lambda: run(*CLI, "backup", d.name, last, "--level", "inc")))
+            b.add(f"inc_{mib}mib_dirty_s", timed(lambda: run(*CLI, "backup", d.name, last, *PLAIN, "--level", "inc")))
     b.drop(d)
     return last
 
@@ -239,7 +242,7 @@ def pull_vs_push(b: Bench, disk: int, data: int) -> None:
     def full(name: str, mode: str, env: Optional[Dict[str, str]] = None) -> None:
         bdir = b.work / f"pf-{secrets.token_hex(3)}"
         run("sync")
-        t = timed(lambda: subprocess.run([*map(str, CLI), "backup", d.name, str(bdir), "--level", "full",
+        t = timed(lambda: subprocess.run([*map(str, CLI), "backup", d.name, str(bdir), *PLAIN, "--level", "full",
                                           "--mode", mode], check=True, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, env=env))
         b.add(name, t)
@@ -264,14 +267,14 @@ def pull_vs_push(b: Bench, disk: int, data: int) -> None:
     # incrementals: a chain per mode, the same writes before each pair
     dirs = {m: b.work / f"pinc-{m}" for m in ("push", "pull")}
     for m, bdir in dirs.items():
-        run(*CLI, "backup", d.name, bdir, "--level", "full", "--mode", m)
+        run(*CLI, "backup", d.name, bdir, *PLAIN, "--level", "full", "--mode", m)
     for mib in (4, 32, 128):
         for i in range(max(1, b.reps // 2)):
             d.write("vda", 0x90 + i, 0, mib * MiB)
             for m in (("push", "pull") if i % 2 == 0 else ("pull", "push")):
                 run("sync")
-                b.add(f"pull_inc_{mib}mib_{m}_s", timed(lambda m=m: run(*CLI, "backup", d.name, dirs[m], "--level",
-                                                                        "inc", "--mode", m)))
+                b.add(f"pull_inc_{mib}mib_{m}_s", timed(lambda m=m: run(*CLI, "backup", d.name, dirs[m], *PLAIN,
+                                                                        "--level", "inc", "--mode", m)))
         b.target(f"pull inc / push inc, {mib} MiB dirty", b.median(f"pull_inc_{mib}mib_pull_s")
                  / b.median(f"pull_inc_{mib}mib_push_s"), 1.0, "x")
     b.drop(d)
@@ -282,10 +285,10 @@ def restore_chain(b: Bench, disk: int, links: int = 50) -> None:
     d = b.domain({"vda": disk})
     fill(d, "vda", min(disk // 4, 256 * MiB))
     chain_dir = b.work / "chain50"
-    run(*CLI, "backup", d.name, chain_dir, "--level", "full")
+    run(*CLI, "backup", d.name, chain_dir, *PLAIN, "--level", "full")
     for i in range(links - 1):
         d.write("vda", 0x10 + i % 64, (i * 7 % (disk // MiB - 1)) * MiB, 1 * MiB)
-        run(*CLI, "backup", d.name, chain_dir, "--level", "inc")
+        run(*CLI, "backup", d.name, chain_dir, *PLAIN, "--level", "inc")
     flat = b.work / "flat.qcow2"
     run("qemu-img", "convert", "-O", "qcow2", chain_dir / "points" / f"{links:04d}" / "vda.qcow2", flat)
     top = chain_dir / "points" / f"{links:04d}" / "vda.qcow2"
@@ -310,7 +313,7 @@ def restore_chain(b: Bench, disk: int, links: int = 50) -> None:
     for _ in range(max(1, b.reps // 2)):
         d.write("vda", 0x77, 0, 4 * MiB)
         b.add(f"inc_4mib_dirty_after_{links}_links_s",
-              timed(lambda: run(*CLI, "backup", d.name, chain_dir, "--level", "inc")))
+              timed(lambda: run(*CLI, "backup", d.name, chain_dir, *PLAIN, "--level", "inc")))
     b.drop(d)
 
 
@@ -332,7 +335,7 @@ def virtnbdbackup_cycle(b: Bench) -> None:
                 if i:
                     d.write("vda", 0x30 + i, (200 + 20 * i) * MiB, 20 * MiB)
                 if tool == "virtbackup":
-                    cmd: List[object] = [*CLI, "backup", d.name, bdir, "--level", "full" if i == 0 else "inc"]
+                    cmd: List[object] = [*CLI, "backup", d.name, bdir, *PLAIN, "--level", "full" if i == 0 else "inc"]
                 else:
                     cmd = ["virtnbdbackup", "-d", d.name, "-l", "full" if i == 0 else "inc", "-o", bdir,
                            "--noprogress"]
@@ -366,7 +369,7 @@ def guest_impact(b: Bench, disk: int, data: int, speeds: List[int]) -> None:
     def during(extra: List[object]) -> Optional[float]:
         bdir = b.work / f"gi-{secrets.token_hex(3)}"
         run("sync")
-        proc = subprocess.Popen([str(c) for c in (*CLI, "backup", d.name, bdir, "--level", "full", *extra)],
+        proc = subprocess.Popen([str(c) for c in (*CLI, "backup", d.name, bdir, *PLAIN, "--level", "full", *extra)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         t: Optional[float] = None
         deadline = time.monotonic() + 60
@@ -445,12 +448,12 @@ def restore_check(b: Bench, disk: int, data: int) -> None:
     d = b.domain({"vda": disk})
     fill(d, "vda", data)
     bdir = b.work / "full-rc"
-    run(*CLI, "backup", d.name, bdir, "--level", "full")
+    run(*CLI, "backup", d.name, bdir, *PLAIN, "--level", "full")
     chain_dir = b.work / "chain50-rc"
-    run(*CLI, "backup", d.name, chain_dir, "--level", "full")
+    run(*CLI, "backup", d.name, chain_dir, *PLAIN, "--level", "full")
     for i in range(49):
         d.write("vda", 0x10 + i % 64, (i * 7 % (disk // MiB - 1)) * MiB, 1 * MiB)
-        run(*CLI, "backup", d.name, chain_dir, "--level", "inc")
+        run(*CLI, "backup", d.name, chain_dir, *PLAIN, "--level", "inc")
     b.drop(d)
     for label, bd, point in (("full", bdir, "0001"), ("chain50", chain_dir, "latest")):
         bobj = BackupDir(bd)

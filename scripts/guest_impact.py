@@ -123,7 +123,8 @@ def main() -> int:
                     d.write("vda", 0x11, data - wlen, wlen)      # back to copied-data state
                     bdir = slow / f"{mode}{rep}"
                     t = time.perf_counter()
-                    p = subprocess.Popen([*CLI, "backup", d.name, bdir, "--mode", mode, "--level", "full"],
+                    p = subprocess.Popen([*CLI, "backup", d.name, bdir, "--mode", mode, "--compress", "none",
+                                          "--level", "full"],
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                     while not job_open(d.dom) and p.poll() is None:
                         time.sleep(0.01)
