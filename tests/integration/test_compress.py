@@ -258,7 +258,7 @@ def test_hand_edited_compression_is_refused(make_domain, tmp_path):
 
 def test_the_default_transport_of_a_compressed_chain(make_domain, tmp_path):
     """A local running domain without --mode: push (compressed after the job: faster than a
-    compressed pull here, backup.auto_mode); --scratch-dir alone means pull; a chain may mix them."""
+    compressed pull here, docs/performance.md); --scratch-dir alone means pull; a chain may mix them."""
     sd = make_domain({"vda": 16 * MiB})
     sd.write("vda", 0x21, 0, 2 * MiB)
     r = cli("backup", sd.name, tmp_path / "z", "--json")

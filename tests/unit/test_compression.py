@@ -128,7 +128,7 @@ def test_records_of_compression(tmp_path):
         (tmp_path / "virtbackup.json").write_text(json.dumps(bad))
         with pytest.raises(ChainCorrupt, match="compression"):
             BackupDir(tmp_path).load()
-    for value in ("1", True, 1.5):
+    for value in ("1", True, 1.5, -1):
         bad = json.loads(json.dumps(data))
         bad["points"][0]["disks"]["vda"]["data_size"] = value
         with pytest.raises(ValueError):

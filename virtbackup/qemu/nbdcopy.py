@@ -474,6 +474,38 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
          should_stop: Optional[StopCheck] = None, progress: Optional[Progress] = None,
          request_size: int = REQUEST_SIZE, max_in_flight: int = MAX_IN_FLIGHT,
          max_speed: Optional[int] = None, key: Optional["Key"] = None, compress: bool = False) -> CopyStats:
+    """_copy(); `compress`: the target ends up holding compressed clusters (of the type its
+    header names). Written through QEMU's compress filter when the disk is a whole number of
+    the target's clusters; QEMU refuses the filter on any other size ("Image size is not a
+    multiple of request alignment"), so such a disk is copied plain and then rewritten
+    compressed (qemu_img.recompress), before this returns."""
+    if not compress:
+        return _copy(src, target, bitmap, should_stop=should_stop, progress=progress, request_size=request_size,
+                     max_in_flight=max_in_flight, max_speed=max_speed, key=key)
+    from virtbackup.qemu import qemu_img
+    try:
+        meta = qemu_img.info(target, force_share=True)
+        cluster = int(meta.get("cluster-size") or 0)
+        size = int(meta["virtual-size"])
+        ctype = str(meta["format-specific"]["data"].get("compression-type") or "zlib")
+    except (HostError, KeyError, ValueError, TypeError) as e:
+        raise NbdError(f"cannot read the header of {target}: {e}") from None
+    inline = cluster > 0 and size % cluster == 0
+    stats = _copy(src, target, bitmap, should_stop=should_stop, progress=progress, request_size=request_size,
+                  max_in_flight=max_in_flight, max_speed=max_speed, key=key, compress=inline)
+    if not inline:
+        try:
+            qemu_img.wait_released([str(target)])
+            qemu_img.recompress(target, ctype)
+        except (HostError, OSError) as e:
+            raise NbdError(f"compressing {target} failed: {e}") from None
+    return stats
+
+
+def _copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
+          should_stop: Optional[StopCheck] = None, progress: Optional[Progress] = None,
+          request_size: int = REQUEST_SIZE, max_in_flight: int = MAX_IN_FLIGHT,
+          max_speed: Optional[int] = None, key: Optional["Key"] = None, compress: bool = False) -> CopyStats:
     """Copy the export into `target` (see the module doc); flushed before returning.
 
     `bitmap` is the dirty-bitmap meta context (e.g. `qemu:dirty-bitmap:backup-vda`): given, only

@@ -409,6 +409,38 @@ def compress_into(src: Path, dst: Path, backing: Optional[Path]) -> None:
     run(compress_args(src, dst, backing), f"cannot compress {src}")
 
 
+TWIN_SUFFIX = ".z"      # recompress()'s twin beside the image; a leftover of a killed run is junk
+
+
+def recompress(path: Path, compression: str) -> None:
+    """Rewrite what the plain qcow2 `path` itself holds as compressed clusters of `compression`:
+    into a twin `<path>.z` created here (O_EXCL|O_NOFOLLOW: never over a file or through a
+    symlink found at the name; that is refused and left alone) with the same virtual size and
+    backing link, then renamed over `path`. The twin is removed when anything fails. Reads
+    the header with -U: the caller holds the only writer (or there is none)."""
+    meta = info(path, force_share=True)
+    twin = path.with_name(path.name + TWIN_SUFFIX)
+    try:
+        os.close(os.open(twin, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        raise HostError(f"{twin} exists (not made by this run); not overwriting it") from None
+    except OSError as e:
+        raise HostError(f"cannot create {twin}: {e.strerror}") from None
+    try:
+        link = meta.get("backing-filename")
+        backing = meta.get("full-backing-filename") if link else None
+        create(twin, int(meta["virtual-size"]), link, cluster_size=int(meta.get("cluster-size") or 0) or None,
+               compression=compression)
+        compress_into(path, twin, Path(backing) if backing else None)
+        os.replace(twin, path)
+    except BaseException:
+        try:
+            twin.unlink()
+        except OSError:
+            pass
+        raise
+
+
 def data_size(path: Path) -> Optional[int]:
     """Bytes of guest data the image file itself holds (`map`: its own data extents, compressed
     ones at their uncompressed size; zero clusters and what its backing holds not counted);

@@ -8,7 +8,6 @@ waited for through libvirt events (host.JobWatch), never by sleeping.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from contextlib import nullcontext
 from pathlib import Path
@@ -195,22 +194,17 @@ class PushRunner:
 
     def _compress(self, plan: BackupPlan) -> None:
         """libvirt's backup job writes plain clusters: a compressed chain's targets are rewritten
-        as compressed clusters once the job has released them, before the engine hashes and
-        records anything (a twin `<target>.z` beside it, then renamed over it; a failure or a
-        cancel leaves both in the .partial dir the rollback removes)."""
+        as compressed clusters (qemu_img.recompress: a twin renamed over the target) once the
+        job has released them, before the engine hashes and records anything; a failure or a
+        cancel leaves nothing the rollback of the .partial dir does not remove."""
         for dp in plan.disks:
             t = dp.target
             if t.compression is None:
                 continue
             if self.interrupted:
                 raise Interrupted(f"backup {observe.interruption(self.interrupted)}; nothing was recorded")
-            twin = t.path.with_name(t.path.name + ".z")
-            backing = Path(os.path.normpath(t.path.parent / t.backing_link)) if t.backing_link else None
             try:
-                qemu_img.create(twin, t.virtual_size, t.backing_link, compression=t.compression)
-                os.chmod(twin, 0o600)
-                qemu_img.compress_into(t.path, twin, backing)
-                os.replace(twin, t.path)
+                qemu_img.recompress(t.path, t.compression)
             except (HostError, OSError) as e:
                 raise BackupFailed(f"disk {dp.disk.target}: compressing the copy failed: {e}") from e
             log.info("disk %s: compressed (%s)", dp.disk.target, t.compression)

@@ -492,7 +492,8 @@ class Chain:
                                      "(letters and digits)")
                 if not isinstance(d.image, str) or not isinstance(d.size, int) or not isinstance(d.virtual_size, int) \
                         or not isinstance(d.digest, (Digest, type(None))) \
-                        or not isinstance(d.data_size, (int, type(None))) or isinstance(d.data_size, bool):
+                        or not isinstance(d.data_size, (int, type(None))) or isinstance(d.data_size, bool) \
+                        or (d.data_size is not None and d.data_size < 0):
                     raise ValueError(f"point {p.id} disk {name}: wrong field types")
                 if d.digest is None:
                     if hashed:

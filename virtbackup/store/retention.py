@@ -279,7 +279,8 @@ def _next_xml_name(point_id: str, from_id: str, taken: Set[str]) -> str:
 
 
 # --- unrecorded files ----------------------------------------------------------------------
-_OURS = re.compile(r"^(?:.*\.qcow2|checkpoint.*\.xml|domain.*\.xml)$")
+# ...qcow2.z: qemu_img.recompress's twin of an image, left by a run killed while it wrote it
+_OURS = re.compile(r"^(?:.*\.qcow2(?:\.z)?|checkpoint.*\.xml|domain.*\.xml)$")
 
 
 def unrecorded(bdir: BackupDir, chain: Chain) -> List[Path]:
@@ -404,7 +405,6 @@ def _write_image(bdir: BackupDir, op: ImageOp, key: Optional[Key] = None,
     twin (qemu_img.compress_into), which replaces it before anything records it."""
     old, new = bdir.resolve(op.old), bdir.resolve(op.new)
     create_new(new)                 # O_EXCL|O_NOFOLLOW: never through a symlink put at the name
-    twin = new.with_name(new.name + ".z")
     try:
         if op.action == "standalone":
             qemu_img.convert(old, new, key=key, encrypt_iter_time=iter_time if key is not None else None,
@@ -415,22 +415,16 @@ def _write_image(bdir: BackupDir, op: ImageOp, key: Optional[Key] = None,
             if proc.returncode != 0:
                 raise OperationFailed(f"cannot copy {old}: {proc.stderr.strip()}")
             assert op.backing is not None
-            link = bdir.backing_link(op.new, op.backing)
-            qemu_img.rebase(new, link, safe=op.action == "rebase", key=key)
+            qemu_img.rebase(new, bdir.backing_link(op.new, op.backing), safe=op.action == "rebase", key=key)
             if op.action == "rebase" and compression is not None:
-                create_new(twin)
-                info = qemu_img.info(new)
-                qemu_img.create(twin, int(info["virtual-size"]), link, compression=compression)
-                qemu_img.compress_into(new, twin, bdir.resolve(op.backing))
-                os.replace(twin, new)
+                qemu_img.recompress(new, compression)   # the merged clusters were written plain
         os.chmod(new, 0o600)
         fsync_path(new)
     except BaseException:
-        for f in (new, twin):
-            try:
-                f.unlink()
-            except OSError:
-                pass
+        try:
+            new.unlink()
+        except OSError:
+            pass
         raise
 
 
