@@ -19,7 +19,7 @@ from typing import Dict, List
 import pytest
 
 from tests.support import scratch
-from tests.support.helpers import cli, one_error_line, patched, snapshot_dir
+from tests.support.helpers import checkpoint_names, cli, one_error_line, patched, snapshot_dir, tmpfs
 from virtbackup.qemu import qemu_img
 
 MiB = 1 << 20
@@ -274,3 +274,23 @@ def test_the_default_transport_of_a_compressed_chain(make_domain, tmp_path):
     assert (p["transport"], p["level"], p["compression"]) == ("pull", "inc", "zstd"), p
     assert "--scratch-dir" in r.json()["transport_reason"]
     assert_restores(tmp_path / "z", "latest", sd.expected()["vda"], tmp_path / "out")
+
+
+def test_enospc_while_compressing_a_push_changes_nothing(make_domain, tmp_path):
+    """Random (incompressible) data: the push job's plain copy fits the backup filesystem, its
+    compressed twin does not: exit 1 with one line, no point, no twin, no checkpoint left."""
+    sd = make_domain({"vda": 32 * MiB}, start=False)
+    rnd = tmp_path / "random.bin"
+    rnd.write_bytes(os.urandom(8 * MiB))
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -s {rnd} 0 {8 * MiB}", str(sd.disk_path("vda"))],
+                   check=True, capture_output=True)
+    sd.dom.create()
+    with tmpfs(tmp_path / "tiny", "13M") as mnt:
+        bdir = mnt / "bk"
+        r = cli("backup", sd.name, bdir, "--compress", "zstd")
+        assert r.rc == 1, r
+        line = one_error_line(r)
+        assert "compressing the copy failed" in line and "No space left on device" in line, line
+        assert json.loads(cli("list", bdir, "--json").out)["points"] == []
+        assert [f.name for f in (bdir / "points").iterdir()] == [] if (bdir / "points").exists() else True
+        assert checkpoint_names(sd.dom) == []

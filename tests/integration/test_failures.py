@@ -12,6 +12,7 @@ from tests.support.helpers import (
     assert_point_restores,
     checkpoint_names,
     cli,
+    guest_data_byte,
     one_error_line,
     our_bitmaps,
     snapshot_dir,
@@ -174,13 +175,11 @@ def test_verify_names_damaged_image_and_restore_refuses_missing(make_domain, tmp
 
     # flip one byte of guest data inside the full's vda image (its record: SHA-256)
     img = bdir / "points/0001/vda.qcow2"
-    extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(img)],
-                                        capture_output=True, text=True, check=True).stdout)
-    off = next(e["offset"] for e in extents if e.get("data") and "offset" in e)
+    off = guest_data_byte(img)
     with open(img, "r+b") as f:
-        f.seek(off + 100)
+        f.seek(off)
         b = f.read(1)
-        f.seek(off + 100)
+        f.seek(off)
         f.write(bytes([b[0] ^ 0xFF]))
     r = cli("verify", bdir, "--json")
     assert r.rc == 1, r
@@ -189,13 +188,11 @@ def test_verify_names_damaged_image_and_restore_refuses_missing(make_domain, tmp
     assert r.json()["damaged_points"] == ["0001", "0002"]
     # and in an image recorded with BLAKE3 (point 0002's vdb)
     img = bdir / "points/0002/vdb.qcow2"
-    extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(img)],
-                                        capture_output=True, text=True, check=True).stdout)
-    off = next(e["offset"] for e in extents if e.get("data") and "offset" in e and e["depth"] == 0)
+    off = guest_data_byte(img)
     with open(img, "r+b") as f:
-        f.seek(off + 100)
+        f.seek(off)
         b = f.read(1)
-        f.seek(off + 100)
+        f.seek(off)
         f.write(bytes([b[0] ^ 0x01]))
     r = cli("verify", bdir, "--point", "0002", "--json")
     assert r.rc == 1 and any(x["image"] == "points/0002/vdb.qcow2" and "hash (blake3)" in x["problem"]

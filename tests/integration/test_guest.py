@@ -209,8 +209,8 @@ def test_quiesced_backup_holds_a_file_that_was_only_in_the_page_cache(g, dom, tm
 
     r = cli("list", bdir)
     assert r.rc == 0, r
-    header, rows = r.out.splitlines()[1], r.out.splitlines()[2:]
-    assert "CONSISTENCY" in header
+    header, rows, total = r.out.splitlines()[1], r.out.splitlines()[2:-1], r.out.splitlines()[-1]
+    assert "CONSISTENCY" in header and total.startswith("stored: "), r.out
     assert len(rows) == 2 and all(re.search(r" MiB  application\b|KiB  application\b", row) for row in rows), r.out
     assert [x["consistency"] for x in points(bdir)] == ["application", "application"]
 

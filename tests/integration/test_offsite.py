@@ -22,10 +22,18 @@ from typing import Any, Dict, Iterator, List
 import pytest
 
 from tests.support import s3lab
-from tests.support.helpers import ROOT, CLIResult, assert_point_restores, one_error_line, take_backup
+from tests.support.helpers import ROOT, CLIResult, assert_point_restores, cli, one_error_line
 from tests.support.schemas import validate_output
 
 MiB = 1 << 20
+
+
+def take_backup(dom_name: str, bdir: Path, level: str = "auto") -> dict:
+    """Uncompressed points: the transfer tests need images of the size the guest wrote (parts,
+    kills mid-upload); compressed ones go up the same way, as files."""
+    r = cli("backup", dom_name, bdir, "--level", level, "--compress", "none", "--json")
+    assert r.rc == 0, r
+    return r.json()
 KiB = 1 << 10
 
 
@@ -384,7 +392,8 @@ def test_job_file_offsite_table_pushes_each_domain_after_its_backup(lab, buckets
     r = vb(lab, "run", job, "--json")
     assert r.rc == 0, r
     dom = validate_output("run", r.out, r.rc)["domains"][0]
-    assert dom["status"] == "ok" and dom["offsite"]["points_sent"] == ["0001"] and dom["offsite"]["bytes_sent"] > MiB
+    assert dom["status"] == "ok" and dom["offsite"]["points_sent"] == ["0001"]
+    assert dom["offsite"]["bytes_sent"] >= dom["stored_bytes"] > 0     # every image, and the metadata
     assert dom["offsite"]["lag_points"] == 0 and dom["offsite"]["url"] == f"s3://{b}/host1/{d.name}"
 
     def offsite_metrics() -> dict:

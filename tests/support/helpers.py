@@ -253,3 +253,34 @@ def header_backing(image: Path) -> Optional[str]:
     from virtbackup.qemu import qemu_img
     name = qemu_img.info(image, force_share=True).get("backing-filename")
     return str(name) if name is not None else None
+
+
+def guest_data_byte(image: Path) -> int:
+    """The file offset of a byte of guest data the qcow2 image itself holds: inside a plain data
+    cluster (qemu-img map gives its offset), else inside a compressed cluster's bytes (map gives
+    none: read from the L1/L2 tables; qcow2 spec: a compressed L2 entry has bit 62 set and the
+    host offset in its low 62 - (cluster_bits - 8) bits). Flipping it changes guest data only."""
+    import json
+    import struct
+    extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", "-U", str(image)], check=True,
+                                        capture_output=True, text=True).stdout)
+    for e in extents:
+        if e.get("data") and e.get("depth") == 0 and "offset" in e and e["length"] > 4096:
+            return int(e["offset"]) + 1000
+    with open(image, "rb") as f:
+        head = f.read(48)
+        cluster_bits = struct.unpack(">I", head[20:24])[0]
+        l1_size = struct.unpack(">I", head[36:40])[0]
+        l1_offset = struct.unpack(">Q", head[40:48])[0]
+        f.seek(l1_offset)
+        l1 = struct.unpack(f">{l1_size}Q", f.read(8 * l1_size))
+        for entry in l1:
+            l2_offset = entry & 0x00FFFFFFFFFFFE00
+            if not l2_offset:
+                continue
+            f.seek(l2_offset)
+            size = 1 << cluster_bits
+            for (l2,) in struct.iter_unpack(">Q", f.read(size)):
+                if l2 & (1 << 62):
+                    return (l2 & ((1 << (62 - (cluster_bits - 8))) - 1)) + 4
+    raise AssertionError(f"{image} holds no guest data cluster")

@@ -20,11 +20,6 @@ def list_points(backup_dir: BackupDirArg, as_json: AsJson = False) -> None:
     if chain.encryption is not None:
         print(f"encrypted: {chain.encryption.format} {chain.encryption.cipher} (restore, verify, prune "
               "and further backups need --key-file)")
-    if chain.points:
-        kinds = sorted({p.compression or "uncompressed" for p in chain.points})
-        ratio = chain.compression_ratio
-        print(f"stored: {human_size(chain.stored_bytes)} ({', '.join(kinds)}"
-              + (f"; compression ratio {ratio:.2f}" if ratio is not None else "") + ")")
     print(f"{'ID':<6} {'LEVEL':<5} {'CREATED':<26} {'PARENT':<6} {'DISKS':<16} {'SIZE':>10}  "
           f"{'CONSISTENCY':<11}  NOTE")
     for p in chain.points:
@@ -35,6 +30,11 @@ def list_points(backup_dir: BackupDirArg, as_json: AsJson = False) -> None:
                             if i.full_reason])
         print(f"{p.id:<6} {p.level:<5} {p.created:<26} {p.parent or '-':<6} "
               f"{','.join(sorted(p.disks)):<16} {size:>10}  {p.consistency or '-':<11}  {note}".rstrip())
+    if chain.points:        # the total after the table: what the directory's images hold
+        kinds = sorted({p.compression or "uncompressed" for p in chain.points})
+        ratio = chain.compression_ratio
+        print(f"stored: {human_size(chain.stored_bytes)} ({', '.join(kinds)}"
+              + (f"; compression ratio {ratio:.2f}" if ratio is not None else "") + ")")
 
 
 @command()
