@@ -148,7 +148,7 @@ def test_multi_disk_2m_clusters_and_raw_default_transport(make_domain, tmp_path)
     sd.write("vdc", 0x53, 0, 4 * MiB)
     bdir = tmp_path / "b"
     seen = {}
-    p = backup(sd.name, bdir, "full")                     # default: zstd, auto transport
+    p = backup(sd.name, bdir, "full", "--compress", "zstd")   # the default transport
     seen[p["id"]] = sd.expected()
     sd.write("vda", 0x61, 4 * MiB + 4 * KiB, 4 * KiB)
     sd.write("vda", 0, 5 * MiB, 64 * KiB)

@@ -519,8 +519,9 @@ def file_state(path: Path) -> dict:
 def test_drill_boots_point_passes_check_fails_bad_check_and_leaves_nothing(g, dom, conn, tmp_path):
     bdir = tmp_path / "bk"
     write_unsynced(g, "drill.txt")
-    r = cli("backup", g.name, bdir, "--quiesce", "--json")
-    assert r.rc == 0, r
+    # a compressed chain (the drill boots it like any other: issue 24's readers)
+    r = cli("backup", g.name, bdir, "--quiesce", "--compress", "zstd", "--json")
+    assert r.rc == 0 and r.json()["point"]["compression"] == "zstd", r
     before, before_state = snapshot_dir(bdir), file_state(bdir)
     drills_before = set(glob.glob("/tmp/virtbackup-drill-*"))
     dom.suspend()            # two TCG guests on two loaded cores: give the drill the CPU

@@ -172,7 +172,7 @@ def test_job_three_domains_failure_chains_retention_metrics(make_domain, tmp_pat
         listed = json.loads(cli("list", x["backup_dir"], "--json").out)
         assert x["stored_bytes"] == listed["stored_bytes"]
         assert m[("virtbackup_domain_compression_ratio", lab)] == pytest.approx(listed["compression_ratio"])
-        assert listed["compression_ratio"] > 1
+        assert listed["compression_ratio"] > 0.5      # uncompressed: data / stored, about 1
         assert started - 1 <= m[("virtbackup_domain_last_success_time_seconds", lab)] <= finished + 1
     lab_c = (("domain", c.name), ("job", "nightly"))
     assert ("virtbackup_domain_last_success_time_seconds", lab_c) not in m   # never succeeded

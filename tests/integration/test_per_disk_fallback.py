@@ -37,6 +37,12 @@ def data_bytes(image: Path) -> int:
     return sum(e["length"] for e in json.loads(out) if e["depth"] == 0 and e["data"])
 
 
+def compressed_clusters(image: Path) -> int:
+    out = subprocess.run(["qemu-img", "check", "-U", "--output=json", str(image)], capture_output=True,
+                         text=True).stdout
+    return int(json.loads(out).get("compressed-clusters", 0))
+
+
 def remove_bitmap(dom: libvirt.virDomain, disk: str, name: str) -> None:
     """Behind libvirt's back (another tool, a converted image): QMP on the disk's format node."""
     node = next(d.node_name for d in host.domain_disks(dom.XMLDesc(0)) if d.target == disk)
@@ -53,7 +59,10 @@ def test_online_lost_and_inconsistent_bitmaps_copy_only_that_disk(make_domain, t
     want: Dict[str, Dict[str, bytes]] = {}
     d.write("vda", 0x11, 0, 8 * MiB)
     d.write("vdb", 0x21, 0, 2 * MiB)
-    p1 = take_backup(d.name, bdir, "full")["point"]
+    # a compressed chain (issue 24): a disk copied whole inside an inc is compressed too
+    r = cli("backup", d.name, bdir, "--level", "full", "--compress", "zstd", "--json")
+    assert r.rc == 0, r
+    p1 = r.json()["point"]
     want["0001"] = d.expected()
 
     # 1. vdb's base bitmap removed: auto takes an incremental, vdb copied whole in it
@@ -69,6 +78,7 @@ def test_online_lost_and_inconsistent_bitmaps_copy_only_that_disk(make_domain, t
     assert "bitmap" in p2["disks"]["vdb"]["full_reason"] and "missing" in p2["disks"]["vdb"]["full_reason"]
     assert not p2["disks"]["vda"]["copied_full"] and p2["disks"]["vda"]["full_reason"] is None
     assert scratch.backing_chain(image(bdir, p2, "vdb")) == [str(image(bdir, p2, "vdb"))]
+    assert p2["compression"] == "zstd" and compressed_clusters(image(bdir, p2, "vdb")) > 0
     fallback = {t: data_bytes(image(bdir, p2, t)) for t in ("vda", "vdb")}
     assert fallback == {"vda": 1 * MiB, "vdb": 2 * MiB + 512 * KiB}, fallback
     # what the old behaviour (a new chain) would have copied: a full, into another directory

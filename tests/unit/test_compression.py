@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 
 import pytest
 
+from virtbackup import backup as backup_mod
 from virtbackup.backup import _check_compression, chain_compression
 from virtbackup.errors import ChainCorrupt, UsageError
 from virtbackup.qemu import qemu_img
@@ -85,13 +86,16 @@ def chain_of(*compressions: Optional[str]) -> Chain:
     return c
 
 
-def test_a_point_follows_its_chain_and_a_change_starts_a_new_one(tmp_path):
+def test_a_point_follows_its_chain_and_a_change_starts_a_new_one(tmp_path, monkeypatch):
     bdir = BackupDir(tmp_path)
-    # a new directory: the default (zstd), unless encrypted
-    assert chain_compression(bdir, chain_of(), None, "auto", None) == ("zstd", "auto", None)
-    enc = chain_of()
-    enc.encryption = object()  # type: ignore[assignment]
-    assert chain_compression(bdir, enc, None, "auto", None) == (None, "auto", None)
+    # a new directory: the default (options.DEFAULT_COMPRESSION: none), also when encrypted
+    assert chain_compression(bdir, chain_of(), None, "auto", None) == (None, "auto", None)
+    with monkeypatch.context() as m:
+        m.setattr(backup_mod, "DEFAULT_COMPRESSION", "zstd")
+        assert chain_compression(bdir, chain_of(), None, "auto", None) == ("zstd", "auto", None)
+        enc = chain_of()
+        enc.encryption = object()  # type: ignore[assignment]
+        assert chain_compression(bdir, enc, None, "auto", None) == (None, "auto", None)
     assert chain_compression(bdir, chain_of(), "none", "full", None) == (None, "full", None)
     # an existing chain: its latest point's setting, whatever the default
     assert chain_compression(bdir, chain_of("zstd", None), None, "inc", None) == (None, "inc", None)

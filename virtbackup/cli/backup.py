@@ -63,7 +63,7 @@ def backup(ctx: typer.Context, domain: Domain, backup_dir: BackupDirArg,
            compress: Annotated[Optional[str], typer.Option(
                "--compress", metavar="[zstd|zlib|none]",
                help="store the images as qcow2 compressed clusters (any qemu-img reads them); default: the "
-                    "chain's setting, zstd for a new unencrypted directory; another setting starts a new "
+                    "chain's setting, none for a new directory; another setting starts a new "
                     "chain")] = None,
            progress_fd: Annotated[Optional[int], typer.Option(
                "--progress-fd", hidden=True, metavar="FD",
