@@ -282,5 +282,5 @@ def guest_data_byte(image: Path) -> int:
             size = 1 << cluster_bits
             for (l2,) in struct.iter_unpack(">Q", f.read(size)):
                 if l2 & (1 << 62):
-                    return (l2 & ((1 << (62 - (cluster_bits - 8))) - 1)) + 4
+                    return int(l2 & ((1 << (62 - (cluster_bits - 8))) - 1)) + 4
     raise AssertionError(f"{image} holds no guest data cluster")
