@@ -22,7 +22,7 @@ from typing import Dict, List, Tuple
 import libvirt
 
 from tests.integration.test_faults import IN_FLIGHT_DATA, pause_job
-from tests.integration.test_restore_retention import hmp_write, restored_names  # noqa: F401 (fixture)
+from tests.integration.test_restore_retention import hmp_write
 from tests.support import scratch
 from tests.support.helpers import (
     assert_point_restores,
@@ -214,7 +214,7 @@ def test_lock_files_never_followed_and_busy_names_live_holder(make_domain, tmp_p
     assert cli("backup", d.name, bdir).rc == 0
 
 
-def test_empty_string_arguments_are_usage_errors(make_domain, tmp_path, restored_names):  # noqa: F811
+def test_empty_string_arguments_are_usage_errors(make_domain, tmp_path, restored_domains):  # noqa: F811
     """Defect 7: "" is never the current directory, and --define "" is not 'no domain'."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -285,7 +285,7 @@ def test_killed_restore_is_cleaned_by_rerun(make_domain, tmp_path):
         assert scratch.first_difference(scratch.read_raw(out / f"{disk}.qcow2"), expected["0002"][disk]) is None
 
 
-def test_define_attaches_hot_plugged_disk(make_domain, conn, tmp_path, restored_names):  # noqa: F811
+def test_define_attaches_hot_plugged_disk(make_domain, conn, tmp_path, restored_domains):  # noqa: F811
     """Defect 11: a disk hot-plugged (live only) before the backup is attached to the restored domain."""
     d = make_domain({"vda": 16 * MiB})
     extra = tmp_path / "hot.qcow2"
@@ -299,7 +299,7 @@ def test_define_attaches_hot_plugged_disk(make_domain, conn, tmp_path, restored_
     r = cli("backup", d.name, bdir, "--json")
     assert r.rc == 0 and set(r.json()["point"]["disks"]) == {"vda", "vdb"}, r
     name = f"{d.name}-r"
-    restored_names.append(name)
+    restored_domains.append(name)
     out = tmp_path / "out"
     r = cli("restore", bdir, out, "--define", name)
     assert r.rc == 0 and "vdb" in r.err and "hot-plugged" in r.err, r

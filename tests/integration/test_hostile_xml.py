@@ -21,7 +21,6 @@ import libvirt
 import pytest
 from lxml import etree
 
-from tests.integration.test_restore_retention import restored_names  # noqa: F401 (fixture)
 from tests.support.helpers import cli, one_error_line, snapshot_dir
 
 MiB = 1 << 20
@@ -60,7 +59,7 @@ def drill_domains(conn: libvirt.virConnect) -> list:
 
 
 def test_hand_edited_point_xml_is_refused_and_its_emulator_never_runs(make_domain, conn, tmp_path, evil,
-                                                                      restored_names):  # noqa: F811
+                                                                      restored_domains):  # noqa: F811
     d = make_domain({"vda": 16 * MiB})
     d.write("vda", 0x31, 0, 1 * MiB)
     bdir = tmp_path / "bk"
@@ -86,7 +85,7 @@ def test_hand_edited_point_xml_is_refused_and_its_emulator_never_runs(make_domai
             "problem": "content hash (blake3) differs from the one recorded at backup time"} in r.json()["damage"]
 
     name = f"{d.name}-r"
-    restored_names.append(name)
+    restored_domains.append(name)
     before = snapshot_dir(bdir)
     out = tmp_path / "out"
     r = cli("restore", bdir, out, "--point", "0001", "--define", name)
@@ -124,7 +123,7 @@ def test_hand_edited_point_xml_is_refused_and_its_emulator_never_runs(make_domai
 
 
 def test_without_xml_digests_the_restored_domain_still_takes_this_hosts_emulator(make_domain, conn, tmp_path,
-                                                                                evil, restored_names):  # noqa: F811
+                                                                                evil, restored_domains):  # noqa: F811
     """Older metadata (no XML digests; here removed by hand, as whoever edits domain.xml can):
     the edited XML is accepted as before, but the restored domain gets libvirt's emulator for
     this host (libvirt 9.0 fills <emulator> in on define), not the script."""
@@ -141,7 +140,7 @@ def test_without_xml_digests_the_restored_domain_still_takes_this_hosts_emulator
     dom_xml.write_text(with_emulator(dom_xml.read_text(), evil / "emulator.sh"))
     assert cli("verify", bdir).rc == 0                  # nothing recorded to compare with
     name = f"{d.name}-r"
-    restored_names.append(name)
+    restored_domains.append(name)
     r = cli("restore", bdir, tmp_path / "out", "--define", name)
     assert r.rc == 0 and f"emulator {evil}/emulator.sh not taken from the backup" in r.err, r
     got = etree.fromstring(conn.lookupByName(name).XMLDesc(0).encode()).findtext("devices/emulator")
