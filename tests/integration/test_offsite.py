@@ -34,6 +34,8 @@ def take_backup(dom_name: str, bdir: Path, level: str = "auto") -> dict:
     r = cli("backup", dom_name, bdir, "--level", level, "--compress", "none", "--json")
     assert r.rc == 0, r
     return r.json()
+
+
 KiB = 1 << 10
 
 
@@ -41,6 +43,10 @@ KiB = 1 << 10
 def lab() -> Iterator[s3lab.Lab]:
     why = s3lab.available()
     if why:
+        # never in CI (CI=true), where a missing piece is a failure: a clean clone's venv once
+        # imported Debian's boto3 1.26, which breaks on urllib3 2, and all of these went unseen
+        if os.environ.get("CI"):
+            pytest.fail(f"the off-site tests cannot run: {why}")
         pytest.skip(why)
     t0 = time.monotonic()
     with s3lab.Lab() as lab:

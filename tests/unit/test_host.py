@@ -14,7 +14,11 @@ from virtbackup.virt import host
 
 
 def lverr(message: str, code: int = libvirt.VIR_ERR_INTERNAL_ERROR) -> libvirt.libvirtError:
-    """A libvirtError as the bindings raise it: (code, domain, message, level, ...) in `err`."""
+    """A libvirtError as the bindings raise it: (code, domain, message, level, ...) in `err`.
+
+    The bindings take the message of the thread's last libvirt error when there is one: an
+    earlier test in this process (an integration test's closed connection) must not become it."""
+    libvirt.virResetLastError()
     e = libvirt.libvirtError(message)
     e.err = (code, libvirt.VIR_FROM_QEMU, message, libvirt.VIR_ERR_ERROR, "", None, None, 0, 0)
     return e
