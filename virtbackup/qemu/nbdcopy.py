@@ -492,7 +492,7 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
         raise NbdError(f"cannot read the header of {target}: {e}") from None
     inline = cluster > 0 and size % cluster == 0
     stats = _copy(src, target, bitmap, should_stop=should_stop, progress=progress, request_size=request_size,
-                  max_in_flight=max_in_flight, max_speed=max_speed, key=key, compress=inline)
+                  max_in_flight=max_in_flight, max_speed=max_speed, key=key, cluster=cluster if inline else 0)
     if not inline:
         try:
             qemu_img.wait_released([str(target)])
@@ -505,14 +505,15 @@ def copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
 def _copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
           should_stop: Optional[StopCheck] = None, progress: Optional[Progress] = None,
           request_size: int = REQUEST_SIZE, max_in_flight: int = MAX_IN_FLIGHT,
-          max_speed: Optional[int] = None, key: Optional["Key"] = None, compress: bool = False) -> CopyStats:
+          max_speed: Optional[int] = None, key: Optional["Key"] = None, cluster: int = 0) -> CopyStats:
     """Copy the export into `target` (see the module doc); flushed before returning.
 
     `bitmap` is the dirty-bitmap meta context (e.g. `qemu:dirty-bitmap:backup-vda`): given, only
     dirty extents are copied and the target must have the previous image as backing; not
     given, the target must be empty and unbacked. `max_speed`: bytes/s read from the source
     (a token bucket of one request; see Pacer). `key`: the target is LUKS-encrypted (open_target).
-    `compress`: written as compressed clusters, whole clusters only (open_target, align_runs).
+    `cluster` (the target's cluster size, from copy()): written as compressed clusters, whole
+    clusters only (open_target, align_runs); 0: plain writes.
     Raises NbdError (with what failed and where)
     or CopyStopped; the target's content is then undefined and the caller discards it.
 
@@ -523,15 +524,8 @@ def _copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
     nbd = _nbd()
     started = time.monotonic()
     contexts = [ALLOCATION] + ([bitmap] if bitmap else [])
-    cluster = 0
-    if compress:
-        from virtbackup.qemu import qemu_img
-        try:
-            cluster = int(qemu_img.info(target, force_share=True).get("cluster-size") or 0)
-        except (HostError, ValueError, TypeError) as e:
-            raise NbdError(f"cannot read the cluster size of {target}: {e}") from None
-        if cluster <= 0 or request_size % cluster:
-            raise NbdError(f"{target}: cluster size {cluster} does not divide the request size {request_size}")
+    if cluster and request_size % cluster:
+        raise NbdError(f"{target}: cluster size {cluster} does not divide the request size {request_size}")
     s = open_source(src, contexts)
     d: Any = None
     try:
@@ -565,7 +559,7 @@ def _copy(src: Endpoint, target: Path, bitmap: Optional[str] = None, *,
             if pump is None:
                 if not pending:
                     break       # nothing to copy: the target stays as created (reads as its backing)
-                d = open_target(target, key, compress)
+                d = open_target(target, key, compress=cluster > 0)
                 if d.get_size() < size:
                     raise NbdError(f"target {target} ({d.get_size()} bytes) is smaller than "
                                    f"{src.describe()} ({size} bytes)")
