@@ -11,6 +11,7 @@ disk monotonic with a constant total and a last event at the total.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import threading
@@ -24,6 +25,7 @@ import pytest
 
 from tests.support import scratch
 from tests.support.helpers import checkpoint_names, our_bitmaps, snapshot_dir
+from tests.support.qemu import slow_reads
 from virtbackup import api
 from virtbackup.errors import Interrupted
 from virtbackup.observe import Cancel, ProgressEvent
@@ -144,23 +146,28 @@ def test_cancel_from_another_thread_mid_copy_rolls_back_like_a_signal(make_domai
     prefix = first.point.checkpoint[:-4]
     assert own_secrets() == []
 
-    # 192 MiB to copy at 2 MiB/s: a job of over a minute. (Push mode gets its limit just after
-    # the job started, and QEMU copies the first 64 MiB or so at full speed: test_speed.py.)
+    # 192 MiB to copy at 2 MiB/s: a job of over a minute. Push mode gets its limit just after the
+    # job started, when QEMU has begun its first requests at full speed (test_speed.py): its
+    # reads are slowed from the first byte, or a loaded host could see the job end first.
     for off in (8 * MiB, 104 * MiB):
         d.write("vda", 0x22, off, 96 * MiB)
     before = state(d, bdir, prefix)
     cancel, events = Cancel(), Events()
-    job = InThread(api.backup, d.name, bdir, level="inc", mode=mode, max_speed=2 * MiB, key=key,
-                   cancel=cancel, progress=events)
-    assert events.copying.wait(120), f"no copy progress seen: {events.events}"
-    assert job.thread.is_alive()
-    assert d.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
-    if encrypted:
-        assert len(own_secrets()) == 1, "the job's key secret should exist while it runs"
-    t0 = time.monotonic()
-    cancel.cancel()
-    with pytest.raises(Interrupted) as ei:
-        job.result()
+    with contextlib.ExitStack() as slowed:
+        lift = slowed.enter_context(slow_reads(d.dom, "vda", iops=8)) if mode == "push" else None
+        job = InThread(api.backup, d.name, bdir, level="inc", mode=mode, max_speed=2 * MiB, key=key,
+                       cancel=cancel, progress=events)
+        assert events.copying.wait(120), f"no copy progress seen: {events.events}"
+        assert job.thread.is_alive()
+        assert d.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
+        if encrypted:
+            assert len(own_secrets()) == 1, "the job's key secret should exist while it runs"
+        if lift:
+            lift()               # the abort need not wait for the slowed reads
+        t0 = time.monotonic()
+        cancel.cancel()
+        with pytest.raises(Interrupted) as ei:
+            job.result()
     assert time.monotonic() - t0 < 60, "the cancel did not wake the wait"
     assert str(ei.value) == "backup cancelled; nothing was recorded"
     assert ei.value.exit_code == 1

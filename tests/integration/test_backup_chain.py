@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import json
 
-from tests.support.helpers import assert_point_restores, checkpoint_names, cli, our_bitmaps, take_backup
+from tests.support.helpers import (
+    assert_point_restores,
+    checkpoint_names,
+    cli,
+    finish,
+    our_bitmaps,
+    start_cli,
+    take_backup,
+    wait_for,
+)
+from tests.support.qemu import slow_reads
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -180,44 +190,31 @@ def test_a_hot_plugged_raw_disk_is_backed_up_whole_not_skipped(make_domain, tmp_
 
 def test_writes_during_the_job_land_in_the_next_point_not_this_one(make_domain, tmp_path):
     """The point in time is the job's start: later writes go to the next incremental."""
-    import subprocess
-    import sys
-
     import libvirt
 
     from virtbackup.virt import monitor
-    # QEMU's block-copy keeps up to 64 MiB of reads in flight; with 192 MiB of data a job that
-    # is slowed as soon as it appears still has most of the disk to copy when the guest writes.
     d = make_domain({"vda": 256 * MiB})
     bdir = tmp_path / "bk"
     d.write("vda", 0x11, 0, 192 * MiB)
     before = d.expected()
-    proc = subprocess.Popen([sys.executable, "-m", "virtbackup.cli", "backup", d.name, bdir, "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        jobs = []
-        for _ in range(2000):
-            jobs = monitor.qmp(d.dom, "query-block-jobs")
-            if jobs:
-                break
-        assert jobs, "the backup job never showed up"
-        for j in jobs:
-            monitor.qmp(d.dom, "block-job-set-speed", {"device": j["device"], "speed": 1 * MiB})
-        assert d.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
-        job = monitor.qmp(d.dom, "query-block-jobs")[0]
-        assert job["offset"] < 150 * MiB, f"job too far already ({job['offset']}); cannot test"
-        d.write("vda", 0x22, 150 * MiB, 4 * MiB)     # over data not copied yet
-        d.write("vda", 0x33, 250 * MiB, 1 * MiB)     # into a hole
-        job = monitor.qmp(d.dom, "query-block-jobs")[0]
-        assert job["offset"] < job["len"], "the job ended before the writes; cannot test"
-        for j in monitor.qmp(d.dom, "query-block-jobs"):
-            monitor.qmp(d.dom, "block-job-set-speed", {"device": j["device"], "speed": 0})
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
+    # 8 reads of at most 1 MiB a second: the job needs 24 s for the data, however loaded the host
+    with slow_reads(d.dom, "vda", iops=8) as lift:
+        proc = start_cli("backup", d.name, bdir, "--json")
+        try:
+            job = wait_for("the backup job", lambda: (monitor.qmp(d.dom, "query-block-jobs") or [None])[0])
+            assert d.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
+            assert job["offset"] < 150 * MiB, f"job too far already ({job['offset']})"
+            d.write("vda", 0x22, 150 * MiB, 4 * MiB)     # over data not copied yet
+            d.write("vda", 0x33, 250 * MiB, 1 * MiB)     # into a hole
+            job = monitor.qmp(d.dom, "query-block-jobs")[0]
+            assert job["offset"] < job["len"], "the job ended before the writes"
+            lift()
+            r = finish(proc, timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert r.rc == 0, r
     assert_point_restores(bdir, "0001", before, tmp_path / "r1")
     r = cli("backup", d.name, bdir, "--level", "inc", "--json")
     assert r.rc == 0, r

@@ -44,11 +44,14 @@ from tests.support.helpers import (
     start_cli,
     tmpfs,
 )
+from tests.support.qemu import slow_reads
 
 MiB = 1 << 20
-# Dirty data that keeps a job running long enough to be paused: 64 MiB is caught ~9 times in 10 on
-# an idle 2-core machine, less under load, so each further attempt dirties more (disks are 128 MiB).
-IN_FLIGHT_DATA = (64 * MiB, 96 * MiB, 120 * MiB, 120 * MiB, 120 * MiB)
+# Dirty data of a job to be paused in flight: more than the 64 MiB block-copy reads at once, read
+# under `slow_reads` (8 MiB/s) so that the job cannot end first, however loaded the host. Catching
+# an unslowed job as it appeared failed in CI even with five attempts of growing size.
+IN_FLIGHT_DATA = 96 * MiB
+SLOW_IOPS = 8
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -105,24 +108,20 @@ class Chain:
         return State(snapshot_dir(self.bdir), checkpoint_names(dom),
                      our_bitmaps(dom, self.prefix) if dom.isActive() else None)
 
-    def write_burst(self, length: int = IN_FLIGHT_DATA[0], disk: str = "vda") -> None:
+    def write_burst(self, length: int = IN_FLIGHT_DATA, disk: str = "vda") -> None:
         self._pattern += 1
         self.d.write(disk, self._pattern, 0, length)
 
     def start_paused(self, *args: object) -> "tuple[subprocess.Popen, State]":
-        """Dirty a lot, start a backup and pause its job mid-flight; returns it and the state before.
-
-        When the job ends before it can be paused (a loaded machine), that run is just a good
-        backup: record it and try again with fresh dirty data.
-        """
-        for length in IN_FLIGHT_DATA:
-            self.write_burst(length)
-            before, expected = self.state(), self.d.expected()
+        """Dirty a lot, start a backup and pause its job mid-flight (its reads slowed from the
+        first byte); returns it and the state before."""
+        self.write_burst()
+        before = self.state()
+        with slow_reads(self.d.dom, "vda", SLOW_IOPS):
             proc = start_cli("backup", self.d.name, self.bdir, "--json", *args)
-            if pause_job(self.d.dom, proc):
-                return proc, before
-            self.record(finish(proc), expected)
-        pytest.fail(f"could not catch a backup job in flight in {len(IN_FLIGHT_DATA)} attempts")
+            caught = pause_job(self.d.dom, proc)
+        assert caught, f"the backup job ended before it was paused: {finish(proc)}"
+        return proc, before
 
     def assert_unchanged(self, before: State) -> None:
         """Nothing of the failed run is left and nothing recorded changed."""
@@ -420,15 +419,12 @@ def test_another_tools_job_is_left_alone(make_domain, tmp_path):
     c = Chain(d, tmp_path / "bk", tmp_path)
     c.backup()
     try:
-        for attempt, length in enumerate(IN_FLIGHT_DATA):
-            c.write_burst(length)
+        c.write_burst()
+        with slow_reads(d.dom, "vda", SLOW_IOPS):
             d.dom.backupBegin(f"<domainbackup><disks><disk name='vda' type='file'><target "
-                              f"file='{tmp_path}/foreign{attempt}.qcow2'/><driver type='qcow2'/></disk></disks>"
+                              f"file='{tmp_path}/foreign.qcow2'/><driver type='qcow2'/></disk></disks>"
                               "</domainbackup>", None, 0)
-            if pause_job(d.dom):
-                break
-        else:
-            pytest.fail("could not catch the foreign job in flight")
+            assert pause_job(d.dom), "the foreign job ended before it was paused"
         before = c.state()
         r = cli("backup", d.name, c.bdir, timeout=60)
         assert r.rc == 1, r

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import libvirt
 
 from tests.support.helpers import assert_point_restores, cli, finish, one_error_line, start_cli
+from tests.support.qemu import slow_reads
 from virtbackup.errors import HostError
 from virtbackup.virt import monitor
 
@@ -19,11 +21,14 @@ def _backup_jobs(dom: libvirt.virDomain) -> list:
 
 def test_max_speed_is_applied_to_the_push_job_and_the_backup_is_bit_exact(make_domain, tmp_path):
     d = make_domain({"vda": 128 * MiB, "vdb": 128 * MiB})
-    # more than QEMU copies before a limit set after the job's start bites (its first chunks)
+    # more than QEMU copies before a limit set after the job's start bites (its first requests)
     for disk in ("vda", "vdb"):
         d.write(disk, 0x5A, 0, 120 * MiB)
     bdir = tmp_path / "bk"
     limit = 1 * MiB
+    slowed = contextlib.ExitStack()
+    for disk in ("vda", "vdb"):          # neither job can end before the test has seen its limit
+        slowed.enter_context(slow_reads(d.dom, disk, iops=8))
     proc = start_cli("backup", d.name, bdir, "--level", "full", "--max-speed", limit, "--json")
     seen: dict = {}
     try:
@@ -35,17 +40,17 @@ def test_max_speed_is_applied_to_the_push_job_and_the_backup_is_bit_exact(make_d
                 if j.get("speed"):
                     seen[j["device"]] = j["speed"]
             time.sleep(0.05)
-        # Not `len(seen) == 2`: the limit is set after the job starts, and under load one disk's
-        # job was seen to finish its 120 MiB unlimited before the test saw it limited (once in 5).
-        # lift the limit so the test does not wait for the slow copy; the result must be exact
+        # lift both limits so the test does not wait for the slow copy; the result must be exact
+        slowed.close()
         for dev in seen:
             try:
                 monitor.qmp(d.dom, "block-job-set-speed", {"device": dev, "speed": 0})
             except HostError:
                 pass                # that disk's job already ended (QEMU copied its start unlimited)
     finally:
+        slowed.close()
         r = finish(proc, timeout=300)
-    assert seen and set(seen.values()) == {limit}, f"backup jobs as QEMU reports them: {seen}; the CLI: {r}"
+    assert len(seen) == 2 and set(seen.values()) == {limit}, f"backup jobs as QEMU reports them: {seen}; the CLI: {r}"
     assert r.rc == 0, r
     assert r.json()["point"]["level"] == "full"
     assert_point_restores(bdir, "0001", d.expected(), tmp_path / "out")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
@@ -113,25 +112,15 @@ class PushRunner:
         """Bound each disk's copy to `speed` bytes/s: libvirt has no speed in its backup API, so
         QMP `block-job-set-speed` on the backup jobs it started (found through
         `query-block-jobs`; only backup jobs run while our backup does: libvirt allows one job
-        per domain). QEMU applies it from the next chunk on: what it copied in the few ms before
-        (and the rate limiter's first slice) goes at full speed. A job that already finished
-        needs no limit."""
+        per domain). QEMU applies it to the copy requests it starts after it: block-copy starts
+        its first requests (up to 64, of 1 MiB or, with copy_file_range, more) at once when the
+        job starts, and those go at full speed. A job that already finished needs no limit."""
         dom = self.handle.dom
         try:
-            for attempt in range(20):
-                jobs = [j for j in monitor.qmp(dom, "query-block-jobs") or [] if j.get("type") == "backup"]
-                if jobs or job_gone(dom):
-                    break
-                # libvirt's job is there but QEMU lists no copy job (yet): without this wait the
-                # whole copy would run unlimited. A guess at one CI run whose 2 MiB/s job copied
-                # 192 MiB at once; the cause there is not confirmed
-                time.sleep(0.01 * (attempt + 1))
+            jobs = [j for j in monitor.qmp(dom, "query-block-jobs") or [] if j.get("type") == "backup"]
             for j in jobs:
                 monitor.qmp(dom, "block-job-set-speed", {"device": j["device"], "speed": speed})
                 log.info("copy of %s limited to %d bytes/s", j["device"], speed)
-            if not jobs and not job_gone(dom):
-                self.warnings.append("could not limit the copy speed: QEMU lists no backup job")
-                log.warning("could not limit the copy speed: QEMU lists no backup job")
         except HostError as e:
             if job_gone(dom):
                 return
