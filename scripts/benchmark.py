@@ -25,11 +25,16 @@ Targets (DESIGN.md "Performance targets"):
   what `qemu-img convert -c -o compression_type=zstd` of the same disk stores, takes <= 2x the
   uncompressed full's time, and is >= 2x faster than `virtnbdbackup -z` on a twin domain;
   incrementals compressed vs not (and virtnbdbackup -z) after a realistic change in the guest fs.
+- QEMU-side copy (issue 23's next step, `--only qemu-copy`; a measurement prototype, not
+  virtbackup's path): QEMU copies libvirt's pull snapshot into the target itself
+  (`snapshot-access` + `blockdev-backup`): its full against the push job and `qemu-img convert -t
+  none`, and the guest's write throughput during it, during push and during pull (reported).
 
 Run as root after scripts/setup-host.sh:
     .venv/bin/python scripts/benchmark.py [--quick] [--reps N] [--virtnbdbackup] [--guest-impact] [--json|--markdown]
     .venv/bin/python scripts/benchmark.py --jobs | --restore-check [--quick] [--json|--markdown]
     .venv/bin/python scripts/benchmark.py --only compress [--reps N] [--json|--markdown]
+    .venv/bin/python scripts/benchmark.py --only qemu-copy [--quick] [--reps N] [--json|--markdown]
     .venv/bin/python scripts/benchmark.py --from-json RUN.json --markdown   (a saved run, printed again)
 """
 
@@ -57,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo: te
 import libvirt  # noqa: E402
 
 from tests.support import scratch  # noqa: E402
-from virtbackup.virt import host  # noqa: E402
+from virtbackup.virt import host, monitor  # noqa: E402
 
 MiB = 1 << 20
 # the transport sections measure the copy path: uncompressed, as before compression existed
@@ -277,6 +282,152 @@ def pull_vs_push(b: Bench, disk: int, data: int) -> None:
                                                                         "--level", "inc", "--mode", m)))
         b.target(f"pull inc / push inc, {mib} MiB dirty", b.median(f"pull_inc_{mib}mib_pull_s")
                  / b.median(f"pull_inc_{mib}mib_push_s"), 1.0, "x")
+    b.drop(d)
+
+
+def qemu_side_full(d: scratch.ScratchDomain, work: Path, on_copying: Optional[Callable[[], object]] = None,
+                   check: Optional[Path] = None) -> float:
+    """A full backup of vda the way issue 23's next step would take one: a MEASUREMENT PROTOTYPE,
+    not virtbackup's path (no records, no hashing, no checkpoint, no fault handling).
+
+    libvirt's pull job fixes the point in time (its copy-before-write filter puts the old data in
+    a local scratch file), and instead of reading its NBD export, QEMU copies that point in time
+    into the qcow2 target itself: a `snapshot-access` node over libvirt's copy-before-write filter,
+    read by our own `blockdev-backup` job. Nothing writes to that node, so the job's own filter
+    never puts the target in the guest's write path. Seconds from backupBegin to the target
+    flushed and libvirt's job ended; `check`: compare the target with this source image."""
+    tag = secrets.token_hex(3)
+    target, scratch_file, sock = (work / f"qs-{tag}.qcow2", work / f"qs-{tag}.scratch", work / f"qs-{tag}.sock")
+    run("qemu-img", "create", "-f", "qcow2", target, str(d.disk_sizes["vda"]))
+    xml = (f"<domainbackup mode='pull'><server transport='unix' socket='{sock}'/><disks>"
+           f"<disk name='vda' backup='yes' type='file'><scratch file='{scratch_file}'/></disk>"
+           "</disks></domainbackup>")
+    snap, tgt, job = f"vbq-snap-{tag}", f"vbq-tgt-{tag}", f"vbq-copy-{tag}"
+    dom = d.dom
+    assert dom is not None
+    t = time.perf_counter()
+    dom.backupBegin(xml, None, 0)
+    try:
+        cbw = next(n["node-name"] for n in monitor.qmp(dom, "query-named-block-nodes", {"flat": True})
+                   if n["drv"] == "copy-before-write")
+        monitor.qmp(dom, "blockdev-add", {"driver": "snapshot-access", "node-name": snap, "file": cbw})
+        monitor.qmp(dom, "blockdev-add", {"driver": "qcow2", "node-name": tgt,
+                                          "file": {"driver": "file", "filename": str(target)}})
+        monitor.qmp(dom, "blockdev-backup", {"job-id": job, "device": snap, "target": tgt, "sync": "full",
+                                             "auto-dismiss": False})
+        if on_copying:
+            on_copying()
+        while True:
+            state = next(j for j in monitor.qmp(dom, "query-jobs") if j["id"] == job)
+            if state["status"] == "concluded":
+                break
+            time.sleep(0.005)
+        monitor.qmp(dom, "job-dismiss", {"id": job})
+        if state.get("error"):
+            raise RuntimeError(f"QEMU's copy failed: {state['error']}")
+        monitor.qmp(dom, "blockdev-del", {"node-name": tgt})      # closes (and flushes) the target
+        monitor.qmp(dom, "blockdev-del", {"node-name": snap})
+    finally:
+        dom.abortJob()                                            # ends libvirt's pull job
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - t
+    if check is not None:
+        run("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", target, check)
+    target.unlink()
+    scratch_file.unlink(missing_ok=True)
+    return elapsed
+
+
+def qemu_side_copy(b: Bench, disk: int, data: int) -> None:
+    """Issue 23's next step, measured before it is built: QEMU copying from libvirt's pull
+    snapshot (`qemu_side_full`) against push and pull fulls of the same disk and `qemu-img convert
+    -t none` of it; and the guest's write throughput (64 MiB over data copied last) idle and during
+    each kind of full."""
+    d = b.domain({"vda": disk}, "vbqside")
+    fill(d, "vda", data)
+    src = d.disk_path("vda")
+    out = b.work / "qs-conv.qcow2"
+    chunk = 64 * MiB
+
+    def cli_full(mode: str) -> float:
+        bdir = b.work / f"qs-{secrets.token_hex(3)}"
+        run("sync")
+        t = timed(lambda: run(*CLI, "backup", d.name, bdir, *PLAIN, "--level", "full", "--mode", mode))
+        if mode == "push":
+            b.add("qside_push_job_s", job_seconds(bdir) or float("nan"))
+        shutil.rmtree(bdir)
+        return t
+
+    def convert() -> None:
+        run("sync")
+        b.add("qside_convert_direct_s", timed(lambda: run("qemu-img", "convert", "-U", "-t", "none", "-O",
+                                                          "qcow2", src, out)))
+        out.unlink()
+
+    def qside(first: bool) -> None:
+        run("sync")
+        b.add("qside_full_s", qemu_side_full(d, b.work, check=src if first else None))
+
+    steps = [lambda i: b.add("qside_push_full_s", cli_full("push")),
+             lambda i: b.add("qside_pull_full_s", cli_full("pull")),
+             lambda i: qside(i == 0), lambda i: convert()]
+    for i in range(b.reps):
+        for step in (steps if i % 2 == 0 else list(reversed(steps))):
+            step(i)
+    qs = b.median("qside_full_s")
+    b.target("QEMU-side copy full / push job (prototype)", qs / b.median("qside_push_job_s"), 1.2, "x")
+    b.target("QEMU-side copy full / qemu-img convert -t none (prototype)",
+             qs / b.median("qside_convert_direct_s"), 1.5, "x")
+    b.notes["qside_full_over_push_cli_full"] = round(qs / b.median("qside_push_full_s"), 3)
+    b.notes["qside_pull_cli_over_push_cli_full"] = round(b.median("qside_pull_full_s")
+                                                         / b.median("qside_push_full_s"), 3)
+
+    # guest impact: the same write, idle and while each full runs (started once the copy runs)
+    off = data - chunk
+
+    def guest_write() -> float:
+        return timed(lambda: d.qemu_io("vda", f"write -P 0x66 {off} {chunk}"))
+
+    def during_cli(mode: str) -> Optional[float]:
+        bdir = b.work / f"qg-{secrets.token_hex(3)}"
+        run("sync")
+        proc = subprocess.Popen([str(c) for c in (*CLI, "backup", d.name, bdir, *PLAIN, "--level", "full",
+                                                  "--mode", mode)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        got: Optional[float] = None
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                running = d.dom is not None and d.dom.jobInfo()[0] != 0
+            except libvirt.libvirtError:
+                running = False
+            if running:
+                got = guest_write()
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=600)
+        shutil.rmtree(bdir, ignore_errors=True)
+        return got
+
+    for _ in range(b.reps):
+        run("sync")
+        b.add("qside_guest_write_idle_s", guest_write())
+        for mode in ("push", "pull"):
+            t = during_cli(mode)
+            if t is not None:
+                b.add(f"qside_guest_write_during_{mode}_s", t)
+        seen: List[float] = []
+        qemu_side_full(d, b.work, on_copying=lambda: seen.append(guest_write()))
+        b.add("qside_guest_write_during_qside_s", seen[0])
+    idle = b.median("qside_guest_write_idle_s")
+    for kind in ("push", "pull", "qside"):
+        name = f"qside_guest_write_during_{kind}_s"
+        if name in b.runs:
+            b.notes[f"qside_guest_throughput_fraction_{kind}"] = round(idle / b.median(name), 3)
     b.drop(d)
 
 
@@ -767,7 +918,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small disks (a smoke run; figures not comparable)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved runs per figure (default 5)")
     ap.add_argument("--only", choices=["full", "pull", "restore", "virtnbdbackup", "guest", "jobs", "restore-check",
-                                       "compress"],
+                                       "compress", "qemu-copy"],
                     action="append", help="run only these sections (repeatable)")
     ap.add_argument("--virtnbdbackup", action="store_true", help="also time virtnbdbackup on twin domains")
     ap.add_argument("--guest-impact", action="store_true",
@@ -808,6 +959,7 @@ def main() -> int:
         ("restore-check", lambda: restore_check(b, (256 if args.quick else 1024) * MiB,
                                                 (64 if args.quick else 512) * MiB)),
         ("compress", lambda: compression(b, args.quick)),
+        ("qemu-copy", lambda: qemu_side_copy(b, disk, data)),
     ]
     failed = False
     try:
