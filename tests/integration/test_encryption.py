@@ -300,14 +300,15 @@ def all_cmdlines() -> List[bytes]:
 def test_interrupted_encrypted_backup_removes_its_secret(make_domain, tmp_path, conn, signum):
     """Ctrl-C / SIGTERM while the job (holding the libvirt secret) runs: rolled back, secret gone."""
     import signal as sig
-    d = make_domain({"vda": 64 * MiB})
+    d = make_domain({"vda": 128 * MiB})
     bdir = tmp_path / "bk"
     key = keyfile(tmp_path / "key", b"canary-d41c9e passphrase\n")
     d.write("vda", 0x3c, 0, 1 * MiB)
     backup(d.name, bdir, key, "full", "--encrypt")
     before = snapshot_dir(bdir)
-    d.write("vda", 0x5d, 2 * MiB, 60 * MiB)
-    with slow_reads(d.dom, "vda", iops=8):       # 8 MiB/s from the first byte: the job is caught
+    # more than the 64 MiB block-copy reads at once, at 8 MiB/s from the first byte: the job is caught
+    d.write("vda", 0x5d, 2 * MiB, 96 * MiB)
+    with slow_reads(d.dom, "vda", iops=8):
         p = start_cli("backup", d.name, bdir, "--level", "inc", "--key-file", key)
         caught = pause_job(d.dom, p)
     assert caught, f"the job ended before it was paused: {finish(p)}"
