@@ -285,6 +285,30 @@ def pull_vs_push(b: Bench, disk: int, data: int) -> None:
     b.drop(d)
 
 
+def write_during_backup(b: Bench, d: scratch.ScratchDomain, guest_write: Callable[[], float],
+                        extra: List[object]) -> Optional[float]:
+    """A full backup of `d` (uncompressed, `extra` CLI options) started in the background, and
+    `guest_write()` timed once libvirt reports the job running; None when it ended first."""
+    bdir = b.work / f"gi-{secrets.token_hex(3)}"
+    run("sync")
+    proc = subprocess.Popen([str(c) for c in (*CLI, "backup", d.name, bdir, *PLAIN, "--level", "full", *extra)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t: Optional[float] = None
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            running = d.dom is not None and d.dom.jobInfo()[0] != 0
+        except libvirt.libvirtError:   # "backup job data missing": a pull job being set up
+            running = False
+        if running:
+            t = guest_write()
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=600)
+    shutil.rmtree(bdir, ignore_errors=True)
+    return t
+
+
 def qemu_side_full(d: scratch.ScratchDomain, work: Path, on_copying: Optional[Callable[[], object]] = None,
                    check: Optional[Path] = None) -> float:
     """A full backup of vda the way issue 23's next step would take one: a MEASUREMENT PROTOTYPE,
@@ -392,32 +416,11 @@ def qemu_side_copy(b: Bench, disk: int, data: int) -> None:
     def guest_write() -> float:
         return timed(lambda: d.qemu_io("vda", f"write -P 0x66 {off} {chunk}"))
 
-    def during_cli(mode: str) -> Optional[float]:
-        bdir = b.work / f"qg-{secrets.token_hex(3)}"
-        run("sync")
-        proc = subprocess.Popen([str(c) for c in (*CLI, "backup", d.name, bdir, *PLAIN, "--level", "full",
-                                                  "--mode", mode)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        got: Optional[float] = None
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                running = d.dom is not None and d.dom.jobInfo()[0] != 0
-            except libvirt.libvirtError:
-                running = False
-            if running:
-                got = guest_write()
-                break
-            time.sleep(0.005)
-        proc.wait(timeout=600)
-        shutil.rmtree(bdir, ignore_errors=True)
-        return got
-
     for _ in range(b.reps):
         run("sync")
         b.add("qside_guest_write_idle_s", guest_write())
         for mode in ("push", "pull"):
-            t = during_cli(mode)
+            t = write_during_backup(b, d, guest_write, ["--mode", mode])
             if t is not None:
                 b.add(f"qside_guest_write_during_{mode}_s", t)
         seen: List[float] = []
@@ -517,42 +520,22 @@ def guest_impact(b: Bench, disk: int, data: int, speeds: List[int]) -> None:
     def guest_write() -> float:
         return timed(lambda: d.qemu_io("vda", f"write -P 0x66 {off} {chunk}"))
 
-    def during(extra: List[object]) -> Optional[float]:
-        bdir = b.work / f"gi-{secrets.token_hex(3)}"
-        run("sync")
-        proc = subprocess.Popen([str(c) for c in (*CLI, "backup", d.name, bdir, *PLAIN, "--level", "full", *extra)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        t: Optional[float] = None
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                running = d.dom is not None and d.dom.jobInfo()[0] != 0
-            except libvirt.libvirtError:   # "backup job data missing": a pull job being set up
-                running = False
-            if running:
-                t = guest_write()
-                break
-            time.sleep(0.005)
-        proc.wait(timeout=600)
-        shutil.rmtree(bdir, ignore_errors=True)
-        return t
-
     for _ in range(b.reps):
         run("sync")
         b.add("guest_write_64mib_idle_s", guest_write())
-        t = during([])
+        t = write_during_backup(b, d, guest_write, [])
         if t is not None:
             b.add("guest_write_64mib_during_full_s", t)
         for sp in speeds:
-            t = during(["--max-speed", sp])
+            t = write_during_backup(b, d, guest_write, ["--max-speed", sp])
             if t is not None:
                 b.add(f"guest_write_64mib_during_full_max_speed_{sp // MiB}mib_s", t)
         # pull mode: no copy-before-write into the target in the guest's write path (the old data
         # goes to a scratch file on the hypervisor while our client reads over NBD)
-        t = during(["--mode", "pull"])
+        t = write_during_backup(b, d, guest_write, ["--mode", "pull"])
         if t is not None:
             b.add("guest_write_64mib_during_full_pull_s", t)
-        t = during(["--mode", "pull", "--max-speed", speeds[0]])   # our reads paced too
+        t = write_during_backup(b, d, guest_write, ["--mode", "pull", "--max-speed", speeds[0]])   # our reads paced too
         if t is not None:
             b.add(f"guest_write_64mib_during_full_pull_max_speed_{speeds[0] // MiB}mib_s", t)
     idle = b.median("guest_write_64mib_idle_s")
