@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from virtbackup import observe
 from virtbackup.errors import BackupDirError, ChainCorrupt, UsageError, VirtBackupError
-from virtbackup.options import COMPRESSIONS, QUIESCE_MODES, REQUESTED_LEVELS
+from virtbackup.options import BACKUP_MODES, COMPRESSIONS, QUIESCE_MODES, REQUESTED_LEVELS
 from virtbackup.store.chain import BackupDir, Chain, FileLock, Point, data_ratio, now_iso, point_time
 from virtbackup.store.retention import Policy
 
@@ -75,12 +75,14 @@ class Job:
 
 @dataclass(frozen=True)
 class DomainSettings:
-    """The encryption and compression settings a job passes to one domain's `backup` (and its
-    prune): the path of the key file, never the key; the child reads and checks it itself."""
+    """The encryption, compression and transport settings a job passes to one domain's `backup`
+    (and its prune): the path of the key file, never the key; the child reads and checks it itself."""
 
     key_file: Optional[Path] = None
     encrypt: bool = False                     # start an encrypted chain in a new directory
     compress: Optional[str] = None            # None: backup's own default (no --compress)
+    mode: Optional[str] = None                # push | pull; None: backup's own choice (no --mode)
+    scratch_dir: Optional[str] = None         # pull's scratch files (--scratch-dir)
 
     def backup_args(self) -> List[str]:
         args: List[str] = []
@@ -90,6 +92,10 @@ class DomainSettings:
             args.append("--encrypt")
         if self.compress is not None:
             args += ["--compress", self.compress]
+        if self.mode is not None:
+            args += ["--mode", self.mode]
+        if self.scratch_dir is not None:
+            args += ["--scratch-dir", self.scratch_dir]
         return args
 
     def prune_args(self) -> List[str]:
@@ -155,10 +161,13 @@ _TOP: Dict[str, Tuple[type, str]] = {
     "key_file": (str, "a string (the absolute path of a key file)"),
     "encrypt": (bool, "true or false"),
     "compress": (str, "one of " + ", ".join(COMPRESSIONS)),
+    "mode": (str, "one of " + ", ".join(BACKUP_MODES)),
+    "scratch_dir": (str, "a string (an absolute path on the hypervisor)"),
     "domain": (dict, 'tables of domain names ([domain."NAME"])'),
 }
 # [domain."NAME"] key -> (python type, description): these override the top-level keys of that name
-_DOMAIN: Dict[str, Tuple[type, str]] = {k: _TOP[k] for k in ("key_file", "encrypt", "compress")}
+_DOMAIN: Dict[str, Tuple[type, str]] = {k: _TOP[k] for k in ("key_file", "encrypt", "compress", "mode",
+                                                               "scratch_dir")}
 _RETENTION = ("keep", "keep_daily", "keep_weekly", "keep_monthly")
 # [offsite] key -> (python type, description)
 _OFFSITE: Dict[str, Tuple[type, str]] = {
@@ -376,9 +385,9 @@ _Fail = Callable[[Optional[Union[str, Tuple[str, ...]]], str, str], JobFileError
 
 def _load_settings(data: Dict[str, Any], domains: Sequence[str],
                    fail: _Fail) -> Tuple[DomainSettings, Dict[str, DomainSettings]]:
-    """key_file, encrypt and compress of the top level and of each [domain."NAME"] table (merged
-    over the top level). Every key file is checked here, so a bad one stops the run before any
-    domain is touched (also `run --dry-run`)."""
+    """key_file, encrypt, compress, mode and scratch_dir of the top level and of each
+    [domain."NAME"] table (merged over the top level). Every key file is checked here, so a bad
+    one stops the run before any domain is touched (also `run --dry-run`)."""
     checked: Dict[Path, Optional[str]] = {}
 
     def one(table: Dict[str, Any], section: Optional[Tuple[str, ...]], base: DomainSettings) -> DomainSettings:
@@ -395,7 +404,20 @@ def _load_settings(data: Dict[str, Any], domains: Sequence[str],
         compress = table.get("compress", base.compress)
         if compress is not None and compress not in COMPRESSIONS:
             raise fail(section, "compress", f"must be one of {', '.join(COMPRESSIONS)}, not {compress!r}")
-        out = DomainSettings(key_file, table.get("encrypt", base.encrypt), compress)
+        mode = table.get("mode", base.mode)
+        if mode is not None and mode not in BACKUP_MODES:
+            raise fail(section, "mode", f"must be one of {', '.join(BACKUP_MODES)}, not {mode!r}")
+        scratch_dir = table.get("scratch_dir", base.scratch_dir)
+        if "scratch_dir" in table and not os.path.isabs(str(scratch_dir)):
+            raise fail(section, "scratch_dir", f"must be an absolute path on the hypervisor, not {scratch_dir!r}")
+        if scratch_dir is not None and mode == "push":
+            if "scratch_dir" not in table:
+                scratch_dir = None          # the top level's, for its pull domains: not this push one's
+            else:
+                # backup refuses it too: say it in the job file's terms, before any domain is touched
+                raise fail(section, "scratch_dir", f'is {scratch_dir}, but mode is "push" here: scratch files '
+                                                   'are for pull mode; set mode = "pull" or leave mode out')
+        out = DomainSettings(key_file, table.get("encrypt", base.encrypt), compress, mode, scratch_dir)
         if out.encrypt and out.key_file is None:
             raise fail(section, "encrypt", "is true, but there is no key_file to encrypt with")
         if out.key_file is not None and out.compress not in (None, "none"):
@@ -623,6 +645,10 @@ def plan(job: Job, selected: Sequence[Selected], now: Optional[datetime] = None)
             how += f", encrypted with key file {settings.key_file}"
         if settings.compress is not None:
             how += f", compress {settings.compress}"
+        if s.active and settings.mode is not None:
+            how += f", mode {settings.mode}"
+        if s.active and settings.scratch_dir is not None:
+            how += f", scratch files in {settings.scratch_dir}"
         out.append(PlannedDomain(s.name, "backup", str(s.backup_dir), level, f"{why} ({how})",
                                  prune_preview(chain, job.retention, now)))
     return out

@@ -175,7 +175,7 @@ def test_encrypt_compress_and_domain_table_refusals(tmp_path):
     assert refused(tmp_path, '[domain."db1"]\ncompress = "gzip"\n').endswith(
         ":4: key 'domain.\"db1\".compress' must be one of zstd, zlib, none, not 'gzip'")
     assert refused(tmp_path, '[domain."db1"]\nlevel = "full"\n').endswith(
-        ":4: key 'domain.\"db1\".level' is unknown (known keys: key_file, encrypt, compress)")
+        ":4: key 'domain.\"db1\".level' is unknown (known keys: key_file, encrypt, compress, mode, scratch_dir)")
     assert refused(tmp_path, '[domain."db1"]\nencrypt = 1\n').endswith(
         ":4: key 'domain.\"db1\".encrypt' must be true or false, not an integer")
     # a table for a domain the job does not select: a typo, not silently ignored
@@ -187,7 +187,7 @@ def test_encrypt_compress_and_domain_table_refusals(tmp_path):
         "key 'domain.\"db1\"' must be a table, not an integer")
     assert "names a domain a job never backs up" in refused(tmp_path, '[domain.".."]\n')
     assert "'keys'" in refused(tmp_path, "keys = 1\n")      # the known keys are listed
-    assert "key_file, encrypt, compress, domain" in refused(tmp_path, "keys = 1\n")
+    assert "key_file, encrypt, compress, mode, scratch_dir, domain" in refused(tmp_path, "keys = 1\n")
 
 
 def point(pid: str) -> Point:
@@ -223,6 +223,36 @@ def test_chain_problem_and_dry_run_plan_say_what_does_not_fit(tmp_path):
     assert planned["web-1"].action == "backup" and (planned["web-1"].why or "").endswith("(running, compress zstd)")
     assert planned["web-2"].action == "backup"
     assert (planned["web-2"].why or "").endswith(f"(running, encrypted with key file {k}, compress none)")
+
+
+def test_mode_and_scratch_dir_top_level_per_domain_and_refusals(tmp_path):
+    """Job files choose the transport (issue 23): push stays backup's default, so an admin who wants
+    the gentle path for a busy guest says mode = "pull" (and where its scratch files go)."""
+    job = load(tmp_path, 'mode = "pull"\nscratch_dir = "/var/tmp/scratch"\n[domain."db1"]\nmode = "push"\n')
+    assert job.for_domain("web-1").backup_args() == ["--mode", "pull", "--scratch-dir", "/var/tmp/scratch"]
+    assert job.for_domain("db1").backup_args() == ["--mode", "push"]   # the job's scratch_dir is for its pulls
+    job = load(tmp_path, 'mode = "pull"\nscratch_dir = "/var/tmp/scratch"\n[domain."db1"]\nscratch_dir = "/srv/s"\n')
+    assert job.for_domain("db1").backup_args() == ["--mode", "pull", "--scratch-dir", "/srv/s"]
+    job = load(tmp_path, '[domain."db1"]\nmode = "pull"\n')
+    assert job.for_domain("web-1").backup_args() == [] and job.for_domain("db1").backup_args() == ["--mode", "pull"]
+    # scratch_dir alone: backup then pulls (as --scratch-dir without --mode does)
+    assert load(tmp_path, 'scratch_dir = "/s"\n').for_domain("web-1").backup_args() == ["--scratch-dir", "/s"]
+    for mode in ("push", "pull"):
+        assert load(tmp_path, f'mode = "{mode}"\n').settings.mode == mode
+    assert refused(tmp_path, 'mode = "auto"\n').endswith(":3: key 'mode' must be one of push, pull, not 'auto'")
+    assert refused(tmp_path, 'mode = 1\n').endswith(":3: key 'mode' must be one of push, pull, not an integer")
+    assert refused(tmp_path, '[domain."db1"]\nmode = "Pull"\n').endswith(
+        ":4: key 'domain.\"db1\".mode' must be one of push, pull, not 'Pull'")
+    assert refused(tmp_path, 'scratch_dir = "scratch"\n').endswith(
+        ":3: key 'scratch_dir' must be an absolute path on the hypervisor, not 'scratch'")
+    assert refused(tmp_path, 'scratch_dir = ""\n').endswith(
+        ":3: key 'scratch_dir' must be an absolute path on the hypervisor, not ''")
+    assert refused(tmp_path, 'mode = "push"\nscratch_dir = "/s"\n').endswith(
+        ":4: key 'scratch_dir' is /s, but mode is \"push\" here: scratch files are for pull mode; "
+        'set mode = "pull" or leave mode out')
+    assert refused(tmp_path, 'mode = "push"\n[domain."db1"]\nscratch_dir = "/s"\n').endswith(
+        ":5: key 'domain.\"db1\".scratch_dir' is /s, but mode is \"push\" here: scratch files are for pull "
+        'mode; set mode = "pull" or leave mode out')
 
 
 def test_runner_gives_key_file_and_compress_to_backup_and_prune_children(tmp_path, monkeypatch):
