@@ -42,6 +42,7 @@ from virtbackup.options import (
     QUIESCE_MODES,
     REQUESTED_LEVELS,
     RequestedLevel,
+    has_control_chars,
 )
 from virtbackup.qemu import keys, qemu_img
 from virtbackup.runners.base import Notify, Runner
@@ -590,6 +591,8 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
             raise UsageError("--scratch-dir is for pull mode (--mode pull)")
         if not os.path.isabs(scratch_dir):
             raise UsageError(f"--scratch-dir must be an absolute path on the hypervisor, not '{scratch_dir}'")
+        if has_control_chars(scratch_dir):
+            raise UsageError(f"--scratch-dir must not contain control characters: {scratch_dir!r}")
     tls_dir: Optional[str] = None
     if nbd_tls_dir is not None and not nbd_tls_dir.strip():
         # an empty value must not quietly mean the default directory

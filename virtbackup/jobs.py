@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from virtbackup import observe
 from virtbackup.errors import BackupDirError, ChainCorrupt, UsageError, VirtBackupError
-from virtbackup.options import BACKUP_MODES, COMPRESSIONS, QUIESCE_MODES, REQUESTED_LEVELS
+from virtbackup.options import BACKUP_MODES, COMPRESSIONS, QUIESCE_MODES, REQUESTED_LEVELS, has_control_chars
 from virtbackup.store.chain import BackupDir, Chain, FileLock, Point, data_ratio, now_iso, point_time
 from virtbackup.store.retention import Policy
 
@@ -410,13 +410,19 @@ def _load_settings(data: Dict[str, Any], domains: Sequence[str],
         scratch_dir = table.get("scratch_dir", base.scratch_dir)
         if "scratch_dir" in table and not os.path.isabs(str(scratch_dir)):
             raise fail(section, "scratch_dir", f"must be an absolute path on the hypervisor, not {scratch_dir!r}")
+        if "scratch_dir" in table and has_control_chars(str(scratch_dir)):
+            raise fail(section, "scratch_dir", f"must not contain control characters: {scratch_dir!r}")
         if scratch_dir is not None and mode == "push":
             if "scratch_dir" not in table:
                 scratch_dir = None          # the top level's, for its pull domains: not this push one's
-            else:
+            elif "mode" in table or section is None:
                 # backup refuses it too: say it in the job file's terms, before any domain is touched
-                raise fail(section, "scratch_dir", f'is {scratch_dir}, but mode is "push" here: scratch files '
+                raise fail(section, "scratch_dir", f'is {scratch_dir!r}, but mode is "push" here: scratch files '
                                                    'are for pull mode; set mode = "pull" or leave mode out')
+            else:
+                raise fail(section, "scratch_dir", f'is {scratch_dir!r}, but the top level\'s mode = "push" '
+                                                   'applies here: scratch files are for pull mode; set '
+                                                   'mode = "pull" in this table')
         out = DomainSettings(key_file, table.get("encrypt", base.encrypt), compress, mode, scratch_dir)
         if out.encrypt and out.key_file is None:
             raise fail(section, "encrypt", "is true, but there is no key_file to encrypt with")
@@ -645,10 +651,11 @@ def plan(job: Job, selected: Sequence[Selected], now: Optional[datetime] = None)
             how += f", encrypted with key file {settings.key_file}"
         if settings.compress is not None:
             how += f", compress {settings.compress}"
-        if s.active and settings.mode is not None:
-            how += f", mode {settings.mode}"
+        mode = settings.mode or ("pull" if settings.scratch_dir is not None else None)   # as backup decides
+        if s.active and mode is not None:
+            how += f", mode {mode}"
         if s.active and settings.scratch_dir is not None:
-            how += f", scratch files in {settings.scratch_dir}"
+            how += f", scratch files in {settings.scratch_dir!r}"
         out.append(PlannedDomain(s.name, "backup", str(s.backup_dir), level, f"{why} ({how})",
                                  prune_preview(chain, job.retention, now)))
     return out

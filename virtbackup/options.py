@@ -30,3 +30,9 @@ COMPRESSIONS: Tuple[str, ...] = ("zstd", "zlib", "none")
 # uncompressed full's time (1.31 s vs 0.41 s for 220 MiB; QEMU's own `convert -c` takes as long)
 # and an incremental 1.65x, for 45 % and 39 % of the bytes. So uncompressed unless asked.
 DEFAULT_COMPRESSION = "none"
+
+
+def has_control_chars(text: str) -> bool:
+    """NUL, newline, escape, the other C0 controls or DEL: never in a path given on to a child
+    process or printed in a one-line message (a job file's TOML escapes can hold any of them)."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)

@@ -29,7 +29,7 @@ def test_job_file_mode_and_scratch_dir_per_job_and_per_domain(make_domain, tmp_p
     root = tmp_path / "root"
 
     plan = by_domain(json.loads(cli("run", job, "--dry-run", "--json").out))
-    assert f"mode pull, scratch files in {scratch}" in plan[a.name]["why"], plan[a.name]
+    assert f"mode pull, scratch files in '{scratch}'" in plan[a.name]["why"], plan[a.name]
     assert "mode push" in plan[b.name]["why"] and "scratch" not in plan[b.name]["why"], plan[b.name]
     assert "mode pull" in plan[c.name]["why"] and "scratch" not in plan[c.name]["why"], plan[c.name]
     assert "private QEMU" in plan[off.name]["why"] and "mode" not in plan[off.name]["why"], plan[off.name]

@@ -427,6 +427,25 @@ def test_a_scratch_filesystem_without_room_is_refused_before_the_job(make_domain
         assert_point_restores(bdir, r.json()["point"]["id"], d.expected(), tmp_path / "r")
 
 
+def test_a_scratch_dir_that_is_no_directory_or_holds_control_characters_is_refused(make_domain, tmp_path):
+    """A --scratch-dir that is a regular file, missing, or has a control character in it (a job
+    file's TOML escapes can hold any): exit 2 with one line naming it, before any job starts."""
+    d = make_domain({"vda": 16 * MiB})
+    d.write("vda", 0x63, 0, MiB)
+    bdir = tmp_path / "bk"
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    for bad, said in ((afile, f"scratch directory {afile} for disk vda: not a directory"),
+                      (tmp_path / "missing", f"scratch directory {tmp_path / 'missing'} for disk vda: No such file"),
+                      (f"{tmp_path}/a\nb", "--scratch-dir must not contain control characters: "),
+                      (f"{tmp_path}/\x1b[31m", "--scratch-dir must not contain control characters: ")):
+        r = cli("backup", d.name, bdir, "--mode", "pull", "--scratch-dir", bad, "--json")
+        assert r.rc == 2 and said in one_error_line(r), (bad, r)
+        assert not checkpoint_names(d.dom) and not leftovers(d, bdir)
+        assert d.dom.jobInfo()[0] == 0
+    assert afile.read_text() == "not a directory"
+
+
 def test_a_scratch_file_left_behind_does_not_block_the_next_pull(make_domain, tmp_path):
     """Smaller finding of the hostile pass: a scratch file a failed run left (libvirt deletes
     them when a job ends; a crash of libvirtd does not) blocked every later pull backup of that

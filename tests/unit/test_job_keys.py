@@ -248,11 +248,26 @@ def test_mode_and_scratch_dir_top_level_per_domain_and_refusals(tmp_path):
     assert refused(tmp_path, 'scratch_dir = ""\n').endswith(
         ":3: key 'scratch_dir' must be an absolute path on the hypervisor, not ''")
     assert refused(tmp_path, 'mode = "push"\nscratch_dir = "/s"\n').endswith(
-        ":4: key 'scratch_dir' is /s, but mode is \"push\" here: scratch files are for pull mode; "
+        ":4: key 'scratch_dir' is '/s', but mode is \"push\" here: scratch files are for pull mode; "
         'set mode = "pull" or leave mode out')
-    assert refused(tmp_path, 'mode = "push"\n[domain."db1"]\nscratch_dir = "/s"\n').endswith(
-        ":5: key 'domain.\"db1\".scratch_dir' is /s, but mode is \"push\" here: scratch files are for pull "
+    assert refused(tmp_path, '[domain."db1"]\nmode = "push"\nscratch_dir = "/s"\n').endswith(
+        ":5: key 'domain.\"db1\".scratch_dir' is '/s', but mode is \"push\" here: scratch files are for pull "
         'mode; set mode = "pull" or leave mode out')
+    # the push comes from the top level: say so, and where to change it
+    assert refused(tmp_path, 'mode = "push"\n[domain."db1"]\nscratch_dir = "/s"\n').endswith(
+        ":5: key 'domain.\"db1\".scratch_dir' is '/s', but the top level's mode = \"push\" applies here: "
+        'scratch files are for pull mode; set mode = "pull" in this table')
+    # control characters (TOML escapes) never reach a child's argv or a one-line message
+    for bad, shown in (("/tmp/a\\u0000b", "'/tmp/a\\x00b'"), ("/tmp/a\\nb", "'/tmp/a\\nb'"),
+                       ("/tmp/\\u001b[31mred", "'/tmp/\\x1b[31mred'")):
+        assert refused(tmp_path, f'scratch_dir = "{bad}"\n').endswith(
+            f":3: key 'scratch_dir' must not contain control characters: {shown}")
+    assert refused(tmp_path, 'scratch_dir = """/tmp\n"""\n').endswith(
+        ":3: key 'scratch_dir' must not contain control characters: '/tmp\\n'")
+    # the dry run shows the mode backup will use: scratch_dir alone means pull
+    job = load(tmp_path, 'scratch_dir = "/var/tmp/s"\n')
+    why = next(p.why for p in jobs.plan(job, jobs.select(job, [C("web-1")])) if p.domain == "web-1")
+    assert "mode pull, scratch files in '/var/tmp/s'" in (why or ""), why
 
 
 def test_runner_gives_key_file_and_compress_to_backup_and_prune_children(tmp_path, monkeypatch):

@@ -195,6 +195,9 @@ class PullRunner:
             except OSError as e:
                 raise UsageError(f"scratch directory {where} for disk {t.name}: {e.strerror}; "
                                  "choose one with --scratch-dir") from None
+            if not stat.S_ISDIR(st.st_mode):
+                raise UsageError(f"scratch directory {where} for disk {t.name}: not a directory; "
+                                 "choose one with --scratch-dir")
             if dp.mode == "full":
                 n = int(host.call(self.dom.blockInfo, t.name)[1])      # allocated bytes of the disk
             else:
