@@ -427,10 +427,7 @@ def _flatten_offline(images: Dict[str, Path], key: Optional[Key]) -> None:
         size = int(qemu_img.info(path).get("virtual-size", 0)) if observe.listening() else 0
         observe.emit("copy", disk, 0, size)
         try:
-            if key is None:
-                flatten(path)
-            elif _header_backing(path) is not None:
-                qemu_img.rebase(path, None, key=key)
+            flatten(path, key)
         except VirtBackupError as e:
             raise RestoreFailed(f"disk {disk}: {e}") from None
         observe.finish("copy", disk)

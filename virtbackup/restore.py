@@ -462,13 +462,14 @@ def _restore_locked(bdir: BackupDir, chain: Chain, output_dir: Path, point_id: O
             _remove_dirs(made_dirs)         # a refused restore leaves no trace
 
 
-def flatten(image: Path) -> FlattenResult:
+def flatten(image: Path, key: Optional[keys.Key] = None) -> FlattenResult:
     """Make an image (e.g. an instant-restore overlay) standalone, in place.
 
     `qemu-img rebase -b ''` copies every cluster the image reads from its backing chain into the
     image and drops the link last, so an interrupted flatten leaves a valid overlay that reads the
     same, and running it again finishes. The image must not be in use (for a running domain use
-    `virsh blockpull DOMAIN DISK --wait`).
+    `virsh blockpull DOMAIN DISK --wait`). `key`: the chain below is LUKS-encrypted (a live
+    restore's overlay of an encrypted backup); qemu-img gets it through a pipe.
     """
     image = Path(image)
     if not image.is_file():
@@ -482,7 +483,7 @@ def flatten(image: Path) -> FlattenResult:
     if info.get("backing-filename") is None:
         return FlattenResult(image)
     try:
-        qemu_img.rebase(image, None)
+        qemu_img.rebase(image, None, key=key)
     except VirtBackupError as e:
         raise RestoreFailed(f"cannot flatten {image}: {e}") from None
     return FlattenResult(image)
