@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import libvirt
 
@@ -70,6 +70,9 @@ from virtbackup.virt.domain import LibvirtDomain, eligible_disks
 from virtbackup.virt.host import DomainHandle
 from virtbackup.virt.quiesce import Quiescer, recover
 
+if TYPE_CHECKING:
+    from virtbackup.runners.pull import PullRunner
+
 log = logging.getLogger(__name__)
 
 
@@ -109,6 +112,10 @@ class Engine:
         self.iter_time = iter_time      # the chain's LUKS key derivation time
         self.compression = compression  # "zstd" | "zlib": every target holds compressed clusters
         self._paused_before = False     # the guest was paused by an I/O error before our job
+        # --mode auto: given the plan, the runner to use instead of this one and why (pull's
+        # scratch files may not fit: push), or None; asked once, before anything is created
+        self.fallback: Optional[Callable[[BackupPlan], Optional[Tuple[Runner, str]]]] = None
+        self.fell_back: Optional[str] = None
 
     def _compressed(self, plan: BackupPlan) -> BackupPlan:
         """The plan with every target holding compressed clusters of the chain's type."""
@@ -244,6 +251,13 @@ class Engine:
         self._paused_before = _ioerror_paused(self.handle.dom)
         plan = self._compressed(self._encrypted(plan_backup(LibvirtDomain(self.handle.dom), chain, self.bdir,
                                                             level, only, reason)))
+        if self.fallback is not None:
+            switch = self.fallback(plan)
+            if switch is not None:
+                self.fallback = None
+                self.runner, self.fell_back = switch
+                self._warn(f"--mode auto: {self.fell_back}")
+                self.runner.preflight()
         log.info("plan: point %s, %s backup%s, transport %s, checkpoint %s", plan.point_id, plan.level,
                  f" from checkpoint {plan.base_checkpoint}" if plan.base_checkpoint else "",
                  self.runner.transport, plan.checkpoint)
@@ -449,19 +463,24 @@ DEFAULT_TLS_DIR = "/etc/pki/virtbackup"
 TLS_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
 
 
-def _transport_reason(transport: str, asked: Optional[str], remote: bool, scratch_dir: bool = False) -> str:
+def _transport_reason(transport: str, asked: Optional[str], remote: bool, scratch_dir: bool = False,
+                      fell_back: Optional[str] = None) -> str:
     """Why a point's data travelled the way it did (backup --json, the run log)."""
     if transport == "offline":
         return ("the domain is shut off: a private QEMU read its images (libvirt runs backup jobs only for "
                 "running domains)")
     if asked is not None:
         return f"--mode {asked} was asked for"
+    if fell_back:
+        return f"--mode auto pushed: {fell_back}"
     if remote:
-        return "the default for a remote URI: the hypervisor cannot write into this host's backup directory"
+        return ("--mode auto pulls (the default); from a remote URI only pull is possible: the hypervisor "
+                "cannot write into this host's backup directory")
     if scratch_dir:
-        return "--scratch-dir was given: it is for pull mode"
-    return ("the default for a local running domain: push is faster than pull here for now, compressed or not; "
-            "--mode pull keeps the copy-before-write out of the guest's write path (docs/performance.md)")
+        return "--mode auto pulls (the default), with the scratch files in --scratch-dir"
+    return ("--mode auto pulls (the default): the copy-before-write of what the guest rewrites during the job "
+            "goes to a scratch file, so the guest's writes do not wait for the backup target "
+            "(docs/performance.md)")
 
 
 def check_tls_dir(given: Optional[str]) -> str:
@@ -483,9 +502,27 @@ def check_tls_dir(given: Optional[str]) -> str:
     return d
 
 
+def _push_if_no_room(pull: "PullRunner", handle: DomainHandle, bdir: BackupDir, notify: Notify,
+                     quiesce: Optional[Quiescer], max_speed: Optional[int]
+                     ) -> Callable[[BackupPlan], Optional[Tuple[Runner, str]]]:
+    """--mode auto's one exception (Engine.fallback): when the pull job's scratch files may not
+    fit beside a local domain's disks (PullRunner.room_problem), the push job instead, and why.
+    A refusal would stop a nightly job that pushing can still do; pulling anyway could fill
+    the filesystem under the guest's disks."""
+    def choose(plan: BackupPlan) -> Optional[Tuple[Runner, str]]:
+        problem = pull.room_problem(plan)
+        if problem is None:
+            return None
+        return (PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce, max_speed),
+                f"{problem}: pushed instead, so the guest's writes wait for the backup target during the "
+                "job; give --scratch-dir a filesystem with room to pull")
+    return choose
+
+
 def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: Optional[Quiescer] = None,
                mode: str = "push", scratch_dir: Optional[str] = None, max_speed: Optional[int] = None,
-               key: Optional[keys.Key] = None, tls_dir: Optional[str] = None, insecure_nbd: bool = False) -> Runner:
+               key: Optional[keys.Key] = None, tls_dir: Optional[str] = None, insecure_nbd: bool = False,
+               asked: bool = True) -> Runner:
     """The push job (or the pull job, `mode` pull) for a running domain, frozen around its start
     by `quiesce`; a private QEMU for a shut-off one (consistent by nature; it gets the key of an
     encrypted chain). `max_speed`: bytes/s per disk (push and offline: QEMU's job speed; pull:
@@ -496,7 +533,7 @@ def runner_for(handle: DomainHandle, bdir: BackupDir, notify: Notify, quiesce: O
             return PullRunner(handle, bdir.path / POINTS_DIR, notify, scratch_dir, quiesce, max_speed, key,
                               tls_dir, insecure_nbd)
         return PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce, max_speed)
-    if mode == "pull":
+    if mode == "pull" and asked:
         notify("domain is shut off: backing up its images offline, not over NBD")
     return OfflineRunner(handle, notify, max_speed, key)
 
@@ -579,13 +616,13 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
     if quiesce not in QUIESCE_MODES:
         raise UsageError(f"unknown quiesce mode '{quiesce}' (auto, require, off)")
     remote = host.is_remote(uri)
-    asked_mode = mode
+    asked_mode = None if mode in (None, "auto") else mode
     if mode is not None and mode not in BACKUP_MODES:
-        raise UsageError(f"unknown mode '{mode}' (push, pull)")
-    # no --mode: pull from a remote URI (or with --scratch-dir); else push, compressed or not (a
-    # compressed push, libvirt's job then qemu-img convert -c, beat a compressed pull for fulls
-    # here: docs/performance.md)
-    mode = mode or ("pull" if remote or scratch_dir is not None else "push")
+        raise UsageError(f"unknown mode '{mode}' (auto, push, pull)")
+    # auto (no --mode): pull, the copy-before-write then lands in a scratch file, not in the
+    # guest's write path through the backup target (docs/performance.md); a local domain whose
+    # scratch files may not fit pushes instead (Engine.fallback), unless --scratch-dir was given
+    mode = asked_mode or "pull"
     if scratch_dir is not None:
         if mode != "pull":
             raise UsageError("--scratch-dir is for pull mode (--mode pull)")
@@ -666,14 +703,17 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
                     if insecure_nbd and dom.isActive():
                         say("warning: --insecure-nbd: the disks travel from the hypervisor as plaintext NBD over "
                             "TCP; anyone who reaches the port during the job can read them (recorded in the point)")
-                    engine = Engine(handle, bdir, runner_for(handle, bdir, say, quiescer, mode, scratch_dir, max_speed,
-                                                           key, tls_dir, insecure_nbd),
-                                    say, quiescer, key, iter_time, compression)
+                    runner = runner_for(handle, bdir, say, quiescer, mode, scratch_dir, max_speed, key, tls_dir,
+                                        insecure_nbd, asked_mode is not None)
+                    engine = Engine(handle, bdir, runner, say, quiescer, key, iter_time, compression)
+                    from virtbackup.runners.pull import PullRunner
+                    if asked_mode is None and scratch_dir is None and not remote and isinstance(runner, PullRunner):
+                        engine.fallback = _push_if_no_room(runner, handle, bdir, say, quiescer, max_speed)
                     engine.cleanup_leftovers(chain)
                     result = engine.run(chain, cast(RequestedLevel, level), disks, reason)
                     result.warnings[:0] = log_problems
                     result.transport_reason = _transport_reason(result.point.transport, asked_mode, remote,
-                                                                scratch_dir is not None)
+                                                                scratch_dir is not None, engine.fell_back)
                     log.info("transport %s: %s", result.point.transport, result.transport_reason)
                     log.info("done: point %s, %s bytes written, %.3fs", result.point.id,
                              sum(i.size for i in result.point.disks.values()), result.point.duration)

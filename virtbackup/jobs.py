@@ -81,7 +81,7 @@ class DomainSettings:
     key_file: Optional[Path] = None
     encrypt: bool = False                     # start an encrypted chain in a new directory
     compress: Optional[str] = None            # None: backup's own default (no --compress)
-    mode: Optional[str] = None                # push | pull; None: backup's own choice (no --mode)
+    mode: Optional[str] = None                # auto | push | pull; None: backup's own choice (no --mode: auto)
     scratch_dir: Optional[str] = None         # pull's scratch files (--scratch-dir)
 
     def backup_args(self) -> List[str]:
@@ -651,7 +651,8 @@ def plan(job: Job, selected: Sequence[Selected], now: Optional[datetime] = None)
             how += f", encrypted with key file {settings.key_file}"
         if settings.compress is not None:
             how += f", compress {settings.compress}"
-        mode = settings.mode or ("pull" if settings.scratch_dir is not None else None)   # as backup decides
+        mode = settings.mode if settings.mode not in (None, "auto") else \
+            ("pull" if settings.scratch_dir is not None else settings.mode)   # as backup decides
         if s.active and mode is not None:
             how += f", mode {mode}"
         if s.active and settings.scratch_dir is not None:

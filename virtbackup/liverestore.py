@@ -488,9 +488,14 @@ def domains_using(backup_dir: Path, uri: Optional[str] = None) -> "tuple[Dict[st
         with host.connection(uri) as conn:
             domains = conn.listAllDomains(0)
             for dom in domains:
-                xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)]
-                if dom.isActive():
-                    xmls.append(dom.XMLDesc(0))
+                try:
+                    xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)]
+                    if dom.isActive():
+                        xmls.append(dom.XMLDesc(0))
+                except libvirt.libvirtError as e:
+                    if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        continue        # undefined since it was listed: layered on nothing now
+                    raise
                 for xml in xmls:
                     for d in DomainXML.parse(xml).disks:
                         if d.type != "file" or not d.source:

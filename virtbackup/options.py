@@ -16,9 +16,10 @@ QuiesceMode = Literal["auto", "require", "off"]
 QUIESCE_MODES: Tuple[str, ...] = ("auto", "require", "off")
 
 # How a running domain's disks are copied: push (libvirt writes the targets) or pull (libvirt
-# exports the disks over NBD and virtbackup copies them). A shut-off domain always goes offline.
-BackupMode = Literal["push", "pull"]
-BACKUP_MODES: Tuple[str, ...] = ("push", "pull")
+# exports the disks over NBD and virtbackup copies them); auto (the default) pulls, and pushes
+# only where pull cannot run (backup.backup says when). A shut-off domain always goes offline.
+BackupMode = Literal["auto", "push", "pull"]
+BACKUP_MODES: Tuple[str, ...] = ("auto", "push", "pull")
 
 # How a point's images store the guest's data: qcow2 compressed clusters (zstd or zlib, inside
 # plain qcow2 that any QEMU reads) or uncompressed ("none"). A chain keeps one setting.

@@ -199,7 +199,7 @@ def test_writes_during_the_job_land_in_the_next_point_not_this_one(make_domain, 
     before = d.expected()
     # 8 reads of at most 1 MiB a second: the job needs 24 s for the data, however loaded the host
     with slow_reads(d.dom, "vda", iops=8) as lift:
-        proc = start_cli("backup", d.name, bdir, "--json")
+        proc = start_cli("backup", d.name, bdir, "--json", "--mode", "push")
         try:
             job = wait_for("the backup job", lambda: (monitor.qmp(d.dom, "query-block-jobs") or [None])[0])
             assert d.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE

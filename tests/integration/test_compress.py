@@ -92,7 +92,7 @@ def test_every_transport_writes_compressed_points_that_restore_bit_exact(make_do
     online = transport != "offline"
     if online:
         sd.dom.create()
-    extra = ["--mode", "pull"] if transport == "pull" else []
+    extra = ["--mode", transport] if online else []
     zdir, plain = tmp_path / "z", tmp_path / "plain"
     seen: Dict[str, bytes] = {}
     p = backup(sd.name, zdir, "full", "--compress", "zstd", *extra)
@@ -258,15 +258,16 @@ def test_hand_edited_compression_is_refused(make_domain, tmp_path):
 
 
 def test_the_default_transport_of_a_compressed_chain(make_domain, tmp_path):
-    """A local running domain without --mode: push (compressed after the job: faster than a
-    compressed pull here, docs/performance.md); --scratch-dir alone means pull; a chain may mix them."""
+    """A local running domain without --mode: pull, compressed too (--mode auto); --scratch-dir
+    alone means pull; a chain may mix transports (a --mode push point in it), and keeps its
+    compression across them."""
     sd = make_domain({"vda": 16 * MiB})
     sd.write("vda", 0x21, 0, 2 * MiB)
     r = cli("backup", sd.name, tmp_path / "z", "--compress", "zstd", "--json")
     assert r.rc == 0, r
     p = r.json()["point"]
-    assert (p["transport"], p["compression"]) == ("push", "zstd"), p
-    assert "the default for a local running domain" in r.json()["transport_reason"]
+    assert (p["transport"], p["compression"]) == ("pull", "zstd"), p
+    assert r.json()["transport_reason"].startswith("--mode auto pulls (the default)"), r.json()
     sd.write("vda", 0x22, 4 * MiB, 1 * MiB)
     (tmp_path / "scratch").mkdir()
     r = cli("backup", sd.name, tmp_path / "z", "--scratch-dir", tmp_path / "scratch", "--json")
@@ -274,6 +275,12 @@ def test_the_default_transport_of_a_compressed_chain(make_domain, tmp_path):
     p = r.json()["point"]
     assert (p["transport"], p["level"], p["compression"]) == ("pull", "inc", "zstd"), p
     assert "--scratch-dir" in r.json()["transport_reason"]
+    sd.write("vda", 0x23, 8 * MiB, 1 * MiB)
+    r = cli("backup", sd.name, tmp_path / "z", "--mode", "push", "--json")
+    assert r.rc == 0, r
+    p = r.json()["point"]
+    assert (p["transport"], p["level"], p["compression"]) == ("push", "inc", "zstd"), p
+    assert r.json()["transport_reason"] == "--mode push was asked for"
     assert_restores(tmp_path / "z", "latest", sd.expected()["vda"], tmp_path / "out")
 
 
@@ -288,7 +295,7 @@ def test_enospc_while_compressing_a_push_changes_nothing(make_domain, tmp_path):
     sd.dom.create()
     with tmpfs(tmp_path / "tiny", "13M") as mnt:
         bdir = mnt / "bk"
-        r = cli("backup", sd.name, bdir, "--compress", "zstd")
+        r = cli("backup", sd.name, bdir, "--compress", "zstd", "--mode", "push")
         assert r.rc == 1, r
         line = one_error_line(r)
         assert "compressing the copy failed" in line and "No space left on device" in line, line

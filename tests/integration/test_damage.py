@@ -239,7 +239,7 @@ def test_killed_first_backup_leftovers_are_recognised(make_domain, tmp_path):
     d.write("vda", 0x41, 0, IN_FLIGHT_DATA)
     bdir = tmp_path / "bk"
     with slow_reads(d.dom, "vda", SLOW_IOPS):
-        proc = start_cli("backup", d.name, bdir, "--json")
+        proc = start_cli("backup", d.name, bdir, "--json", "--mode", "push")
         caught = pause_job(d.dom, proc)
     assert caught, f"the first backup ended before it was paused: {finish(proc)}"
     proc.kill()

@@ -201,7 +201,7 @@ def test_the_readme_recipe_a_qcow2_in_front_of_a_raw_volume_gives_small_incremen
         bdir = tmp_path / "bk"
         sd.write("vda", 0x33, 0, 8 * MiB)
         full = backup(sd, bdir)
-        assert full["point"]["transport"] == "push" and "local running domain" in full["transport_reason"]
+        assert full["point"]["transport"] == "pull" and "--mode auto pulls" in full["transport_reason"], full
         want = {full["point"]["id"]: sd.expected()}
         sd.write("vda", 0x44, 16 * MiB, 1 * MiB)
         inc = backup(sd, bdir)

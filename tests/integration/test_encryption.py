@@ -309,7 +309,7 @@ def test_interrupted_encrypted_backup_removes_its_secret(make_domain, tmp_path, 
     # more than the 64 MiB block-copy reads at once, at 8 MiB/s from the first byte: the job is caught
     d.write("vda", 0x5d, 2 * MiB, 96 * MiB)
     with slow_reads(d.dom, "vda", iops=8):
-        p = start_cli("backup", d.name, bdir, "--level", "inc", "--key-file", key)
+        p = start_cli("backup", d.name, bdir, "--level", "inc", "--key-file", key, "--mode", "push")
         caught = pause_job(d.dom, p)
     assert caught, f"the job ended before it was paused: {finish(p)}"
     ours = helpers.our_secrets(conn)
@@ -385,7 +385,8 @@ def test_no_key_byte_in_any_output_or_log_under_debug(make_domain, tmp_path):
     d = make_domain({"vda": 8 * MiB})
     bdir = tmp_path / "bk"
     runs = [cli("-v", "backup", d.name, bdir, "--encrypt", "--key-file", key, "--level", "full"),
-            cli("-v", "backup", d.name, bdir, "--key-file", key, "--level", "inc"),
+            # pull (the default) above, push here (its libvirt secret), offline below
+            cli("-v", "backup", d.name, bdir, "--key-file", key, "--level", "inc", "--mode", "push"),
             cli("-v", "list", bdir, "--json"),
             cli("-v", "verify", bdir, "--deep", "--key-file", key),
             cli("-v", "restore", bdir, tmp_path / "out", "--key-file", key),

@@ -118,7 +118,7 @@ class Chain:
         self.write_burst()
         before = self.state()
         with slow_reads(self.d.dom, "vda", SLOW_IOPS):
-            proc = start_cli("backup", self.d.name, self.bdir, "--json", *args)
+            proc = start_cli("backup", self.d.name, self.bdir, "--json", "--mode", "push", *args)
             caught = pause_job(self.d.dom, proc)
         assert caught, f"the backup job ended before it was paused: {finish(proc)}"
         return proc, before
@@ -206,7 +206,8 @@ if args[:1] == ["create"] and link:
 os.execvp("qemu-img", ["qemu-img"] + args)
 """)
         wrapper.chmod(0o755)
-        p = start_cli("backup", d.name, c.bdir, "--level", "inc", env={"VIRTBACKUP_QEMU_IMG": str(wrapper)})
+        p = start_cli("backup", d.name, c.bdir, "--level", "inc", "--mode", "push",    # a push job fails whole
+                      env={"VIRTBACKUP_QEMU_IMG": str(wrapper)})
         procs.append(p)
         r = finish(p)
         assert r.rc == 1, r

@@ -222,7 +222,8 @@ def test_sigterm_aborts_running_backups_and_skips_queued(make_domain, tmp_path, 
     b = make_domain({"vda": 128 * MiB}, name=f"{prefix}-b")
     q = make_domain({"vda": 16 * MiB}, name=f"{prefix}-q")        # third in name order: queued
     prom = tmp_path / "m.prom"
-    job = job_file(tmp_path, prefix, f'metrics_file = "{prom}"\n')
+    # push: the test holds QEMU's block jobs (a pull job's copy is ours, not a block job)
+    job = job_file(tmp_path, prefix, f'metrics_file = "{prom}"\nmode = "push"\n')
     root = tmp_path / "root"
     expected: Dict[str, Dict[str, Dict[str, bytes]]] = {d.name: {} for d in (a, b, q)}
     for d in (a, b, q):
@@ -327,7 +328,7 @@ def test_progress_bars_on_a_terminal_never_in_a_pipe(make_domain, tmp_path):
     rc, out = _pty_run(["backup", d.name, str(bdir)])
     assert rc == 0, out
     assert f"backup {d.name}" in out and BAR in out and "\x1b[" in out, out
-    assert "point 0001: full push backup" in out
+    assert "point 0001: full pull backup" in out
     rc, out = _pty_run(["restore", str(bdir), str(tmp_path / "r1")])
     assert rc == 0 and "restore vda.qcow2" in out and BAR in out, out
     rc, out = _pty_run(["verify", str(bdir)])

@@ -40,8 +40,10 @@ def test_debug_shows_backup_and_checkpoint_xml_and_every_qemu_img_argv(make_doma
     assert r.rc == 0, r
     err = r.err
     assert "virtbackup: debug:" in err and "argv" in err
-    # the backup XML (incremental from the full's checkpoint) and the checkpoint XML, as sent
-    assert "<domainbackup mode=\"push\">" in err and "<incremental>virtbackup-" in err, err
+    # the backup XML (incremental from the full's checkpoint; pull, the default) and the
+    # checkpoint XML, as sent; the qemu-nbd that writes the target, with its argv
+    assert "<domainbackup mode=\"pull\">" in err and "<incremental>virtbackup-" in err, err
+    assert "target server: [" in err and "qemu-nbd" in err, err
     assert "backupBegin" in err and "<domaincheckpoint>" in err
     assert "checkpoint XML of virtbackup-" in err          # the saved one, as libvirt returned it
     assert "QMP " in err and "query-named-block-nodes" in err   # the bitmap check

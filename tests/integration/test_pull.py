@@ -254,7 +254,7 @@ def test_remote_uri_over_ssh_backup_status_repair_and_refusals(make_domain, hidd
     r = h.cli("backup", d.name, bdir, "--json", "--nbd-tls-dir", TLS_CLIENT, uri=uri)    # no --mode: pull
     p = point_of(r)
     assert p["transport"] == "pull" and p["level"] == "full" and p["nbd_tls"] is True
-    assert "the default for a remote URI" in r.json()["transport_reason"], r.json()
+    assert "from a remote URI only pull is possible" in r.json()["transport_reason"], r.json()
     e1 = d.expected()
     d.write("vda", 0x22, 8 * MiB, 1 * MiB)
     # plaintext only when asked: warned about and recorded
@@ -425,6 +425,47 @@ def test_a_scratch_filesystem_without_room_is_refused_before_the_job(make_domain
         r = cli("backup", d.name, bdir, "--mode", "pull", "--scratch-dir", small, "--json")
         assert r.rc == 0 and r.json()["point"]["level"] == "inc", r
         assert_point_restores(bdir, r.json()["point"]["id"], d.expected(), tmp_path / "r")
+
+
+def test_auto_pulls_a_running_domain_and_pushes_when_its_scratch_files_may_not_fit(conn, tmp_path):
+    """Issue 23, the default switch: without --mode a running domain is pulled, and says so
+    (point, transport_reason). Where pull's scratch files may not fit beside the disks (their
+    default place), auto pushes instead, with a warning and the reason, rather than refusing a
+    nightly backup; an explicit --mode pull there is refused (exit 2) as before. Every point
+    restores bit-exact and no scratch file is left."""
+    from tests.support import scratch
+    from tests.support.helpers import tmpfs
+    bdir = tmp_path / "bk"
+    with tmpfs(tmp_path / "small", "40M") as small:
+        d = scratch.ScratchDomain(conn, f"vbauto-{os.getpid()}", small, {"vda": 64 * MiB})
+        try:
+            d.create()
+            d.write("vda", 0x51, 0, 24 * MiB)      # ~24 MiB allocated, ~16 MiB left beside it
+            r = cli("backup", d.name, bdir, "--mode", "pull", "--json")
+            assert r.rc == 2 and r.json()["error"]["kind"] == "no-space", r
+            assert "scratch files in" in one_error_line(r) and not checkpoint_names(d.dom)
+            full = cli("backup", d.name, bdir, "--json")
+            assert full.rc == 0, full
+            fj = full.json()
+            assert fj["point"]["transport"] == "push", fj
+            assert fj["transport_reason"].startswith("--mode auto pushed: the pull job's scratch files in"), fj
+            assert "--scratch-dir" in fj["transport_reason"]
+            assert any("--mode auto" in w and "pushed instead" in w for w in fj["warnings"]), fj["warnings"]
+            assert "virtbackup: warning: --mode auto: " in full.err
+            want = {fj["point"]["id"]: d.expected()}
+            d.write("vda", 0x52, 32 * MiB, 2 * MiB)    # 2 MiB dirty: fits
+            inc = cli("backup", d.name, bdir, "--json")
+            assert inc.rc == 0, inc
+            ij = inc.json()
+            assert (ij["point"]["level"], ij["point"]["transport"]) == ("inc", "pull"), ij
+            assert ij["transport_reason"].startswith("--mode auto pulls (the default)") and not ij["warnings"], ij
+            want[ij["point"]["id"]] = d.expected()
+            assert not list(small.glob("*.scratch")), list(small.iterdir())
+            assert d.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+            for pid, expected in want.items():
+                assert_point_restores(bdir, pid, expected, tmp_path / f"r{pid}")
+        finally:
+            d.remove()
 
 
 def test_a_scratch_dir_that_is_no_directory_or_holds_control_characters_is_refused(make_domain, tmp_path):

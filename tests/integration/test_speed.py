@@ -29,7 +29,7 @@ def test_max_speed_is_applied_to_the_push_job_and_the_backup_is_bit_exact(make_d
     slowed = contextlib.ExitStack()
     for disk in ("vda", "vdb"):          # neither job can end before the test has seen its limit
         slowed.enter_context(slow_reads(d.dom, disk, iops=8))
-    proc = start_cli("backup", d.name, bdir, "--level", "full", "--max-speed", limit, "--json")
+    proc = start_cli("backup", d.name, bdir, "--level", "full", "--max-speed", limit, "--json", "--mode", "push")
     seen: dict = {}
     try:
         # wait (bounded) for the jobs to be visible with their limit; never a timed assertion:

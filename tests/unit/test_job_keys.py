@@ -237,12 +237,16 @@ def test_mode_and_scratch_dir_top_level_per_domain_and_refusals(tmp_path):
     assert job.for_domain("web-1").backup_args() == [] and job.for_domain("db1").backup_args() == ["--mode", "pull"]
     # scratch_dir alone: backup then pulls (as --scratch-dir without --mode does)
     assert load(tmp_path, 'scratch_dir = "/s"\n').for_domain("web-1").backup_args() == ["--scratch-dir", "/s"]
-    for mode in ("push", "pull"):
+    for mode in ("auto", "push", "pull"):
         assert load(tmp_path, f'mode = "{mode}"\n').settings.mode == mode
-    assert refused(tmp_path, 'mode = "auto"\n').endswith(":3: key 'mode' must be one of push, pull, not 'auto'")
-    assert refused(tmp_path, 'mode = 1\n').endswith(":3: key 'mode' must be one of push, pull, not an integer")
+    # auto with a scratch_dir pulls; a domain table's auto keeps the top level's scratch_dir
+    job = load(tmp_path, 'scratch_dir = "/s"\n[domain."db1"]\nmode = "auto"\n')
+    assert job.for_domain("db1").backup_args() == ["--mode", "auto", "--scratch-dir", "/s"]
+    assert refused(tmp_path, 'mode = "fast"\n').endswith(":3: key 'mode' must be one of auto, push, pull, not 'fast'")
+    assert refused(tmp_path, 'mode = ""\n').endswith(":3: key 'mode' must be one of auto, push, pull, not ''")
+    assert refused(tmp_path, 'mode = 1\n').endswith(":3: key 'mode' must be one of auto, push, pull, not an integer")
     assert refused(tmp_path, '[domain."db1"]\nmode = "Pull"\n').endswith(
-        ":4: key 'domain.\"db1\".mode' must be one of push, pull, not 'Pull'")
+        ":4: key 'domain.\"db1\".mode' must be one of auto, push, pull, not 'Pull'")
     assert refused(tmp_path, 'scratch_dir = "scratch"\n').endswith(
         ":3: key 'scratch_dir' must be an absolute path on the hypervisor, not 'scratch'")
     assert refused(tmp_path, 'scratch_dir = ""\n').endswith(

@@ -40,9 +40,10 @@ def backup(ctx: typer.Context, domain: Domain, backup_dir: BackupDirArg,
                     "the domain has an agent channel, else crash-consistent), require (fail if it can't; a "
                     "bare --quiesce means require), off")] = "auto",
            mode: Annotated[Optional[str], typer.Option(
-               "--mode", metavar="[push|pull]",
-               help="push (QEMU writes the backup dir) | pull (virtbackup reads the disks over NBD); "
-                    "default: push for a local libvirtd, pull for a remote URI")] = None,
+               "--mode", metavar="[auto|push|pull]",
+               help="pull (virtbackup reads the disks over NBD; the guest's writes are not slowed by the "
+                    "backup target) | push (QEMU writes the backup dir) | auto (default: pull, or push when "
+                    "pull's scratch files may not fit beside the disks)")] = None,
            scratch_dir: Annotated[Optional[str], typer.Option(
                "--scratch-dir", metavar="DIR",
                help="pull: directory on the hypervisor for the scratch files (default: beside each disk "

@@ -35,6 +35,7 @@ import libvirt
 from lxml import etree
 
 from virtbackup import observe
+from virtbackup.errors import BackupFailed
 from virtbackup.runners.plan import BackupPlan, Transport
 from virtbackup.store.chain import PARTIAL_SUFFIX
 from virtbackup.virt import host
@@ -143,3 +144,24 @@ def operation_name(op: Optional[int]) -> str:
     names = {getattr(libvirt, n): n[25:].lower().replace("_", " ")
              for n in dir(libvirt) if n.startswith("VIR_DOMAIN_JOB_OPERATION_")}
     return names.get(op, "unknown") if op is not None else "unknown"
+
+
+def clear_leftover_job(conn: libvirt.virConnect, dom: libvirt.virDomain, points_dir: Path,
+                       prefix: Optional[str], notify: Notify) -> None:
+    """Before a job of ours starts: a backup job a killed run of this directory left (it writes
+    into `points_dir`, or its checkpoints have `prefix`) is aborted, since nobody will read what
+    it writes and it blocks ours; any other job (another tool's, a migration) refuses the run,
+    untouched. Both push and pull jobs say it alike."""
+    if job_gone(dom):
+        return
+    if job_writes_into(dom, points_dir, prefix):
+        notify("aborting the backup job left by an interrupted run")
+        if not abort_job(conn, dom):
+            raise BackupFailed("the backup job left by an interrupted run did not end within 60 s")
+        return
+    try:
+        op = dom.jobStats().get("operation")
+    except libvirt.libvirtError:
+        op = None
+    raise BackupFailed(f"another job ({operation_name(op)}) is running on domain "
+                       f"'{dom.name()}'; try again when it has ended")

@@ -30,7 +30,15 @@ from lxml import etree
 from virtbackup import env, observe
 from virtbackup.errors import BackupFailed, Interrupted, NoSpace, OperationFailed, UsageError
 from virtbackup.qemu import keys, nbdcopy
-from virtbackup.runners.base import Notify, abort_job, checkpoint_prefix, completed_stats, job_gone, job_writes_into
+from virtbackup.runners.base import (
+    Notify,
+    abort_job,
+    checkpoint_prefix,
+    clear_leftover_job,
+    completed_stats,
+    job_gone,
+    job_writes_into,
+)
 from virtbackup.runners.plan import BackupPlan, Transport
 from virtbackup.virt import host, xmlbuild
 from virtbackup.virt.host import DomainHandle
@@ -159,27 +167,40 @@ class PullRunner:
                 raise BackupFailed(f"disk {dp.disk.target}: the target is encrypted but the runner has no key")
         cxml = xmlbuild.checkpoint_xml(plan.checkpoint, plan.description,
                                        {dp.disk.target: dp.tracks for dp in plan.disks})
+        targets = self._targets_of(plan)
+        problem = self._scratch_room_problem(plan, targets)
+        if problem:
+            raise NoSpace(f"{problem}; give --scratch-dir a filesystem with room; nothing was changed")
+        self._start(targets, plan.base_checkpoint, plan.checkpoint, cxml)
+
+    @staticmethod
+    def _targets_of(plan: BackupPlan) -> List[PullTarget]:
         # the default scratch dir is beside the disk's image file; a block device's or network
         # disk's "directory" is no place for one (/dev is a small tmpfs): beside a file disk of
         # the same domain then, else libvirt's image dir (--scratch-dir chooses)
         files = [dp.disk.source for dp in plan.disks if dp.disk.type == "file" and dp.disk.source]
-        targets = [PullTarget(dp.disk.target, dp.target.path, dp.mode == "full",
-                              (dp.disk.source or "") if dp.disk.type == "file" else (files[0] if files else ""),
-                              encrypted=dp.target.encryption is not None,
-                              compressed=dp.target.compression is not None)
-                   for dp in plan.disks]
-        self._check_scratch_room(plan, targets)
-        self._start(targets, plan.base_checkpoint, plan.checkpoint, cxml)
+        return [PullTarget(dp.disk.target, dp.target.path, dp.mode == "full",
+                           (dp.disk.source or "") if dp.disk.type == "file" else (files[0] if files else ""),
+                           encrypted=dp.target.encryption is not None,
+                           compressed=dp.target.compression is not None)
+                for dp in plan.disks]
 
-    def _check_scratch_room(self, plan: BackupPlan, targets: Sequence[PullTarget]) -> None:
-        """Refuse (NoSpace, exit 2, nothing changed) when the scratch files' filesystems can't
-        hold what the guest could make them hold: the old data of every cluster it rewrites
+    def room_problem(self, plan: BackupPlan) -> Optional[str]:
+        """Why the scratch files of `plan` may not fit (what start would refuse), or None; a
+        missing or unusable scratch directory still raises UsageError. --mode auto asks this
+        before the job, to push instead (backup.Engine.fallback)."""
+        return self._scratch_room_problem(plan, self._targets_of(plan))
+
+    def _scratch_room_problem(self, plan: BackupPlan, targets: Sequence[PullTarget]) -> Optional[str]:
+        """Why the job must not start (start raises NoSpace: exit 2, nothing changed), or None:
+        the scratch files' filesystems can't hold what the guest could make them hold: the old
+        data of every cluster it rewrites
         before we have read it, at most the data still to be read (a full: the disk's allocated
         bytes; an incremental: the base bitmap's dirty bytes). A fill would pause the guest
         (QEMU's ENOSPC policy; the run then ends the job and resumes it, see host.JobWatch).
         Only on this host: a remote hypervisor's filesystems are not ours to inspect."""
         if host.is_remote(self.conn.getURI()):
-            return
+            return None
         dirty: Dict[str, int] = {}
         if any(dp.mode == "bitmap" for dp in plan.disks):
             from virtbackup.virt import bitmaps
@@ -206,14 +227,14 @@ class PullRunner:
             need[st.st_dev] = (d, have + n, free)
         for where, n, free in need.values():
             if n > free:
-                raise NoSpace(f"the pull job's scratch files in {where} may need up to {n / MiB:.1f} MiB (the old "
-                              f"data of what the guest rewrites before it is read), {free / MiB:.1f} MiB are free; "
-                              "give --scratch-dir a filesystem with room; nothing was changed")
+                return (f"the pull job's scratch files in {where} may need up to {n / MiB:.1f} MiB (the old "
+                        f"data of what the guest rewrites before it is read), {free / MiB:.1f} MiB are free")
+        return None
 
     def _start(self, targets: Sequence[PullTarget], base: Optional[str], checkpoint: str, cxml: str) -> None:
         self._targets = list(targets)
         self._prefix = checkpoint_prefix(checkpoint)
-        self._clear_leftover_job()
+        clear_leftover_job(self.conn, self.dom, self.points_dir, self._prefix, self.notify)
         tag = secrets.token_hex(3)
         if not host.is_remote(self.conn.getURI()):      # no job of ours runs now: its files are stale
             for where in sorted({os.path.dirname(scratch_path(self.scratch_dir, t.source, checkpoint, t.name))
@@ -441,17 +462,6 @@ class PullRunner:
             return BackupFailed("backup job failed: the job ended before its data was read"
                                 + (f" ({errmsg})" if errmsg else ""))
         return BackupFailed(f"backup failed: {detail or 'the NBD copy stopped'}")
-
-    def _clear_leftover_job(self) -> None:
-        """A job of this directory left by a killed run is aborted; anyone else's refuses the run."""
-        if job_gone(self.dom):
-            return
-        if job_writes_into(self.dom, self.points_dir, self._prefix):
-            self.notify("aborting the backup job left by an interrupted run")
-            if not abort_job(self.conn, self.dom):
-                raise BackupFailed("the backup job left by an interrupted run did not end within 60 s")
-            return
-        raise BackupFailed(f"another job is running on domain '{self.dom.name()}'; try again when it has ended")
 
 
 def refuse_remote(uri: Optional[str], what: str) -> None:

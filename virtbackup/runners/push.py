@@ -22,10 +22,10 @@ from virtbackup.runners.base import (
     Notify,
     abort_job,
     checkpoint_prefix,
+    clear_leftover_job,
     completed_stats,
     job_gone,
     job_writes_into,
-    operation_name,
     received,
 )
 from virtbackup.runners.plan import BackupPlan, Transport
@@ -66,28 +66,10 @@ class PushRunner:
         if self._watch is not None:
             self._watch.interrupt(signal_name)
 
-    def _clear_leftover_job(self) -> None:
-        dom = self.handle.dom
-        if job_gone(dom):
-            return
-        prefix = checkpoint_prefix(self._plan.checkpoint) if self._plan else None
-        if job_writes_into(dom, self.points_dir, prefix):
-            # Left by a run of this directory that was killed mid-job (we hold its locks now):
-            # nobody will read what it writes, and it blocks ours.
-            self.notify("aborting the backup job left by an interrupted run")
-            if not abort_job(self.handle.conn, dom):
-                raise BackupFailed("the backup job left by an interrupted run did not end within 60 s")
-            return
-        try:
-            op = dom.jobStats().get("operation")
-        except libvirt.libvirtError:
-            op = None
-        raise BackupFailed(f"another job ({operation_name(op)}) is running on domain "
-                           f"'{dom.name()}'; try again when it has ended")
-
     def start(self, plan: BackupPlan) -> None:
         self._plan = plan
-        self._clear_leftover_job()
+        clear_leftover_job(self.handle.conn, self.handle.dom, self.points_dir, checkpoint_prefix(plan.checkpoint),
+                           self.notify)
         bxml = xmlbuild.backup_xml(
             [xmlbuild.BackupDisk(dp.disk.target, dp.target.path, full=dp.mode == "full",
                                  encryption=dp.target.encryption) for dp in plan.disks],
