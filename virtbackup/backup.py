@@ -506,7 +506,8 @@ def _push_if_no_room(pull: "PullRunner", handle: DomainHandle, bdir: BackupDir, 
                      quiesce: Optional[Quiescer], max_speed: Optional[int]
                      ) -> Callable[[BackupPlan], Optional[Tuple[Runner, str]]]:
     """--mode auto's one exception (Engine.fallback): when the pull job's scratch files may not
-    fit beside a local domain's disks (PullRunner.room_problem), the push job instead, and why.
+    fit beside a local domain's disks, or their default directory is missing
+    (PullRunner.room_problem), the push job instead, and why.
     A refusal would stop a nightly job that pushing can still do; pulling anyway could fill
     the filesystem under the guest's disks."""
     def choose(plan: BackupPlan) -> Optional[Tuple[Runner, str]]:
@@ -515,7 +516,7 @@ def _push_if_no_room(pull: "PullRunner", handle: DomainHandle, bdir: BackupDir, 
             return None
         return (PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce, max_speed),
                 f"{problem}: pushed instead, so the guest's writes wait for the backup target during the "
-                "job; give --scratch-dir a filesystem with room to pull")
+                "job; give --scratch-dir a directory with room to pull")
     return choose
 
 

@@ -186,10 +186,14 @@ class PullRunner:
                 for dp in plan.disks]
 
     def room_problem(self, plan: BackupPlan) -> Optional[str]:
-        """Why the scratch files of `plan` may not fit (what start would refuse), or None; a
-        missing or unusable scratch directory still raises UsageError. --mode auto asks this
-        before the job, to push instead (backup.Engine.fallback)."""
-        return self._scratch_room_problem(plan, self._targets_of(plan))
+        """Why the scratch files of `plan` cannot go where they would (what start would refuse:
+        no room, or a scratch directory that is missing or no directory), or None. --mode auto
+        asks this before the job, to push instead (backup.Engine.fallback): the default place
+        of a block or network disk's scratch files may not exist on a host where pushing works."""
+        try:
+            return self._scratch_room_problem(plan, self._targets_of(plan))
+        except UsageError as e:       # the caller gives its own advice
+            return str(e).replace("; choose one with --scratch-dir", "")
 
     def _scratch_room_problem(self, plan: BackupPlan, targets: Sequence[PullTarget]) -> Optional[str]:
         """Why the job must not start (start raises NoSpace: exit 2, nothing changed), or None:
