@@ -737,7 +737,7 @@ def compression(b: Bench, quick: bool) -> None:
         # explicit `--compress none`, whatever the default is
         lv, _, mode = level.partition("_")
         extra: List[object] = ["--compress", lv] if has_compress else []
-        extra += ["--mode", mode] if mode else []
+        extra += ["--mode", mode or "push"]      # no suffix: push, as these figures were first taken
         measure(f"comp_full_virtbackup_{level}", out, [*CLI, "backup", d.name, out, "--level", "full", *extra])
 
     def convert(ctype: str) -> None:
@@ -809,7 +809,7 @@ def compression(b: Bench, quick: bool) -> None:
 
     def vb_args(lv: str) -> List[object]:
         c, _, mode = lv.partition("_")
-        return [*(["--compress", c] if has_compress else []), *(["--mode", mode] if mode else [])]
+        return [*(["--compress", c] if has_compress else []), "--mode", mode or "push"]
 
     for lv, bdir in chains.items():
         run(*CLI, "backup", d.name, bdir, "--level", "full", *vb_args(lv))

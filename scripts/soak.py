@@ -444,7 +444,7 @@ class Soak:
         transport = mode if online else "offline"
         enc = "-encrypted" if d.encrypted else ""
         args: List[object] = ["backup", d.name, d.bdir, "--level", level, "--json",
-                              *(["--mode", "pull"] if mode == "pull" else []),
+                              "--mode", mode,
                               *self.key_args(d, new_chain=before is None or not before.points)]
         pr = self.cli(*args, verbose=d.encrypted and self.rng.random() < 0.4)
         what = f"backup --level {level} ({transport}{', encrypted' if d.encrypted else ''})"

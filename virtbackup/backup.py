@@ -165,7 +165,8 @@ class Engine:
         bitmaps, partial dirs) and redefines needed checkpoints that libvirt lost while their
         bitmaps are intact. Broken needed checkpoints stay so that planning reports them.
         """
-        self.runner.preflight()
+        if self.fallback is None:       # else _run asks once the runner is settled
+            self.runner.preflight()
         removed = []
         dom = self.handle.dom
         if chain.points or checkpoints.ours(dom, chain.checkpoint_prefix()):
@@ -198,7 +199,8 @@ class Engine:
         """Plan and take one backup; auto falls back to a full when the runner finds the base
         bitmap unusable after planning (e.g. it changed between the check and the job).
         `reason`: why the caller asked for this level (recorded with the point)."""
-        self.runner.preflight()
+        if self.fallback is None:       # else _run asks once the runner is settled
+            self.runner.preflight()
         try:
             return self._run(chain, level, only, reason)
         except LevelNotPossible as e:
@@ -257,7 +259,7 @@ class Engine:
                 self.fallback = None
                 self.runner, self.fell_back = switch
                 self._warn(f"--mode auto: {self.fell_back}")
-                self.runner.preflight()
+            self.runner.preflight()
         log.info("plan: point %s, %s backup%s, transport %s, checkpoint %s", plan.point_id, plan.level,
                  f" from checkpoint {plan.base_checkpoint}" if plan.base_checkpoint else "",
                  self.runner.transport, plan.checkpoint)
@@ -472,7 +474,7 @@ def _transport_reason(transport: str, asked: Optional[str], remote: bool, scratc
     if asked is not None:
         return f"--mode {asked} was asked for"
     if fell_back:
-        return f"--mode auto pushed: {fell_back}"
+        return f"--mode auto: {fell_back}"
     if remote:
         return ("--mode auto pulls (the default); from a remote URI only pull is possible: the hypervisor "
                 "cannot write into this host's backup directory")
@@ -505,18 +507,17 @@ def check_tls_dir(given: Optional[str]) -> str:
 def _push_if_no_room(pull: "PullRunner", handle: DomainHandle, bdir: BackupDir, notify: Notify,
                      quiesce: Optional[Quiescer], max_speed: Optional[int]
                      ) -> Callable[[BackupPlan], Optional[Tuple[Runner, str]]]:
-    """--mode auto's one exception (Engine.fallback): when the pull job's scratch files may not
-    fit beside a local domain's disks, or their default directory is missing
-    (PullRunner.room_problem), the push job instead, and why.
+    """--mode auto's one exception (Engine.fallback): when a local domain's pull cannot run here
+    (PullRunner.obstacle: its scratch files may not fit beside the disks, their default
+    directory is missing, or libnbd's Python binding or qemu-nbd is), the push job instead, and why.
     A refusal would stop a nightly job that pushing can still do; pulling anyway could fill
     the filesystem under the guest's disks."""
     def choose(plan: BackupPlan) -> Optional[Tuple[Runner, str]]:
-        problem = pull.room_problem(plan)
+        problem = pull.obstacle(plan)
         if problem is None:
             return None
         return (PushRunner(handle, bdir.path / POINTS_DIR, notify, quiesce, max_speed),
-                f"{problem}: pushed instead, so the guest's writes wait for the backup target during the "
-                "job; give --scratch-dir a directory with room to pull")
+                f"{problem}: pushed instead, so the guest's writes wait for the backup target during the job")
     return choose
 
 
@@ -676,7 +677,7 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
 
             with dir_lock(bdir), runlog.run_log(bdir.path, "backup", log_problem):
                 log.info("backup of domain %s (%s) into %s, level %s, mode %s%s", dom.name(), uuid, bdir.path,
-                         level, mode, f", disks {', '.join(disks)}" if disks else "")
+                         level, asked_mode or "auto", f", disks {', '.join(disks)}" if disks else "")
                 chain = bdir.load_or_none()
                 if chain is None:
                     # The chain id names this directory's checkpoints: record it (no points yet)

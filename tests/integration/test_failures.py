@@ -28,7 +28,7 @@ def test_enospc_during_incremental_keeps_chain_and_retry_has_every_write(make_do
     with tmpfs(tmp_path / "tiny", "6M") as mnt:
         bdir = mnt / "bk"
         d.write("vda", 0x11, 0, 1 * MiB)
-        r = cli("backup", d.name, bdir, "--json")
+        r = cli("backup", d.name, bdir, "--json", "--mode", "push")   # pull's ENOSPC: test_pull.py
         assert r.rc == 0, r
         e1 = d.expected()
         before_files = snapshot_dir(bdir)
@@ -37,7 +37,7 @@ def test_enospc_during_incremental_keeps_chain_and_retry_has_every_write(make_do
         before_bitmaps = our_bitmaps(d.dom, prefix)
 
         d.write("vda", 0x22, 8 * MiB, 12 * MiB)        # more than the space left
-        r = cli("backup", d.name, bdir, "--level", "inc")
+        r = cli("backup", d.name, bdir, "--level", "inc", "--mode", "push")
         assert r.rc == 1, r
         assert "No space left on device" in one_error_line(r)
         assert snapshot_dir(bdir) == before_files       # metadata and images exactly as before

@@ -269,7 +269,7 @@ def test_job_failure_enospc_thaws(g, dom, tmp_path):
     before_cps = ours(dom)
     with tmpfs(tmp_path / "tiny", "8M") as mnt:
         bdir = mnt / "bk"
-        r = cli("backup", g.name, bdir, "--quiesce")
+        r = cli("backup", g.name, bdir, "--quiesce", "--mode", "push")    # push: the guest's write path
         assert r.rc == 1, r
         assert "No space left on device" in one_error_line(r)
         assert "froze 1 filesystem(s)" in r.err

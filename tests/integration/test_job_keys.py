@@ -70,7 +70,7 @@ def key_free(*texts: str) -> bool:
 
 def test_job_backs_up_two_domains_into_encrypted_chains_and_continues_them(make_domain, tmp_path):
     prefix = f"vbjk-{secrets.token_hex(3)}"
-    a = make_domain({"vda": 16 * MiB}, name=f"{prefix}-a")                # running: push
+    a = make_domain({"vda": 16 * MiB}, name=f"{prefix}-a")                # running: pull (auto)
     b = make_domain({"vda": 16 * MiB}, start=False, name=f"{prefix}-b")   # shut off: private QEMU
     ka = keyfile(tmp_path / "job.key", f"{CANARY} for the job\n".encode())
     kb = keyfile(tmp_path / "b.key", f"{CANARY} of b alone\n".encode())

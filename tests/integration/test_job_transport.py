@@ -1,6 +1,5 @@
-"""The transport in job files (issue 23): push stays `backup`'s default, so a job chooses the
-gentle path for its busy guests with `mode = "pull"` and `scratch_dir`, per job and per
-`[domain."NAME"]`. On the real libvirtd: a job pulls for one domain, pushes for the one whose
+"""The transport in job files (issue 23): a job chooses it with `mode` (auto, the default, pulls;
+push; pull) and `scratch_dir`, per job and per `[domain."NAME"]`. On the real libvirtd: a job pulls for one domain, pushes for the one whose
 table says so, and backs up a shut-off one with the private QEMU whatever the mode; each point
 records its transport, restores bit-exact, and no scratch file is left; the dry run says which.
 """

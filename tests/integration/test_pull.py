@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -448,8 +449,8 @@ def test_auto_pulls_a_running_domain_and_pushes_when_its_scratch_files_may_not_f
             assert full.rc == 0, full
             fj = full.json()
             assert fj["point"]["transport"] == "push", fj
-            assert fj["transport_reason"].startswith("--mode auto pushed: the pull job's scratch files in"), fj
-            assert "--scratch-dir" in fj["transport_reason"]
+            assert fj["transport_reason"].startswith("--mode auto: the pull job's scratch files in"), fj
+            assert "--scratch-dir DIR" in fj["transport_reason"] and "pushed instead" in fj["transport_reason"]
             assert any("--mode auto" in w and "pushed instead" in w for w in fj["warnings"]), fj["warnings"]
             assert "virtbackup: warning: --mode auto: " in full.err
             want = {fj["point"]["id"]: d.expected()}
@@ -466,6 +467,40 @@ def test_auto_pulls_a_running_domain_and_pushes_when_its_scratch_files_may_not_f
                 assert_point_restores(bdir, pid, expected, tmp_path / f"r{pid}")
         finally:
             d.remove()
+
+
+def test_auto_pushes_where_libnbd_is_missing_and_an_explicit_pull_says_what_to_install(make_domain, tmp_path):
+    """A plain `pip install` into a venv without Debian's packages has no libnbd binding (the
+    README's 'elsewhere' install): without --mode the backups go on, pushed, and say why; an
+    explicit --mode pull incremental fails with one line naming the package, nothing recorded."""
+    from tests.support.helpers import ROOT, CLIResult
+    stub = tmp_path / "no-libnbd"
+    stub.mkdir()
+    (stub / "nbd.py").write_text('raise ImportError("libnbd is not installed here (test stub)")\n')
+    env = dict(os.environ, PYTHONPATH=f"{stub}:{ROOT}")
+
+    def run(*args: object) -> CLIResult:
+        return CLIResult(subprocess.run([sys.executable, "-m", "virtbackup.cli", *map(str, args)],
+                                        capture_output=True, text=True, timeout=300, env=env))
+    d = make_domain({"vda": 16 * MiB})
+    bdir = tmp_path / "bk"
+    d.write("vda", 0x71, 0, 2 * MiB)
+    want = {}
+    for level in ("full", "inc"):
+        r = run("backup", d.name, bdir, "--level", level, "--json")
+        assert r.rc == 0, r
+        j = r.json()
+        assert (j["point"]["level"], j["point"]["transport"]) == (level, "push"), j
+        assert j["transport_reason"].startswith("--mode auto: pull mode needs libnbd's Python binding"), j
+        assert "python3-libnbd" in j["transport_reason"] and "pushed instead" in j["transport_reason"]
+        want[j["point"]["id"]] = d.expected()
+        d.write("vda", 0x72, 4 * MiB, MiB)
+    r = run("backup", d.name, bdir, "--level", "inc", "--mode", "pull")
+    assert r.rc == 1 and "apt-get install python3-libnbd" in one_error_line(r), r
+    assert sorted(p.name for p in (bdir / "points").iterdir()) == sorted(want)     # nothing recorded, no .partial
+    assert d.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+    for pid, expected in want.items():
+        assert_point_restores(bdir, pid, expected, tmp_path / f"r{pid}")
 
 
 def test_a_scratch_dir_that_is_no_directory_or_holds_control_characters_is_refused(make_domain, tmp_path):

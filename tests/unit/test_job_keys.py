@@ -226,8 +226,8 @@ def test_chain_problem_and_dry_run_plan_say_what_does_not_fit(tmp_path):
 
 
 def test_mode_and_scratch_dir_top_level_per_domain_and_refusals(tmp_path):
-    """Job files choose the transport (issue 23): push stays backup's default, so an admin who wants
-    the gentle path for a busy guest says mode = "pull" (and where its scratch files go)."""
+    """Job files choose the transport (issue 23): mode = "auto" (backup's default: pull), "push" for
+    a guest whose writes matter less than the backup's time, "pull"; and where scratch files go."""
     job = load(tmp_path, 'mode = "pull"\nscratch_dir = "/var/tmp/scratch"\n[domain."db1"]\nmode = "push"\n')
     assert job.for_domain("web-1").backup_args() == ["--mode", "pull", "--scratch-dir", "/var/tmp/scratch"]
     assert job.for_domain("db1").backup_args() == ["--mode", "push"]   # the job's scratch_dir is for its pulls

@@ -42,8 +42,9 @@ def backup(ctx: typer.Context, domain: Domain, backup_dir: BackupDirArg,
            mode: Annotated[Optional[str], typer.Option(
                "--mode", metavar="[auto|push|pull]",
                help="pull (virtbackup reads the disks over NBD; the guest's writes are not slowed by the "
-                    "backup target) | push (QEMU writes the backup dir) | auto (default: pull, or push when "
-                    "pull's scratch files may not fit beside the disks)")] = None,
+                    "backup target) | push (QEMU writes the backup dir) | auto (default: pull, or push where "
+                    "pull cannot run: its scratch files may not fit or have no directory, or libnbd or "
+                    "qemu-nbd is missing)")] = None,
            scratch_dir: Annotated[Optional[str], typer.Option(
                "--scratch-dir", metavar="DIR",
                help="pull: directory on the hypervisor for the scratch files (default: beside each disk "

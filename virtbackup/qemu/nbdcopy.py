@@ -96,6 +96,14 @@ def _nbd() -> Any:
     return nbd
 
 
+def require_tools() -> None:
+    """OperationFailed (saying what to install) unless a pull copy can run here: libnbd's Python
+    binding (incrementals, and the target server's handshake) and qemu-nbd."""
+    _nbd()
+    if shutil.which(env.program("qemu-nbd")) is None:
+        raise OperationFailed(f"pull mode needs {env.program('qemu-nbd')}: apt-get install qemu-utils")
+
+
 def _message(e: BaseException) -> str:
     """libnbd's error text, without its 'nbd_xxx: ' prefix noise when errno says it all."""
     msg = getattr(e, "string", None) or str(e)

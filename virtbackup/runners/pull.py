@@ -158,7 +158,9 @@ class PullRunner:
         return self.handle.dom
 
     def preflight(self) -> None:
-        """Nothing to refuse before planning: a foreign job is refused at start."""
+        """Before planning: the tools a pull copy needs (nbdcopy.require_tools); a foreign job is
+        refused at start."""
+        nbdcopy.require_tools()
 
     def start(self, plan: BackupPlan) -> None:
         """backupBegin in pull mode: fixes the point in time and creates the plan's checkpoint."""
@@ -185,15 +187,22 @@ class PullRunner:
                            compressed=dp.target.compression is not None)
                 for dp in plan.disks]
 
-    def room_problem(self, plan: BackupPlan) -> Optional[str]:
-        """Why the scratch files of `plan` cannot go where they would (what start would refuse:
-        no room, or a scratch directory that is missing or no directory), or None. --mode auto
-        asks this before the job, to push instead (backup.Engine.fallback): the default place
-        of a block or network disk's scratch files may not exist on a host where pushing works."""
+    def obstacle(self, plan: BackupPlan) -> Optional[str]:
+        """Why this pull of `plan` cannot run here, or None: libnbd's Python binding or qemu-nbd
+        missing (a plain `pip install` into a venv without Debian's packages has no libnbd), or
+        the scratch files cannot go where they would (what start would refuse: no room, or a
+        scratch directory that is missing or no directory). --mode auto asks this before the
+        job, to push instead (backup.Engine.fallback): the default place of a block or network
+        disk's scratch files may not exist on a host where pushing works."""
         try:
-            return self._scratch_room_problem(plan, self._targets_of(plan))
-        except UsageError as e:       # the caller gives its own advice
-            return str(e).replace("; choose one with --scratch-dir", "")
+            nbdcopy.require_tools()
+        except OperationFailed as e:
+            return str(e)
+        try:
+            problem = self._scratch_room_problem(plan, self._targets_of(plan))
+        except UsageError as e:
+            problem = str(e).replace("; choose one with --scratch-dir", "")
+        return f"{problem} (--scratch-dir DIR gives pull a directory with room)" if problem else None
 
     def _scratch_room_problem(self, plan: BackupPlan, targets: Sequence[PullTarget]) -> Optional[str]:
         """Why the job must not start (start raises NoSpace: exit 2, nothing changed), or None:
