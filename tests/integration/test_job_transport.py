@@ -1,7 +1,8 @@
 """The transport in job files (issue 23): a job chooses it with `mode` (auto, the default, pulls;
-push; pull) and `scratch_dir`, per job and per `[domain."NAME"]`. On the real libvirtd: a job pulls for one domain, pushes for the one whose
-table says so, and backs up a shut-off one with the private QEMU whatever the mode; each point
-records its transport, restores bit-exact, and no scratch file is left; the dry run says which.
+push; pull) and `scratch_dir`, per job and per `[domain."NAME"]`. On the real libvirtd: a job
+pulls for one domain, pushes for the one whose table says so, and backs up a shut-off one with
+the private QEMU whatever the mode; each point records its transport, restores bit-exact, and no
+scratch file is left; the dry run says which.
 """
 
 from __future__ import annotations

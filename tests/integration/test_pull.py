@@ -469,6 +469,35 @@ def test_auto_pulls_a_running_domain_and_pushes_when_its_scratch_files_may_not_f
             d.remove()
 
 
+def test_auto_pushes_when_the_default_scratch_directory_is_missing(conn, tmp_path):
+    """The default scratch place is the disk image's directory (libvirt's image dir for a block or
+    network disk), which need not exist on this host: here the running domain's image directory
+    is removed (QEMU keeps its open file). Without --mode the backup pushes and says why; an
+    explicit --mode pull is refused up front (exit 2, nothing recorded, no checkpoint)."""
+    import shutil
+
+    from tests.support import scratch
+    disks = tmp_path / "gone"
+    d = scratch.ScratchDomain(conn, f"vbnodir-{os.getpid()}", disks, {"vda": 16 * MiB})
+    bdir = tmp_path / "bk"
+    try:
+        d.create()
+        d.write("vda", 0x41, 0, 2 * MiB)
+        shutil.rmtree(disks)
+        r = cli("backup", d.name, bdir, "--mode", "pull", "--json")
+        assert r.rc == 2 and f"scratch directory {disks} for disk vda" in one_error_line(r), r
+        assert not checkpoint_names(d.dom)
+        r = cli("backup", d.name, bdir, "--json")
+        assert r.rc == 0, r
+        j = r.json()
+        assert j["point"]["transport"] == "push", j
+        assert j["transport_reason"].startswith(f"--mode auto: scratch directory {disks} for disk vda:"), j
+        assert "No such file or directory" in j["transport_reason"] and "pushed instead" in j["transport_reason"]
+        assert_point_restores(bdir, j["point"]["id"], d.expected(), tmp_path / "r")
+    finally:
+        d.remove()
+
+
 def test_auto_pushes_where_libnbd_is_missing_and_an_explicit_pull_says_what_to_install(make_domain, tmp_path):
     """A plain `pip install` into a venv without Debian's packages has no libnbd binding (the
     README's 'elsewhere' install): without --mode the backups go on, pushed, and say why; an
