@@ -194,8 +194,8 @@ def backup(domain: str, backup_dir: PathArg, level: str = "auto", disks: Sequenc
     level (e.g. a job's max_chain), recorded with the point. `quiesce`: auto (freeze the guest's
     filesystems through its agent when it has an agent channel, else crash-consistent),
     require (fail, nothing recorded, when the guest can't be frozen), off (see quiesce.py).
-    `mode`: auto | push | pull (None: auto, pull unless its scratch files may not fit beside a
-    local domain's disks, then push; the result's transport_reason says which and why); `scratch_dir`:
+    `mode`: auto | push | pull (None: auto, pull unless a local domain's pull cannot run here,
+    then push: see backup.Engine.fallback; the result's transport_reason says which and why); `scratch_dir`:
     where a pull backup's scratch files go on the hypervisor (default: beside each disk image).
     `max_speed`: bytes/s per disk (push and offline: QEMU's copy job; pull: our NBD reads).
     `encrypt` with `key` starts an encrypted chain (LUKS qcow2); every later point of an

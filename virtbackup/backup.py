@@ -112,8 +112,8 @@ class Engine:
         self.iter_time = iter_time      # the chain's LUKS key derivation time
         self.compression = compression  # "zstd" | "zlib": every target holds compressed clusters
         self._paused_before = False     # the guest was paused by an I/O error before our job
-        # --mode auto: given the plan, the runner to use instead of this one and why (pull's
-        # scratch files may not fit: push), or None; asked once, before anything is created
+        # --mode auto: given the plan, the runner to use instead of this one and why (the pull
+        # cannot run here: push), or None; asked before anything is created
         self.fallback: Optional[Callable[[BackupPlan], Optional[Tuple[Runner, str]]]] = None
         self.fell_back: Optional[str] = None
 
@@ -623,7 +623,7 @@ def backup(uri: Optional[str], domain: str, backup_dir: Path, level: str = "auto
         raise UsageError(f"unknown mode '{mode}' (auto, push, pull)")
     # auto (no --mode): pull, the copy-before-write then lands in a scratch file, not in the
     # guest's write path through the backup target (docs/performance.md); a local domain whose
-    # scratch files may not fit pushes instead (Engine.fallback), unless --scratch-dir was given
+    # pull cannot run here pushes instead (Engine.fallback), unless --scratch-dir was given
     mode = asked_mode or "pull"
     if scratch_dir is not None:
         if mode != "pull":
