@@ -15,7 +15,7 @@ if [ "$static" != 0 ]; then
     echo "test.sh: static checks failed" >&2
     exit 1
 fi
-.venv/bin/python -m pytest -q --timeout=300 "$@"
+.venv/bin/python -m pytest -q --timeout=300 --durations=25 "$@"
 rc=$?
 if [ "$rc" = 5 ]; then
     echo "test.sh: no tests were collected" >&2
