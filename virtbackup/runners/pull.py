@@ -207,10 +207,10 @@ class PullRunner:
     def _scratch_room_problem(self, plan: BackupPlan, targets: Sequence[PullTarget]) -> Optional[str]:
         """Why the job must not start (start raises NoSpace: exit 2, nothing changed), or None:
         the scratch files' filesystems can't hold what the guest could make them hold: the old
-        data of every cluster it rewrites
-        before we have read it, at most the data still to be read (a full: the disk's allocated
-        bytes; an incremental: the base bitmap's dirty bytes). A fill would pause the guest
-        (QEMU's ENOSPC policy; the run then ends the job and resumes it, see host.JobWatch).
+        data of every cluster it rewrites before we have read it, at most the data still to be
+        read (a full: the disk's allocated bytes; an incremental: the base bitmap's dirty bytes).
+        A fill would pause the guest (QEMU's ENOSPC policy; the run then ends the job and resumes
+        it, see host.JobWatch).
         Only on this host: a remote hypervisor's filesystems are not ours to inspect."""
         if host.is_remote(self.conn.getURI()):
             return None
