@@ -142,6 +142,7 @@ class PullRunner:
         self._server: Optional[xmlbuild.NbdServer] = None
         self._targets: List[PullTarget] = []
         self._prefix = ""
+        self._room_checked: Optional[BackupPlan] = None   # the plan obstacle() found room for
 
     # -- the runner protocol ---------------------------------------------------------------------
     def interrupt(self, signal_name: str) -> None:
@@ -170,7 +171,8 @@ class PullRunner:
         cxml = xmlbuild.checkpoint_xml(plan.checkpoint, plan.description,
                                        {dp.disk.target: dp.tracks for dp in plan.disks})
         targets = self._targets_of(plan)
-        problem = self._scratch_room_problem(plan, targets)
+        # --mode auto asked obstacle() for this very plan a moment ago: not the bitmaps again
+        problem = None if plan is self._room_checked else self._scratch_room_problem(plan, targets)
         if problem:
             raise NoSpace(f"{problem}; give --scratch-dir a filesystem with room; nothing was changed")
         self._start(targets, plan.base_checkpoint, plan.checkpoint, cxml)
@@ -202,7 +204,10 @@ class PullRunner:
             problem = self._scratch_room_problem(plan, self._targets_of(plan))
         except UsageError as e:
             problem = str(e).replace("; choose one with --scratch-dir", "")
-        return f"{problem} (--scratch-dir DIR gives pull a directory with room)" if problem else None
+        if problem:
+            return f"{problem} (--scratch-dir DIR gives pull a directory with room)"
+        self._room_checked = plan
+        return None
 
     def _scratch_room_problem(self, plan: BackupPlan, targets: Sequence[PullTarget]) -> Optional[str]:
         """Why the job must not start (start raises NoSpace: exit 2, nothing changed), or None:
